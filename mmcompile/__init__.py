@@ -1,0 +1,25 @@
+"""mmcompile: an ahead-of-time compiler for multimodal neural networks.
+
+Entry points: :func:`trace` / :func:`load_graph` (frontends), :func:`optimize` (graph passes);
+the ``mmcompile`` command line mirrors them.
+"""
+
+from mmcompile.errors import (ExportError, InputError, MMCompileError, ModalityError,
+                              ModelLoadError, PassError, PipelineError, RegistryError,
+                              UnsupportedOpError, VerificationError)
+from mmcompile.frontend import load_graph, trace
+from mmcompile.ir import Graph
+from mmcompile.modality import MODALITIES, ModalityTag
+from mmcompile.optimize import OptimizeResult, optimize
+from mmcompile.transform import (Pass, PassContext, PassManager, PassResult, parse_pipeline,
+                                 register_pass, registered_passes)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExportError", "Graph", "InputError", "MMCompileError", "MODALITIES", "ModalityError",
+    "ModalityTag", "ModelLoadError", "OptimizeResult", "Pass", "PassContext", "PassError",
+    "PassManager", "PassResult", "PipelineError", "RegistryError", "UnsupportedOpError",
+    "VerificationError", "load_graph", "optimize", "parse_pipeline", "register_pass",
+    "registered_passes", "trace",
+]

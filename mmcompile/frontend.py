@@ -1,0 +1,205 @@
+"""Frontends: torch modules, ``.onnx`` files and ``.pt2`` (torch.export) files -> :class:`Graph`.
+
+Everything becomes ONNX first: ``torch.onnx.export`` with the dynamo exporter (opset 18 by
+default: TVM's ONNX importer rejects the opset-23 ``Attention`` op that newer opsets produce). The
+model is checked with ``onnx.checker``, input shapes can be fixed (which lets constant folding
+turn the exporter's shape arithmetic into constants), shapes are inferred, and inputs are tagged
+with modalities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from mmcompile.errors import ExportError, ModelLoadError
+from mmcompile.ir import Graph
+
+DEFAULT_OPSET = 18
+_PROTO_LIMIT = 2**31 - 1
+
+ExampleInputs = Sequence[Any] | Mapping[str, Any] | Any
+
+
+def _as_torch(value: Any) -> Any:
+    import torch
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value
+
+
+def _export(module: Any, example_inputs: ExampleInputs, path: Path, opset: int,
+            dynamic_batch: bool) -> None:
+    import torch
+    if isinstance(example_inputs, Mapping):
+        args: tuple = ()
+        kwargs = {k: _as_torch(v) for k, v in example_inputs.items()}
+    else:
+        if not isinstance(example_inputs, (tuple, list)):
+            example_inputs = (example_inputs,)
+        args, kwargs = tuple(_as_torch(v) for v in example_inputs), {}
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        if kwargs:
+            dynamic_shapes = {k: {0: batch} for k in kwargs}
+        else:
+            dynamic_shapes = tuple({0: batch} for _ in args)
+    if hasattr(module, "eval"):
+        module.eval()
+    # The exporter chats on stdout and warns about optional torchvision ops on stderr: keep both
+    # off the user's terminal (its real failures arrive as exceptions).
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, args, f=str(path), kwargs=kwargs, dynamo=True,
+                              opset_version=opset, dynamic_shapes=dynamic_shapes,
+                              external_data=True)
+        finally:
+            exporter_log.setLevel(level)
+
+
+def trace(module: Any, example_inputs: ExampleInputs, modalities: Mapping[str, str] | None = None,
+          *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False,
+          name: str | None = None) -> Graph:
+    """Export a ``torch.nn.Module`` (or ``torch.export.ExportedProgram``) to the graph IR.
+
+    Args:
+        module: the model; it is put in eval mode.
+        example_inputs: a tuple of positional inputs or a dict of keyword inputs (torch tensors
+            or numpy arrays). Graph input names are the forward() argument names.
+        modalities: input name -> modality; inferred for inputs not named.
+        opset: ONNX opset to export with.
+        dynamic_batch: make dimension 0 of every input symbolic.
+        name: name used in messages (default: the module's class name).
+
+    Returns:
+        The :class:`Graph`, shape-inferred and modality-tagged.
+
+    Raises:
+        ExportError: torch.onnx.export failed (the exporter's message is included).
+        ModalityError: ``modalities`` names a missing input.
+    """
+    name = name or type(module).__name__
+    with tempfile.TemporaryDirectory(prefix="mmcompile-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            _export(module, example_inputs, path, opset, dynamic_batch)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"torch.onnx.export failed for {name}: {first}") from exc
+        model = onnx.load(str(path))  # loads external weights while the folder still exists
+    return from_onnx_model(model, modalities, name=name)
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX file (external data is loaded from beside it).
+
+    Raises:
+        ModelLoadError: missing file, not ONNX, or fails ``onnx.checker``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"no such model file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # DecodeError, missing external data, ...
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {exc}") from exc
+    if not model.graph.output or not model.opset_import:
+        raise ModelLoadError(f"{path} is not an ONNX model (no graph outputs or opset imports)")
+    try:
+        if model.ByteSize() < _PROTO_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelLoadError(f"{path} fails onnx.checker: {first}") from exc
+    return model
+
+
+def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                     name: str = "model") -> None:
+    """Fix the shapes of graph inputs in place (e.g. a symbolic batch -> 1).
+
+    Raises:
+        ModelLoadError: an unknown input name, or a rank that differs from the model's.
+    """
+    by_name = {i.name: i for i in model.graph.input}
+    for input_name, shape in shapes.items():
+        if input_name not in by_name:
+            raise ModelLoadError(f"--input-shape names '{input_name}', but {name} has inputs "
+                                 f"{list(by_name)}")
+        dims = by_name[input_name].type.tensor_type.shape.dim
+        if len(dims) and len(dims) != len(shape):
+            raise ModelLoadError(f"input '{input_name}' of {name} has rank {len(dims)}, "
+                                 f"but shape {list(shape)} was given")
+        del dims[:]
+        for size in shape:
+            dims.add().dim_value = int(size)
+
+
+def from_onnx_model(model: onnx.ModelProto, modalities: Mapping[str, str] | None = None, *,
+                    name: str = "model",
+                    input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
+    """Shape-infer an already checked ModelProto and wrap it as a :class:`Graph`."""
+    if input_shapes:
+        set_input_shapes(model, input_shapes, name)
+    if model.ByteSize() < _PROTO_LIMIT:
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except onnx.shape_inference.InferenceError as exc:
+            raise ModelLoadError(f"{name}: ONNX shape inference failed: {exc}") from exc
+    return Graph.from_onnx(model, modalities, name=name)
+
+
+def load_graph(path: str | os.PathLike, modalities: Mapping[str, str] | None = None, *,
+               input_shapes: Mapping[str, Sequence[int]] | None = None,
+               opset: int = DEFAULT_OPSET) -> Graph:
+    """Load a ``.onnx`` file or a ``.pt2`` file saved by ``torch.export.save``.
+
+    Args:
+        path: the model file.
+        modalities: input name -> modality; inferred for inputs not named.
+        input_shapes: input name -> static shape, for models exported with symbolic dims.
+        opset: opset used to export ``.pt2`` programs.
+
+    Raises:
+        ModelLoadError: unreadable, not a model, fails the checker, or bad ``input_shapes``.
+        ExportError: a ``.pt2`` program cannot be exported to ONNX.
+        ModalityError: ``modalities`` names a missing input.
+    """
+    path = Path(path)
+    if path.suffix == ".pt2":
+        return _load_pt2(path, modalities, input_shapes, opset)
+    model = load_onnx(path)
+    return from_onnx_model(model, modalities, name=path.name, input_shapes=input_shapes)
+
+
+def _load_pt2(path: Path, modalities: Mapping[str, str] | None,
+              input_shapes: Mapping[str, Sequence[int]] | None, opset: int) -> Graph:
+    import torch
+    if not path.is_file():
+        raise ModelLoadError(f"no such model file: {path}")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a torch.export program: {exc}") from exc
+    graph = trace(program, (), modalities, opset=opset, name=path.name)
+    if input_shapes:
+        model = graph.to_onnx()
+        return from_onnx_model(model, modalities, name=path.name, input_shapes=input_shapes)
+    return graph

@@ -1,0 +1,287 @@
+"""Local rewrites as data: a pattern and a callback, run by one shared driver.
+
+A fusion is written as a :class:`RewriteRule`: a pattern tree built from :func:`op`,
+:func:`var` and :func:`const`, and a callback that receives the :class:`Match` and returns the
+replacement nodes (writing the matched root's output tensors) or ``None`` to decline. The
+driver, :func:`apply_rules`, walks the graph in topological order, tries the rules anchored at
+each node's op type, splices replacements in, and cleans up what became dead. No fusion
+hand-writes its own graph walk.
+
+Example (``x * sigmoid(x)`` -> ``Swish``)::
+
+    x = var("x")
+    rule = RewriteRule("swish", op("Mul", x, op("Sigmoid", x)),
+                       lambda m, g: [gs.Node("Swish", inputs=[m["x"]], outputs=m.outputs)])
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from mmcompile.ir import Graph
+
+# Binary ops whose two inputs may be swapped when matching.
+COMMUTATIVE_OPS = frozenset({"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Equal"})
+
+
+# -- helpers shared by passes -------------------------------------------------------------------
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of ``tensor`` if it is a constant (an initializer or a ``Constant`` node's
+    output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attrs = tensor.inputs[0].attrs
+        if isinstance(attrs.get("value"), gs.Constant):
+            return np.asarray(attrs["value"].values)
+        for key in ("value_float", "value_int"):
+            if key in attrs:
+                return np.asarray(attrs[key])
+        for key in ("value_floats", "value_ints"):
+            if key in attrs:
+                return np.asarray(attrs[key])
+    return None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    """Nodes that read ``tensor``."""
+    return list(tensor.outputs)
+
+
+_fresh_ids = itertools.count()
+
+
+def fresh_name(base: str) -> str:
+    """A tensor/node name that will not collide with names from exporters."""
+    return f"{base}__mmc{next(_fresh_ids)}"
+
+
+def make_constant(base: str, value: np.ndarray) -> gs.Constant:
+    """A new gs.Constant (initializer) with a fresh name."""
+    return gs.Constant(fresh_name(base), np.ascontiguousarray(value))
+
+
+# -- patterns -----------------------------------------------------------------------------------
+
+class Pattern:
+    """Base of pattern nodes. Use :func:`op`, :func:`var` and :func:`const` to build them."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Var(Pattern):
+    name: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class _Const(Pattern):
+    name: str | None
+    value: float | None
+    rtol: float
+
+
+@dataclass(frozen=True, eq=False)
+class _Op(Pattern):
+    op_type: str
+    inputs: tuple[Pattern, ...]
+    name: str | None
+    commutative: bool
+    where: Callable[[gs.Node], bool] | None
+    allow_extra_inputs: bool
+
+
+def var(name: str | None = None) -> Pattern:
+    """Any tensor. A named var binds once: a second use of the name must be the same tensor."""
+    return _Var(name)
+
+
+def const(name: str | None = None, value: float | None = None, rtol: float = 1e-4) -> Pattern:
+    """A constant tensor; with ``value``, one whose every element is ``value`` (within rtol)."""
+    return _Const(name, value, rtol)
+
+
+def op(op_type: str, *inputs: Pattern, name: str | None = None, commutative: bool | None = None,
+       where: Callable[[gs.Node], bool] | None = None, allow_extra_inputs: bool = False) -> Pattern:
+    """A node of ``op_type`` (default ONNX domain) whose inputs match ``inputs``.
+
+    Args:
+        name: capture the node as ``match.nodes[name]``.
+        commutative: try both input orders (default: True for Add, Mul, Max, ...).
+        where: extra predicate on the node (attributes, say).
+        allow_extra_inputs: the node may have more inputs than patterns given (optional bias).
+    """
+    if commutative is None:
+        commutative = op_type in COMMUTATIVE_OPS and len(inputs) == 2
+    return _Op(op_type, tuple(inputs), name, commutative, where, allow_extra_inputs)
+
+
+@dataclass
+class Match:
+    """A successful match: captured tensors, constant values and nodes."""
+
+    root: gs.Node
+    tensors: dict[str, gs.Tensor] = field(default_factory=dict)
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    nodes: dict[str, gs.Node] = field(default_factory=dict)
+    matched: list[gs.Node] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> gs.Tensor:
+        return self.tensors[name]
+
+    @property
+    def outputs(self) -> list[gs.Tensor]:
+        """The root's output tensors: replacement nodes must write exactly these."""
+        return list(self.root.outputs)
+
+    def _copy(self) -> Match:
+        return Match(self.root, dict(self.tensors), dict(self.values), dict(self.nodes),
+                     list(self.matched))
+
+
+def _match_tensor(pattern: Pattern, tensor: gs.Tensor, m: Match) -> Iterator[Match]:
+    if isinstance(pattern, _Var):
+        if pattern.name is None:
+            yield m
+        elif pattern.name in m.tensors:
+            if m.tensors[pattern.name] is tensor:
+                yield m
+        else:
+            m = m._copy()
+            m.tensors[pattern.name] = tensor
+            yield m
+        return
+    if isinstance(pattern, _Const):
+        value = constant_value(tensor)
+        if value is None:
+            return
+        if pattern.value is not None:
+            if value.size == 0 or not np.issubdtype(value.dtype, np.number) or not np.allclose(
+                    value.astype(np.float64), pattern.value, rtol=pattern.rtol, atol=1e-7):
+                return
+        m = m._copy()
+        if pattern.name is not None:
+            m.tensors[pattern.name] = tensor
+            m.values[pattern.name] = value
+        yield m
+        return
+    assert isinstance(pattern, _Op)
+    if len(tensor.inputs) != 1:
+        return
+    yield from _match_node(pattern, tensor.inputs[0], m)
+
+
+def _match_node(pattern: _Op, node: gs.Node, m: Match) -> Iterator[Match]:
+    if node.op != pattern.op_type or node.domain not in (None, "", "ai.onnx"):
+        return
+    if any(node is seen for seen in m.matched):
+        return
+    n_in = len(node.inputs)
+    if n_in < len(pattern.inputs) or (n_in > len(pattern.inputs) and not pattern.allow_extra_inputs):
+        return
+    if pattern.where is not None and not pattern.where(node):
+        return
+    m = m._copy()
+    m.matched.append(node)
+    if pattern.name is not None:
+        m.nodes[pattern.name] = node
+    orders = [pattern.inputs]
+    if pattern.commutative:
+        orders.append(pattern.inputs[::-1])
+    for order in orders:
+        yield from _match_inputs(order, node.inputs[:len(order)], m)
+
+
+def _match_inputs(patterns: Sequence[Pattern], tensors: Sequence[gs.Tensor],
+                  m: Match) -> Iterator[Match]:
+    if not patterns:
+        yield m
+        return
+    for m1 in _match_tensor(patterns[0], tensors[0], m):
+        yield from _match_inputs(patterns[1:], tensors[1:], m1)
+
+
+def _is_self_contained(m: Match, graph_outputs: set[str]) -> bool:
+    """Interior nodes may only feed nodes of the match, so removing them loses nothing."""
+    inside = {id(n) for n in m.matched}
+    for node in m.matched:
+        if node is m.root:
+            continue
+        for out in node.outputs:
+            if out.name in graph_outputs or any(id(c) not in inside for c in out.outputs):
+                return False
+    return True
+
+
+def match(pattern: Pattern, node: gs.Node, graph: Graph | None = None) -> Match | None:
+    """The first way ``pattern`` matches with ``node`` as root and a self-contained interior."""
+    assert isinstance(pattern, _Op), "a rule's pattern must be rooted at an op()"
+    outputs = {t.name for t in graph.gs.outputs} if graph is not None else set()
+    for m in _match_node(pattern, node, Match(node)):
+        if _is_self_contained(m, outputs):
+            return m
+    return None
+
+
+# -- rules and the driver -----------------------------------------------------------------------
+
+Rewrite = Callable[[Match, "Graph"], "list[gs.Node] | None"]
+
+
+@dataclass(frozen=True)
+class RewriteRule:
+    """A named pattern and the callback that builds its replacement (or returns None)."""
+
+    name: str
+    pattern: Pattern
+    rewrite: Rewrite
+
+    @property
+    def anchor(self) -> str:
+        assert isinstance(self.pattern, _Op)
+        return self.pattern.op_type
+
+
+def apply_rules(graph: Graph, rules: Sequence[RewriteRule]) -> collections.Counter:
+    """Apply ``rules`` once over the whole graph, in topological order.
+
+    Each node is tried as the root of the rules anchored at its op type, in the order given;
+    the first rule whose callback returns nodes wins. Replacements write the root's output
+    tensors, so consumers need no rewiring; nodes left dead are removed afterwards.
+
+    Returns:
+        rule name -> number of rewrites applied.
+    """
+    by_anchor: dict[str, list[RewriteRule]] = collections.defaultdict(list)
+    for rule in rules:
+        by_anchor[rule.anchor].append(rule)
+    counts: collections.Counter[str] = collections.Counter()
+    consumed: set[int] = set()
+    graph.gs.toposort()
+    for node in list(graph.gs.nodes):
+        if id(node) in consumed:
+            continue
+        for rule in by_anchor.get(node.op, ()):
+            m = match(rule.pattern, node, graph)
+            if m is None or any(id(n) in consumed for n in m.matched):
+                continue
+            replacement = rule.rewrite(m, graph)
+            if replacement is None:
+                continue
+            node.outputs.clear()
+            graph.gs.nodes.extend(replacement)
+            consumed.update(id(n) for n in m.matched)
+            for new in replacement:
+                new.name = new.name or fresh_name(f"{rule.name}/{new.op}")
+            counts[rule.name] += 1
+            break
+    if counts:
+        graph.gs.cleanup().toposort()
+    return counts
