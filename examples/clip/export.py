@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,6 +72,7 @@ def export(path: str | os.PathLike, batch: int = 1, opset: int = 18, dynamic_bat
 def main(argv: list[str] | None = None) -> int:
     # Silence the exporter's "torchvision is not installed. Skipping torchvision::nms" noise.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)  # torch-internal pytree deprecation
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", default="model.onnx", help="output .onnx path (default: model.onnx)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (default: 1)")

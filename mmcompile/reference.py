@@ -1,0 +1,132 @@
+"""The reference executor (onnxruntime) and the helpers that compare against it.
+
+Used by verification (compiled model vs. original graph), by the pass tests (graph before vs.
+after a pass) and by the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from mmcompile.errors import InputError
+from mmcompile.ir import Graph
+
+
+def _embedding_bound(graph: Graph, name: str) -> int | None:
+    """If integer input ``name`` indexes a constant table (Gather data), the table's size."""
+    tensor = graph.gs.tensors().get(name)
+    if tensor is None:
+        return None
+    bounds = []
+    for node in tensor.outputs:
+        if node.op == "Gather" and len(node.inputs) > 1 and node.inputs[1] is tensor \
+                and isinstance(node.inputs[0], gs.Constant):
+            axis = int(node.attrs.get("axis", 0))
+            bounds.append(node.inputs[0].shape[axis])
+    return min(bounds) if bounds else None
+
+
+def input_signature(graph: Graph, batch: int | None = None) -> dict[str, tuple[tuple[int, ...],
+                                                                               np.dtype]]:
+    """input name -> (concrete shape, dtype); symbolic dims become ``batch`` (dim 0) or 1."""
+    sig = {}
+    for tensor in graph.gs.inputs:
+        if tensor.shape is None:
+            raise InputError(f"input '{tensor.name}' of {graph.name} has unknown rank; give its "
+                             f"shape explicitly")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else (batch or 1) if i == 0 else 1
+                      for i, d in enumerate(tensor.shape))
+        if batch is not None and shape:
+            shape = (batch,) + shape[1:]
+        sig[tensor.name] = (shape, np.dtype(tensor.dtype))
+    return sig
+
+
+def random_inputs(graph: Graph, seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
+    """Random inputs matching the graph's signature.
+
+    Floats are standard normal; integer inputs that index an embedding table are drawn from its
+    range, other integers from [0, 2); booleans are random.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (shape, dtype) in input_signature(graph, batch).items():
+        if np.issubdtype(dtype, np.floating):
+            out[name] = rng.standard_normal(shape).astype(dtype)
+        elif np.issubdtype(dtype, np.integer):
+            high = _embedding_bound(graph, name) or 2
+            out[name] = rng.integers(0, high, size=shape).astype(dtype)
+        elif dtype == np.bool_:
+            out[name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise InputError(f"cannot make random data of dtype {dtype} for input '{name}'")
+    return out
+
+
+def run_onnxruntime(model: Graph | onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+                    optimize: bool = False, threads: int = 0) -> dict[str, np.ndarray]:
+    """Run ``model`` under onnxruntime's CPU provider; output name -> array.
+
+    ``optimize=False`` disables onnxruntime's own graph rewrites, so the reference is the graph
+    as written.
+    """
+    import onnxruntime as ort
+    proto = model.to_onnx() if isinstance(model, Graph) else model
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(inputs))))
+
+
+@dataclass
+class OutputDiff:
+    """How far one output is from its reference."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    where: tuple[int, ...]
+    shape_ok: bool = True
+    ref_scale: float = 0.0  # max |reference|, for relative tolerances
+
+    def ok(self, atol: float, rtol: float = 0.0) -> bool:
+        return self.shape_ok and self.max_abs <= atol + rtol * self.ref_scale
+
+    def __str__(self) -> str:
+        if not self.shape_ok:
+            return f"{self.name}: shape mismatch"
+        return (f"{self.name}: max abs err {self.max_abs:.3g} at {list(self.where)}, "
+                f"max rel err {self.max_rel:.3g}")
+
+
+def compare_outputs(reference: Mapping[str, np.ndarray],
+                    actual: Mapping[str, np.ndarray]) -> list[OutputDiff]:
+    """Per-output max absolute/relative error and where the largest absolute error is."""
+    diffs = []
+    for name, ref in reference.items():
+        got = np.asarray(actual[name])
+        ref = np.asarray(ref)
+        if got.shape != ref.shape:
+            diffs.append(OutputDiff(name, float("inf"), float("inf"), (), shape_ok=False))
+            continue
+        if ref.size == 0:
+            diffs.append(OutputDiff(name, 0.0, 0.0, ()))
+            continue
+        err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        idx = np.unravel_index(int(np.nanargmax(err)) if np.isfinite(err).any() else 0, err.shape)
+        rel = err / np.maximum(np.abs(ref.astype(np.float64)), 1e-12)
+        diffs.append(OutputDiff(name, float(np.nanmax(err)), float(np.nanmax(rel)),
+                                tuple(int(i) for i in idx),
+                                ref_scale=float(np.max(np.abs(ref)))))
+    return diffs
