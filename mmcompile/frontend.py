@@ -50,6 +50,10 @@ def _export(module: Any, example_inputs: ExampleInputs, path: Path, opset: int,
         args, kwargs = tuple(_as_torch(v) for v in example_inputs), {}
     dynamic_shapes = None
     if dynamic_batch:
+        # torch.export specialises size-1 dims: a batch traced at 1 would silently stay 1.
+        def widen(t: Any) -> Any:
+            return torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.shape[:1] == (1,) else t
+        args, kwargs = tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
         batch = torch.export.Dim("batch")
         if kwargs:
             dynamic_shapes = {k: {0: batch} for k in kwargs}

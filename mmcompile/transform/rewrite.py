@@ -67,7 +67,8 @@ def fresh_name(base: str) -> str:
 
 def make_constant(base: str, value: np.ndarray) -> gs.Constant:
     """A new gs.Constant (initializer) with a fresh name."""
-    return gs.Constant(fresh_name(base), np.ascontiguousarray(value))
+    value = np.asarray(value)  # not ascontiguousarray: it turns 0-d scalars into shape (1,)
+    return gs.Constant(fresh_name(base), value if value.flags.c_contiguous else value.copy())
 
 
 # -- patterns -----------------------------------------------------------------------------------
