@@ -16,7 +16,7 @@ INT64 = TensorProto.INT64
 
 
 def make_graph(nodes: Sequence[onnx.NodeProto], inputs: Sequence[tuple[str, int, list]],
-               outputs: Sequence[tuple[str, int, list | None]],
+               outputs: Sequence[tuple[str, int, list]],
                initializers: dict[str, np.ndarray] | None = None, opset: int = 18,
                modalities: dict[str, str] | None = None) -> mmcompile.Graph:
     """An mmcompile Graph from ONNX helper pieces (checked, shape-inferred)."""

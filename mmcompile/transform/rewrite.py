@@ -182,6 +182,11 @@ def _match_tensor(pattern: Pattern, tensor: gs.Tensor, m: Match) -> Iterator[Mat
 def _match_node(pattern: _Op, node: gs.Node, m: Match) -> Iterator[Match]:
     if node.op != pattern.op_type or node.domain not in (None, "", "ai.onnx"):
         return
+    if pattern.name is not None and pattern.name in m.nodes:
+        # A named op used twice in one pattern (``Mul(d, d)`` with ``d`` an op) is one node.
+        if m.nodes[pattern.name] is node:
+            yield m
+        return
     if any(node is seen for seen in m.matched):
         return
     n_in = len(node.inputs)
