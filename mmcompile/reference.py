@@ -17,17 +17,26 @@ from mmcompile.errors import InputError
 from mmcompile.ir import Graph
 
 
-def _embedding_bound(graph: Graph, name: str) -> int | None:
-    """If integer input ``name`` indexes a constant table (Gather data), the table's size."""
+_INDEX_PRESERVING = frozenset({"Reshape", "Flatten", "Unsqueeze", "Squeeze", "Identity", "Cast",
+                               "Transpose", "Expand", "Slice"})
+
+
+def embedding_bound(graph: Graph, name: str) -> int | None:
+    """If integer input ``name`` indexes a constant table (the indices of a Gather, possibly
+    through reshapes/casts), the table's size along the gathered axis; else None."""
     tensor = graph.gs.tensors().get(name)
-    if tensor is None:
-        return None
-    bounds = []
-    for node in tensor.outputs:
-        if node.op == "Gather" and len(node.inputs) > 1 and node.inputs[1] is tensor \
-                and isinstance(node.inputs[0], gs.Constant):
-            axis = int(node.attrs.get("axis", 0))
-            bounds.append(node.inputs[0].shape[axis])
+    bounds, todo, seen = [], [tensor] if tensor is not None else [], set()
+    while todo:
+        current = todo.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        for node in current.outputs:
+            if node.op == "Gather" and len(node.inputs) > 1 and node.inputs[1] is current \
+                    and isinstance(node.inputs[0], gs.Constant):
+                bounds.append(node.inputs[0].shape[int(node.attrs.get("axis", 0))])
+            elif node.op in _INDEX_PRESERVING and node.inputs[0] is current:
+                todo.extend(node.outputs)
     return min(bounds) if bounds else None
 
 
@@ -59,7 +68,7 @@ def random_inputs(graph: Graph, seed: int = 0, batch: int | None = None) -> dict
         if np.issubdtype(dtype, np.floating):
             out[name] = rng.standard_normal(shape).astype(dtype)
         elif np.issubdtype(dtype, np.integer):
-            high = _embedding_bound(graph, name) or 2
+            high = embedding_bound(graph, name) or 2
             out[name] = rng.integers(0, high, size=shape).astype(dtype)
         elif dtype == np.bool_:
             out[name] = rng.integers(0, 2, size=shape).astype(bool)
@@ -123,10 +132,16 @@ def compare_outputs(reference: Mapping[str, np.ndarray],
         if ref.size == 0:
             diffs.append(OutputDiff(name, 0.0, 0.0, ()))
             continue
-        err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-        idx = np.unravel_index(int(np.nanargmax(err)) if np.isfinite(err).any() else 0, err.shape)
-        rel = err / np.maximum(np.abs(ref.astype(np.float64)), 1e-12)
-        diffs.append(OutputDiff(name, float(np.nanmax(err)), float(np.nanmax(rel)),
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            err = np.abs(got64 - ref64)
+        # Equal values (infinities included) and NaN-where-NaN agree; any other NaN is wrong.
+        agree = (got64 == ref64) | (np.isnan(got64) & np.isnan(ref64))
+        err = np.where(agree, 0.0, np.where(np.isnan(err), np.inf, err))
+        idx = np.unravel_index(int(np.argmax(err)), err.shape)
+        rel = err / np.maximum(np.abs(np.nan_to_num(ref64)), 1e-12)
+        finite = np.abs(ref64[np.isfinite(ref64)])
+        diffs.append(OutputDiff(name, float(err.max()), float(rel.max()),
                                 tuple(int(i) for i in idx),
-                                ref_scale=float(np.max(np.abs(ref)))))
+                                ref_scale=float(finite.max()) if finite.size else 0.0))
     return diffs

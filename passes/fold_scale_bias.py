@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from mmcompile.ir import Graph
-from mmcompile.passes.fuse_conv_bn import (PRODUCERS, fold_channel_affine, output_channels,
+from mmcompile.passes._channel_affine import (PRODUCERS, fold_channel_affine, output_channels,
                                            output_rank, producer_pattern)
 from mmcompile.transform import Pass, PassContext, PassResult, register_pass
 from mmcompile.transform.rewrite import Match, RewriteRule, apply_rules, const, op
@@ -68,6 +68,7 @@ RULES = [
     for producer in PRODUCERS
     if not (producer == "MatMul" and root in BIAS_OPS)
 ]
+_SCALE_RULES = frozenset(rule.name for rule in RULES if rule.anchor in SCALE_OPS)
 
 
 @register_pass
@@ -78,6 +79,6 @@ class FoldScaleBias(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         counts = apply_rules(graph, RULES)
-        scales = sum(n for rule, n in counts.items() if rule.split("-")[-1] in ("mul", "div"))
+        scales = sum(n for rule, n in counts.items() if rule in _SCALE_RULES)
         return PassResult.from_stats(scales_folded=scales,
                                      biases_folded=sum(counts.values()) - scales)

@@ -45,14 +45,11 @@ def broadcasts_to(shape: Sequence, target: Sequence) -> bool:
     return all(d == 1 or (_known(d) and d == t) for d, t in zip(padded, target))
 
 
-def _gemm_legal(a: gs.Tensor, c: gs.Tensor, out: gs.Tensor, result: gs.Tensor) -> bool:
-    """A is rank 2, C broadcasts to the product ``out`` = [M, N], and the Add's ``result`` is
-    [M, N] too (so C did not broadcast the sum to a larger shape)."""
-    a_shape, c_shape = _shape(a), _shape(c)
-    out_shape, result_shape = _shape(out), _shape(result)
-    if a_shape is None or c_shape is None or out_shape is None or len(a_shape) != 2:
-        return False
-    if len(out_shape) != 2 or not all(_known(d) for d in out_shape):
+def _gemm_legal(c: gs.Tensor, out: gs.Tensor, result: gs.Tensor) -> bool:
+    """The product ``out`` is [M, N] (with a 2-D B, A is then 2-D too), C broadcasts to it, and
+    the Add's ``result`` is [M, N] as well (C did not broadcast the sum to a larger shape)."""
+    c_shape, out_shape, result_shape = _shape(c), _shape(out), _shape(result)
+    if c_shape is None or out_shape is None or len(out_shape) != 2:
         return False
     if result_shape is not None and result_shape != out_shape:
         return False
@@ -72,7 +69,7 @@ def _fuse_matmul_add(m: Match, graph: Graph) -> list[gs.Node] | None:
     b_shape = _shape(b)
     if b_shape is None or len(b_shape) != 2:
         return None
-    if not _gemm_legal(a, c, matmul.outputs[0], add.outputs[0]):
+    if not _gemm_legal(c, matmul.outputs[0], add.outputs[0]):
         return None
     return [gs.Node("Gemm", name=matmul.name, inputs=[a, b, c], outputs=m.outputs)]
 
@@ -83,15 +80,11 @@ def _fold_gemm_add(m: Match, graph: Graph) -> list[gs.Node] | None:
         return None  # already has a C; fold-scale-bias merges constant ones
     if c is gemm.outputs[0] or not _float_dtype(gemm.outputs[0]):
         return None
-    if not _gemm_legal(gemm.inputs[0], c, gemm.outputs[0], add.outputs[0]):
+    if not _gemm_legal(c, gemm.outputs[0], add.outputs[0]):
         return None
     attrs = dict(gemm.attrs, beta=1.0)
     return [gs.Node("Gemm", name=gemm.name, attrs=attrs, inputs=[*gemm.inputs[:2], c],
                     outputs=m.outputs)]
-
-
-def _fix_gemm_a_shape(tensor: gs.Tensor) -> gs.Tensor:
-    return tensor
 
 
 RULES = [

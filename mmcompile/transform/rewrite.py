@@ -57,6 +57,39 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
     return list(tensor.outputs)
 
 
+def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every reader of ``old`` (nodes in subgraphs included) read ``new`` instead."""
+    for reader in list(old.outputs):
+        for i, tensor in enumerate(reader.inputs):
+            if tensor is old:
+                reader.inputs[i] = new
+
+
+def forward_output(node: gs.Node, source: gs.Tensor, graph: Graph) -> bool:
+    """Remove ``node`` from the dataflow: readers of its first output read ``source`` instead.
+
+    A graph output keeps its name (it is part of the model's signature): then the producer of
+    ``source`` writes the output directly, if ``source`` is an intermediate tensor read only by
+    ``node``. Returns False (nothing changed) when that is impossible.
+    """
+    out = node.outputs[0]
+    graph_outputs = {id(t) for t in graph.gs.outputs}
+    if id(out) not in graph_outputs:
+        replace_all_uses(out, source)
+        return True
+    graph_inputs = {id(t) for t in graph.gs.inputs}
+    writable = (isinstance(source, gs.Variable) and len(source.inputs) == 1
+                and id(source) not in graph_inputs and id(source) not in graph_outputs
+                and all(reader is node for reader in source.outputs))
+    if not writable:
+        return False
+    producer = source.inputs[0]
+    node.outputs.clear()
+    index = next(i for i, t in enumerate(producer.outputs) if t is source)
+    producer.outputs[index] = out
+    return True
+
+
 _fresh_ids = itertools.count()
 
 
@@ -226,24 +259,35 @@ def _is_self_contained(m: Match, graph_outputs: set[str]) -> bool:
     return True
 
 
-def match(pattern: Pattern, node: gs.Node, graph: Graph | None = None) -> Match | None:
-    """The first way ``pattern`` matches with ``node`` as root and a self-contained interior."""
+def matches(pattern: Pattern, node: gs.Node, graph: Graph | None = None) -> Iterator[Match]:
+    """Every way ``pattern`` matches with ``node`` as root and a self-contained interior
+    (commutative inputs in both orders, ...), so a callback that declines one binding can
+    still accept another."""
     assert isinstance(pattern, _Op), "a rule's pattern must be rooted at an op()"
     outputs = {t.name for t in graph.gs.outputs} if graph is not None else set()
     for m in _match_node(pattern, node, Match(node)):
         if _is_self_contained(m, outputs):
-            return m
-    return None
+            yield m
+
+
+def match(pattern: Pattern, node: gs.Node, graph: Graph | None = None) -> Match | None:
+    """The first match of ``pattern`` rooted at ``node``, or None."""
+    return next(matches(pattern, node, graph), None)
 
 
 # -- rules and the driver -----------------------------------------------------------------------
 
-Rewrite = Callable[[Match, "Graph"], "list[gs.Node] | None"]
+Rewrite = Callable[[Match, "Graph"], "list[gs.Node] | gs.Tensor | None"]
 
 
 @dataclass(frozen=True)
 class RewriteRule:
-    """A named pattern and the callback that builds its replacement (or returns None)."""
+    """A named pattern and the callback that builds its replacement.
+
+    The callback returns new nodes that write the root's outputs (``match.outputs``), an
+    existing tensor that replaces the root's single output (the root becomes a no-op), or None
+    to decline this match.
+    """
 
     name: str
     pattern: Pattern
@@ -258,9 +302,11 @@ class RewriteRule:
 def apply_rules(graph: Graph, rules: Sequence[RewriteRule]) -> collections.Counter:
     """Apply ``rules`` once over the whole graph, in topological order.
 
-    Each node is tried as the root of the rules anchored at its op type, in the order given;
-    the first rule whose callback returns nodes wins. Replacements write the root's output
-    tensors, so consumers need no rewiring; nodes left dead are removed afterwards.
+    Each node is tried as the root of the rules anchored at its op type, in the order given,
+    with every binding of each pattern; the first callback that does not decline wins.
+    Replacement nodes write the root's output tensors, so consumers need no rewiring; a returned
+    tensor is forwarded to the root's readers (:func:`forward_output`). Dead nodes, including
+    any the graph had before, are removed afterwards.
 
     Returns:
         rule name -> number of rewrites applied.
@@ -275,19 +321,33 @@ def apply_rules(graph: Graph, rules: Sequence[RewriteRule]) -> collections.Count
         if id(node) in consumed:
             continue
         for rule in by_anchor.get(node.op, ()):
-            m = match(rule.pattern, node, graph)
-            if m is None or any(id(n) in consumed for n in m.matched):
+            m = _first_accepted(rule, node, graph, consumed)
+            if m is None:
                 continue
-            replacement = rule.rewrite(m, graph)
-            if replacement is None:
-                continue
-            node.outputs.clear()
-            graph.gs.nodes.extend(replacement)
             consumed.update(id(n) for n in m.matched)
-            for new in replacement:
-                new.name = new.name or fresh_name(f"{rule.name}/{new.op}")
             counts[rule.name] += 1
             break
     if counts:
         graph.gs.cleanup().toposort()
     return counts
+
+
+def _first_accepted(rule: RewriteRule, node: gs.Node, graph: Graph,
+                    consumed: set[int]) -> Match | None:
+    """Apply the first binding of ``rule`` at ``node`` whose callback accepts; its Match."""
+    for m in matches(rule.pattern, node, graph):
+        if any(id(n) in consumed for n in m.matched):
+            continue
+        replacement = rule.rewrite(m, graph)
+        if replacement is None:
+            continue
+        if isinstance(replacement, gs.Tensor):
+            if not forward_output(node, replacement, graph):
+                continue
+            return m
+        node.outputs.clear()
+        graph.gs.nodes.extend(replacement)
+        for new in replacement:
+            new.name = new.name or fresh_name(f"{rule.name}/{new.op}")
+        return m
+    return None
