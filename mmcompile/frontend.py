@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -63,9 +64,10 @@ def _export(module: Any, example_inputs: ExampleInputs, path: Path, opset: int,
         module.eval()
     # The exporter chats on stdout and warns about optional torchvision ops on stderr: keep both
     # off the user's terminal (its real failures arrive as exceptions).
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -73,7 +75,17 @@ def _export(module: Any, example_inputs: ExampleInputs, path: Path, opset: int,
                               opset_version=opset, dynamic_shapes=dynamic_shapes,
                               external_data=True)
         finally:
-            exporter_log.setLevel(level)
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's type and first line: torch wraps the real error in two layers of
+    generic text (with terminal colour codes)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def trace(module: Any, example_inputs: ExampleInputs, modalities: Mapping[str, str] | None = None,
@@ -103,8 +115,7 @@ def trace(module: Any, example_inputs: ExampleInputs, modalities: Mapping[str, s
         try:
             _export(module, example_inputs, path, opset, dynamic_batch)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"torch.onnx.export failed for {name}: {first}") from exc
+            raise ExportError(f"torch.onnx.export failed for {name}: {_root_cause(exc)}") from exc
         model = onnx.load(str(path))  # loads external weights while the folder still exists
     return from_onnx_model(model, modalities, name=name)
 

@@ -37,11 +37,14 @@ _PROTO_LIMIT = 2**31 - 1
 
 def _name_nodes(graph: gs.Graph) -> None:
     """Give every node a unique, non-empty name, so errors and annotations can point at it."""
+    taken = collections.Counter(node.name for node in graph.nodes if node.name)
     seen: set[str] = set()
     counters: collections.Counter[str] = collections.Counter()
     for node in graph.nodes:
         name = node.name
-        while not name or name in seen:
+        # A user's name is kept unless an earlier node already has it; generated names avoid
+        # every name the model uses.
+        while not name or name in seen or (name != node.name and name in taken):
             counters[node.op] += 1
             name = f"{node.op}_{counters[node.op]}"
         node.name = name
@@ -181,11 +184,15 @@ class Graph:
             VerificationError: naming the node or tensor at fault.
         """
         graph_inputs = {t.name for t in self.gs.inputs}
-        for tensor in self.gs.tensors().values():
-            if len(tensor.inputs) > 1:
-                names = [n.name for n in tensor.inputs]
-                raise VerificationError(f"tensor '{tensor.name}' is produced by several nodes "
-                                        f"{names}", node=names[0])
+        producers: dict[str, list[str]] = collections.defaultdict(list)
+        for node in self.gs.nodes:
+            for tensor in node.outputs:
+                producers[tensor.name].append(node.name)
+        for tensor_name, names in producers.items():
+            if len(names) > 1 or (names and tensor_name in graph_inputs):
+                raise VerificationError(f"tensor '{tensor_name}' is produced by several nodes "
+                                        f"{names}" + (" and is a graph input" if tensor_name
+                                                      in graph_inputs else ""), node=names[0])
         for node in self.gs.nodes:
             for tensor in node.inputs:
                 dangling = (isinstance(tensor, gs.Variable) and tensor.name

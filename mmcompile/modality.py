@@ -29,11 +29,11 @@ class ModalityTag:
         return {"modality": self.modality, "reason": self.reason}
 
 
-# Name rules, tried in order; the first match wins. Order matters: "video_frames" must hit
-# video before "frames" could hit anything else, "audio_mask" is audio, not a text mask.
+# Name rules, tried in order; the first match wins. Order matters: "audio_frames" is audio
+# before "frames" says video, "audio_mask" is audio, not a text mask.
 _NAME_RULES: tuple[tuple[str, str], ...] = (
-    ("video", r"video|clip_frames|frames"),
     ("audio", r"audio|input_features|input_values|mel|spectrogram|waveform|speech|wav|fbank"),
+    ("video", r"video|clip_frames|frames"),
     ("image", r"pixel|image|img|vision|visual|photo|rgb"),
     ("text", r"input_ids|token|text|word|caption|sentence|attention_mask|position_ids|\bids\b"),
     ("tabular", r"tabular|sensor|imu|accel|gyro|lidar|feature|numeric|vitals"),

@@ -152,6 +152,8 @@ class _Parser:
                 max_iterations = int(opts.get("max_iterations", 10))
             except ValueError:
                 raise self.error("max_iterations must be an integer") from None
+            if max_iterations < 1:
+                raise self.error(f"max_iterations must be at least 1, got {max_iterations}")
             return [Fixpoint(tuple(body), max_iterations)]  # type: ignore[arg-type]
         name = self.name()
         options = self.options()

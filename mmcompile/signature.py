@@ -1,0 +1,141 @@
+"""A compiled model's calling signature, and the checks inputs pass before native code sees them.
+
+Native kernels trust their inputs: TVM's gather does not check bounds (an out-of-range token id
+segfaults), and a wrong shape reads past a buffer. So every call is validated here first:
+names, rank, static dims, consistent symbolic dims, dtype (safe casts only), and the range of
+integer inputs that index an embedding table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from mmcompile.errors import InputError
+from mmcompile.ir import Graph
+from mmcompile.reference import embedding_bound
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: static dims are ints, symbolic dims are names."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    modality: str | None = None
+    index_bound: int | None = None  # integer inputs indexing a table: valid ids are [0, bound)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if k == "shape" else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], data.get("modality"),
+                   data.get("index_bound"))
+
+
+def _dims(shape) -> tuple[int | str, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else str(d or "?") for d in (shape or ()))
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Inputs and outputs of a compiled model, in graph order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def from_graph(cls, graph: Graph) -> Signature:
+        inputs = tuple(
+            TensorSpec(t.name, _dims(t.shape), str(np.dtype(t.dtype)),
+                       graph.modalities[t.name].modality if t.name in graph.modalities else None,
+                       embedding_bound(graph, t.name))
+            for t in graph.gs.inputs)
+        outputs = tuple(TensorSpec(t.name, _dims(t.shape), str(np.dtype(t.dtype)))
+                        for t in graph.gs.outputs)
+        return cls(inputs, outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [s.to_dict() for s in self.inputs],
+                "outputs": [s.to_dict() for s in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Signature:
+        return cls(tuple(TensorSpec.from_dict(d) for d in data["inputs"]),
+                   tuple(TensorSpec.from_dict(d) for d in data["outputs"]))
+
+    def validate(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Check ``feeds`` (numpy arrays or torch tensors) and return them ready for native code:
+        safe-cast to the compiled dtype and made contiguous (copies only when needed).
+
+        Raises:
+            InputError: naming the input and what is wrong with it.
+        """
+        expected = [s.name for s in self.inputs]
+        missing = [n for n in expected if n not in feeds]
+        unknown = [n for n in feeds if n not in expected]
+        if missing or unknown:
+            raise InputError(f"inputs {sorted(feeds)} do not match the compiled signature "
+                             f"{expected}" + (f": missing {missing}" if missing else "")
+                             + (f": unexpected {unknown}" if unknown else ""))
+        symbols: dict[str, tuple[int, str]] = {}
+        ready = {}
+        for spec in self.inputs:
+            value = feeds[spec.name]
+            ready[spec.name] = _check_one(spec, value, symbols)
+        return ready
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def _check_one(spec: TensorSpec, value: Any, symbols: dict[str, tuple[int, str]]) -> Any:
+    if _is_torch(value):
+        import torch
+        value = value.detach()
+        shape = tuple(value.shape)
+        dtype = np.dtype(str(value.dtype).removeprefix("torch.").replace("bool", "bool_")
+                         if value.dtype != torch.bool else np.bool_)
+    else:
+        value = np.asarray(value)
+        shape, dtype = value.shape, value.dtype
+    if len(shape) != len(spec.shape):
+        raise InputError(f"input '{spec.name}' has rank {len(shape)} (shape {list(shape)}), the "
+                         f"compiled model expects rank {len(spec.shape)} {list(spec.shape)}")
+    for axis, (got, want) in enumerate(zip(shape, spec.shape)):
+        if isinstance(want, int):
+            if got != want:
+                raise InputError(f"input '{spec.name}' has shape {list(shape)}, the compiled "
+                                 f"model expects {list(spec.shape)} (dim {axis}: {got} != {want})")
+        elif want in symbols and symbols[want][0] != got:
+            size, other = symbols[want]
+            raise InputError(f"dim '{want}' is {got} in input '{spec.name}' but {size} in "
+                             f"input '{other}'")
+        else:
+            symbols.setdefault(want, (got, spec.name))
+    target = np.dtype(spec.dtype)
+    if dtype != target:
+        if not np.can_cast(dtype, target, casting="safe"):
+            raise InputError(f"input '{spec.name}' has dtype {dtype}, the compiled model expects "
+                             f"{target} (only lossless casts are applied; convert it yourself)")
+        value = value.to(_torch_dtype(target)) if _is_torch(value) else value.astype(target)
+    if spec.index_bound is not None and np.prod(shape) > 0:
+        low, high = (int(value.min()), int(value.max()))
+        if low < 0 or high >= spec.index_bound:
+            bad = low if low < 0 else high
+            raise InputError(f"input '{spec.name}' holds index {bad}, outside [0, "
+                             f"{spec.index_bound}) of the table it indexes")
+    if _is_torch(value):
+        return value.contiguous()
+    return value if value.flags.c_contiguous else value.copy(order="C")
+
+
+def _torch_dtype(dtype: np.dtype):
+    import torch
+    return {np.dtype(np.bool_): torch.bool}.get(dtype) or getattr(torch, dtype.name)

@@ -1,0 +1,275 @@
+"""Frontends: tracing torch modules, loading .onnx / .pt2 files, and their errors."""
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import FLOAT
+from onnx import helper
+
+import mmcompile
+from mmcompile.errors import ExportError, ModalityError, ModelLoadError
+from mmcompile.frontend import DEFAULT_OPSET, load_graph
+from mmcompile.reference import run_onnxruntime
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(4, 3)
+
+    def forward(self, pixel_values, input_ids):
+        return self.proj(pixel_values) + input_ids.float().sum(-1, keepdim=True)
+
+
+class Broken(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom in forward")
+
+
+def _example(batch):
+    return torch.randn(batch, 4), torch.arange(batch * 5, dtype=torch.int64).reshape(batch, 5)
+
+
+def _torch_out(module, pixel_values, input_ids):
+    with torch.no_grad():
+        return module(torch.from_numpy(pixel_values), torch.from_numpy(input_ids)).numpy()
+
+
+def _numpy_inputs(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"pixel_values": rng.standard_normal((batch, 4)).astype(np.float32),
+            "input_ids": rng.integers(0, 9, (batch, 5)).astype(np.int64)}
+
+
+@pytest.fixture(scope="module")
+def module():
+    return TwoInputs()
+
+
+@pytest.fixture(scope="module")
+def traced_tuple(module):
+    """Positional inputs (one of them numpy), explicit modality for one input, opset 17."""
+    pixel_values, input_ids = _example(2)
+    return mmcompile.trace(module, (pixel_values.numpy(), input_ids), {"pixel_values": "tabular"},
+                           opset=17)
+
+
+@pytest.fixture(scope="module")
+def traced_dict(module):
+    """Keyword inputs traced at batch 1 with a dynamic batch."""
+    pixel_values, input_ids = _example(1)
+    return mmcompile.trace(module, {"pixel_values": pixel_values, "input_ids": input_ids},
+                           dynamic_batch=True)
+
+
+# -- trace --------------------------------------------------------------------------------------
+
+def test_trace_tuple_inputs_are_named_after_forward_args(traced_tuple, module):
+    assert [t.name for t in traced_tuple.gs.inputs] == ["pixel_values", "input_ids"]
+    assert [t.shape for t in traced_tuple.gs.inputs] == [[2, 4], [2, 5]]
+    assert traced_tuple.name == "TwoInputs"
+    inputs = _numpy_inputs(2)
+    (out,) = run_onnxruntime(traced_tuple, inputs).values()
+    np.testing.assert_allclose(out, _torch_out(module, **inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_trace_explicit_modalities_win_and_others_are_inferred(traced_tuple):
+    assert traced_tuple.modalities["pixel_values"] == mmcompile.ModalityTag("tabular",
+                                                                           "explicit mapping")
+    assert traced_tuple.modalities["input_ids"].modality == "text"
+
+
+def test_trace_honours_opset(traced_tuple, traced_dict):
+    assert traced_tuple.opset == 17
+    assert traced_dict.opset == DEFAULT_OPSET == 18
+
+
+def test_trace_dict_inputs_are_named_after_forward_args(traced_dict):
+    assert {t.name for t in traced_dict.gs.inputs} == {"pixel_values", "input_ids"}
+    assert traced_dict.modalities["pixel_values"].modality == "image"
+
+
+def test_dynamic_batch_is_symbolic_even_when_traced_at_batch_1(traced_dict, module):
+    for tensor in traced_dict.gs.inputs:
+        assert isinstance(tensor.shape[0], str), tensor.shape
+    assert {t.name: t.shape[1:] for t in traced_dict.gs.inputs} == {"pixel_values": [4],
+                                                                    "input_ids": [5]}
+    inputs = _numpy_inputs(3)
+    (out,) = run_onnxruntime(traced_dict, inputs).values()
+    assert out.shape == (3, 3)
+    np.testing.assert_allclose(out, _torch_out(module, **inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def export_error():
+    with pytest.raises(ExportError) as info:
+        mmcompile.trace(Broken(), (torch.randn(2, 3),))
+    return info.value
+
+
+def test_export_failure_raises_export_error(export_error):
+    assert str(export_error).startswith("torch.onnx.export failed for Broken: ")
+    assert "\n" not in str(export_error)
+    assert isinstance(export_error.__cause__, Exception)
+
+
+def test_export_error_names_the_root_cause(export_error):
+    assert "boom in forward" in str(export_error)
+    assert "\x1b[" not in str(export_error)
+
+
+def test_trace_logs_no_warnings_at_other_opsets(caplog):
+    caplog.set_level(logging.WARNING)
+    mmcompile.trace(torch.nn.ReLU(), (torch.randn(2, 3),), opset=17)
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+# -- load_graph: .onnx --------------------------------------------------------------------------
+
+def _affine_model(batch=2):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "affine",
+                              [helper.make_tensor_value_info("x", FLOAT, [batch, 4])],
+                              [helper.make_tensor_value_info("y", FLOAT, [batch, 3])],
+                              [onnx.numpy_helper.from_array(
+                                  np.arange(12, dtype=np.float32).reshape(4, 3), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def test_load_graph_of_onnx_file(tmp_path):
+    onnx.save_model(_affine_model(), tmp_path / "m.onnx")
+    graph = load_graph(tmp_path / "m.onnx", {"x": "tabular"})
+    assert graph.name == "m.onnx"
+    assert graph.op_counts() == {"MatMul": 1}
+    assert graph.modalities["x"].modality == "tabular"
+    assert graph.gs.outputs[0].shape == [2, 3]
+
+
+def test_load_graph_rejects_modality_for_missing_input(tmp_path):
+    onnx.save_model(_affine_model(), tmp_path / "m.onnx")
+    with pytest.raises(ModalityError, match=r"\['nope'\].*inputs are \['x'\]"):
+        load_graph(tmp_path / "m.onnx", {"nope": "image"})
+
+
+def test_load_graph_with_external_data(tmp_path):
+    onnx.save_model(_affine_model(), tmp_path / "m.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    assert (tmp_path / "w.data").is_file()
+    graph = load_graph(tmp_path / "m.onnx")
+    w = graph.gs.tensors()["w"]
+    np.testing.assert_array_equal(w.values, np.arange(12, dtype=np.float32).reshape(4, 3))
+    x = np.ones((2, 4), np.float32)
+    (out,) = run_onnxruntime(graph, {"x": x}).values()
+    np.testing.assert_array_equal(out, x @ w.values)
+
+
+def test_load_graph_with_missing_external_data_raises(tmp_path):
+    onnx.save_model(_affine_model(), tmp_path / "m.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    (tmp_path / "w.data").unlink()
+    with pytest.raises(ModelLoadError, match="m.onnx"):
+        load_graph(tmp_path / "m.onnx")
+
+
+def _bad_model(kind):
+    if kind == "unknown-op":
+        nodes, out = [helper.make_node("Frobnicate", ["x"], ["y"])], "y"
+    else:  # a graph output nothing produces
+        nodes, out = [helper.make_node("Neg", ["x"], ["y"])], "z"
+    graph = helper.make_graph(nodes, "bad", [helper.make_tensor_value_info("x", FLOAT, [2])],
+                              [helper.make_tensor_value_info(out, FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "no such model file"),
+    ("text", "not a readable ONNX model"),
+    ("random", "not a readable ONNX model"),
+    ("empty", "not an ONNX model"),
+    ("unknown-op", "fails onnx.checker"),
+    ("unproduced-output", "fails onnx.checker"),
+])
+def test_load_errors_are_model_load_errors_naming_the_path(tmp_path, content, fragment):
+    path = tmp_path / "bad.onnx"
+    if content == "text":
+        path.write_text("this is not a model\n")
+    elif content == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif content == "empty":
+        path.write_bytes(b"")
+    elif content is not None:
+        onnx.save_model(_bad_model(content), path)
+    with pytest.raises(ModelLoadError, match=fragment) as info:
+        load_graph(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_load_graph_of_a_directory_is_a_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such model file"):
+        load_graph(tmp_path)
+
+
+# -- input_shapes -------------------------------------------------------------------------------
+
+def _save_symbolic(tmp_path):
+    path = tmp_path / "dyn.onnx"
+    onnx.save_model(_affine_model(batch="n"), path)
+    return path
+
+
+def test_input_shapes_fix_a_symbolic_batch(tmp_path):
+    path = _save_symbolic(tmp_path)
+    assert load_graph(path).gs.inputs[0].shape == ["n", 4]
+    graph = load_graph(path, input_shapes={"x": [5, 4]})
+    assert graph.gs.inputs[0].shape == [5, 4]
+    assert graph.gs.tensors()["y"].shape == [5, 3]
+
+
+def test_input_shapes_wrong_rank_is_an_error(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"input 'x' of dyn.onnx has rank 2, but shape \[5\]"):
+        load_graph(_save_symbolic(tmp_path), input_shapes={"x": [5]})
+
+
+def test_input_shapes_unknown_name_is_an_error(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"names 'nope', but dyn.onnx has inputs \['x'\]"):
+        load_graph(_save_symbolic(tmp_path), input_shapes={"nope": [5, 4]})
+
+
+# -- load_graph: .pt2 ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pt2_path(module, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pt2") / "two.pt2"
+    torch.export.save(torch.export.export(module, _example(2)), str(path))
+    return path
+
+
+def test_load_graph_of_pt2(pt2_path, module):
+    graph = load_graph(pt2_path, {"input_ids": "other"})
+    assert graph.name == "two.pt2"
+    assert [t.name for t in graph.gs.inputs] == ["pixel_values", "input_ids"]
+    assert graph.modalities["input_ids"].modality == "other"
+    assert graph.modalities["pixel_values"].modality == "image"
+    inputs = _numpy_inputs(2, seed=1)
+    (out,) = run_onnxruntime(graph, inputs).values()
+    np.testing.assert_allclose(out, _torch_out(module, **inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("content, fragment", [(None, "no such model file"),
+                                               (b"garbage", "not a torch.export program")])
+def test_bad_pt2_is_a_model_load_error(tmp_path, content, fragment):
+    path = tmp_path / "bad.pt2"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=fragment) as info:
+        load_graph(path)
+    assert str(path) in str(info.value)
