@@ -4,6 +4,8 @@ Entry points: :func:`trace` / :func:`load_graph` (frontends), :func:`optimize` (
 the ``mmcompile`` command line mirrors them.
 """
 
+from mmcompile.artifact import ArtifactError
+from mmcompile.compiler import compile
 from mmcompile.errors import (ExportError, InputError, MMCompileError, ModalityError,
                               ModelLoadError, PassError, PipelineError, RegistryError,
                               UnsupportedOpError, VerificationError)
@@ -11,13 +13,16 @@ from mmcompile.frontend import load_graph, trace
 from mmcompile.ir import Graph
 from mmcompile.modality import MODALITIES, ModalityTag
 from mmcompile.optimize import OptimizeResult, optimize
+from mmcompile.runtime import CompiledModel, load
+from mmcompile.target import TargetError, get_target, registered_targets
 from mmcompile.transform import (Pass, PassContext, PassManager, PassResult, parse_pipeline,
                                  register_pass, registered_passes)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ExportError", "Graph", "InputError", "MMCompileError", "MODALITIES", "ModalityError",
+    "ArtifactError", "CompiledModel", "TargetError", "compile", "get_target", "load",
+    "registered_targets", "ExportError", "Graph", "InputError", "MMCompileError", "MODALITIES", "ModalityError",
     "ModalityTag", "ModelLoadError", "OptimizeResult", "Pass", "PassContext", "PassError",
     "PassManager", "PassResult", "PipelineError", "RegistryError", "UnsupportedOpError",
     "VerificationError", "load_graph", "optimize", "parse_pipeline", "register_pass",

@@ -1,0 +1,136 @@
+"""``mmcompile.compile``: frontend -> passes -> target -> CompiledModel, with verification.
+
+Verification runs the example inputs (or random ones matching the signature) through
+onnxruntime on the graph as loaded, and through the compiled model, and fails with a
+per-output report when they differ by more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from mmcompile.errors import MMCompileError, VerificationError
+from mmcompile.frontend import from_onnx_model, load_graph, trace
+from mmcompile.ir import Graph
+from mmcompile.optimize import optimize
+from mmcompile.reference import compare_outputs, random_inputs, run_onnxruntime
+from mmcompile.runtime import CompiledModel, Stage
+from mmcompile.signature import Signature
+from mmcompile.target import CompileOptions, get_target
+from mmcompile.transform import PassContext
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+def to_graph(model: Any, example_inputs: Any = None, *,
+             modalities: Mapping[str, str] | None = None,
+             input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
+    """Any supported model form -> Graph: a Graph, an ONNX ModelProto, a path (.onnx/.pt2), or a
+    torch module with ``example_inputs``."""
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return from_onnx_model(model, modalities, input_shapes=input_shapes)
+    if isinstance(model, (str, os.PathLike)):
+        return load_graph(model, modalities, input_shapes=input_shapes)
+    if example_inputs is None:
+        raise MMCompileError(f"compiling a {type(model).__name__} needs example_inputs "
+                             f"(a tuple or dict of tensors) to trace it")
+    return trace(model, example_inputs, modalities)
+
+
+def _as_numpy(inputs: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, Mapping):
+        inputs = dict(zip(names, inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+    out = {}
+    for name, value in inputs.items():
+        if type(value).__module__.startswith("torch"):
+            value = value.detach().cpu().numpy()
+        out[name] = np.asarray(value)
+    return out
+
+
+def verify_compiled(compiled: CompiledModel, reference: Graph, inputs: Mapping[str, np.ndarray],
+                    tolerance: float = DEFAULT_TOLERANCE) -> str:
+    """Compare the compiled model with onnxruntime on ``reference``; returns a one-line summary.
+
+    The check is ``max|got - ref| <= tolerance * max(1, max|ref|)`` per output.
+
+    Raises:
+        VerificationError: with one line per output (max abs/rel error and where).
+    """
+    expected = run_onnxruntime(reference, inputs)
+    got = compiled.run(inputs)
+    diffs = compare_outputs(expected, got)
+    failed = [d for d in diffs if not d.ok(tolerance, 0.0) and not d.ok(0.0, tolerance)]
+    lines = [str(d) for d in diffs]
+    if failed:
+        raise VerificationError("compiled model differs from onnxruntime beyond tolerance "
+                                f"{tolerance:g}:\n  " + "\n  ".join(lines))
+    worst = max((d.max_abs for d in diffs), default=0.0)
+    return f"ok, max abs err {worst:.3g} vs onnxruntime over {len(diffs)} output(s)"
+
+
+def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
+            modalities: Mapping[str, str] | None = None, passes: str = "default",
+            verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
+            input_shapes: Mapping[str, Sequence[int]] | None = None, opt_level: int = 2,
+            threads: int = 0, target_config: Mapping[str, Any] | None = None,
+            progress: Callable[[str], None] | None = None) -> CompiledModel:
+    """Compile a multimodal model for a target.
+
+    Args:
+        model: a ``torch.nn.Module`` (with ``example_inputs``), a path to ``.onnx``/``.pt2``,
+            an ``onnx.ModelProto`` or a :class:`Graph`.
+        example_inputs: tuple or dict of tensors; used to trace modules and to verify.
+        target: registered target name (``cpu``, ``cuda``; see ``mmcompile targets``).
+        modalities: input name -> modality; inferred for inputs not named.
+        passes: the graph pipeline run before lowering.
+        verify: compare against onnxruntime on the example (or random) inputs.
+        tolerance: verification tolerance, relative to ``max(1, max|ref|)``.
+        input_shapes: fix symbolic input dims (e.g. ``{"pixel_values": [1, 3, 224, 224]}``).
+        opt_level: PassContext opt level.
+        threads: threads the compiled code may use (0: all available cores).
+        target_config: target-specific options.
+        progress: called with one-line status messages.
+
+    Returns:
+        The :class:`CompiledModel`.
+
+    Raises:
+        ModelLoadError, ExportError, ModalityError: the model cannot be read.
+        PipelineError, PassError: the pass pipeline failed.
+        UnsupportedOpError: the target cannot lower a node (named, with the target).
+        VerificationError: outputs differ from onnxruntime beyond ``tolerance``.
+    """
+    say = progress or (lambda message: None)
+    say("loading model")
+    graph = to_graph(model, example_inputs, modalities=modalities, input_shapes=input_shapes)
+    backend = get_target(target)
+    say(f"optimizing graph ({graph.num_nodes} nodes)")
+    result = optimize(graph, passes, ctx=PassContext(opt_level=opt_level))
+    optimized = result.graph
+    backend.check(optimized)
+    say(f"compiling stage 'main' for {target}")
+    start = time.perf_counter()
+    executable = backend.compile(optimized, CompileOptions(threads=threads, progress=say,
+                                                           config=dict(target_config or {})))
+    stage = Stage("main", target, [t.name for t in optimized.gs.inputs],
+                  [t.name for t in optimized.gs.outputs], executable,
+                  time.perf_counter() - start, executable.describe())
+    metadata = {"pipeline": str(result.pipeline), "nodes_before": result.nodes_before,
+                "nodes_after": result.nodes_after, "source": graph.name,
+                "versions": executable.describe().get("versions", {})}
+    compiled = CompiledModel(Signature.from_graph(optimized), [stage], target, metadata)
+    if verify:
+        say("verifying against onnxruntime")
+        feeds = (_as_numpy(example_inputs, [t.name for t in graph.gs.inputs])
+                 if example_inputs is not None else random_inputs(graph, seed=0))
+        compiled.metadata["verification"] = verify_compiled(compiled, graph, feeds, tolerance)
+    return compiled

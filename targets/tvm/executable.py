@@ -1,0 +1,125 @@
+"""A TVM-compiled stage: a Relax VM over an exported library.
+
+Only ``tvm.runtime`` is used here, so executables load and run with TVM's runtime-only library
+(``TVM_USE_RUNTIME_LIB=1``), where ``tvm.relax`` does not exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmcompile.artifact import ArtifactError
+from mmcompile.target import Executable
+from mmcompile.targets.tvm.host import available_cores
+
+# TVM kernels may use aligned vector loads; buffers that are not 64-byte aligned are copied.
+_ALIGNMENT = 64
+
+
+def configure_threads(threads: int) -> None:
+    """Size TVM's thread pool before its first use.
+
+    TVM sizes each thread's pool once, from ``TVM_NUM_THREADS``; left unset it takes half the
+    cores (1 of 2 here) and pins the calling thread to CPU 0. ``runtime.config_threadpool``
+    cannot grow a pool later, and from a non-main thread it pins that thread to CPU 0. So the
+    environment variable is set, unless the user already chose a value.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads or available_cores()))
+
+
+@contextlib.contextmanager
+def native_log_to(sink: list[str]):
+    """Capture what TVM's C++ logging writes to file descriptor 2 (``Warning: Scope Saving:``
+    lines per function on export, index-bound warnings on compile) into ``sink``; the
+    outcome is reported through exceptions and manifests instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            sink.append(capture.read().decode(errors="replace"))
+
+
+def _address(value: Any) -> int:
+    if hasattr(value, "data_ptr"):
+        return int(value.data_ptr())
+    return int(value.ctypes.data)
+
+
+def to_tvm(value: Any):
+    """numpy array / torch tensor -> tvm Tensor, sharing memory when the buffer is aligned."""
+    import numpy as np
+    import tvm
+    if _address(value) % _ALIGNMENT == 0:
+        return tvm.runtime.from_dlpack(value)
+    array = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) \
+        else value
+    return tvm.runtime.tensor(array)
+
+
+class TVMExecutable(Executable):
+    """Runs a compiled Relax program's ``main`` on one device.
+
+    Args:
+        module: a ``relax.Executable`` (just compiled) or a ``tvm.runtime.Module`` (loaded).
+        inputs: input names in ``main``'s parameter order.
+        outputs: output names in ``main``'s result order.
+        device: ``"cpu"`` or ``"cuda"``.
+        info: JSON-able facts for the manifest.
+    """
+
+    def __init__(self, module: Any, inputs: Sequence[str], outputs: Sequence[str],
+                 device: str, info: Mapping[str, Any]):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+        self.module = module
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        self.device = device
+        self.info = dict(info)
+        self.vm = VirtualMachine(module, tvm.device(device, 0))
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        result = self.vm["main"](*(to_tvm(inputs[name]) for name in self.inputs))
+        results = [result] if len(self.outputs) == 1 else list(result)
+        return dict(zip(self.outputs, results))
+
+    def save(self, directory: Path, stem: str) -> dict[str, str]:
+        name = f"{stem}.so"
+        with native_log_to([]):
+            self.module.export_library(str(directory / name))
+        return {"library": name}
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.info)
+
+
+def load_executable(directory: Path, files: Mapping[str, str], info: Mapping[str, Any],
+                    device: str, threads: int) -> TVMExecutable:
+    """Load a stage library written by :meth:`TVMExecutable.save`.
+
+    Raises:
+        ArtifactError: built with an incompatible TVM, or the library does not load.
+    """
+    import tvm
+    built_with = str(info.get("versions", {}).get("tvm", ""))
+    if built_with.split(".")[:2] != tvm.__version__.split(".")[:2]:
+        raise ArtifactError(f"{directory} was built with TVM {built_with or 'unknown'}, this is "
+                            f"TVM {tvm.__version__}: recompile the model")
+    configure_threads(threads)
+    try:
+        with native_log_to([]):
+            module = tvm.runtime.load_module(str(directory / files["library"]))
+            return TVMExecutable(module, info["inputs"], info["outputs"], device, info)
+    except Exception as exc:
+        raise ArtifactError(f"cannot load {directory / files['library']}: {exc}") from exc

@@ -1,0 +1,144 @@
+"""CPU schedules for the loop code TVM generates, applied without tuning.
+
+TVM's ``zero`` pipeline emits serial, unvectorized loops, and TVM 0.27 ships only two dlight
+CPU rules (``GEMV``, ``Reduction``), with no matmul or fallback rule: untuned code ran 40x slower
+than onnxruntime on a small transformer block. The two rules here fill that gap in dlight's own
+rule format (first rule that returns a schedule wins):
+
+- :class:`MatmulLike`: one reduction block plus injective epilogues (matmul, conv, batched
+  matmul): tile i x j, vectorize j across the SIMD width, parallelize the fused outer loops,
+  compute epilogues under the same parallel loop. Must precede ``dl.cpu.Reduction``, which
+  would otherwise take convolutions and schedule them poorly.
+- :class:`Fallback`: everything else: fuse spatial loops, parallelize, vectorize when purely
+  spatial.
+
+Measured (Conv + 2 MatMul + LayerNorm + Softmax, 2 threads, ``mcpu=znver4``): 316 ms with the
+zero pipeline alone, 309 ms adding dlight's CPU rules, 7.7 ms adding these two.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target.codegen import llvm_get_vector_width
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _lanes(target) -> int:
+    """float32 lanes per vector register for the target's mcpu: 16 with AVX-512, 8 with AVX2."""
+    try:
+        return max(4, llvm_get_vector_width(target) // 32)
+    except Exception:
+        return 8
+
+
+def _split_loops(sch, block, dom_kind):
+    loops = sch.get_loops(block)
+    spatial = [loop for loop, kind in zip(loops, dom_kind) if kind == "S"]
+    reduce_ = [loop for loop, kind in zip(loops, dom_kind) if kind == "R"]
+    return spatial, reduce_
+
+
+class MatmulLike(dl.ScheduleRule):
+    """One reduction block and injective epilogues: tiled, vectorized, parallel."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception:  # this rule does not fit: let the next one try
+            return None
+
+    @staticmethod
+    def _schedule(func, target):
+        sch = s_tir.Schedule(func)
+        infos = dl.try_inline(sch, normalize_prim_func(sch))
+        reductions = [b for b in infos if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        main = reductions[0]
+        if "O" in main.dom_kind():
+            return None
+        spatial, reduce_ = _split_loops(sch, main.block_rv, main.dom_kind())
+        if len(spatial) < 2 or not reduce_:
+            return None
+        lanes = _lanes(target)
+        cols, rows = _extent(sch, spatial[-1]), _extent(sch, spatial[-2])
+        if cols is None or rows is None or cols % lanes:
+            return None
+        row_tile = 4 if rows % 4 == 0 else 1
+        jo, ji = sch.split(spatial[-1], [None, lanes])
+        io, ii = sch.split(spatial[-2], [None, row_tile])
+        sch.reorder(*spatial[:-2], io, jo, *reduce_, ii, ji)
+        outer = sch.fuse(*spatial[:-2], io)
+        sch.parallel(outer)  # before decompose_reduction, which otherwise rejects the schedule
+        sch.vectorize(ji)
+        sch.unroll(ii)
+        sch.decompose_reduction(main.block_rv, reduce_[0])
+        for epilogue in infos:
+            if epilogue is main:
+                continue
+            sch.reverse_compute_at(epilogue.block_rv, outer)
+            inner = sch.get_loops(epilogue.block_rv)[-1]
+            extent = _extent(sch, inner)
+            if extent and extent % lanes == 0:
+                _, vec = sch.split(inner, [None, lanes])
+                sch.vectorize(vec)
+        return sch
+
+
+class Fallback(dl.ScheduleRule):
+    """Any block: fuse the spatial loops, parallelize, vectorize the purely spatial ones."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception:
+            return None
+
+    @staticmethod
+    def _schedule(func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = dl.try_inline(sch, infos)
+        lanes = _lanes(target)
+        for block in infos:
+            if not sch.get_loops(block.block_rv) or "O" in block.dom_kind():
+                continue
+            spatial, reduce_ = _split_loops(sch, block.block_rv, block.dom_kind())
+            if not spatial:
+                continue
+            sch.reorder(*spatial, *reduce_)
+            fused = sch.fuse(*spatial)
+            extent = _extent(sch, fused)
+            if not reduce_ and extent and extent % lanes == 0 and extent >= 4 * lanes:
+                outer, vec = sch.split(fused, [None, lanes])
+                sch.parallel(outer)
+                sch.vectorize(vec)
+            else:
+                sch.parallel(fused)
+        return sch
+
+
+def schedule_cpu(mod, target):
+    """Apply the CPU rules to every PrimFunc of ``mod`` (after the ``zero`` pipeline)."""
+    with target:
+        return dl.ApplyDefaultSchedule(MatmulLike(), dl.cpu.GEMV(), dl.cpu.Reduction(),
+                                       Fallback())(mod)
+
+
+def schedule_cuda(mod, target):
+    """dlight's GPU rules: every kernel needs thread bindings; Fallback must come last."""
+    with target:
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)

@@ -1,0 +1,145 @@
+"""The TVM targets: ONNX stage -> Relax (TVM's ONNX importer) -> scheduled TIR -> library.
+
+Lowering: ``from_onnx`` with weights baked in as constants, ``DecomposeOpsForInference``, the
+``zero`` pipeline (legalize to TIR, fuse), then schedules (CPU: :mod:`.schedules`; CUDA: dlight
+GPU rules), then ``tvm.compile``. The graph passes in front (``legalize-for-tvm``,
+``fold-constants``) have already removed what the importer rejects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mmcompile.errors import UnsupportedOpError
+from mmcompile.ir import Graph
+from mmcompile.target import CompileOptions, Executable, Target, TargetError, register_target
+from mmcompile.targets.tvm.executable import (TVMExecutable, configure_threads, load_executable,
+                                              native_log_to)
+
+
+def supported_ops() -> frozenset[str]:
+    """Op types TVM's Relax ONNX importer has a converter for."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+    return frozenset(onnx_frontend._get_convert_map())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+def import_relax(graph: Graph, target_name: str):
+    """The Relax module for ``graph`` (TVM's ONNX importer), or TargetError naming the cause."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # the importer prints the failing op on stdout
+            mod = from_onnx(graph.to_onnx(), keep_params_in_input=False)
+    except Exception as exc:
+        failing = re.search(r"Error converting operator (\w+)", log.getvalue())
+        where = f" while converting {failing.group(1)}" if failing else ""
+        raise TargetError(f"{target_name}: TVM's ONNX importer failed on {graph.name}{where}: "
+                          f"{_first_line(exc)}") from exc
+    return relax.transform.DecomposeOpsForInference()(mod)
+
+
+class _TVMTarget(Target):
+    device = "cpu"
+
+    def check(self, graph: Graph) -> None:
+        known = supported_ops()
+        for node in graph.gs.nodes:
+            if node.op not in known:
+                raise UnsupportedOpError(node.op, node.name, f"target '{self.name}' (TVM "
+                                         f"{_tvm_version()} ONNX importer has no converter)")
+
+    def _tvm_target(self, options: CompileOptions):
+        raise NotImplementedError
+
+    def _schedule(self, mod, target):
+        raise NotImplementedError
+
+    def compile(self, graph: Graph, options: CompileOptions) -> Executable:
+        import tvm
+        from tvm import relax
+        configure_threads(options.threads)
+        target = self._tvm_target(options)
+        options.progress(f"importing {graph.name} into Relax")
+        mod = import_relax(graph, self.name)
+        options.progress("lowering and scheduling")
+        with target, native_log_to([]):
+            mod = relax.get_pipeline("zero")(mod)
+        mod = self._schedule(mod, target)
+        options.progress(f"generating code for {target.kind.name}")
+        try:
+            with native_log_to([]):
+                executable = tvm.compile(mod, target=target)
+        except Exception as exc:
+            raise TargetError(f"{self.name}: code generation failed for {graph.name}: "
+                              f"{_first_line(exc)}") from exc
+        info = {"inputs": [t.name for t in graph.gs.inputs],
+                "outputs": [t.name for t in graph.gs.outputs],
+                "tvm_target": str(target), "versions": {"tvm": _tvm_version()},
+                "detail": self._detail(target)}
+        return self._executable(executable, info, options)
+
+    def _detail(self, target) -> str:
+        return str(target.attrs.get("mcpu", ""))
+
+    def _executable(self, executable, info: dict[str, Any], options: CompileOptions) -> Executable:
+        return TVMExecutable(executable, info["inputs"], info["outputs"], self.device, info)
+
+    def load(self, directory: Path, files: Mapping[str, str], info: Mapping[str, Any],
+             threads: int = 0) -> Executable:
+        return load_executable(directory, files, info, self.device, threads)
+
+
+def _tvm_version() -> str:
+    import tvm
+    return tvm.__version__
+
+
+@register_target
+class TVMCpuTarget(_TVMTarget):
+    """x86/ARM CPUs through LLVM, with the host CPU detected by name (``config["mcpu"]``
+    overrides it)."""
+
+    name = "cpu"
+    description = "CPU via TVM + LLVM (host CPU detected, parallel + vectorized schedules)"
+
+    def _tvm_target(self, options: CompileOptions):
+        from mmcompile.targets.tvm.host import llvm_target
+        return llvm_target(options.config.get("mcpu"), options.threads)
+
+    def _schedule(self, mod, target):
+        from mmcompile.targets.tvm.schedules import schedule_cpu
+        return schedule_cpu(mod, target)
+
+
+@register_target
+class TVMCudaTarget(_TVMTarget):
+    """NVIDIA GPUs through TVM's CUDA codegen (``config["arch"]``, default ``sm_80``). Kernels are
+    compiled to device code at build time (see :mod:`.cuda`)."""
+
+    name = "cuda"
+    description = "NVIDIA GPU via TVM CUDA codegen (device code compiled with nvcc at build time)"
+    device = "cuda"
+
+    def _tvm_target(self, options: CompileOptions):
+        import tvm
+        from mmcompile.targets.tvm.host import llvm_target
+        arch = options.config.get("arch", "sm_80")
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=llvm_target())
+
+    def _detail(self, target) -> str:
+        return str(target.attrs.get("arch", ""))
+
+    def _schedule(self, mod, target):
+        from mmcompile.targets.tvm.schedules import schedule_cuda
+        return schedule_cuda(mod, target)
