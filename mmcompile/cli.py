@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
-from mmcompile.errors import MMCompileError, ModelLoadError
+from mmcompile.errors import InputError, MMCompileError, ModelLoadError
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -86,6 +89,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mmcompile.analysis import describe
     from mmcompile.report import format_table
+    if Path(args.model).is_dir():
+        return _inspect_artifact(args)
     info = describe(_load(args))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -105,6 +110,136 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          ", ".join(f"{op}x{n}" for op, n in list(b["ops"].items())[:5]))
                         for name, b in info["branches"].items()]))
     print("\nops: " + ", ".join(f"{op}x{n}" for op, n in info["ops"].items()))
+    return EXIT_OK
+
+
+def _inspect_artifact(args: argparse.Namespace) -> int:
+    from mmcompile.artifact import read_manifest
+    from mmcompile.report import format_table
+    manifest = read_manifest(args.model)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return EXIT_OK
+    meta = manifest.get("metadata", {})
+    versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
+    print(f"{args.model}: compiled model for target '{manifest['target']}' ({versions}), "
+          f"created {manifest.get('created', '?')}")
+    if meta.get("source"):
+        print(f"source: {meta['source']}, {meta.get('nodes_before')} -> {meta.get('nodes_after')} "
+              f"nodes after passes")
+    print("\ninputs:")
+    print(format_table(["name", "shape", "dtype", "modality", "index bound"],
+                       [(i["name"], i["shape"], i["dtype"], i.get("modality"),
+                         i.get("index_bound") or "-") for i in manifest["signature"]["inputs"]]))
+    print("\noutputs:")
+    print(format_table(["name", "shape", "dtype"], [(o["name"], o["shape"], o["dtype"])
+                                                    for o in manifest["signature"]["outputs"]]))
+    print("\nstages:")
+    print(format_table(["stage", "target", "files", "compile s", "detail"],
+                       [(st["name"], st["target"], ", ".join(st["files"].values()),
+                         f"{st.get('compile_seconds', 0):.2f}", st.get("info", {}).get("detail", ""))
+                        for st in manifest["stages"]]))
+    if meta.get("verification"):
+        print(f"\nverification at compile time: {meta['verification']}")
+    return EXIT_OK
+
+
+def _read_npz(path: str) -> dict:
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read inputs from {path}: {exc}") from exc
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    import numpy as np
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from mmcompile.compiler import compile as compile_model
+    from mmcompile.modality import parse_modality_args
+    show = sys.stderr.isatty() and not args.json
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if show or args.verbose:
+            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr)
+
+    example = _read_npz(args.inputs) if args.inputs else None
+    config = {k: v for k, v in (("mcpu", args.mcpu), ("arch", args.arch)) if v}
+    compiled = compile_model(
+        args.model, example, target=args.target,
+        modalities=parse_modality_args(args.modality) if args.modality else None,
+        passes=args.passes, verify=not args.no_verify, tolerance=args.tolerance,
+        input_shapes=_parse_shapes(args.input_shape), opt_level=args.opt_level,
+        threads=args.threads, target_config=config, progress=progress)
+    compiled.save(args.output)
+    if args.json:
+        print(json.dumps({"output": str(args.output), "target": compiled.target,
+                          "seconds": round(time.perf_counter() - started, 3),
+                          "stages": [{"name": st.name, "compile_seconds": round(st.compile_seconds, 3)}
+                                     for st in compiled.stages],
+                          **{k: v for k, v in compiled.metadata.items() if k != "versions"}},
+                         indent=2))
+        return EXIT_OK
+    print(compiled.report())
+    print(f"wrote {args.output} in {time.perf_counter() - started:.1f}s")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mmcompile.runtime import load
+    model = load(args.model, threads=args.threads)
+    if args.inputs and args.random:
+        raise InputError("give either --inputs or --random, not both")
+    if not args.inputs and not args.random:
+        raise InputError("no inputs: give --inputs FILE.npz (one array per input name: "
+                         f"{model.input_names}) or --random")
+    feeds = _read_npz(args.inputs) if args.inputs else model.signature.random_inputs(args.seed)
+    times = []
+    for _ in range(max(1, args.repeat)):
+        start = time.perf_counter()
+        outputs = model.run(feeds)
+        times.append(time.perf_counter() - start)
+    outputs = {k: np.asarray(v) for k, v in outputs.items()}
+    if args.output:
+        _write_npz(args.output, outputs)
+    summary = {"outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype),
+                               "min": float(v.min()) if v.size else None,
+                               "max": float(v.max()) if v.size else None}
+                           for k, v in outputs.items()},
+               "runs": len(times), "median_ms": round(float(np.median(times)) * 1e3, 3)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    from mmcompile.report import format_table
+    print(format_table(["output", "shape", "dtype", "min", "max"],
+                       [(k, v["shape"], v["dtype"], f"{v['min']:.4g}", f"{v['max']:.4g}")
+                        for k, v in summary["outputs"].items()]))
+    print(f"median latency {summary['median_ms']} ms over {len(times)} run(s)"
+          + (f"; wrote {args.output}" if args.output else ""))
+    return EXIT_OK
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from mmcompile.report import format_table
+    from mmcompile.target import registered_targets
+    rows = [(name, cls.description) for name, cls in registered_targets().items()]
+    if args.json:
+        print(json.dumps(dict(rows), indent=2))
+        return EXIT_OK
+    print(format_table(["target", "description"], rows))
     return EXIT_OK
 
 
@@ -172,10 +307,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show inputs, modality tags, branches and ops",
                        description="Describe a model: inputs with their modality tag and how it "
-                                   "was decided, outputs, nodes per modality branch, op counts.",
+                                   "was decided, outputs, nodes per modality branch, op counts. "
+                                   "Given a .mmc artifact: its manifest (target, versions, "
+                                   "signature, stages).",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compile", help="compile a model to a deployable artifact (.mmc)",
+                       description="Optimize a model, lower it for a target and write an "
+                                   "artifact folder that 'mmcompile run' and mmcompile.load() "
+                                   "use without recompiling. By default the compiled model is "
+                                   "verified against onnxruntime on random (or --inputs) data.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="artifact folder to write (e.g. "
+                                                         "model.mmc); replaced atomically")
+    p.add_argument("--target", default="cpu", help="target name; see 'mmcompile targets' "
+                                                   "(default: %(default)s)")
+    p.add_argument("--passes", default="default", metavar="PIPELINE",
+                   help="graph pipeline run before lowering (default: %(default)s)")
+    p.add_argument("-O", "--opt-level", type=int, default=2, choices=[0, 1, 2],
+                   help="pass opt level (default: %(default)s)")
+    p.add_argument("--inputs", metavar="FILE.npz", help="example inputs (one array per input "
+                                                        "name) used for verification")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the comparison with onnxruntime")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="verification tolerance relative to max(1, max|ref|) "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads the compiled code uses (default: all available cores)")
+    p.add_argument("--mcpu", help="cpu target: LLVM CPU name instead of the detected host CPU "
+                                  "(e.g. skylake-avx512, znver4)")
+    p.add_argument("--arch", help="cuda target: GPU architecture (default: sm_80)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print progress even when stderr is not a terminal")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a compiled artifact on inputs",
+                       description="Load an artifact (no compiler needed) and run it on inputs "
+                                   "from an .npz file or on random data.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="artifact folder written by 'mmcompile compile'")
+    p.add_argument("--inputs", metavar="FILE.npz", help="one array per input name")
+    p.add_argument("--random", action="store_true", help="run on random inputs that match the "
+                                                         "signature")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random (default: 0)")
+    p.add_argument("--output", metavar="FILE.npz", help="write the outputs here (atomically)")
+    p.add_argument("--repeat", type=int, default=1, help="run N times and report the median")
+    p.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("targets", help="list registered targets")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("passes", help="list registered passes and named pipelines")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")

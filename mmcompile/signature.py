@@ -69,6 +69,21 @@ class Signature:
         return cls(tuple(TensorSpec.from_dict(d) for d in data["inputs"]),
                    tuple(TensorSpec.from_dict(d) for d in data["outputs"]))
 
+    def random_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs for this signature (symbolic dims -> 1; ids within their table)."""
+        rng = np.random.default_rng(seed)
+        out = {}
+        for spec in self.inputs:
+            shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+            dtype = np.dtype(spec.dtype)
+            if np.issubdtype(dtype, np.floating):
+                out[spec.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                out[spec.name] = rng.integers(0, 2, shape).astype(bool)
+            else:
+                out[spec.name] = rng.integers(0, spec.index_bound or 2, shape).astype(dtype)
+        return out
+
     def validate(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Check ``feeds`` (numpy arrays or torch tensors) and return them ready for native code:
         safe-cast to the compiled dtype and made contiguous (copies only when needed).
