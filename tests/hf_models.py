@@ -31,10 +31,44 @@ class _Encoder(nn.Module):
         return self.encoder(input_features=input_features).last_hidden_state
 
 
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+
+
+class ResNetSmall(nn.Module):
+    """torchvision's ResNet-18 layout at reduced width and depth (torchvision has no CPU wheel
+    here, so the structure is written out)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.layers = nn.Sequential(_BasicBlock(16, 16, 1), _BasicBlock(16, 32, 2),
+                                    _BasicBlock(32, 64, 2))
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, pixel_values):
+        x = self.layers(self.stem(pixel_values))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def build(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """(module in eval mode, example inputs) for 'clip', 'blip' or 'whisper_encoder'."""
-    import transformers as tf
+    """(module in eval mode, example inputs) for 'clip', 'blip', 'whisper_encoder', 'resnet'."""
     torch.manual_seed(0)
+    if name == "resnet":
+        return ResNetSmall().eval(), {"pixel_values": torch.randn(1, 3, 64, 64)}
+    import transformers as tf
     if name == "clip":
         config = tf.CLIPConfig(
             text_config=dict(_TINY, vocab_size=1000, max_position_embeddings=16),
