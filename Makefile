@@ -21,6 +21,8 @@ demo: $(STAMP)
 	$(PY) examples/late_fusion/export.py -o $(DEMO)/late_fusion.onnx
 	$(VENV)/bin/mmcompile inspect $(DEMO)/late_fusion.onnx
 	$(VENV)/bin/mmcompile optimize $(DEMO)/late_fusion.onnx -o $(DEMO)/late_fusion.opt.onnx --report
+	$(VENV)/bin/mmcompile compile $(DEMO)/late_fusion.onnx -o $(DEMO)/late_fusion.mmc --verbose
+	$(VENV)/bin/mmcompile run $(DEMO)/late_fusion.mmc --random --repeat 20
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15
