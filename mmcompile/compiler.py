@@ -20,7 +20,10 @@ from mmcompile.frontend import from_onnx_model, load_graph, trace
 from mmcompile.ir import Graph
 from mmcompile.optimize import optimize
 from mmcompile.reference import compare_outputs, random_inputs, run_onnxruntime
+from mmcompile.plan import StagePlan, partition
 from mmcompile.runtime import CompiledModel, Stage
+from mmcompile.schedule import (Schedule, available_cores, check_kind, estimate_cost_ms,
+                                plan_parallel)
 from mmcompile.signature import Signature
 from mmcompile.target import CompileOptions, get_target
 from mmcompile.transform import PassContext
@@ -82,6 +85,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
             input_shapes: Mapping[str, Sequence[int]] | None = None, opt_level: int = 2,
             threads: int = 0, target_config: Mapping[str, Any] | None = None,
+            schedule: str = "auto", measure: bool = True,
             progress: Callable[[str], None] | None = None) -> CompiledModel:
     """Compile a multimodal model for a target.
 
@@ -98,6 +102,11 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         opt_level: PassContext opt level.
         threads: threads the compiled code may use (0: all available cores).
         target_config: target-specific options.
+        schedule: ``"auto"`` (measure sequential and branch-parallel execution of the compiled
+            stages, keep the faster), ``"sequential"`` (one stage, no partitioning) or
+            ``"parallel"`` (modality branches on concurrent workers).
+        measure: time the stages on the example inputs for the cost model (else estimate
+            from FLOPs and bytes; ``auto`` then trusts the estimate).
         progress: called with one-line status messages.
 
     Returns:
@@ -117,20 +126,73 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     result = optimize(graph, passes, ctx=PassContext(opt_level=opt_level))
     optimized = result.graph
     backend.check(optimized)
-    say(f"compiling stage 'main' for {target}")
-    start = time.perf_counter()
-    executable = backend.compile(optimized, CompileOptions(threads=threads, progress=say,
-                                                           config=dict(target_config or {})))
-    stage = Stage("main", target, [t.name for t in optimized.gs.inputs],
-                  [t.name for t in optimized.gs.outputs], executable,
-                  time.perf_counter() - start, executable.describe())
+    check_kind(schedule)
+    if schedule != "sequential":
+        optimize(optimized, "annotate-branches", inplace=True)
+    plans = partition(optimized)
+    options = CompileOptions(threads=threads, progress=say, config=dict(target_config or {}))
+    stages = []
+    for index, plan in enumerate(plans, 1):
+        say(f"compiling stage '{plan.name}' ({index}/{len(plans)}, {plan.graph.num_nodes} nodes) "
+            f"for {target}")
+        start = time.perf_counter()
+        executable = backend.compile(plan.graph, options)
+        stages.append(Stage(plan.name, target, plan.inputs, plan.outputs, executable,
+                            time.perf_counter() - start, executable.describe(), plan.depends_on))
     metadata = {"pipeline": str(result.pipeline), "nodes_before": result.nodes_before,
                 "nodes_after": result.nodes_after, "source": graph.name,
-                "versions": executable.describe().get("versions", {})}
-    compiled = CompiledModel(Signature.from_graph(optimized), [stage], target, metadata)
+                "versions": stages[0].info.get("versions", {})}
+    compiled = CompiledModel(Signature.from_graph(optimized), stages, target, metadata)
+    feeds = (_as_numpy(example_inputs, [t.name for t in graph.gs.inputs])
+             if example_inputs is not None else random_inputs(graph, seed=0))
+    if len(stages) > 1:
+        say(f"scheduling {len(stages)} stages ({schedule})")
+        compiled.schedule = choose_schedule(compiled, schedule, feeds, plans, threads, measure)
     if verify:
         say("verifying against onnxruntime")
-        feeds = (_as_numpy(example_inputs, [t.name for t in graph.gs.inputs])
-                 if example_inputs is not None else random_inputs(graph, seed=0))
         compiled.metadata["verification"] = verify_compiled(compiled, graph, feeds, tolerance)
     return compiled
+
+
+def _median_ms(fn: Callable[[], Any], runs: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def choose_schedule(compiled: CompiledModel, kind: str, feeds: Mapping[str, np.ndarray],
+                    plans: Sequence[StagePlan], threads: int = 0, measure: bool = True,
+                    runs: int = 15) -> Schedule:
+    """Record each stage's cost, plan the parallel schedule and pick one (see
+    :mod:`mmcompile.schedule`). ``auto`` measures both candidates on ``feeds``."""
+    if measure:
+        samples: dict[str, list[float]] = {s.name: [] for s in compiled.stages}
+        compiled.schedule = Schedule("sequential")
+        for _ in range(5):
+            for entry in compiled.profile(feeds):
+                samples[entry["stage"]].append(entry["end_ms"] - entry["start_ms"])
+        costs = {name: float(np.median(v[1:])) for name, v in samples.items()}
+    else:
+        costs = {plan.name: estimate_cost_ms(plan.graph) for plan in plans}
+    for stage in compiled.stages:
+        stage.info["cost_ms"] = round(costs[stage.name], 4)
+    order = [s.name for s in compiled.stages]
+    deps = {s.name: s.depends_on for s in compiled.stages}
+    candidate = plan_parallel(order, deps, costs, threads or available_cores())
+    sequential = Schedule("sequential", estimate_ms=sum(costs.values()), bound_ms=candidate.bound_ms)
+    if kind == "sequential" or candidate.kind == "sequential":
+        return sequential
+    if kind == "parallel" or not measure:
+        return candidate
+    measured = {}
+    for option in (sequential, candidate):
+        compiled.schedule = option
+        measured[option.kind] = _median_ms(lambda: compiled.run(feeds), runs)
+    winner = candidate if measured["parallel"] < measured["sequential"] else sequential
+    winner.measured_ms = measured
+    return winner

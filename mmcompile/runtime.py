@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,9 @@ import numpy as np
 
 from mmcompile.artifact import ArtifactError, read_manifest, write_artifact
 from mmcompile.errors import InputError
+from mmcompile.executor import WorkerPool, run_parallel, run_stages
 from mmcompile.report import format_table
+from mmcompile.schedule import Schedule, available_cores, check_kind, plan_parallel
 from mmcompile.signature import Signature
 from mmcompile.target import Executable, get_target
 
@@ -36,6 +38,7 @@ class Stage:
     executable: Executable
     compile_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    depends_on: list[str] = field(default_factory=list)
 
 
 def _wants_torch(feeds: Mapping[str, Any]) -> bool:
@@ -60,13 +63,56 @@ class CompiledModel:
     """
 
     def __init__(self, signature: Signature, stages: list[Stage], target: str,
-                 metadata: Mapping[str, Any] | None = None):
+                 metadata: Mapping[str, Any] | None = None, schedule: Schedule | None = None):
         self.signature = signature
         self.stages = stages
         self.target = target
         self.metadata = dict(metadata or {})
+        self._by_name = {s.name: s for s in stages}
+        self._pool: WorkerPool | None = None
         # One VM must never be called from two threads at once; calls are serialised per model.
         self._lock = threading.Lock()
+        self.schedule = schedule or Schedule("sequential")
+
+    @property
+    def schedule(self) -> Schedule:
+        """How stages run: sequential, or parallel on long-lived workers."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule) -> None:
+        with self._lock:
+            self._schedule = schedule
+            if self._pool is not None:  # worker thread budgets belong to the old schedule
+                self._pool.close()
+                self._pool = None
+
+    def close(self) -> None:
+        """Stop the worker threads (they are daemons; this just frees them early)."""
+        self.schedule = Schedule("sequential")
+
+    def _workers(self) -> WorkerPool:
+        if self._pool is None:
+            def setup(index: int) -> Callable[[], None]:
+                names = self._schedule.workers[index]
+                targets = {self._by_name[n].target for n in names}
+                return lambda: [get_target(t).configure_thread(self._schedule.threads[index])
+                                for t in sorted(targets)]
+            self._pool = WorkerPool([setup(i) for i in range(len(self._schedule.workers))])
+        return self._pool
+
+    def _execute(self, env: dict[str, Any], timeline: list | None = None) -> None:
+        def run_one(name: str) -> None:
+            stage = self._by_name[name]
+            env.update(stage.executable.run({n: env[n] for n in stage.inputs}))
+
+        schedule = self._schedule
+        if schedule.kind == "parallel":
+            placed = {n for names in schedule.workers for n in names}
+            tail = [s.name for s in self.stages if s.name not in placed]
+            run_parallel(self._workers(), schedule.workers, tail, run_one, timeline)
+        else:
+            run_stages([s.name for s in self.stages], run_one, "caller", timeline)
 
     @property
     def input_names(self) -> list[str]:
@@ -86,10 +132,20 @@ class CompiledModel:
         torch_out = _wants_torch(feeds)
         env: dict[str, Any] = dict(self.signature.validate(feeds))
         with self._lock:
-            for stage in self.stages:
-                outputs = stage.executable.run({name: env[name] for name in stage.inputs})
-                env.update(outputs)
+            self._execute(env)
         return {name: _to_caller(env[name], torch_out) for name in self.output_names}
+
+    def profile(self, feeds: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Run once and return per-stage timings: ``stage``, ``lane`` (worker or caller),
+        ``start_ms`` and ``end_ms`` relative to the start of the run."""
+        env: dict[str, Any] = dict(self.signature.validate(feeds))
+        timeline: list = []
+        with self._lock:
+            start = time.perf_counter()
+            self._execute(env, timeline)
+        return [{"stage": s, "lane": lane, "start_ms": (a - start) * 1e3,
+                 "end_ms": (b - start) * 1e3} for s, lane, a, b in sorted(timeline,
+                                                                           key=lambda t: t[2])]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -112,6 +168,17 @@ class CompiledModel:
                  s.info.get("detail", "")) for s in self.stages]
         lines.append(format_table(["stage", "target", "inputs", "outputs", "compile s", "detail"],
                                   rows))
+        schedule = self._schedule
+        if schedule.kind == "parallel":
+            lanes = "; ".join(f"worker {i} ({t} thread{'s' if t > 1 else ''}): {', '.join(w)}"
+                              for i, (w, t) in enumerate(zip(schedule.workers, schedule.threads)))
+            lines.append(f"schedule: parallel: {lanes}; then the rest on the caller")
+        else:
+            lines.append("schedule: sequential")
+        if schedule.measured_ms:
+            lines.append("measured: " + ", ".join(f"{k} {v:.2f} ms"
+                                                  for k, v in schedule.measured_ms.items())
+                         + f" (critical-path bound {schedule.bound_ms:.2f} ms)")
         if self.metadata.get("verification"):
             lines.append("verification: " + self.metadata["verification"])
         return "\n".join(lines)
@@ -126,6 +193,7 @@ class CompiledModel:
                 files = stage.executable.save(folder, stage.name)
                 entries.append({"name": stage.name, "target": stage.target,
                                 "inputs": stage.inputs, "outputs": stage.outputs,
+                                "depends_on": stage.depends_on,
                                 "files": files, "compile_seconds": stage.compile_seconds,
                                 "info": {**stage.info, **stage.executable.describe()}})
             return entries
@@ -133,16 +201,19 @@ class CompiledModel:
         manifest = {"versions": {"mmcompile": __version__, **self.metadata.get("versions", {})},
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "target": self.target, "signature": self.signature.to_dict(),
+                    "schedule": self._schedule.to_dict(),
                     "metadata": {k: v for k, v in self.metadata.items() if k != "versions"}}
         return write_artifact(path, manifest, write_stages)
 
 
-def load(path: str | os.PathLike, threads: int = 0) -> CompiledModel:
+def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None) -> CompiledModel:
     """Load an artifact written by :meth:`CompiledModel.save`; no compiler is needed.
 
     Args:
         path: the ``.mmc`` folder.
-        threads: worker threads per stage (0: all available cores).
+        threads: threads for stages run on the calling thread (0: all available cores).
+        schedule: ``"sequential"`` or ``"parallel"`` to override the schedule chosen at compile
+            time (``"parallel"`` re-plans from the recorded stage costs).
 
     Raises:
         ArtifactError: missing, corrupt, tampered with, or built by an incompatible version.
@@ -161,6 +232,24 @@ def load(path: str | os.PathLike, threads: int = 0) -> CompiledModel:
                                  threads=threads)
         stages.append(Stage(entry["name"], entry["target"], list(entry["inputs"]),
                             list(entry["outputs"]), executable, entry.get("compile_seconds", 0.0),
-                            entry.get("info", {})))
+                            entry.get("info", {}), list(entry.get("depends_on", []))))
     metadata = {**manifest.get("metadata", {}), "versions": manifest["versions"]}
-    return CompiledModel(signature, stages, manifest["target"], metadata)
+    chosen = Schedule.from_dict(manifest.get("schedule", {"kind": "sequential"}))
+    model = CompiledModel(signature, stages, manifest["target"], metadata, chosen)
+    if schedule is not None and schedule != chosen.kind:
+        model.schedule = replan(model, check_kind(schedule), threads)
+    return model
+
+
+def stage_costs(model: CompiledModel) -> dict[str, float]:
+    """Each stage's cost in ms as recorded at compile time (1.0 when unknown)."""
+    return {s.name: float(s.info.get("cost_ms", 1.0)) for s in model.stages}
+
+
+def replan(model: CompiledModel, kind: str, threads: int = 0) -> Schedule:
+    """A schedule of ``kind`` for ``model``'s stages from their recorded costs."""
+    if kind == "sequential":
+        return Schedule("sequential")
+    order = [s.name for s in model.stages]
+    deps = {s.name: s.depends_on for s in model.stages}
+    return plan_parallel(order, deps, stage_costs(model), threads or available_cores())

@@ -76,6 +76,10 @@ class Target(ABC):
              threads: int = 0) -> Executable:
         """Load an executable saved by :meth:`Executable.save` (without the compiler)."""
 
+    def configure_thread(self, threads: int) -> None:
+        """Called once on each long-lived worker thread before it runs this target's stages:
+        size the calling thread's compute pool to ``threads``. Default: nothing to do."""
+
 
 _REGISTRY: dict[str, type[Target]] = {}
 

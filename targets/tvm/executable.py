@@ -16,7 +16,7 @@ from typing import Any
 
 from mmcompile.artifact import ArtifactError
 from mmcompile.target import Executable
-from mmcompile.targets.tvm.host import available_cores
+from mmcompile.schedule import available_cores
 
 # TVM kernels may use aligned vector loads; buffers that are not 64-byte aligned are copied.
 _ALIGNMENT = 64
@@ -31,6 +31,15 @@ def configure_threads(threads: int) -> None:
     environment variable is set, unless the user already chose a value.
     """
     os.environ.setdefault("TVM_NUM_THREADS", str(threads or available_cores()))
+
+
+def configure_worker_thread(threads: int) -> None:
+    """Size the calling (worker) thread's TVM pool. Affinity mode -3 ("threads share all the
+    listed cores") keeps the thread free to run on every core: the default mode pins a
+    non-main thread that configures its pool to CPU 0."""
+    import tvm
+    cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
+    tvm.get_global_func("runtime.config_threadpool")(-3, max(1, threads), cpus)
 
 
 @contextlib.contextmanager

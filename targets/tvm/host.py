@@ -8,16 +8,9 @@ block). So the CPU is detected by name (``llvm_get_system_cpu()``, e.g. ``znver4
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-
-def available_cores() -> int:
-    """Cores this process may run on (affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+from mmcompile.schedule import available_cores
 
 
 def host_cpu() -> dict[str, Any]:
