@@ -42,11 +42,37 @@ def branch_of(modalities: frozenset[str]) -> str:
     return FUSION
 
 
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+
+
+def node_flops(node: gs.Node) -> int:
+    """Multiply-adds x 2 of the ops that dominate multimodal models (MatMul, Gemm, Conv,
+    ConvTranspose) and one FLOP per output element for everything else; 0 when shapes are
+    unknown."""
+    out = node.outputs[0] if node.outputs else None
+    if out is None or not _static(out.shape):
+        return 0
+    size = int(np.prod(out.shape))
+    if node.op in ("MatMul", "Gemm") and _static(node.inputs[0].shape) and node.inputs[0].shape:
+        trans_a = node.op == "Gemm" and node.attrs.get("transA", 0)
+        k = node.inputs[0].shape[-2] if trans_a else node.inputs[0].shape[-1]
+        return 2 * size * int(k)
+    if node.op in ("Conv", "ConvTranspose") and _static(node.inputs[1].shape):
+        per_output = int(np.prod(node.inputs[1].shape[1:]))
+        if node.op == "ConvTranspose":
+            per_output = int(np.prod(node.inputs[1].shape[2:])) * node.inputs[1].shape[0] \
+                // max(1, int(node.attrs.get("group", 1)))
+        return 2 * size * per_output
+    return size
+
+
 @dataclass
 class BranchSummary:
     name: str
     nodes: int = 0
     parameters: int = 0
+    flops: int = 0
     ops: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -61,6 +87,7 @@ def branch_summary(graph: Graph) -> dict[str, BranchSummary]:
     for node in graph.gs.nodes:
         entry = summary.setdefault(labels[node.name], BranchSummary(labels[node.name]))
         entry.nodes += 1
+        entry.flops += node_flops(node)
         entry.ops[node.op] += 1
     for tensor in graph.gs.tensors().values():
         if not isinstance(tensor, gs.Constant) or not np.issubdtype(tensor.dtype, np.floating):
@@ -91,7 +118,39 @@ def describe(graph: Graph) -> dict[str, Any]:
         "inputs": inputs,
         "outputs": [tensor_info(t) for t in graph.gs.outputs],
         "ops": dict(graph.op_counts().most_common()),
-        "branches": {k: {"nodes": v.nodes, "parameters": v.parameters,
+        "flops": sum(b.flops for b in branches.values()),
+        "branches": {k: {"nodes": v.nodes, "parameters": v.parameters, "flops": v.flops,
                          "ops": dict(v.ops.most_common())} for k, v in branches.items()},
+        "stage_dag": graph.annotations.get("stage_dag", {}),
         "attention_units": len(graph.annotations.get("attention_units", [])),
     }
+
+
+def draw_branches(graph: Graph, path: str) -> None:
+    """Draw the graph (one dot per node, layered by topological depth), coloured by branch, to
+    an image (.png or .svg by extension)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = {name: branch_of(mods) for name, mods in node_modalities(graph).items()}
+    dag = graph.to_networkx()
+    for layer, names in enumerate(nx.topological_generations(dag)):
+        for name in names:
+            dag.nodes[name]["layer"] = layer
+    pos = nx.multipartite_layout(dag, subset_key="layer")
+    branches = sorted(set(labels.values()) | {dag.nodes[v]["modality"] for v in dag
+                                              if dag.nodes[v]["kind"] == "input"})
+    palette = plt.get_cmap("tab10")
+    colour = {b: palette(i % 10) for i, b in enumerate(branches)}
+    fig, ax = plt.subplots(figsize=(max(8, 0.12 * dag.number_of_nodes()), 6))
+    for branch in branches:
+        members = [v for v in dag if labels.get(v, dag.nodes[v].get("modality")) == branch]
+        nx.draw_networkx_nodes(dag, pos, nodelist=members, node_size=30,
+                               node_color=[colour[branch]], label=branch, ax=ax)
+    nx.draw_networkx_edges(dag, pos, width=0.4, arrowsize=4, alpha=0.5, ax=ax)
+    ax.set_title(f"{graph.name}: nodes by modality branch")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

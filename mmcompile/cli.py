@@ -91,7 +91,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mmcompile.report import format_table
     if Path(args.model).is_dir():
         return _inspect_artifact(args)
-    info = describe(_load(args))
+    from mmcompile.optimize import optimize
+    graph = _load(args)
+    optimize(graph, "annotate-branches", inplace=True)
+    info = describe(graph)
+    if args.draw:
+        from mmcompile.analysis import draw_branches
+        draw_branches(graph, args.draw)
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
@@ -105,10 +111,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(format_table(["name", "shape", "dtype"],
                        [(o["name"], o["shape"], o["dtype"]) for o in info["outputs"]]))
     print("\nbranches (nodes grouped by the modalities they depend on):")
-    print(format_table(["branch", "nodes", "parameters", "top ops"],
-                       [(name, b["nodes"], f"{b['parameters']:,}",
+    print(format_table(["branch", "nodes", "parameters", "MFLOPs", "top ops"],
+                       [(name, b["nodes"], f"{b['parameters']:,}", f"{b['flops'] / 1e6:.1f}",
                          ", ".join(f"{op}x{n}" for op, n in list(b["ops"].items())[:5]))
                         for name, b in info["branches"].items()]))
+    if info["stage_dag"]:
+        print("\nstages (each runs as one compiled unit; arrows are data dependencies):")
+        for stage, deps in info["stage_dag"].items():
+            print(f"  {' + '.join(deps) + ' -> ' if deps else ''}{stage}")
+    if args.draw:
+        print(f"\ndrew the graph coloured by branch to {args.draw}")
     print("\nops: " + ", ".join(f"{op}x{n}" for op, n in info["ops"].items()))
     return EXIT_OK
 
@@ -181,7 +193,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         modalities=parse_modality_args(args.modality) if args.modality else None,
         passes=args.passes, verify=not args.no_verify, tolerance=args.tolerance,
         input_shapes=_parse_shapes(args.input_shape), opt_level=args.opt_level,
-        threads=args.threads, target_config=config, progress=progress)
+        threads=args.threads, target_config=config, schedule=args.schedule, progress=progress)
     compiled.save(args.output)
     if args.json:
         print(json.dumps({"output": str(args.output), "target": compiled.target,
@@ -200,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mmcompile.runtime import load
-    model = load(args.model, threads=args.threads)
+    model = load(args.model, threads=args.threads, schedule=args.schedule)
     if args.inputs and args.random:
         raise InputError("give either --inputs or --random, not both")
     if not args.inputs and not args.random:
@@ -215,7 +227,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     outputs = {k: np.asarray(v) for k, v in outputs.items()}
     if args.output:
         _write_npz(args.output, outputs)
-    summary = {"outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype),
+    if args.timeline:
+        from mmcompile.report import draw_timeline
+        draw_timeline(model.profile(feeds), args.timeline,
+                      f"{Path(args.model).name}: {model.schedule.kind} schedule")
+    summary = {"schedule": model.schedule.kind,
+               "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype),
                                "min": float(v.min()) if v.size else None,
                                "max": float(v.max()) if v.size else None}
                            for k, v in outputs.items()},
@@ -312,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "signature, stages).",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
+    p.add_argument("--draw", metavar="FILE.png|FILE.svg",
+                   help="draw the graph coloured by modality branch")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("compile", help="compile a model to a deployable artifact (.mmc)",
@@ -341,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mcpu", help="cpu target: LLVM CPU name instead of the detected host CPU "
                                   "(e.g. skylake-avx512, znver4)")
     p.add_argument("--arch", help="cuda target: GPU architecture (default: sm_80)")
+    p.add_argument("--schedule", default="auto", choices=["auto", "sequential", "parallel"],
+                   help="run modality branches side by side ('parallel'), one after another "
+                        "('sequential'), or measure both and keep the faster ('auto', default)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print progress even when stderr is not a terminal")
     p.set_defaults(func=cmd_compile)
@@ -357,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE.npz", help="write the outputs here (atomically)")
     p.add_argument("--repeat", type=int, default=1, help="run N times and report the median")
     p.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
+    p.add_argument("--schedule", choices=["sequential", "parallel"],
+                   help="override the schedule chosen at compile time")
+    p.add_argument("--timeline", metavar="FILE.png",
+                   help="draw the Gantt chart of one run (stages on worker lanes)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_run)
 
