@@ -66,8 +66,13 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any],
         if path.exists():  # swap: the old artifact is removed only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
             os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old / path.name, path)  # put the old artifact back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except OSError as exc:
@@ -102,6 +107,14 @@ def read_manifest(path: str | os.PathLike, verify_hashes: bool = True) -> dict[s
     for key in ("signature", "stages", "target", "versions"):
         if key not in manifest:
             raise ArtifactError(f"{manifest_path} lacks '{key}'")
+    for index, stage in enumerate(manifest["stages"]):
+        missing = [k for k in ("name", "target", "inputs", "outputs", "files", "sha256")
+                   if not isinstance(stage, dict) or k not in stage]
+        if missing:
+            raise ArtifactError(f"{manifest_path}: stage {index} lacks {missing}")
+        if set(stage["files"]) != set(stage["sha256"]):
+            raise ArtifactError(f"{manifest_path}: stage '{stage['name']}' has files without "
+                                f"a SHA-256")
     if verify_hashes:
         for stage in manifest["stages"]:
             for role, name in stage["files"].items():

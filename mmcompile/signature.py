@@ -128,6 +128,8 @@ def _check_one(spec: TensorSpec, value: Any, symbols: dict[str, tuple[int, str]]
             if got != want:
                 raise InputError(f"input '{spec.name}' has shape {list(shape)}, the compiled "
                                  f"model expects {list(spec.shape)} (dim {axis}: {got} != {want})")
+        elif want.startswith("?"):
+            continue  # an unnamed dynamic dim: any size, independent of every other
         elif want in symbols and symbols[want][0] != got:
             size, other = symbols[want]
             raise InputError(f"dim '{want}' is {got} in input '{spec.name}' but {size} in "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -70,7 +71,8 @@ def to_tvm(value: Any):
     """numpy array / torch tensor -> tvm Tensor, sharing memory when the buffer is aligned."""
     import numpy as np
     import tvm
-    if _address(value) % _ALIGNMENT == 0:
+    writable = not isinstance(value, np.ndarray) or value.flags.writeable
+    if writable and _address(value) % _ALIGNMENT == 0:  # DLPack refuses read-only buffers
         return tvm.runtime.from_dlpack(value)
     array = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) \
         else value
@@ -89,13 +91,14 @@ class TVMExecutable(Executable):
     """
 
     def __init__(self, module: Any, inputs: Sequence[str], outputs: Sequence[str],
-                 device: str, info: Mapping[str, Any]):
+                 device: str, info: Mapping[str, Any], library: Path | None = None):
         import tvm
         from tvm.runtime.vm import VirtualMachine
         self.module = module
         self.inputs, self.outputs = list(inputs), list(outputs)
         self.device = device
         self.info = dict(info)
+        self.library = library  # set when loaded: a loaded library cannot be re-exported
         self.vm = VirtualMachine(module, tvm.device(device, 0))
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,6 +108,9 @@ class TVMExecutable(Executable):
 
     def save(self, directory: Path, stem: str) -> dict[str, str]:
         name = f"{stem}.so"
+        if self.library is not None:
+            shutil.copyfile(self.library, directory / name)
+            return {"library": name}
         with native_log_to([]):
             self.module.export_library(str(directory / name))
         return {"library": name}
@@ -129,6 +135,7 @@ def load_executable(directory: Path, files: Mapping[str, str], info: Mapping[str
     try:
         with native_log_to([]):
             module = tvm.runtime.load_module(str(directory / files["library"]))
-            return TVMExecutable(module, info["inputs"], info["outputs"], device, info)
+            return TVMExecutable(module, info["inputs"], info["outputs"], device, info,
+                                 library=directory / files["library"])
     except Exception as exc:
         raise ArtifactError(f"cannot load {directory / files['library']}: {exc}") from exc
