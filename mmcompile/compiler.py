@@ -187,8 +187,10 @@ def choose_schedule(compiled: CompiledModel, kind: str, feeds: Mapping[str, np.n
     sequential = Schedule("sequential", estimate_ms=sum(costs.values()), bound_ms=candidate.bound_ms)
     if kind == "sequential" or candidate.kind == "sequential":
         return sequential
-    if kind == "parallel" or not measure:
+    if kind == "parallel":
         return candidate
+    if not measure:
+        return candidate if candidate.estimate_ms < sequential.estimate_ms else sequential
     measured = {}
     for option in (sequential, candidate):
         compiled.schedule = option

@@ -38,16 +38,24 @@ class _Worker(threading.Thread):
         self.setup = setup
 
     def run(self) -> None:
-        self.setup()
+        try:
+            self.setup()
+            failed: BaseException | None = None
+        except BaseException as exc:  # every job then fails with it, rather than waiting forever
+            failed = StageError(f"<{self.name} setup>", exc)
         while True:
             item = self.jobs.get()
             if item is None:
                 return
             job, future = item
+            if failed is not None:
+                future.set_exception(failed)
+                continue
             try:
                 future.set_result(job())
             except BaseException as exc:  # reported by the caller, never lost in the thread
                 future.set_exception(exc)
+            del item, job, future  # hold nothing of the model between jobs
 
 
 class WorkerPool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,14 @@ class Stage:
     compile_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     depends_on: list[str] = field(default_factory=list)
+
+
+def _thread_setup(targets: list[str], threads: int) -> Callable[[], None]:
+    """What a worker runs once: size its compute pools (no reference to the model)."""
+    def setup() -> None:
+        for name in targets:
+            get_target(name).configure_thread(threads)
+    return setup
 
 
 def _wants_torch(feeds: Mapping[str, Any]) -> bool:
@@ -88,17 +97,19 @@ class CompiledModel:
                 self._pool = None
 
     def close(self) -> None:
-        """Stop the worker threads (they are daemons; this just frees them early)."""
-        self.schedule = Schedule("sequential")
+        """Stop the worker threads now (they also stop when the model is garbage-collected)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
 
     def _workers(self) -> WorkerPool:
         if self._pool is None:
-            def setup(index: int) -> Callable[[], None]:
-                names = self._schedule.workers[index]
-                targets = {self._by_name[n].target for n in names}
-                return lambda: [get_target(t).configure_thread(self._schedule.threads[index])
-                                for t in sorted(targets)]
-            self._pool = WorkerPool([setup(i) for i in range(len(self._schedule.workers))])
+            setups = [_thread_setup(sorted({self._by_name[n].target for n in names}), threads)
+                      for names, threads in zip(self._schedule.workers, self._schedule.threads)]
+            self._pool = WorkerPool(setups)
+            # Workers must not keep the model alive: stop them when it is collected.
+            weakref.finalize(self, self._pool.close)
         return self._pool
 
     def _execute(self, env: dict[str, Any], timeline: list | None = None) -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from mmcompile.errors import MMCompileError
 
@@ -71,18 +70,16 @@ def check_kind(kind: str) -> str:
 
 
 def estimate_cost_ms(graph, gflops_per_s: float = 20.0, gbytes_per_s: float = 10.0) -> float:
-    """Roofline-style estimate of a stage's time from its MatMul/Gemm/Conv FLOPs and the bytes
-    of every tensor it touches (used when stage times are not measured)."""
+    """Roofline-style estimate of a stage's time from its FLOPs (see
+    :func:`mmcompile.analysis.node_flops`) and the bytes of the tensors it writes (used when
+    stage times are not measured)."""
+    from mmcompile.analysis import node_flops
     flops, nbytes = 0.0, 0.0
     for node in graph.gs.nodes:
-        out = node.outputs[0] if node.outputs else None
-        if out is not None and out.shape and all(isinstance(d, int) for d in out.shape):
-            size = float(np.prod(out.shape))
-            nbytes += 4 * size
-            if node.op in ("MatMul", "Gemm") and node.inputs[0].shape:
-                flops += 2 * size * float(node.inputs[0].shape[-1] or 1)
-            elif node.op == "Conv" and isinstance(node.inputs[1], gs.Constant):
-                flops += 2 * size * float(np.prod(node.inputs[1].shape[1:]))
+        flops += node_flops(node)
+        for out in node.outputs:
+            if out.shape is not None and all(isinstance(d, int) and d >= 0 for d in out.shape):
+                nbytes += 4.0 * float(np.prod(out.shape))
     return 1e3 * (flops / (gflops_per_s * 1e9) + nbytes / (gbytes_per_s * 1e9))
 
 
@@ -111,12 +108,13 @@ def plan_parallel(order: Sequence[str], deps: Mapping[str, Sequence[str]],
     if n_workers == 1:
         return Schedule("sequential", estimate_ms=sum(cost.values()), bound_ms=bound)
     workers: list[list[str]] = [[] for _ in range(n_workers)]
-    busy = [0.0] * n_workers
-    threads = [max(1, cores // n_workers)] * n_workers
+    work = [0.0] * n_workers  # full-core ms placed on each worker
     for stage in sorted(roots, key=lambda s: -cost[s]):
-        w = int(np.argmin(busy))
+        w = int(np.argmin(work))
         workers[w].append(stage)
-        busy[w] += cost[stage] * cores / threads[w]  # fewer cores: proportionally slower
-    threads[int(np.argmax(busy))] += cores - sum(threads)
+        work[w] += cost[stage]
+    threads = [max(1, cores // n_workers)] * n_workers
+    threads[int(np.argmax(work))] += cores - sum(threads)
+    busy = [w * cores / t for w, t in zip(work, threads)]  # fewer cores: proportionally slower
     tail = sum(cost[s] for s in order if deps[s])
     return Schedule("parallel", workers, threads, max(busy) + tail, bound)

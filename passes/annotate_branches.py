@@ -38,7 +38,12 @@ def _split_components(graph: Graph, members: list[str]) -> list[list[str]]:
 def assign_stages(graph: Graph) -> dict[str, str]:
     """node name -> stage name (constant-only nodes omitted)."""
     by_branch: dict[str, list[str]] = collections.defaultdict(list)
+    dag = graph.to_networkx()
+    producers = [t.inputs[0].name for t in graph.gs.outputs if t.inputs]
+    live = set(producers).union(*(nx.ancestors(dag, p) for p in producers))
     for name, mods in node_modalities(graph).items():
+        if name not in live:  # dead code computes nothing anyone reads: no stage
+            continue
         if len(mods) == 1:
             by_branch[next(iter(mods))].append(name)
         elif len(mods) > 1:
