@@ -278,6 +278,11 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mmcompile.bench.command import run
+    return run(args)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file: .onnx (external data beside it is loaded) or .pt2 "
                                  "(saved by torch.export.save)")
@@ -359,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads the compiled code uses (default: all available cores)")
     p.add_argument("--mcpu", help="cpu target: LLVM CPU name instead of the detected host CPU "
                                   "(e.g. skylake-avx512, znver4)")
-    p.add_argument("--arch", help="cuda target: GPU architecture (default: sm_80)")
+    p.add_argument("--arch", help="cuda target: GPU architecture, e.g. sm_86 (default: the local "
+                                  "GPU's, else sm_80)")
     p.add_argument("--schedule", default="auto", choices=["auto", "sequential", "parallel"],
                    help="run modality branches side by side ('parallel'), one after another "
                         "('sequential'), or measure both and keep the faster ('auto', default)")
@@ -393,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passes", help="list registered passes and named pipelines")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_passes)
+
+    from mmcompile.bench.command import DESCRIPTION, add_arguments
+    p = sub.add_parser("bench", help="benchmark against onnxruntime and PyTorch",
+                       description=DESCRIPTION, epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

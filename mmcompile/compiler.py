@@ -25,7 +25,7 @@ from mmcompile.runtime import CompiledModel, Stage
 from mmcompile.schedule import (Schedule, available_cores, check_kind, estimate_cost_ms,
                                 plan_parallel)
 from mmcompile.signature import Signature
-from mmcompile.target import CompileOptions, get_target
+from mmcompile.target import CompileOptions, TargetError, get_target
 from mmcompile.transform import PassContext
 
 DEFAULT_TOLERANCE = 1e-4
@@ -122,6 +122,11 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     say("loading model")
     graph = to_graph(model, example_inputs, modalities=modalities, input_shapes=input_shapes)
     backend = get_target(target)
+    cannot_run = backend.why_not_runnable()
+    if verify and cannot_run:
+        raise TargetError(f"cannot verify a model compiled for '{target}' here: {cannot_run}; "
+                          f"compile with verify=False (CLI: --no-verify) to build and save it")
+    measure = measure and cannot_run is None
     say(f"optimizing graph ({graph.num_nodes} nodes)")
     result = optimize(graph, passes, ctx=PassContext(opt_level=opt_level))
     optimized = result.graph

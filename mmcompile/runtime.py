@@ -60,6 +60,8 @@ def _to_caller(value: Any, torch_out: bool) -> Any:
         return torch.from_dlpack(value)
     if isinstance(value, np.ndarray):
         return value
+    if value.__dlpack_device__()[0] != 1:  # not host memory (a GPU stage): numpy needs a copy
+        return value.numpy()
     # Zero-copy: the VM allocates fresh output buffers on every call (checked on TVM 0.27).
     return np.from_dlpack(value)
 

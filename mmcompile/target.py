@@ -76,6 +76,11 @@ class Target(ABC):
              threads: int = 0) -> Executable:
         """Load an executable saved by :meth:`Executable.save` (without the compiler)."""
 
+    def why_not_runnable(self) -> str | None:
+        """Why code for this target cannot run on this machine (no GPU, say), or None. Such a
+        target can still compile and save; measuring and verifying need a runnable one."""
+        return None
+
     def configure_thread(self, threads: int) -> None:
         """Called once on each long-lived worker thread before it runs this target's stages:
         size the calling thread's compute pool to ``threads``. Default: nothing to do."""

@@ -18,7 +18,8 @@ from typing import Any
 from mmcompile.errors import UnsupportedOpError
 from mmcompile.ir import Graph
 from mmcompile.target import CompileOptions, Executable, Target, TargetError, register_target
-from mmcompile.targets.tvm.executable import (TVMExecutable, configure_threads, load_executable,
+from mmcompile.targets.tvm.executable import (TVMExecutable, configure_threads,
+                                              configure_worker_thread, load_executable,
                                               native_log_to)
 
 
@@ -78,7 +79,8 @@ class _TVMTarget(Target):
         mod = self._schedule(mod, target)
         options.progress(f"generating code for {target.kind.name}")
         try:
-            with native_log_to([]):
+            # In the target's scope: TVM's CUDA compile callback reads the arch from it.
+            with target, native_log_to([]):
                 executable = tvm.compile(mod, target=target)
         except Exception as exc:
             raise TargetError(f"{self.name}: code generation failed for {graph.name}: "
@@ -98,6 +100,9 @@ class _TVMTarget(Target):
     def load(self, directory: Path, files: Mapping[str, str], info: Mapping[str, Any],
              threads: int = 0) -> Executable:
         return load_executable(directory, files, info, self.device, threads)
+
+    def configure_thread(self, threads: int) -> None:
+        configure_worker_thread(threads)
 
 
 def _tvm_version() -> str:
@@ -124,18 +129,56 @@ class TVMCpuTarget(_TVMTarget):
 
 @register_target
 class TVMCudaTarget(_TVMTarget):
-    """NVIDIA GPUs through TVM's CUDA codegen (``config["arch"]``, default ``sm_80``). Kernels are
-    compiled to device code at build time (see :mod:`.cuda`)."""
+    """NVIDIA GPUs through TVM's CUDA codegen. Kernels are compiled to device code (fatbin) with
+    nvcc at build time, on machines without a GPU too (see :mod:`.cuda`); such a machine can
+    save the model but not run it (running, ``verify=True`` and loading fail there, saying why).
+
+    Config: ``arch`` (``sm_XY``; default: the local GPU's, else ``sm_80``).
+    """
 
     name = "cuda"
     description = "NVIDIA GPU via TVM CUDA codegen (device code compiled with nvcc at build time)"
     device = "cuda"
 
+    def compile(self, graph: Graph, options: CompileOptions) -> Executable:
+        """Compile in-process where TVM's CUDA runtime loads (a GPU driver is installed), else in
+        a helper process with a stub driver.
+
+        Raises:
+            TargetError: nvcc or a host C compiler is missing, or code generation failed.
+        """
+        from mmcompile.targets.tvm import cuda
+        cuda.find_nvcc()
+        cuda.find_c_compiler()
+        if cuda.runtime_loaded()[0]:
+            return self.compile_here(graph, options)
+        return cuda.compile_in_child(graph, options)
+
+    def compile_here(self, graph: Graph, options: CompileOptions) -> Executable:
+        """Compile in this process; TVM's CUDA runtime must be loaded (it is what runs nvcc)."""
+        from mmcompile.targets.tvm import cuda
+        loaded, why = cuda.runtime_loaded()
+        if not loaded:
+            raise TargetError(f"cuda: TVM's CUDA runtime does not load ({why}); without it TVM "
+                              f"would store CUDA source instead of device code")
+        with cuda.nvcc_build(cuda.find_nvcc()):
+            return super().compile(graph, options)
+
+    def why_not_runnable(self) -> str | None:
+        """None where compiled stages can run on this machine, else the reason (no GPU)."""
+        from mmcompile.targets.tvm.cuda import missing_device
+        return missing_device()
+
     def _tvm_target(self, options: CompileOptions):
         import tvm
+        from mmcompile.targets.tvm.cuda import DEFAULT_ARCH, local_arch
         from mmcompile.targets.tvm.host import llvm_target
-        arch = options.config.get("arch", "sm_80")
-        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=llvm_target())
+        arch = options.config.get("arch") or local_arch() or DEFAULT_ARCH
+        try:
+            return tvm.target.Target({"kind": "cuda", "arch": arch}, host=llvm_target())
+        except Exception as exc:
+            raise TargetError(f"cuda: bad arch {arch!r} (expected sm_XY, e.g. sm_80): "
+                              f"{_first_line(exc)}") from exc
 
     def _detail(self, target) -> str:
         return str(target.attrs.get("arch", ""))
@@ -143,3 +186,12 @@ class TVMCudaTarget(_TVMTarget):
     def _schedule(self, mod, target):
         from mmcompile.targets.tvm.schedules import schedule_cuda
         return schedule_cuda(mod, target)
+
+    def _executable(self, executable, info: dict[str, Any], options: CompileOptions) -> Executable:
+        from mmcompile.targets.tvm.cuda import CudaExecutable
+        return CudaExecutable.export(executable, {**info, "arch": info["detail"]})
+
+    def load(self, directory: Path, files: Mapping[str, str], info: Mapping[str, Any],
+             threads: int = 0) -> Executable:
+        from mmcompile.targets.tvm.cuda import CudaExecutable
+        return CudaExecutable.load(directory, files, info, threads)
