@@ -66,17 +66,22 @@ class _TVMTarget(Target):
     def _schedule(self, mod, target):
         raise NotImplementedError
 
+    def _lower(self, mod, target, options: CompileOptions):
+        """Relax (after import) -> scheduled module: the zero pipeline, then the schedules."""
+        from tvm import relax
+        with target:
+            mod = relax.get_pipeline("zero")(mod)
+        return self._schedule(mod, target)
+
     def compile(self, graph: Graph, options: CompileOptions) -> Executable:
         import tvm
-        from tvm import relax
         configure_threads(options.threads)
         target = self._tvm_target(options)
         options.progress(f"importing {graph.name} into Relax")
         mod = import_relax(graph, self.name)
         options.progress("lowering and scheduling")
-        with target, native_log_to([]):
-            mod = relax.get_pipeline("zero")(mod)
-        mod = self._schedule(mod, target)
+        with native_log_to([]):
+            mod = self._lower(mod, target, options)
         options.progress(f"generating code for {target.kind.name}")
         try:
             # In the target's scope: TVM's CUDA compile callback reads the arch from it.
@@ -125,6 +130,11 @@ class TVMCpuTarget(_TVMTarget):
     def _schedule(self, mod, target):
         from mmcompile.targets.tvm.schedules import schedule_cpu
         return schedule_cpu(mod, target)
+
+    def _lower(self, mod, target, options: CompileOptions):
+        # config["fast_math"]=False keeps libm's exp/erf/tanh (bit-closer to onnxruntime).
+        from mmcompile.targets.tvm.lowering import lower_cpu
+        return lower_cpu(mod, target, fast_math=bool(options.config.get("fast_math", True)))
 
 
 @register_target

@@ -1,0 +1,37 @@
+"""CPU lowering for the TVM target: Relax module (from the ONNX importer) -> scheduled module.
+
+``lower_cpu(mod, target)`` replaces the ``zero`` pipeline + ``schedule_cpu`` pair in
+``TVMCpuTarget.compile``; ``tvm.compile`` then finishes (memory planning, VM codegen).
+
+Steps and why they are in this order: :class:`~.fast_math.FastMath` rewrites sigmoid/gelu/
+softmax/exp/erf/tanh to polynomial TE kernels *before* ``LegalizeOps`` so that ``FuseOps``
+fuses them into the matmul that produces them; ``zero`` legalizes and fuses; then the CPU rules
+(:func:`.schedules.schedule_cpu`: register-blocked matmul/conv, small kernels serial).
+CLIP example, 1 thread, vs onnxruntime: 4.9x (old rules) -> 2.7x (blocked matmul/conv) ->
+0.96x (+ fast math, epilogues fused per tile). Outputs within 2e-6 of onnxruntime.
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+
+from mmcompile.targets.tvm.fast_math import FastMath
+from mmcompile.targets.tvm.schedules import schedule_cpu
+
+
+def lower_cpu(mod, target, *, fast_math: bool = True):
+    """Legalize, fuse and schedule ``mod`` for an LLVM CPU ``target``.
+
+    Args:
+        mod: the Relax IRModule after ``DecomposeOpsForInference``.
+        target: the ``tvm.target.Target`` (llvm, with ``mcpu``).
+        fast_math: rewrite sigmoid/gelu/softmax/exp/erf/tanh to vectorizable polynomials.
+
+    Returns:
+        The IRModule, ready for ``tvm.compile(mod, target=target)``.
+    """
+    if fast_math:
+        mod = FastMath()(mod)  # before LegalizeOps, so FuseOps sees ordinary call_tir kernels
+    with target:
+        mod = relax.get_pipeline("zero")(mod)
+    return schedule_cpu(mod, target)
