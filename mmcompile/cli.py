@@ -193,6 +193,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         modalities=parse_modality_args(args.modality) if args.modality else None,
         passes=args.passes, verify=not args.no_verify, tolerance=args.tolerance,
         input_shapes=_parse_shapes(args.input_shape), opt_level=args.opt_level,
+        disabled_passes=args.disable,
         threads=args.threads, target_config=config, schedule=args.schedule, progress=progress)
     compiled.save(args.output)
     if args.json:
@@ -295,6 +296,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passes", default="default", metavar="PIPELINE",
+                   help="pipeline: a named pipeline ('default', 'none') or comma-separated pass "
+                        "names with options, e.g. 'fold-constants{size_threshold=1024},"
+                        "fixpoint(eliminate-identity,eliminate-dead-code)'; see 'mmcompile "
+                        "passes' (default: %(default)s)")
+    p.add_argument("-O", "--opt-level", type=int, default=2, choices=[0, 1, 2],
+                   help="skip passes above this level (default: %(default)s)")
+    p.add_argument("--disable", action="append", default=[], metavar="PASS",
+                   help="skip this pass (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmcompile", description="Compile multimodal neural networks ahead of deployment.",
@@ -310,15 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="where to write the optimized .onnx")
-    p.add_argument("--passes", default="default", metavar="PIPELINE",
-                   help="pipeline: a named pipeline ('default', 'none') or comma-separated pass "
-                        "names with options, e.g. 'fold-constants{size_threshold=1024},"
-                        "fixpoint(eliminate-identity,eliminate-dead-code)'; see 'mmcompile "
-                        "passes' (default: %(default)s)")
-    p.add_argument("-O", "--opt-level", type=int, default=2, choices=[0, 1, 2],
-                   help="skip passes above this level (default: %(default)s)")
-    p.add_argument("--disable", action="append", default=[], metavar="PASS",
-                   help="skip this pass (repeatable)")
+    _add_pipeline_args(p)
     p.add_argument("--report", action="store_true",
                    help="print per-pass counters and op counts before/after, as tables")
     p.add_argument("--dump-ir", metavar="DIR", help="save the graph after each pass that "
@@ -349,10 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "model.mmc); replaced atomically")
     p.add_argument("--target", default="cpu", help="target name; see 'mmcompile targets' "
                                                    "(default: %(default)s)")
-    p.add_argument("--passes", default="default", metavar="PIPELINE",
-                   help="graph pipeline run before lowering (default: %(default)s)")
-    p.add_argument("-O", "--opt-level", type=int, default=2, choices=[0, 1, 2],
-                   help="pass opt level (default: %(default)s)")
+    _add_pipeline_args(p)
     p.add_argument("--inputs", metavar="FILE.npz", help="example inputs (one array per input "
                                                         "name) used for verification")
     p.add_argument("--no-verify", action="store_true",

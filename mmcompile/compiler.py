@@ -84,6 +84,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             modalities: Mapping[str, str] | None = None, passes: str = "default",
             verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
             input_shapes: Mapping[str, Sequence[int]] | None = None, opt_level: int = 2,
+            disabled_passes: Sequence[str] = (),
             threads: int = 0, target_config: Mapping[str, Any] | None = None,
             schedule: str = "auto", measure: bool = True,
             progress: Callable[[str], None] | None = None) -> CompiledModel:
@@ -100,6 +101,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         tolerance: verification tolerance, relative to ``max(1, max|ref|)``.
         input_shapes: fix symbolic input dims (e.g. ``{"pixel_values": [1, 3, 224, 224]}``).
         opt_level: PassContext opt level.
+        disabled_passes: pass names to skip.
         threads: threads the compiled code may use (0: all available cores).
         target_config: target-specific options.
         schedule: ``"auto"`` (measure sequential and branch-parallel execution of the compiled
@@ -128,7 +130,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
                           f"compile with verify=False (CLI: --no-verify) to build and save it")
     measure = measure and cannot_run is None
     say(f"optimizing graph ({graph.num_nodes} nodes)")
-    result = optimize(graph, passes, ctx=PassContext(opt_level=opt_level))
+    result = optimize(graph, passes, ctx=PassContext(opt_level=opt_level,
+                                                     disabled_passes=frozenset(disabled_passes)))
     optimized = result.graph
     backend.check(optimized)
     check_kind(schedule)
