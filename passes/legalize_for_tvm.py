@@ -80,6 +80,12 @@ def _decompose_attention(m: Match, graph: Graph) -> list[gs.Node]:
     if node.attrs.get("qk_matmul_output_mode", 0) != 0:
         raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm",
                                  "qk_matmul_output_mode != 0")
+    windowed = [k for k in ("left_window_size", "right_window_size")
+                if node.attrs.get(k, -1) != -1]
+    if windowed or _present(node, 6):
+        what = windowed or ["nonpad_kv_seqlen input"]
+        raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm",
+                                 f"{', '.join(what)} not supported")
     if any(t.shape is None or not all(isinstance(d, int) for d in t.shape) for t in (q, k, v)):
         raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm",
                                  "needs static shapes (fix input shapes, e.g. --input-shape)")
@@ -110,7 +116,8 @@ def _decompose_attention(m: Match, graph: Graph) -> list[gs.Node]:
     # A finite minimum rather than -inf: a fully masked row then averages instead of giving NaN.
     lowest = b.const("masked", np.array(np.finfo(dtype).min, dtype))
     if node.attrs.get("is_causal", 0):
-        causal = np.tril(np.ones((length, kv_len), bool), k=kv_len - length)
+        # Without a KV cache ONNX aligns the causal mask top-left (query i sees keys <= i).
+        causal = np.tril(np.ones((length, kv_len), bool), k=0)
         scores = b("Where", [b.const("causal", causal), scores, lowest])
     if _present(node, 3):
         mask = node.inputs[3]
@@ -144,10 +151,14 @@ def _legalize_layernorm(m: Match, graph: Graph) -> list[gs.Node] | None:
     rank = len(x.shape)
     axes = np.arange(int(node.attrs.get("axis", -1)) % rank, rank, dtype=np.int64)
     b = _Builder(node.name, np.dtype(x.dtype or np.float32))
-    axes_c = b.const("axes", axes)
-    mean = b("ReduceMean", [x, axes_c], {"keepdims": 1}, out=outs[1])
+    def reduce_mean(t: gs.Tensor, out: gs.Tensor | None = None) -> gs.Tensor:
+        if graph.opset >= 18:  # axes became an input in opset 18
+            return b("ReduceMean", [t, b.const("axes", axes)], {"keepdims": 1}, out=out)
+        return b("ReduceMean", [t], {"axes": [int(a) for a in axes], "keepdims": 1}, out=out)
+
+    mean = reduce_mean(x, outs[1])
     centered = b("Sub", [x, mean])
-    var_ = b("ReduceMean", [b("Mul", [centered, centered]), axes_c], {"keepdims": 1})
+    var_ = reduce_mean(b("Mul", [centered, centered]))
     eps = b.const("eps", np.array(node.attrs.get("epsilon", 1e-5), b.dtype))
     inv_std = b("Reciprocal", [b("Sqrt", [b("Add", [var_, eps])])],
                 out=outs[2] if len(outs) > 2 else None)

@@ -28,7 +28,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from mmcompile.targets.tvm.schedule_util import extent, lanes_for, parallel_spatial
+from mmcompile.targets.tvm.schedule_util import (extent, lanes_for, parallel_spatial,
+                                                 within_reduction)
 
 
 def _index_vars(region) -> set:
@@ -119,6 +120,8 @@ class BlockedMatmul(dl.ScheduleRule):
         sch.unroll(ii)
         sch.decompose_reduction(main.block_rv, reduce_loops[0])
         epilogues = [rv for rv, producer in neighbours if not producer]
+        if not within_reduction(sch, main.block_rv, epilogues):
+            return None
         for block_rv, producer in neighbours:
             if producer:
                 parallel_spatial(sch, block_rv, lanes)

@@ -72,7 +72,9 @@ def to_tvm(value: Any):
     import numpy as np
     import tvm
     writable = not isinstance(value, np.ndarray) or value.flags.writeable
-    if writable and _address(value) % _ALIGNMENT == 0:  # DLPack refuses read-only buffers
+    empty = (value.size if isinstance(value, np.ndarray) else value.numel()) == 0
+    # DLPack refuses read-only buffers, and zero-size ones come with strides TVM rejects.
+    if writable and not empty and _address(value) % _ALIGNMENT == 0:
         return tvm.runtime.from_dlpack(value)
     array = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) \
         else value

@@ -30,3 +30,21 @@ def parallel_spatial(sch, block_rv, lanes: int) -> None:
         sch.vectorize(vec)
     else:
         sch.parallel(fused)
+
+
+def _write_shape(sch, block_rv) -> list[int | None]:
+    buffer = sch.get(block_rv).writes[0].buffer
+    return [int(d) if isinstance(d, tirx.IntImm) else None for d in buffer.shape]
+
+
+def within_reduction(sch, main_rv, others) -> bool:
+    """Whether every block scheduled under the reduction's tiles writes, dim by dim, no more
+    than the reduction does. An epilogue that grows the tensor (Pad after a Linear) would be
+    computed only where the reduction's tiles reach, leaving the rest uninitialised."""
+    ref = _write_shape(sch, main_rv)
+    for block_rv in others:
+        shape = _write_shape(sch, block_rv)
+        if len(shape) != len(ref) or any(a is None or b is None or a > b
+                                         for a, b in zip(shape, ref)):
+            return False
+    return True

@@ -21,20 +21,8 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.target.codegen import llvm_get_vector_width
 
-
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    extent = sch.get(loop).extent
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
-
-
-def _lanes(target) -> int:
-    """float32 lanes per vector register for the target's mcpu: 16 with AVX-512, 8 with AVX2."""
-    try:
-        return max(4, llvm_get_vector_width(target) // 32)
-    except Exception:
-        return 8
+from mmcompile.targets.tvm.schedule_util import extent, lanes_for, within_reduction
 
 
 def _split_loops(sch, block, dom_kind):
@@ -68,8 +56,8 @@ class MatmulLike(dl.ScheduleRule):
         spatial, reduce_ = _split_loops(sch, main.block_rv, main.dom_kind())
         if len(spatial) < 2 or not reduce_:
             return None
-        lanes = _lanes(target)
-        cols, rows = _extent(sch, spatial[-1]), _extent(sch, spatial[-2])
+        lanes = lanes_for(target)
+        cols, rows = extent(sch, spatial[-1]), extent(sch, spatial[-2])
         if cols is None or rows is None or cols % lanes:
             return None
         row_tile = 4 if rows % 4 == 0 else 1
@@ -81,13 +69,14 @@ class MatmulLike(dl.ScheduleRule):
         sch.vectorize(ji)
         sch.unroll(ii)
         sch.decompose_reduction(main.block_rv, reduce_[0])
-        for epilogue in infos:
-            if epilogue is main:
-                continue
-            sch.reverse_compute_at(epilogue.block_rv, outer)
-            inner = sch.get_loops(epilogue.block_rv)[-1]
-            extent = _extent(sch, inner)
-            if extent and extent % lanes == 0:
+        epilogues = [b.block_rv for b in infos if b is not main]
+        if not within_reduction(sch, main.block_rv, epilogues):
+            return None
+        for block_rv in epilogues:
+            sch.reverse_compute_at(block_rv, outer)
+            inner = sch.get_loops(block_rv)[-1]
+            size = extent(sch, inner)
+            if size and size % lanes == 0:
                 _, vec = sch.split(inner, [None, lanes])
                 sch.vectorize(vec)
         return sch
@@ -111,7 +100,7 @@ class Fallback(dl.ScheduleRule):
         if infos is None:
             return None
         infos = dl.try_inline(sch, infos)
-        lanes = _lanes(target)
+        lanes = lanes_for(target)
         for block in infos:
             if not sch.get_loops(block.block_rv) or "O" in block.dom_kind():
                 continue
@@ -120,8 +109,8 @@ class Fallback(dl.ScheduleRule):
                 continue
             sch.reorder(*spatial, *reduce_)
             fused = sch.fuse(*spatial)
-            extent = _extent(sch, fused)
-            if not reduce_ and extent and extent % lanes == 0 and extent >= 4 * lanes:
+            size = extent(sch, fused)
+            if not reduce_ and size and size % lanes == 0 and size >= 4 * lanes:
                 outer, vec = sch.split(fused, [None, lanes])
                 sch.parallel(outer)
                 sch.vectorize(vec)
@@ -162,7 +151,10 @@ class SerialIfSmall(dl.ScheduleRule):
         self.rule, self.min_work = rule, min_work
 
     def apply(self, func, target, tunable):
-        sch = self.rule.apply(func, target, tunable)
+        try:
+            sch = self.rule.apply(func, target, tunable)
+        except Exception:  # dlight's own rules assert on shapes they do not handle (a full
+            return None    # reduction to a scalar): let the next rule try
         if sch is None or isinstance(sch, list):
             return sch
         work = _work(func)
@@ -181,7 +173,7 @@ def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     """The CPU rules in priority order (first that applies wins)."""
     from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
     rules = [BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(), dl.cpu.Reduction(), Fallback()]
-    return [SerialIfSmall(r, serial_below) for r in rules] if serial_below else rules
+    return [SerialIfSmall(r, serial_below) for r in rules]  # serial_below=0: never serial
 
 
 def schedule_cpu(mod, target, serial_below: int = SERIAL_BELOW):
