@@ -1,0 +1,121 @@
+"""``mmcompile bench``: arguments and the command. The CLI imports this module to build its
+parser, so it imports nothing heavy at the top."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from mmcompile.bench import BenchError, suite
+
+DESCRIPTION = """\
+Benchmark mmcompile against onnxruntime and PyTorch, each engine in its own process with the
+same inputs and thread count. Reports median latency with p10/p90, the ratio to onnxruntime
+(ORT_ENABLE_ALL, the faster of its sequential and parallel modes) with geometric means, compile
+time (ORT session creation, torch.compile's first call, mmcompile.compile; each plus the first
+call), peak RSS of the engine's process, and whether outputs matched the reference.
+
+  mmcompile bench --suite multimodal --batch 1,8 --against onnxruntime,torch,torch-compile \\
+                  --json results.json --plot results.png
+  mmcompile bench model.onnx --batch 1 --against onnxruntime
+
+Suite models (built from code, random weights): """ + ", ".join(suite.SUITES["multimodal"])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's arguments."""
+    p.add_argument("model", nargs="?", help="an .onnx file to benchmark instead of the suite "
+                                            "(engines: mmcompile, onnxruntime)")
+    p.add_argument("--suite", choices=sorted(suite.SUITES),
+                   help="benchmark a suite (default when no model file is given: multimodal)")
+    p.add_argument("--models", metavar="NAME,...", help="only these suite models")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--against", metavar="ENGINE,...",
+                     help="engines compared with mmcompile: onnxruntime, torch, torch-compile "
+                          "(default: all three for the suite, onnxruntime for a model file)")
+    who.add_argument("--engines", metavar="ENGINE,...",
+                     help="exactly these engines (mmcompile is not added)")
+    p.add_argument("--batch", default="1", metavar="N,...",
+                   help="batch sizes, comma-separated (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads per engine (default: all cores this process may use)")
+    p.add_argument("--repeat", type=int, default=30,
+                   help="timed runs per measurement, at most (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed runs after the first call (default: %(default)s)")
+    p.add_argument("--max-time", type=float, default=10.0, metavar="SECONDS",
+                   help="stop a measurement's timed runs after this long, once 3 ran "
+                        "(default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="limit per engine process, compile included; a process over it is "
+                        "killed and reported as failed (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="outputs match when max|got - ref| <= TOL * max(1, max|ref|) "
+                        "(default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout)")
+    p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the results")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _options(args: argparse.Namespace):
+    from mmcompile.bench.harness import (DEFAULT_AGAINST_FILE, DEFAULT_AGAINST_SUITE,
+                                         BenchOptions, parse_batches, parse_names)
+    batches = parse_batches(args.batch)
+    if args.engines is not None:
+        engines = parse_names(args.engines)
+    else:
+        default = DEFAULT_AGAINST_FILE if args.model else DEFAULT_AGAINST_SUITE
+        engines = ["mmcompile", *(parse_names(args.against) if args.against is not None
+                                  else default)]
+    for flag, value, low in (("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0),
+                             ("--threads", args.threads, 0)):
+        if value < low:
+            raise BenchError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--timeout", args.timeout), ("--max-time", args.max_time),
+                        ("--tolerance", args.tolerance)):
+        if not value > 0:
+            raise BenchError(f"{flag} must be positive, got {value}")
+    return BenchOptions(engines=engines, batches=batches, threads=args.threads,
+                        repeat=args.repeat, warmup=args.warmup, max_time=args.max_time,
+                        timeout=args.timeout, tolerance=args.tolerance)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``mmcompile bench``; returns the exit code (0 even when an engine failed: failures
+    are rows in the results).
+
+    Raises:
+        BenchError, ModelLoadError: bad arguments or model, before anything is measured.
+    """
+    from mmcompile.bench.harness import parse_names, run_benchmark
+    from mmcompile.bench.report import plot, print_report, write_json
+    if args.model and (args.suite or args.models):
+        raise BenchError("give either a model file or --suite/--models, not both")
+    options = _options(args)
+    models = None
+    if not args.model:
+        models = parse_names(args.models) if args.models else suite.SUITES[args.suite or
+                                                                           "multimodal"]
+        for name in models:
+            suite.get(name)
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr,
+                  flush=True)
+
+    doc = run_benchmark(options, models=models, model_file=args.model, progress=progress)
+    if args.json == "-":
+        print(json.dumps(doc, indent=2))
+    else:
+        print_report(doc)
+        if args.json:
+            print(f"wrote {write_json(doc, args.json)}")
+    if args.plot:
+        written = plot(doc, args.plot)
+        if args.json != "-":
+            print(f"wrote {written}")
+    return 0

@@ -1,0 +1,364 @@
+"""The benchmark's parent process: workloads, one child per measurement, result rows.
+
+Order of work, and why:
+
+1. Parse and check the request (batches, engines, model names, a model file's batch dim)
+   before anything slow, so a typo costs a second, not an export.
+2. Prepare every workload (model x batch) in this process: export suite models with
+   ``mmcompile.trace`` at a static batch (or fix a model file's batch dim), draw the inputs once
+   and save them to an ``.npz`` all engines read, compute the reference outputs (torch eager for
+   suite models; onnxruntime with graph optimizations off, i.e. the graph as written, for model
+   files), and count parameters and FLOPs.
+3. For each workload, run each engine in a fresh child (:mod:`.runner`) with the same thread
+   count in its environment, one at a time, so no two thread pools compete. The engines of one
+   workload run back to back, so slow drift of a shared machine's load hits them alike.
+4. Compare each child's outputs with the reference (``max|got - ref| <= tol * max(1, max|ref|)``),
+   keep onnxruntime's faster execution mode, and compute ratios to onnxruntime with geometric
+   means over the rows where both the engine and onnxruntime ran and matched.
+
+mmcompile compiles in its child with verification off (the harness checks outputs), so its
+compile time and the compiler's memory are measured like torch.compile's, not hidden in a warm
+parent. A failing child (exception, crash, timeout) becomes an error row; the rest go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcompile.bench import BenchError, suite
+from mmcompile.bench.engines import engine_names, get_engine
+from mmcompile.bench.flops import count_flops
+from mmcompile.bench.results import (add_ratios, geomeans, machine_info, make_row,
+                                     pick_variant)
+
+RUNNER = Path(__file__).resolve().with_name("runner.py")
+DEFAULT_AGAINST_SUITE = ("onnxruntime", "torch", "torch-compile")
+DEFAULT_AGAINST_FILE = ("onnxruntime",)
+
+
+@dataclass
+class BenchOptions:
+    """How to measure.
+
+    Attributes:
+        engines: engine names, in the order they run.
+        batches: batch sizes.
+        threads: threads every engine uses (0: all cores this process may run on).
+        repeat: timed calls per measurement (at most).
+        warmup: untimed calls after the first one.
+        max_time: stop timing after this many seconds (once ``min_runs`` calls were timed).
+        min_runs: the fewest timed calls, whatever ``max_time`` says.
+        timeout: seconds one engine process may take in all (import, compile, runs).
+        tolerance: outputs match when ``max|got - ref| <= tolerance * max(1, max|ref|)``.
+    """
+
+    engines: Sequence[str]
+    batches: Sequence[int] = (1,)
+    threads: int = 0
+    repeat: int = 30
+    warmup: int = 3
+    max_time: float = 10.0
+    min_runs: int = 3
+    timeout: float = 600.0
+    tolerance: float = 1e-3
+
+
+@dataclass
+class Workload:
+    """One model at one batch size, ready for the children."""
+
+    model: str
+    batch: int
+    onnx: Path
+    inputs: Path
+    reference: dict[str, np.ndarray]
+    params: int
+    flops: int
+    suite_model: str | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def parse_batches(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]``.
+
+    Raises:
+        BenchError: anything but comma-separated positive integers.
+    """
+    try:
+        batches = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        batches = []
+    if not batches or any(b < 1 for b in batches):
+        raise BenchError(f"--batch expects comma-separated positive integers (e.g. 1,8), "
+                         f"got '{text}'")
+    return list(dict.fromkeys(batches))
+
+
+def parse_names(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def resolve_engines(names: Sequence[str], for_file: bool) -> list[str]:
+    """Check engine names; model files cannot run the engines that need the torch module.
+
+    Raises:
+        BenchError: an unknown engine, or a torch engine for a model file.
+    """
+    known = engine_names()
+    for name in names:
+        if name not in known:
+            raise BenchError(f"unknown engine '{name}'; known engines: {', '.join(known)}")
+        if for_file and get_engine(name).needs_module:
+            raise BenchError(f"engine '{name}' runs the torch module, which a model file does "
+                             f"not have; model files run with mmcompile and onnxruntime")
+    if not names:
+        raise BenchError("no engines to run")
+    return list(dict.fromkeys(names))
+
+
+# -- workloads -----------------------------------------------------------------------------------
+
+def prepare_suite(names: Sequence[str], batches: Sequence[int], folder: Path,
+                  say: Callable[[str], None]) -> list[Workload]:
+    """Export each suite model at each batch, with inputs and torch-eager reference outputs."""
+    import torch
+    for name in names:
+        suite.get(name)  # unknown names fail before the first export
+    workloads = []
+    for name in names:
+        for batch in batches:
+            start = time.perf_counter()
+            path = folder / f"{name}-b{batch}.onnx"
+            graph, module, inputs = suite.export(name, batch, path)
+            with torch.inference_mode():
+                out = module(**inputs)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            reference = {t.name: o.numpy() for t, o in zip(graph.gs.outputs, outs, strict=True)}
+            feeds = {k: v.numpy() for k, v in inputs.items()}
+            np.savez(folder / f"{name}-b{batch}.npz", **feeds)
+            workloads.append(Workload(name, batch, path, folder / f"{name}-b{batch}.npz",
+                                      reference, suite.num_parameters(module),
+                                      count_flops(graph).total, suite_model=name,
+                                      input_shapes={k: list(v.shape) for k, v in feeds.items()}))
+            say(f"exported {name} at batch {batch} ({time.perf_counter() - start:.1f}s)")
+    return workloads
+
+
+def _batched_shapes(graph, batch: int, label: str) -> dict[str, list[int]]:
+    shapes = {}
+    for tensor in graph.gs.inputs:
+        dims = tensor.shape
+        if dims is None:
+            raise BenchError(f"{label}: input '{tensor.name}' has unknown rank")
+        if not dims:
+            continue
+        static = [isinstance(d, int) and d >= 0 for d in dims]
+        if static[0] and dims[0] != batch:
+            raise BenchError(f"{label}: input '{tensor.name}' has a static batch of {dims[0]} "
+                             f"(shape {list(dims)}); --batch {batch} needs a model exported with "
+                             f"a symbolic batch dimension (or --batch {dims[0]})")
+        if not all(static[1:]):
+            raise BenchError(f"{label}: input '{tensor.name}' has symbolic dims beyond the batch "
+                             f"(shape {list(dims)}); fix them first, e.g. 'mmcompile optimize "
+                             f"{label} --passes none --input-shape {tensor.name}=D0,D1,... -o "
+                             f"fixed.onnx'")
+        shapes[tensor.name] = [batch, *dims[1:]]
+    return shapes
+
+
+def prepare_file(path: str | os.PathLike, batches: Sequence[int], folder: Path, threads: int,
+                 say: Callable[[str], None]) -> list[Workload]:
+    """A model file at each batch: a static-shape copy all engines load, random inputs, and
+    onnxruntime's outputs on the graph as written (optimizations off) as the reference.
+
+    Raises:
+        ModelLoadError: unreadable model.
+        BenchError: the batch dim cannot take a requested batch size.
+    """
+    import copy
+
+    from mmcompile.frontend import from_onnx_model, load_onnx
+    from mmcompile.reference import random_inputs, run_onnxruntime
+    path = Path(path)
+    proto = load_onnx(path)
+    original = from_onnx_model(copy.deepcopy(proto), name=path.name)
+    plans = [(batch, _batched_shapes(original, batch, path.name)) for batch in batches]
+    workloads = []
+    for batch, shapes in plans:
+        graph = from_onnx_model(copy.deepcopy(proto), name=path.name, input_shapes=shapes)
+        fixed = graph.save(folder / f"{path.stem}-b{batch}.onnx")
+        feeds = random_inputs(graph, seed=0, batch=batch)
+        np.savez(folder / f"{path.stem}-b{batch}.npz", **feeds)
+        reference = run_onnxruntime(graph, feeds, optimize=False, threads=threads)
+        workloads.append(Workload(path.name, batch, fixed, folder / f"{path.stem}-b{batch}.npz",
+                                  reference, graph.num_parameters(), count_flops(graph).total,
+                                  input_shapes={k: list(v.shape) for k, v in feeds.items()}))
+        say(f"prepared {path.name} at batch {batch}")
+    return workloads
+
+
+# -- children ------------------------------------------------------------------------------------
+
+def make_job(workload: Workload, engine: str, variant: str, options: BenchOptions,
+             threads: int, folder: Path) -> dict[str, Any]:
+    """The JSON a child reads (see :mod:`.runner`)."""
+    stem = folder / f"{workload.model}-b{workload.batch}-{engine}-{variant}"
+    return {"engine": engine, "variant": variant, "onnx": str(workload.onnx),
+            "suite_model": workload.suite_model, "batch": workload.batch,
+            "inputs": str(workload.inputs), "outputs": f"{stem}.out.npz",
+            "result": f"{stem}.result.json", "log": f"{stem}.log",
+            "output_names": list(workload.reference), "threads": threads,
+            "repeat": options.repeat, "warmup": options.warmup, "max_time": options.max_time,
+            "min_runs": options.min_runs, "inductor_cache": f"{stem}.inductor"}
+
+
+def child_env(job: dict[str, Any]) -> dict[str, str]:
+    """The parent's environment with the thread count set for every runtime, and an empty
+    inductor cache (a cache left by an earlier run would hide torch.compile's compile time)."""
+    env = dict(os.environ)
+    threads = str(job["threads"])
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
+               TVM_NUM_THREADS=threads, TORCHINDUCTOR_CACHE_DIR=job["inductor_cache"])
+    return env
+
+
+def _kill_group(pid: int) -> None:
+    # The child leads its own process group: this reaches it and whatever it started
+    # (inductor's compile workers), and nothing else.
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _log_tail(path: str) -> str:
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()
+                 if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one job in a fresh process; returns the runner's result, or ``{"error": ...}``."""
+    job_file = Path(job["result"] + ".job")
+    job_file.write_text(json.dumps(job))
+    start = time.perf_counter()
+    with open(job["log"], "w") as log:
+        proc = subprocess.Popen([sys.executable, str(RUNNER), str(job_file)],
+                                stdout=log, stderr=subprocess.STDOUT, env=child_env(job),
+                                start_new_session=True)
+        try:
+            status = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait()
+            return {"error": f"timed out after {timeout:g}s", "wall_s": timeout}
+        finally:
+            _kill_group(proc.pid)
+    wall = time.perf_counter() - start
+    try:
+        result = json.loads(Path(job["result"]).read_text())
+    except (OSError, ValueError):
+        tail = _log_tail(job["log"])
+        how = (f"killed by signal {-status}" if status < 0 else f"exit status {status}")
+        result = {"error": f"engine process died ({how})" + (f": {tail}" if tail else "")}
+    result["wall_s"] = wall
+    return result
+
+
+# -- the whole run -------------------------------------------------------------------------------
+
+def _describe(row: dict[str, Any]) -> str:
+    head = f"{row['model']} b={row['batch']} {row['engine']}"
+    if row["median_ms"] is None:
+        return f"{head}: FAILED: {row.get('error', '?')}"
+    match = "match" if row["match"] else f"MISMATCH (err {row.get('max_err')})"
+    return (f"{head}: {row['median_ms']:.3f} ms (compile {row['compile_s']:.1f}s, "
+            f"{row['peak_rss_mb']:.0f} MB, {match})")
+
+
+def _model_table(workloads: Sequence[Workload]) -> list[dict[str, Any]]:
+    models: dict[str, dict[str, Any]] = {}
+    for w in workloads:
+        entry = models.setdefault(w.model, {
+            "model": w.model, "params": w.params, "flops": {},
+            "description": suite.get(w.suite_model).description if w.suite_model else
+            "model file", "inputs": {k: v[1:] for k, v in w.input_shapes.items()}})
+        entry["flops"][str(w.batch)] = w.flops
+    return list(models.values())
+
+
+def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
+                  model_file: str | os.PathLike | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Benchmark suite models (``models``, default the whole ``multimodal`` suite) or one
+    ``model_file`` with every engine in ``options``.
+
+    Returns:
+        The JSON document: ``machine``, ``settings``, ``models`` (params, FLOPs per batch),
+        ``results`` (one row per model x batch x engine), ``summary`` (geometric-mean ratios
+        to onnxruntime) and ``total_s``.
+
+    Raises:
+        BenchError: bad engines, models or batch sizes (nothing has run yet).
+        ModelLoadError: an unreadable model file.
+        ExportError: a suite model does not export.
+    """
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    cores = available_cores()
+    threads = options.threads or cores
+    engines = resolve_engines(options.engines, for_file=model_file is not None)
+    machine = machine_info(threads, cores)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="mmcompile-bench-") as tmp:
+        folder = Path(tmp)
+        if model_file is not None:
+            workloads = prepare_file(model_file, options.batches, folder, threads, say)
+        else:
+            workloads = prepare_suite(list(models or suite.SUITES["multimodal"]),
+                                      options.batches, folder, say)
+        for w in workloads:
+            for engine in engines:
+                variants = {}
+                for variant in get_engine(engine).variants:
+                    job = make_job(w, engine, variant, options, threads, folder)
+                    result = run_child(job, options.timeout)
+                    variants[variant] = make_row(w.model, w.batch, engine, result, w.reference,
+                                                 job["outputs"], options.tolerance,
+                                                 {"params": w.params, "flops": w.flops})
+                rows.append(pick_variant(variants))
+                say(_describe(rows[-1]))
+    add_ratios(rows)
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["mmcompile_target"] = next((r["detail"] for r in rows if r["engine"] == "mmcompile"
+                                        and r.get("detail")), None)
+    return {"machine": machine,
+            "settings": {**asdict(options), "engines": engines, "batches": list(options.batches),
+                         "threads": threads,
+                         "reference": "onnxruntime, graph optimizations off" if model_file
+                         else "torch eager (in the parent process)"},
+            "models": _model_table(workloads), "results": rows,
+            "summary": {"geomean_ratio_vs_onnxruntime": geomeans(rows)},
+            "total_s": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,120 @@
+"""One benchmark measurement in a child process: ``python runner.py JOB.json``.
+
+The parent starts this file by path, once per (model, batch, engine), with the thread count
+already in the environment (OMP/MKL/TVM read theirs before any code here runs). The child
+imports the engine's framework, records its resident memory, loads the model, prepares it
+(compile / session creation), calls it once (``compile_s`` = prepare + first call), warms up,
+then times up to ``repeat`` calls, stopping early once ``max_time`` seconds have passed (after
+at least ``min_runs``). It writes the outputs of the last call to ``job["outputs"]`` (.npz) and
+a result to ``job["result"]`` (JSON); a failure is written there as ``{"error": ...}`` with exit
+status 1.
+
+Started by path and not as ``-m mmcompile.bench.runner``, so nothing beyond the engine's own
+framework is imported: ``import mmcompile`` alone adds ~30 MB, which would be charged to
+onnxruntime's peak memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux's ``VmHWM``, not ``getrusage().ru_maxrss``: the latter survives ``exec`` and so starts
+    at the parent's size at fork time (the benchmark's parent holds torch and every exported
+    model, ~450 MB), which would be charged to every engine.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _load_engines():
+    spec = importlib.util.spec_from_file_location("_mmcompile_bench_engines", _HERE / "engines.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """Run ``job`` (see :func:`mmcompile.bench.harness.make_job`); returns the result fields."""
+    engine = _load_engines().get_engine(job["engine"])()
+    feeds = dict(np.load(job["inputs"], allow_pickle=False))
+
+    start = time.perf_counter()
+    engine.import_libraries(job)
+    import_s = time.perf_counter() - start
+    base_rss = _rss_mb()
+
+    start = time.perf_counter()
+    model = engine.load(job)
+    load_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    run, facts = engine.prepare(model, job)
+    prepare_s = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = run(feeds)
+    first_s = time.perf_counter() - start
+
+    for _ in range(job["warmup"]):
+        outputs = run(feeds)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < job["repeat"]:
+        t0 = time.perf_counter()
+        outputs = run(feeds)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - started > job["max_time"] and len(times) >= job["min_runs"]:
+            break
+    peak_rss = _rss_mb()
+    np.savez(job["outputs"], **{k: np.asarray(v) for k, v in outputs.items()})
+    return {"times_ms": [t * 1e3 for t in times], "import_s": import_s, "load_s": load_s,
+            "prepare_s": prepare_s, "first_run_s": first_s, "compile_s": prepare_s + first_s,
+            "base_rss_mb": base_rss, "peak_rss_mb": peak_rss, **facts}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:500]
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[1]).read_text())
+    try:
+        result, status = measure(job), 0
+    except Exception as exc:  # reported in the engine's row; the other engines go on
+        result, status = {"error": _one_line(exc)}, 1
+    tmp = Path(job["result"] + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, job["result"])
+    return status
+
+
+if __name__ == "__main__":
+    # Python put this folder first on sys.path; drop it so that files here (suite.py,
+    # report.py, ...) cannot shadow top-level modules of the same name.
+    if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+        sys.path.pop(0)
+    sys.exit(main(sys.argv))

@@ -1,0 +1,236 @@
+"""``mmcompile bench``: the suite models, the FLOP counter, the harness and the command line.
+
+Runs are tiny (``--repeat 3``, batch 1 or 2); the numbers are not checked, the schema, the
+output check and the error paths are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import FLOAT, make_graph
+from onnx import helper
+
+from mmcompile.bench import harness, runner, suite
+from mmcompile.bench.flops import count_flops
+from mmcompile.bench.results import ROW_KEYS
+from mmcompile.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(err, *fragments):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mmcompile: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def _mlp(path, batch_dim):
+    """x[batch, 16] -> MatMul(16x8) -> Add -> Relu, saved at ``path``."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]),
+         helper.make_node("Relu", ["a"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", FLOAT, [batch_dim, 16])],
+        [helper.make_tensor_value_info("y", FLOAT, [batch_dim, 8])],
+        initializer=[onnx.numpy_helper.from_array(rng.standard_normal((16, 8), np.float32), "w"),
+                     onnx.numpy_helper.from_array(rng.standard_normal(8, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mlp_file(tmp_path_factory):
+    return _mlp(tmp_path_factory.mktemp("bench") / "mlp.onnx", "batch")
+
+
+# -- suite and FLOPs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", suite.SUITES["multimodal"])
+def test_suite_models_build_deterministically_and_run(name):
+    module, inputs = suite.build(name, 2)
+    again, _ = suite.build(name, 2)
+    assert suite.num_parameters(module) > 0
+    with torch.inference_mode():
+        out, out_again = module(**inputs), again(**inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    outs_again = out_again if isinstance(out_again, tuple) else (out_again,)
+    for a, b in zip(outs, outs_again):
+        assert a.shape[0] == 2 and torch.isfinite(a).all()
+        assert torch.equal(a, b)  # what the torch engines' children rebuild is what was exported
+
+
+def test_suite_export_counts_flops_like_torch(tmp_path):
+    # av_mnist is convolutions and linears only, which torch's FlopCounterMode counts fully.
+    graph, module, inputs = suite.export("av_mnist", 1, tmp_path / "av.onnx")
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(**inputs)
+    flops = count_flops(graph)
+    assert flops.total == counter.get_total_flops() > 0
+    assert not flops.uncounted
+    assert (tmp_path / "av.onnx").is_file()
+
+
+def test_flop_counter_on_a_hand_built_graph():
+    graph = make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Flatten", ["c"], ["f"]),
+         helper.make_node("Gemm", ["f", "g"], ["y"], transB=1),
+         helper.make_node("MatMul", ["y", "m"], ["z"])],
+        [("x", FLOAT, [2, 3, 8, 8])], [("z", FLOAT, [2, 5])],
+        {"w": np.ones((4, 3, 3, 3), np.float32), "g": np.ones((10, 256), np.float32),
+         "m": np.ones((10, 5), np.float32)})
+    flops = count_flops(graph)
+    conv = 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3)
+    assert flops.by_op == {"Conv": conv, "Gemm": 2 * 2 * 10 * 256, "MatMul": 2 * 2 * 5 * 10}
+    assert flops.total == sum(flops.by_op.values())
+
+
+def test_unknown_suite_model_is_a_bench_error():
+    with pytest.raises(Exception, match="unknown suite model 'nope'; known models: av_mnist"):
+        suite.build("nope", 1)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+def test_bench_suite_model_writes_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "sub" / "results.json", tmp_path / "results.png"
+    code, out, err = _run(capsys, "bench", "--suite", "multimodal", "--models", "clip",
+                          "--batch", "1", "--repeat", "3", "--against", "onnxruntime",
+                          "--json", out_json, "--plot", out_png)
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    assert {"cpu", "cores", "threads", "versions"} <= set(doc["machine"])
+    assert doc["machine"]["versions"]["onnxruntime"]
+    rows = doc["results"]
+    assert [r["engine"] for r in rows] == ["mmcompile", "onnxruntime"]
+    for row in rows:
+        assert set(ROW_KEYS) <= set(row)
+        assert row["model"] == "clip" and row["batch"] == 1
+        assert row["match"] is True, row
+        assert 0 < row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
+        assert row["compile_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["params"] == 973_313 and row["flops"] > 0
+    assert rows[1]["ratio_vs_onnxruntime"] == 1.0
+    assert set(rows[1]["variants"]) == {"sequential", "parallel"}
+    assert math.isclose(doc["summary"]["geomean_ratio_vs_onnxruntime"]["mmcompile"]["1"],
+                        rows[0]["ratio_vs_onnxruntime"])
+    assert out_png.read_bytes().startswith(PNG_MAGIC)
+    assert "clip" in out and "vs ORT" in out and "geometric mean" in out
+    assert "exported clip at batch 1" in err
+
+
+def test_bench_model_file(mlp_file, tmp_path, capsys):
+    out_json = tmp_path / "file.json"
+    # onnxruntime only, to stay quick: the mmcompile engine runs in the two tests around this.
+    code, out, err = _run(capsys, "bench", mlp_file, "--batch", "1,2", "--repeat", "3",
+                          "--engines", "onnxruntime", "--json", out_json, "-q")
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    assert [(r["model"], r["batch"], r["engine"], r["match"]) for r in doc["results"]] == [
+        ("mlp.onnx", 1, "onnxruntime", True), ("mlp.onnx", 2, "onnxruntime", True)]
+    assert doc["models"][0]["flops"] == {"1": 2 * 16 * 8, "2": 2 * 2 * 16 * 8}
+    assert doc["models"][0]["params"] == 16 * 8 + 8
+    assert "graph optimizations off" in doc["settings"]["reference"]
+    assert err == ""
+
+
+def _lstm(path):
+    """x[batch, 6, 4] -> LSTM (hidden 3) -> last hidden state [batch, 3]: onnxruntime runs it,
+    TVM's ONNX importer has no LSTM converter."""
+    rng = np.random.default_rng(0)
+    weights = {"W": rng.standard_normal((1, 12, 4), np.float32),
+               "R": rng.standard_normal((1, 12, 3), np.float32),
+               "axes": np.array([0], np.int64)}
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+         helper.make_node("LSTM", ["t", "W", "R"], ["", "h"], hidden_size=3),
+         helper.make_node("Squeeze", ["h", "axes"], ["y"])], "lstm",
+        [helper.make_tensor_value_info("x", FLOAT, ["batch", 6, 4])],
+        [helper.make_tensor_value_info("y", FLOAT, ["batch", 3])],
+        initializer=[onnx.numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save_model(model, path)
+    return path
+
+
+def test_a_failing_engine_is_a_row_and_the_others_go_on(tmp_path, capsys):
+    out_json = tmp_path / "lstm.json"
+    code, out, err = _run(capsys, "bench", _lstm(tmp_path / "lstm.onnx"), "--repeat", "3",
+                          "--json", out_json, "-q")
+    assert code == 0, err
+    failed, ok = json.loads(out_json.read_text())["results"]
+    assert failed["engine"] == "mmcompile" and failed["match"] is False
+    assert failed["median_ms"] is None and "unsupported op 'LSTM'" in failed["error"]
+    assert ok["engine"] == "onnxruntime" and ok["match"] is True
+    assert ok["ratio_vs_onnxruntime"] == 1.0 and failed["ratio_vs_onnxruntime"] is None
+    assert "problems:" in out and "unsupported op 'LSTM'" in out
+
+
+def test_an_engine_process_over_its_timeout_is_killed(mlp_file, tmp_path):
+    job = {"engine": "onnxruntime", "variant": "sequential", "onnx": str(mlp_file),
+           "inputs": str(tmp_path / "in.npz"), "outputs": str(tmp_path / "out.npz"),
+           "result": str(tmp_path / "result.json"), "log": str(tmp_path / "log"), "threads": 1,
+           "repeat": 3, "warmup": 0, "max_time": 1.0, "min_runs": 1,
+           "inductor_cache": str(tmp_path / "inductor")}
+    np.savez(job["inputs"], x=np.zeros((1, 16), np.float32))
+    result = harness.run_child(job, timeout=0.01)  # Python alone takes longer to start
+    assert result["error"] == "timed out after 0.01s"
+
+
+def test_runner_reports_an_engine_exception_as_an_error_result(tmp_path):
+    job = {"engine": "onnxruntime", "variant": "sequential", "onnx": str(tmp_path / "missing.onnx"),
+           "inputs": str(tmp_path / "in.npz"), "outputs": str(tmp_path / "out.npz"),
+           "result": str(tmp_path / "result.json"), "threads": 1, "repeat": 3, "warmup": 0,
+           "max_time": 1.0, "min_runs": 1}
+    np.savez(job["inputs"], x=np.zeros((1, 16), np.float32))
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert runner.main(["runner.py", str(tmp_path / "job.json")]) == 1
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "missing.onnx" in result["error"] and "\n" not in result["error"]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--batch", "1,x"], ["--batch expects comma-separated positive integers", "'1,x'"]),
+    (["--batch", "0"], ["--batch expects"]),
+    (["--models", "nope"], ["unknown suite model 'nope'", "av_mnist"]),
+    (["--against", "tensorrt"], ["unknown engine 'tensorrt'", "torch-compile"]),
+    (["--repeat", "0"], ["--repeat must be at least 1"]),
+])
+def test_bad_suite_arguments_fail_fast_with_one_line(capsys, argv, fragments):
+    code, _, err = _run(capsys, "bench", *argv)
+    assert code == 1
+    _assert_one_line_error(err, *fragments)
+
+
+def test_bad_model_file_arguments_fail_fast_with_one_line(mlp_file, tmp_path, capsys):
+    static = _mlp(tmp_path / "static.onnx", 1)
+    code, _, err = _run(capsys, "bench", static, "--batch", "8")
+    assert code == 1
+    _assert_one_line_error(err, "static.onnx", "static batch of 1", "--batch 8")
+    code, _, err = _run(capsys, "bench", mlp_file, "--against", "torch")
+    assert code == 1
+    _assert_one_line_error(err, "engine 'torch' runs the torch module")
+    code, _, err = _run(capsys, "bench", mlp_file, "--models", "clip")
+    assert code == 1
+    _assert_one_line_error(err, "not both")
+    code, _, err = _run(capsys, "bench", tmp_path / "absent.onnx")
+    assert code == 1
+    _assert_one_line_error(err, "no such model file")
