@@ -61,3 +61,21 @@ def check_pass(graph: mmcompile.Graph, passes: str, *, expect_changed: bool,
     for diff in compare_outputs(ref, got):
         assert diff.ok(atol, rtol), f"{passes}: {diff}"
     return result
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run ``mmcompile`` in-process; (exit code, stdout, stderr)."""
+    from mmcompile.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    """stderr is exactly one ``mmcompile: error:`` line (no traceback) containing ``fragments``."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mmcompile: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]

@@ -13,29 +13,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import FLOAT, make_graph
+from helpers import FLOAT, assert_one_line_error, make_graph, run_cli
 from onnx import helper
 
 from mmcompile.bench import harness, runner, suite
 from mmcompile.bench.flops import count_flops
 from mmcompile.bench.results import ROW_KEYS
-from mmcompile.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def _assert_one_line_error(err, *fragments):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("mmcompile: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def _mlp(path, batch_dim):
@@ -111,7 +100,7 @@ def test_unknown_suite_model_is_a_bench_error():
 
 def test_bench_suite_model_writes_json_and_plot(tmp_path, capsys):
     out_json, out_png = tmp_path / "sub" / "results.json", tmp_path / "results.png"
-    code, out, err = _run(capsys, "bench", "--suite", "multimodal", "--models", "clip",
+    code, out, err = run_cli(capsys, "bench", "--suite", "multimodal", "--models", "clip",
                           "--batch", "1", "--repeat", "3", "--against", "onnxruntime",
                           "--json", out_json, "--plot", out_png)
     assert code == 0, err
@@ -139,7 +128,7 @@ def test_bench_suite_model_writes_json_and_plot(tmp_path, capsys):
 def test_bench_model_file(mlp_file, tmp_path, capsys):
     out_json = tmp_path / "file.json"
     # onnxruntime only, to stay quick: the mmcompile engine runs in the two tests around this.
-    code, out, err = _run(capsys, "bench", mlp_file, "--batch", "1,2", "--repeat", "3",
+    code, out, err = run_cli(capsys, "bench", mlp_file, "--batch", "1,2", "--repeat", "3",
                           "--engines", "onnxruntime", "--json", out_json, "-q")
     assert code == 0, err
     doc = json.loads(out_json.read_text())
@@ -173,7 +162,7 @@ def _lstm(path):
 
 def test_a_failing_engine_is_a_row_and_the_others_go_on(tmp_path, capsys):
     out_json = tmp_path / "lstm.json"
-    code, out, err = _run(capsys, "bench", _lstm(tmp_path / "lstm.onnx"), "--repeat", "3",
+    code, out, err = run_cli(capsys, "bench", _lstm(tmp_path / "lstm.onnx"), "--repeat", "3",
                           "--json", out_json, "-q")
     assert code == 0, err
     failed, ok = json.loads(out_json.read_text())["results"]
@@ -215,22 +204,22 @@ def test_runner_reports_an_engine_exception_as_an_error_result(tmp_path):
     (["--repeat", "0"], ["--repeat must be at least 1"]),
 ])
 def test_bad_suite_arguments_fail_fast_with_one_line(capsys, argv, fragments):
-    code, _, err = _run(capsys, "bench", *argv)
+    code, _, err = run_cli(capsys, "bench", *argv)
     assert code == 1
-    _assert_one_line_error(err, *fragments)
+    assert_one_line_error(err, *fragments)
 
 
 def test_bad_model_file_arguments_fail_fast_with_one_line(mlp_file, tmp_path, capsys):
     static = _mlp(tmp_path / "static.onnx", 1)
-    code, _, err = _run(capsys, "bench", static, "--batch", "8")
+    code, _, err = run_cli(capsys, "bench", static, "--batch", "8")
     assert code == 1
-    _assert_one_line_error(err, "static.onnx", "static batch of 1", "--batch 8")
-    code, _, err = _run(capsys, "bench", mlp_file, "--against", "torch")
+    assert_one_line_error(err, "static.onnx", "static batch of 1", "--batch 8")
+    code, _, err = run_cli(capsys, "bench", mlp_file, "--against", "torch")
     assert code == 1
-    _assert_one_line_error(err, "engine 'torch' runs the torch module")
-    code, _, err = _run(capsys, "bench", mlp_file, "--models", "clip")
+    assert_one_line_error(err, "engine 'torch' runs the torch module")
+    code, _, err = run_cli(capsys, "bench", mlp_file, "--models", "clip")
     assert code == 1
-    _assert_one_line_error(err, "not both")
-    code, _, err = _run(capsys, "bench", tmp_path / "absent.onnx")
+    assert_one_line_error(err, "not both")
+    code, _, err = run_cli(capsys, "bench", tmp_path / "absent.onnx")
     assert code == 1
-    _assert_one_line_error(err, "no such model file")
+    assert_one_line_error(err, "no such model file")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import FLOAT, INT64
+from helpers import FLOAT, INT64, assert_one_line_error, run_cli
 from onnx import helper
 
 from mmcompile.cli import main
@@ -43,26 +43,15 @@ def model_path(tmp_path_factory):
     return path
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def _assert_one_line_error(err, *fragments):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("mmcompile: error: ")
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 # -- optimize -----------------------------------------------------------------------------------
 
 def test_optimize_writes_output_and_prints_report(capsys, tmp_path, model_path):
     output = tmp_path / "opt.onnx"
-    code, out, err = _run(capsys, "optimize", model_path, "-o", output, "--passes", PASSES,
+    code, out, err = run_cli(capsys, "optimize", model_path, "-o", output, "--passes", PASSES,
                           "--report")
     assert code == 0, err
     onnx.checker.check_model(str(output), full_check=True)
@@ -74,14 +63,14 @@ def test_optimize_writes_output_and_prints_report(capsys, tmp_path, model_path):
 
 def test_optimize_without_report_prints_one_line(capsys, tmp_path, model_path):
     output = tmp_path / "opt.onnx"
-    code, out, _ = _run(capsys, "optimize", model_path, "-o", output, "--passes", PASSES)
+    code, out, _ = run_cli(capsys, "optimize", model_path, "-o", output, "--passes", PASSES)
     assert code == 0
     assert out.strip() == f"wrote {output}: 6 -> 5 nodes"
 
 
 def test_optimize_json(capsys, tmp_path, model_path):
     output = tmp_path / "opt.onnx"
-    code, out, _ = _run(capsys, "optimize", model_path, "-o", output, "--passes", PASSES, "--json")
+    code, out, _ = run_cli(capsys, "optimize", model_path, "-o", output, "--passes", PASSES, "--json")
     assert code == 0
     data = json.loads(out)
     assert data["output"] == str(output)
@@ -92,7 +81,7 @@ def test_optimize_json(capsys, tmp_path, model_path):
 
 def test_optimize_disable_and_dump_ir(capsys, tmp_path, model_path):
     dumps = tmp_path / "dumps"
-    code, out, _ = _run(capsys, "optimize", model_path, "-o", tmp_path / "opt.onnx", "--passes",
+    code, out, _ = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "opt.onnx", "--passes",
                         PASSES, "--disable", "fold-constants", "--dump-ir", dumps, "--json")
     assert code == 0
     data = json.loads(out)
@@ -103,9 +92,9 @@ def test_optimize_disable_and_dump_ir(capsys, tmp_path, model_path):
 
 def test_optimize_preserves_modality_tags(capsys, tmp_path, model_path):
     output = tmp_path / "opt.onnx"
-    assert _run(capsys, "optimize", model_path, "-o", output, "--passes", "none",
+    assert run_cli(capsys, "optimize", model_path, "-o", output, "--passes", "none",
                 "--modality", "input_ids=tabular")[0] == 0
-    code, out, _ = _run(capsys, "inspect", output, "--json")
+    code, out, _ = run_cli(capsys, "inspect", output, "--json")
     inputs = {i["name"]: i for i in json.loads(out)["inputs"]}
     assert inputs["input_ids"]["modality"] == "tabular"
     assert inputs["input_ids"]["reason"] == "explicit mapping"
@@ -117,58 +106,58 @@ def test_bad_model_file_is_a_one_line_error_and_writes_nothing(capsys, tmp_path,
     if content == "text":
         model.write_text("not a model\n")
     output = tmp_path / "out.onnx"
-    code, out, err = _run(capsys, "optimize", model, "-o", output, "--passes", PASSES)
+    code, out, err = run_cli(capsys, "optimize", model, "-o", output, "--passes", PASSES)
     assert code == 1
-    _assert_one_line_error(err, str(model))
+    assert_one_line_error(err, str(model))
     assert not output.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["bad.onnx"] if content == "text" else [])
 
 
 def test_unknown_pass_is_exit_1(capsys, tmp_path, model_path):
     output = tmp_path / "out.onnx"
-    code, _, err = _run(capsys, "optimize", model_path, "-o", output, "--passes",
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", output, "--passes",
                         "fold-constants,no-such-pass")
     assert code == 1
-    _assert_one_line_error(err, "unknown pass 'no-such-pass'")
+    assert_one_line_error(err, "unknown pass 'no-such-pass'")
     assert not output.exists()
 
 
 def test_bad_pipeline_syntax_is_exit_1(capsys, tmp_path, model_path):
-    code, _, err = _run(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--passes",
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--passes",
                         "fold-constants{size_threshold}")
     assert code == 1
-    _assert_one_line_error(err, "column")
+    assert_one_line_error(err, "column")
 
 
 @pytest.mark.parametrize("shape", ["pixel_values", "pixel_values=1,x", "=1,3", "pixel_values="])
 def test_malformed_input_shape_is_exit_1(capsys, tmp_path, model_path, shape):
-    code, _, err = _run(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--passes",
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--passes",
                         PASSES, "--input-shape", shape)
     assert code == 1
-    _assert_one_line_error(err, "NAME=D0,D1", shape)
+    assert_one_line_error(err, "NAME=D0,D1", shape)
 
 
 def test_input_shape_for_unknown_input_is_exit_1(capsys, tmp_path, model_path):
-    code, _, err = _run(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--passes",
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--passes",
                         PASSES, "--input-shape", "nope=1,2")
     assert code == 1
-    _assert_one_line_error(err, "'nope'", "pixel_values")
+    assert_one_line_error(err, "'nope'", "pixel_values")
 
 
 def test_modality_for_missing_input_is_exit_1(capsys, tmp_path, model_path):
     output = tmp_path / "o.onnx"
-    code, _, err = _run(capsys, "optimize", model_path, "-o", output, "--passes", PASSES,
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", output, "--passes", PASSES,
                         "--modality", "x=image")
     assert code == 1
-    _assert_one_line_error(err, "['x']", "['pixel_values', 'input_ids']")
+    assert_one_line_error(err, "['x']", "['pixel_values', 'input_ids']")
     assert not output.exists()
 
 
 def test_output_in_missing_directory_is_exit_1(capsys, tmp_path, model_path):
-    code, _, err = _run(capsys, "optimize", model_path, "-o", tmp_path / "nope" / "o.onnx",
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "nope" / "o.onnx",
                         "--passes", PASSES)
     assert code == 1
-    _assert_one_line_error(err, "cannot write")
+    assert_one_line_error(err, "cannot write")
 
 
 def test_missing_output_is_usage_error_exit_2(capsys, model_path):
@@ -187,7 +176,7 @@ def test_bad_opt_level_is_usage_error_exit_2(capsys, tmp_path, model_path):
 # -- inspect / passes ---------------------------------------------------------------------------
 
 def test_inspect_prints_inputs_with_modality_reason_and_branches(capsys, model_path):
-    code, out, _ = _run(capsys, "inspect", model_path)
+    code, out, _ = run_cli(capsys, "inspect", model_path)
     assert code == 0
     assert out.startswith("two.onnx: opset 18, 6 nodes")
     inputs = out.split("inputs:")[1].split("outputs:")[0]
@@ -201,7 +190,7 @@ def test_inspect_prints_inputs_with_modality_reason_and_branches(capsys, model_p
 
 
 def test_inspect_json(capsys, model_path):
-    code, out, _ = _run(capsys, "inspect", model_path, "--json", "--modality", "pixel_values=video")
+    code, out, _ = run_cli(capsys, "inspect", model_path, "--json", "--modality", "pixel_values=video")
     assert code == 0
     info = json.loads(out)
     assert info["nodes"] == 6 and info["opset"] == 18
@@ -214,7 +203,7 @@ def test_inspect_json(capsys, model_path):
 
 
 def test_passes_lists_builtin_passes_and_pipelines(capsys):
-    code, out, _ = _run(capsys, "passes")
+    code, out, _ = run_cli(capsys, "passes")
     assert code == 0
     assert any(line.startswith("fold-constants ") for line in out.splitlines())
     assert "size_threshold=" in out
@@ -222,7 +211,7 @@ def test_passes_lists_builtin_passes_and_pipelines(capsys):
 
 
 def test_passes_json(capsys):
-    code, out, _ = _run(capsys, "passes", "--json")
+    code, out, _ = run_cli(capsys, "passes", "--json")
     assert code == 0
     data = json.loads(out)
     fold = next(p for p in data["passes"] if p["name"] == "fold-constants")

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, run_cli
 from test_runtime import two_branch_graph
 
 from mmcompile.cli import main
@@ -19,20 +20,6 @@ def _main_quiet(*argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_one_line_error(err, *fragments):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("mmcompile: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def _stages(artifact):
@@ -99,7 +86,7 @@ def test_compile_json_with_input_shape_for_symbolic_batch(batched):
 
 def test_run_random_writes_outputs(capsys, tmp_path, batched):
     output = tmp_path / "out.npz"
-    code, out, err = _run(capsys, "run", batched[2], "--random", "--output", output)
+    code, out, err = run_cli(capsys, "run", batched[2], "--random", "--output", output)
     assert code == 0, err
     with np.load(output) as data:
         assert sorted(data.files) == ["features", "logits"]
@@ -114,7 +101,7 @@ def test_run_inputs_match_onnxruntime(capsys, tmp_path, compiled):
     feeds = {"pixel_values": rng.standard_normal((1, 3, 8, 8)).astype(np.float32),
              "input_ids": np.array([[0, 9, 3, 3]], np.int64)}
     np.savez(inputs, **feeds)
-    code, out, err = _run(capsys, "run", compiled[3], "--inputs", inputs, "--output", output,
+    code, out, err = run_cli(capsys, "run", compiled[3], "--inputs", inputs, "--output", output,
                           "--json")
     assert code == 0, err
     summary = json.loads(out)
@@ -129,9 +116,9 @@ def test_run_wrong_shape_is_one_line_error_and_writes_nothing(capsys, tmp_path, 
     inputs, output = tmp_path / "in.npz", tmp_path / "out.npz"
     np.savez(inputs, pixel_values=np.zeros((1, 3, 9, 8), np.float32),
              input_ids=np.zeros((1, 4), np.int64))
-    code, out, err = _run(capsys, "run", compiled[3], "--inputs", inputs, "--output", output)
+    code, out, err = run_cli(capsys, "run", compiled[3], "--inputs", inputs, "--output", output)
     assert code == 1
-    _assert_one_line_error(err, "'pixel_values'", "dim 2: 9 != 8")
+    assert_one_line_error(err, "'pixel_values'", "dim 2: 9 != 8")
     assert out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
 
@@ -140,22 +127,22 @@ def test_run_token_id_out_of_range_is_exit_1(capsys, tmp_path, compiled):
     inputs = tmp_path / "in.npz"
     np.savez(inputs, pixel_values=np.zeros((1, 3, 8, 8), np.float32),
              input_ids=np.array([[1, 2, 3, 10]], np.int64))
-    code, _, err = _run(capsys, "run", compiled[3], "--inputs", inputs)
+    code, _, err = run_cli(capsys, "run", compiled[3], "--inputs", inputs)
     assert code == 1
-    _assert_one_line_error(err, "'input_ids'", "[0, 10)")
+    assert_one_line_error(err, "'input_ids'", "[0, 10)")
 
 
 @pytest.mark.parametrize("flags, message", [([], "no inputs: give --inputs"),
                                             (["--random", "--inputs", "x.npz"],
                                              "either --inputs or --random")])
 def test_run_needs_exactly_one_input_source(capsys, compiled, flags, message):
-    code, out, err = _run(capsys, "run", compiled[3], *flags)
+    code, out, err = run_cli(capsys, "run", compiled[3], *flags)
     assert code == 1 and out == ""
-    _assert_one_line_error(err, message)
+    assert_one_line_error(err, message)
 
 
 def test_inspect_artifact(capsys, compiled):
-    code, out, _ = _run(capsys, "inspect", compiled[3])
+    code, out, _ = run_cli(capsys, "inspect", compiled[3])
     assert code == 0
     assert out.startswith(f"{compiled[3]}: compiled model for target 'cpu'")
     inputs = out.split("inputs:")[1].split("outputs:")[0]
@@ -170,7 +157,7 @@ def test_inspect_artifact(capsys, compiled):
 
 
 def test_inspect_artifact_json(capsys, compiled):
-    code, out, _ = _run(capsys, "inspect", compiled[3], "--json")
+    code, out, _ = run_cli(capsys, "inspect", compiled[3], "--json")
     assert code == 0
     manifest = json.loads(out)
     assert manifest["target"] == "cpu"
@@ -179,26 +166,26 @@ def test_inspect_artifact_json(capsys, compiled):
 
 
 def test_targets_lists_cpu_and_cuda(capsys):
-    code, out, _ = _run(capsys, "targets")
+    code, out, _ = run_cli(capsys, "targets")
     assert code == 0
     assert {line.split()[0] for line in out.strip().splitlines()[2:]} >= {"cpu", "cuda"}
-    code, out, _ = _run(capsys, "targets", "--json")
+    code, out, _ = run_cli(capsys, "targets", "--json")
     assert code == 0 and {"cpu", "cuda"} <= set(json.loads(out))
 
 
 def test_compile_corrupt_onnx_is_exit_1_and_writes_nothing(capsys, tmp_path):
     model = tmp_path / "bad.onnx"
     model.write_bytes(b"\x08\x07garbage that is not a protobuf")
-    code, out, err = _run(capsys, "compile", model, "-o", tmp_path / "bad.mmc")
+    code, out, err = run_cli(capsys, "compile", model, "-o", tmp_path / "bad.mmc")
     assert code == 1 and out == ""
-    _assert_one_line_error(err, str(model))
+    assert_one_line_error(err, str(model))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
 def test_compile_unknown_target_is_exit_1(capsys, tmp_path, onnx_path):
-    code, _, err = _run(capsys, "compile", onnx_path, "-o", tmp_path / "x.mmc", "--target", "tpu")
+    code, _, err = run_cli(capsys, "compile", onnx_path, "-o", tmp_path / "x.mmc", "--target", "tpu")
     assert code == 1
-    _assert_one_line_error(err, "unknown target 'tpu'", "cpu", "cuda")
+    assert_one_line_error(err, "unknown target 'tpu'", "cpu", "cuda")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -209,7 +196,7 @@ def test_run_tampered_artifact_is_exit_1(capsys, tmp_path, compiled):
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
-    code, out, err = _run(capsys, "run", artifact, "--random")
+    code, out, err = run_cli(capsys, "run", artifact, "--random")
     assert code == 1
-    _assert_one_line_error(err, ".so does not match its SHA-256")
+    assert_one_line_error(err, ".so does not match its SHA-256")
     assert out == ""
