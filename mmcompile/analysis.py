@@ -11,6 +11,7 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from mmcompile.flops import node_flops
 from mmcompile.ir import Graph
 
 FUSION = "fusion"
@@ -42,31 +43,6 @@ def branch_of(modalities: frozenset[str]) -> str:
     return FUSION
 
 
-def _static(shape) -> bool:
-    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
-
-
-def node_flops(node: gs.Node) -> int:
-    """Multiply-adds x 2 of the ops that dominate multimodal models (MatMul, Gemm, Conv,
-    ConvTranspose) and one FLOP per output element for everything else; 0 when shapes are
-    unknown."""
-    out = node.outputs[0] if node.outputs else None
-    if out is None or not _static(out.shape):
-        return 0
-    size = int(np.prod(out.shape))
-    if node.op in ("MatMul", "Gemm") and _static(node.inputs[0].shape) and node.inputs[0].shape:
-        trans_a = node.op == "Gemm" and node.attrs.get("transA", 0)
-        k = node.inputs[0].shape[-2] if trans_a else node.inputs[0].shape[-1]
-        return 2 * size * int(k)
-    if node.op in ("Conv", "ConvTranspose") and _static(node.inputs[1].shape):
-        per_output = int(np.prod(node.inputs[1].shape[1:]))
-        if node.op == "ConvTranspose":
-            per_output = int(np.prod(node.inputs[1].shape[2:])) * node.inputs[1].shape[0] \
-                // max(1, int(node.attrs.get("group", 1)))
-        return 2 * size * per_output
-    return size
-
-
 @dataclass
 class BranchSummary:
     name: str
@@ -87,7 +63,7 @@ def branch_summary(graph: Graph) -> dict[str, BranchSummary]:
     for node in graph.gs.nodes:
         entry = summary.setdefault(labels[node.name], BranchSummary(labels[node.name]))
         entry.nodes += 1
-        entry.flops += node_flops(node)
+        entry.flops += node_flops(node) or 0
         entry.ops[node.op] += 1
     for tensor in graph.gs.tensors().values():
         if not isinstance(tensor, gs.Constant) or not np.issubdtype(tensor.dtype, np.floating):

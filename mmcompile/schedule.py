@@ -71,12 +71,12 @@ def check_kind(kind: str) -> str:
 
 def estimate_cost_ms(graph, gflops_per_s: float = 20.0, gbytes_per_s: float = 10.0) -> float:
     """Roofline-style estimate of a stage's time from its FLOPs (see
-    :func:`mmcompile.analysis.node_flops`) and the bytes of the tensors it writes (used when
+    :func:`mmcompile.flops.node_flops`) and the bytes of the tensors it writes (used when
     stage times are not measured)."""
-    from mmcompile.analysis import node_flops
+    from mmcompile.flops import node_flops
     flops, nbytes = 0.0, 0.0
     for node in graph.gs.nodes:
-        flops += node_flops(node)
+        flops += node_flops(node) or 0
         for out in node.outputs:
             if out.shape is not None and all(isinstance(d, int) and d >= 0 for d in out.shape):
                 nbytes += 4.0 * float(np.prod(out.shape))

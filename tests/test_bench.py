@@ -17,7 +17,7 @@ from helpers import FLOAT, assert_one_line_error, make_graph, run_cli
 from onnx import helper
 
 from mmcompile.bench import harness, runner, suite
-from mmcompile.bench.flops import count_flops
+from mmcompile.flops import count_flops
 from mmcompile.bench.results import ROW_KEYS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

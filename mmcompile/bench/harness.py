@@ -39,7 +39,7 @@ import numpy as np
 
 from mmcompile.bench import BenchError, suite
 from mmcompile.bench.engines import engine_names, get_engine
-from mmcompile.bench.flops import count_flops
+from mmcompile.flops import count_flops
 from mmcompile.bench.results import (add_ratios, geomeans, machine_info, make_row,
                                      pick_variant)
 

@@ -74,14 +74,19 @@ _COUNTERS: dict[str, Callable[[gs.Node], int | None]] = {
 }
 
 
+def node_flops(node: gs.Node) -> int | None:
+    """FLOPs of one node: 0 for ops not counted, None when a counted op's shapes are unknown."""
+    counter = _COUNTERS.get(node.op)
+    return 0 if counter is None else counter(node)
+
+
 def count_flops(graph: Graph) -> FlopCount:
     """FLOPs of one forward pass of ``graph`` at its (static) input shapes."""
     result = FlopCount()
     for node in graph.gs.nodes:
-        counter = _COUNTERS.get(node.op)
-        if counter is None:
+        if node.op not in _COUNTERS:
             continue
-        flops = counter(node)
+        flops = node_flops(node)
         if flops is None:
             result.uncounted.append(node.name)
             continue
