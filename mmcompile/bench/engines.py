@@ -80,6 +80,7 @@ class MMCompileEngine(Engine):
     checked by the harness instead), then :meth:`CompiledModel.run` on numpy arrays."""
 
     name = "mmcompile"
+    schedule = "auto"
 
     def import_libraries(self, job: Mapping[str, Any]) -> None:
         import tvm  # noqa: F401  (importing TVM takes seconds; it is not compilation)
@@ -89,7 +90,8 @@ class MMCompileEngine(Engine):
 
     def prepare(self, model: Any, job: Mapping[str, Any]) -> tuple[RunFn, dict[str, Any]]:
         import mmcompile
-        compiled = mmcompile.compile(model, target="cpu", verify=False, threads=job["threads"])
+        compiled = mmcompile.compile(model, target="cpu", verify=False, threads=job["threads"],
+                                     schedule=self.schedule)
 
         def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {k: np.asarray(v) for k, v in compiled.run(feeds).items()}
@@ -97,7 +99,25 @@ class MMCompileEngine(Engine):
         stage = compiled.stages[0]
         return run, {"detail": f"{stage.target} {stage.info.get('detail', '')}".strip(),
                      "nodes": f"{compiled.metadata.get('nodes_before')} -> "
-                              f"{compiled.metadata.get('nodes_after')}"}
+                              f"{compiled.metadata.get('nodes_after')}",
+                     "schedule": compiled.schedule.to_dict(),
+                     "stages": {s.name: s.info.get("cost_ms") for s in compiled.stages}}
+
+
+@register_engine
+class MMCompileSequentialEngine(MMCompileEngine):
+    """mmcompile with the modality-branch stages run one after another."""
+
+    name = "mmcompile-sequential"
+    schedule = "sequential"
+
+
+@register_engine
+class MMCompileParallelEngine(MMCompileEngine):
+    """mmcompile with the modality-branch stages run side by side (issue: branch scheduling)."""
+
+    name = "mmcompile-parallel"
+    schedule = "parallel"
 
 
 @register_engine
