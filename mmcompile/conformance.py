@@ -374,8 +374,8 @@ def summarize(outcomes: Sequence[Outcome], engines: Sequence[str] = ENGINES) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmcompile.conformance",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--report", action="store_true", help="accepted for "
-                        "`python -m mmcompile.onnx_backend --report`; the report is the default")
+    parser.add_argument("--report", action="store_true",
+                        help="print the per-op table with failure reasons (the default)")
     parser.add_argument("--ops", default=",".join(OPS),
                         help="comma-separated op types or fnmatch patterns (default: %(default)s)")
     parser.add_argument("--engines", default=",".join(ENGINES))

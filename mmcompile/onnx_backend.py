@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -215,11 +215,3 @@ prepare = MMCompileBackend.prepare
 run_model = MMCompileBackend.run_model
 supports_device = MMCompileBackend.supports_device
 
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    from mmcompile.conformance import main
-    return main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
