@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import tirx
 from tvm.target.codegen import llvm_get_vector_width
 
@@ -33,18 +34,18 @@ def parallel_spatial(sch, block_rv, lanes: int) -> None:
 
 
 def _write_shape(sch, block_rv) -> list[int | None]:
-    buffer = sch.get(block_rv).writes[0].buffer
-    return [int(d) if isinstance(d, tirx.IntImm) else None for d in buffer.shape]
+    written = sch.get(block_rv).writes[0].source  # TVM 0.27: a TensorRegion's buffer is .source
+    return [int(d) if isinstance(d, tirx.IntImm) else None for d in written.shape]
 
 
 def within_reduction(sch, main_rv, others) -> bool:
-    """Whether every block scheduled under the reduction's tiles writes, dim by dim, no more
-    than the reduction does. An epilogue that grows the tensor (Pad after a Linear) would be
-    computed only where the reduction's tiles reach, leaving the rest uninitialised."""
-    ref = _write_shape(sch, main_rv)
-    for block_rv in others:
+    """Whether every block scheduled under the reduction's tiles writes no more elements than
+    the reduction does. An epilogue that grows the tensor (Pad after a Linear) would be
+    computed only where the reduction's tiles reach, leaving the rest uninitialised; reshapes,
+    transposes and elementwise epilogues keep the size and are fine."""
+    def size(block_rv) -> int | None:
         shape = _write_shape(sch, block_rv)
-        if len(shape) != len(ref) or any(a is None or b is None or a > b
-                                         for a, b in zip(shape, ref)):
-            return False
-    return True
+        return None if any(d is None for d in shape) else int(np.prod(shape, dtype=np.int64))
+
+    limit = size(main_rv)
+    return limit is not None and all((s := size(rv)) is not None and s <= limit for rv in others)
