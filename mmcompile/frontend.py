@@ -24,10 +24,9 @@ import numpy as np
 import onnx
 
 from mmcompile.errors import ExportError, ModelLoadError
-from mmcompile.ir import Graph
+from mmcompile.ir import PROTO_LIMIT, Graph
 
 DEFAULT_OPSET = 18
-_PROTO_LIMIT = 2**31 - 1
 
 ExampleInputs = Sequence[Any] | Mapping[str, Any] | Any
 
@@ -136,7 +135,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.output or not model.opset_import:
         raise ModelLoadError(f"{path} is not an ONNX model (no graph outputs or opset imports)")
     try:
-        if model.ByteSize() < _PROTO_LIMIT:
+        if model.ByteSize() < PROTO_LIMIT:
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
@@ -173,7 +172,7 @@ def from_onnx_model(model: onnx.ModelProto, modalities: Mapping[str, str] | None
     """Shape-infer an already checked ModelProto and wrap it as a :class:`Graph`."""
     if input_shapes:
         set_input_shapes(model, input_shapes, name)
-    if model.ByteSize() < _PROTO_LIMIT:
+    if model.ByteSize() < PROTO_LIMIT:
         try:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except onnx.shape_inference.InferenceError as exc:

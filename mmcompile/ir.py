@@ -32,7 +32,7 @@ from mmcompile.modality import ModalityTag, assign_modalities
 _MODALITY_KEY = "mmcompile.modalities"
 _ANNOTATION_KEY = "mmcompile.annotations"
 # protobuf cannot serialise a single message over 2 GiB; larger models keep weights outside.
-_PROTO_LIMIT = 2**31 - 1
+PROTO_LIMIT = 2**31 - 1
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -115,7 +115,7 @@ class Graph:
     def infer_shapes(self) -> Graph:
         """Re-run ONNX shape inference (in place) so every tensor has a dtype and shape if known."""
         model = self.to_onnx()
-        if model.ByteSize() < _PROTO_LIMIT:
+        if model.ByteSize() < PROTO_LIMIT:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         self.gs = Graph.from_onnx(model, name=self.name).gs
         return self
@@ -214,7 +214,7 @@ class Graph:
     def _check_onnx(self) -> None:
         model = self.to_onnx()
         try:
-            if model.ByteSize() < _PROTO_LIMIT:
+            if model.ByteSize() < PROTO_LIMIT:
                 onnx.checker.check_model(model, full_check=True)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -246,7 +246,7 @@ class Graph:
         if check:
             self.verify()
         model = self.to_onnx()
-        external = model.ByteSize() >= _PROTO_LIMIT
+        external = model.ByteSize() >= PROTO_LIMIT
         try:
             with tempfile.TemporaryDirectory(dir=path.parent or ".", prefix=".mmc-") as tmp:
                 tmp_path = Path(tmp) / path.name
