@@ -17,6 +17,7 @@ from mmcompile.runtime import CompiledModel, load
 from mmcompile.target import TargetError, get_target, registered_targets
 from mmcompile.transform import (Pass, PassContext, PassManager, PassResult, parse_pipeline,
                                  register_pass, registered_passes)
+from mmcompile.tune import tune  # the function; the package: ``from mmcompile.tune import ...``
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,5 @@ __all__ = [
     "ModalityTag", "ModelLoadError", "OptimizeResult", "Pass", "PassContext", "PassError",
     "PassManager", "PassResult", "PipelineError", "RegistryError", "UnsupportedOpError",
     "VerificationError", "load_graph", "optimize", "parse_pipeline", "register_pass",
-    "registered_passes", "trace",
+    "registered_passes", "trace", "tune",
 ]

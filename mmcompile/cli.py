@@ -194,7 +194,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         passes=args.passes, verify=not args.no_verify, tolerance=args.tolerance,
         input_shapes=_parse_shapes(args.input_shape), opt_level=args.opt_level,
         disabled_passes=args.disable,
-        threads=args.threads, target_config=config, schedule=args.schedule, progress=progress)
+        threads=args.threads, target_config=config, schedule=args.schedule,
+        tuning_db=args.tuning_db, progress=progress)
     compiled.save(args.output)
     if args.json:
         print(json.dumps({"output": str(args.output), "target": compiled.target,
@@ -207,6 +208,30 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(compiled.report())
     print(f"wrote {args.output} in {time.perf_counter() - started:.1f}s")
     return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mmcompile.modality import parse_modality_args
+    from mmcompile.tune import parse_duration, tune
+    report = tune(
+        args.model, db=args.db, target=args.target, trials=args.trials,
+        time_budget=parse_duration(args.time_budget) if args.time_budget else None,
+        resume=args.resume, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+        modalities=parse_modality_args(args.modality) if args.modality else None,
+        input_shapes=_parse_shapes(args.input_shape), passes=args.passes,
+        opt_level=args.opt_level, disabled_passes=args.disable, schedule=args.schedule,
+        threads=args.threads, target_config={"mcpu": args.mcpu} if args.mcpu else None,
+        trials_per_iter=args.trials_per_iter, min_share=args.min_share,
+        cost_model=args.cost_model, measure_model=not args.no_measure, progress=sys.stderr)
+    interrupted = report.job.get("status") == "interrupted"
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report)
+        if interrupted:
+            print(f"interrupted: continue with 'mmcompile tune {args.model} --db {args.db} "
+                  f"--resume'")
+    return 130 if interrupted else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -371,9 +396,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="auto", choices=["auto", "sequential", "parallel"],
                    help="run modality branches side by side ('parallel'), one after another "
                         "('sequential'), or measure both and keep the faster ('auto', default)")
+    p.add_argument("--tuning-db", metavar="DIR",
+                   help="apply the schedules 'mmcompile tune' put in DIR (same target; the "
+                        "artifact records the database's SHA-256)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print progress even when stderr is not a terminal")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="search faster kernel schedules into a tuning database",
+                       description="Tune the model's kernels with TVM MetaSchedule, stage by "
+                                   "stage as 'compile' builds them, committing every measured "
+                                   "trial to the database folder as it comes: a killed job "
+                                   "loses only the trials in flight and continues with "
+                                   "--resume. Then: mmcompile compile MODEL -o OUT --tuning-db "
+                                   "DIR (with the same pipeline options).",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--db", required=True, metavar="DIR",
+                   help="tuning database folder (created if missing; models can share one)")
+    p.add_argument("--target", default="cpu", help="target name (default: %(default)s)")
+    _add_pipeline_args(p)
+    p.add_argument("--trials", type=int, help="trials for this job (default: 2000)")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="stop the search after this long: 30m, 2h, 1h30m, 900 (seconds)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this model's last unfinished job in --db with what is left "
+                        "of its trials and time")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on the servers of this TVM RPC tracker instead of locally")
+    p.add_argument("--rpc-key", metavar="KEY", help="the key the RPC servers registered with")
+    p.add_argument("--schedule", default="auto", choices=["auto", "sequential", "parallel"],
+                   help="as given to compile; 'sequential' compiles the model as one stage "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads the kernels use, as given to compile (default: all cores)")
+    p.add_argument("--mcpu", help="LLVM CPU name instead of the detected host CPU")
+    p.add_argument("--trials-per-iter", type=int, default=64,
+                   help="candidates measured per batch (default: %(default)s)")
+    p.add_argument("--min-share", type=float, default=0.005,
+                   help="skip kernels below this share of the model's untuned kernel time "
+                        "(default: %(default)s)")
+    p.add_argument("--cost-model", default="xgb", choices=["xgb", "random"],
+                   help="MetaSchedule's learned cost model, or random picks (smoke tests) "
+                        "(default: %(default)s)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="do not compile and time the model without/with the database at the end")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("run", help="run a compiled artifact on inputs",
                        description="Load an artifact (no compiler needed) and run it on inputs "

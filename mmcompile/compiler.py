@@ -87,6 +87,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             disabled_passes: Sequence[str] = (),
             threads: int = 0, target_config: Mapping[str, Any] | None = None,
             schedule: str = "auto", measure: bool = True,
+            tuning_db: str | os.PathLike | None = None,
             progress: Callable[[str], None] | None = None) -> CompiledModel:
     """Compile a multimodal model for a target.
 
@@ -109,6 +110,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             ``"parallel"`` (modality branches on concurrent workers).
         measure: time the stages on the example inputs for the cost model (else estimate
             from FLOPs and bytes; ``auto`` then trusts the estimate).
+        tuning_db: a database folder written by :func:`mmcompile.tune.tune` for this target:
+            kernels it tuned use the tuned schedules; the artifact records its SHA-256.
         progress: called with one-line status messages.
 
     Returns:
@@ -119,6 +122,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         PipelineError, PassError: the pass pipeline failed.
         UnsupportedOpError: the target cannot lower a node (named, with the target).
         VerificationError: outputs differ from onnxruntime beyond ``tolerance``.
+        TuningDBError: ``tuning_db`` is missing, corrupt or for another target.
     """
     say = progress or (lambda message: None)
     say("loading model")
@@ -138,7 +142,13 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     if schedule != "sequential":
         optimize(optimized, "annotate-branches", inplace=True)
     plans = partition(optimized)
-    options = CompileOptions(threads=threads, progress=say, config=dict(target_config or {}))
+    config = dict(target_config or {})
+    db_info = None
+    if tuning_db is not None:
+        from mmcompile.tune.database import database_info
+        db_info = database_info(tuning_db)  # a missing or corrupt database fails here, early
+        config["tuning_db"] = str(tuning_db)
+    options = CompileOptions(threads=threads, progress=say, config=config)
     stages = []
     for index, plan in enumerate(plans, 1):
         say(f"compiling stage '{plan.name}' ({index}/{len(plans)}, {plan.graph.num_nodes} nodes) "
@@ -150,6 +160,12 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     metadata = {"pipeline": str(result.pipeline), "nodes_before": result.nodes_before,
                 "nodes_after": result.nodes_after, "source": graph.name,
                 "versions": stages[0].info.get("versions", {})}
+    if db_info is not None:
+        used = [st.info.get("tuning", {}) for st in stages]
+        metadata["tuning_db"] = {**db_info, "hits": sum(u.get("hits", 0) for u in used),
+                                 "kernels": sum(u.get("kernels", 0) for u in used)}
+        say(f"tuning database {tuning_db}: {metadata['tuning_db']['hits']} of "
+            f"{metadata['tuning_db']['kernels']} kernels tuned")
     compiled = CompiledModel(Signature.from_graph(optimized), stages, target, metadata)
     feeds = (_as_numpy(example_inputs, [t.name for t in graph.gs.inputs])
              if example_inputs is not None else random_inputs(graph, seed=0))

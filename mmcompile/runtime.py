@@ -192,6 +192,10 @@ class CompiledModel:
             lines.append("measured: " + ", ".join(f"{k} {v:.2f} ms"
                                                   for k, v in schedule.measured_ms.items())
                          + f" (critical-path bound {schedule.bound_ms:.2f} ms)")
+        if self.metadata.get("tuning_db"):
+            db = self.metadata["tuning_db"]
+            lines.append(f"tuning database: {db['hits']} of {db['kernels']} kernels tuned, "
+                         f"from {db['path']} (sha256 {db['sha256'][:16]}...)")
         if self.metadata.get("verification"):
             lines.append("verification: " + self.metadata["verification"])
         return "\n".join(lines)

@@ -19,19 +19,39 @@ from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.schedules import schedule_cpu
 
 
-def lower_cpu(mod, target, *, fast_math: bool = True):
+def fuse_cpu(mod, target, *, fast_math: bool = True):
+    """Legalize and fuse: the kernels that get scheduled, and that ``mmcompile tune`` tunes
+    (:mod:`.tuning` extracts its tasks from this function's result)."""
+    if fast_math:
+        mod = FastMath()(mod)  # before LegalizeOps, so FuseOps sees ordinary call_tir kernels
+    with target:
+        return relax.get_pipeline("zero")(mod)
+
+
+def lower_cpu(mod, target, *, fast_math: bool = True, tuning_db=None):
     """Legalize, fuse and schedule ``mod`` for an LLVM CPU ``target``.
 
     Args:
         mod: the Relax IRModule after ``DecomposeOpsForInference``.
         target: the ``tvm.target.Target`` (llvm, with ``mcpu``).
         fast_math: rewrite sigmoid/gelu/softmax/exp/erf/tanh to vectorizable polynomials.
+        tuning_db: a database folder from ``mmcompile tune``: its tuned schedules replace the
+            default ones where they were faster.
 
     Returns:
-        The IRModule, ready for ``tvm.compile(mod, target=target)``.
+        ``(mod, facts)``: the IRModule, ready for ``tvm.compile(mod, target=target)``, and
+        facts for the manifest (``{"tuning": {"hits": n, "kernels": m}}`` with a database).
+
+    Raises:
+        TuningDBError: ``tuning_db`` is missing, corrupt or for another CPU.
     """
-    if fast_math:
-        mod = FastMath()(mod)  # before LegalizeOps, so FuseOps sees ordinary call_tir kernels
-    with target:
-        mod = relax.get_pipeline("zero")(mod)
-    return schedule_cpu(mod, target)
+    mod = fuse_cpu(mod, target, fast_math=fast_math)
+    facts = {}
+    if tuning_db:
+        from tvm import tirx
+
+        from mmcompile.targets.tvm.tuning import apply_database
+        mod, hits = apply_database(mod, target, tuning_db)  # schedule_cpu skips these kernels
+        kernels = sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items())
+        facts["tuning"] = {"hits": hits, "kernels": kernels}
+    return schedule_cpu(mod, target), facts

@@ -67,11 +67,14 @@ class _TVMTarget(Target):
         raise NotImplementedError
 
     def _lower(self, mod, target, options: CompileOptions):
-        """Relax (after import) -> scheduled module: the zero pipeline, then the schedules."""
+        """Relax (after import) -> (scheduled module, facts for the manifest): the zero
+        pipeline, then the schedules."""
         from tvm import relax
+        if options.config.get("tuning_db"):
+            raise TargetError(f"{self.name}: tuning databases apply to the 'cpu' target only")
         with target:
             mod = relax.get_pipeline("zero")(mod)
-        return self._schedule(mod, target)
+        return self._schedule(mod, target), {}
 
     def compile(self, graph: Graph, options: CompileOptions) -> Executable:
         import tvm
@@ -81,7 +84,10 @@ class _TVMTarget(Target):
         mod = import_relax(graph, self.name)
         options.progress("lowering and scheduling")
         with native_log_to([]):
-            mod = self._lower(mod, target, options)
+            mod, facts = self._lower(mod, target, options)
+        if "tuning" in facts:
+            options.progress(f"tuning database: {facts['tuning']['hits']} of "
+                             f"{facts['tuning']['kernels']} kernels tuned")
         options.progress(f"generating code for {target.kind.name}")
         try:
             # In the target's scope: TVM's CUDA compile callback reads the arch from it.
@@ -93,7 +99,7 @@ class _TVMTarget(Target):
         info = {"inputs": [t.name for t in graph.gs.inputs],
                 "outputs": [t.name for t in graph.gs.outputs],
                 "tvm_target": str(target), "versions": {"tvm": _tvm_version()},
-                "detail": self._detail(target)}
+                "detail": self._detail(target), **facts}
         return self._executable(executable, info, options)
 
     def _detail(self, target) -> str:
@@ -134,7 +140,8 @@ class TVMCpuTarget(_TVMTarget):
     def _lower(self, mod, target, options: CompileOptions):
         # config["fast_math"]=False keeps libm's exp/erf/tanh (bit-closer to onnxruntime).
         from mmcompile.targets.tvm.lowering import lower_cpu
-        return lower_cpu(mod, target, fast_math=bool(options.config.get("fast_math", True)))
+        return lower_cpu(mod, target, fast_math=bool(options.config.get("fast_math", True)),
+                         tuning_db=options.config.get("tuning_db"))
 
 
 @register_target
