@@ -70,13 +70,13 @@ class BlockedMatmul(dl.ScheduleRule):
         kinds = main.dom_kind()
         spatial = [i for i, k in enumerate(kinds) if k == "S"]
         reduce_ = [i for i, k in enumerate(kinds) if k == "R"]
-        if len(spatial) < 2 or not reduce_:
+        if not spatial or not reduce_:
             return None
-        vec = spatial[-1]
+        vec = _vector_axis(sch, main.block_rv, spatial, lanes)
         cols = extent(sch, sch.get_loops(main.block_rv)[vec])
         if cols is None:
             return None
-        if cols % lanes and cols > lanes:
+        if vec == spatial[-1] and cols % lanes and cols > lanes:
             try:  # einsum only (matmul); a convolution keeps the predicated tail
                 sch.pad_einsum(main.block_rv, [lanes if i == vec else 1 for i in range(len(kinds))])
                 infos, main = _reduction(sch)
@@ -91,10 +91,14 @@ class BlockedMatmul(dl.ScheduleRule):
         accesses = [_index_vars(r.region) for r in block.reads]
         broadcast = [vs for vs in accesses if ivars[vec] not in vs]
         vector = [vs for vs in accesses if ivars[vec] in vs]
-        row = next((i for i in reversed(spatial[:-1])
+        # A matrix-vector product (batch 1: its unit row loop is normalized away) has no row
+        # axis: tiles of columns only, each streaming the weight rows.
+        rest = [i for i in spatial if i != vec]
+        row = next((i for i in reversed(rest)
                     if any(ivars[i] in vs for vs in broadcast)
-                    and not any(ivars[i] in vs for vs in vector)), spatial[-2])
-        rows = extent(sch, loops[row])
+                    and not any(ivars[i] in vs for vs in vector)),
+                   rest[-1] if rest else None)
+        rows = extent(sch, loops[row]) if row is not None else 1
         if rows is None:
             return None
         if cols % lanes == 0:
@@ -106,18 +110,25 @@ class BlockedMatmul(dl.ScheduleRule):
             if width < 4:
                 return None
             jo, jn, ji = sch.split(loops[vec], [None, 1, width])
-        mi = _largest_divisor(rows, 6 if nj == 2 else 8)
-        io, ii = sch.split(loops[row], [None, mi])
-        others = [loops[i] for i in spatial[:-1] if i != row]
+        others = [loops[i] for i in rest if i != row]
         reduce_loops = [loops[i] for i in reduce_]
-        sch.reorder(*others, io, jo, *reduce_loops, ii, jn, ji)
-        outer = sch.fuse(*others, io, jo)
+        if row is None:
+            ii = None
+            sch.reorder(*others, jo, *reduce_loops, jn, ji)
+            outer = sch.fuse(*others, jo) if others else jo
+        else:
+            mi = _largest_divisor(rows, 6 if nj == 2 else 8)
+            io, ii = sch.split(loops[row], [None, mi])
+            sch.reorder(*others, io, jo, *reduce_loops, ii, jn, ji)
+            outer = sch.fuse(*others, io, jo)
         sch.parallel(outer)  # before decompose_reduction, which otherwise rejects the schedule
         acc = sch.cache_write(main.block_rv, 0, "local")
+        _vector_dim_last(sch, main.block_rv, ivars[vec])
         sch.reverse_compute_at(acc, outer)
         sch.vectorize(ji)
         sch.unroll(jn)
-        sch.unroll(ii)
+        if ii is not None:
+            sch.unroll(ii)
         sch.decompose_reduction(main.block_rv, reduce_loops[0])
         epilogues = [rv for rv, producer in neighbours if not producer]
         if not within_reduction(sch, main.block_rv, epilogues):
@@ -137,6 +148,64 @@ class BlockedMatmul(dl.ScheduleRule):
                 _vectorize_innermost(sch, block_rv, lanes)
         _vectorize_innermost(sch, acc, lanes)
         return sch
+
+
+def _coefficient(expr, var) -> int | None:
+    """The integer coefficient of ``var`` in an affine index ``expr`` (None: not affine)."""
+    if expr.same_as(var):
+        return 1
+    if var not in tirx.analysis.undefined_vars(expr):
+        return 0
+    if isinstance(expr, (tirx.Add, tirx.Sub)):
+        a, b = _coefficient(expr.a, var), _coefficient(expr.b, var)
+        if a is None or b is None:
+            return None
+        return a + b if isinstance(expr, tirx.Add) else a - b
+    if isinstance(expr, tirx.Mul):
+        for factor, other in ((expr.a, expr.b), (expr.b, expr.a)):
+            if isinstance(factor, tirx.IntImm):
+                c = _coefficient(other, var)
+                return None if c is None else c * int(factor)
+    return None
+
+
+def _unit_stride(region, var) -> bool:
+    """``var`` indexes only the last dimension of ``region``, with coefficient 1."""
+    *outer, last = region
+    if any(var in tirx.analysis.undefined_vars(r.min) for r in outer):
+        return False
+    return _coefficient(last.min, var) == 1
+
+
+def _vector_axis(sch, block_rv, spatial, lanes) -> int:
+    """The spatial axis to vectorize: the innermost one whose extent is a multiple of the
+    vector length and that every operand it indexes reads contiguously (for a convolution
+    with packed weights: the output width at stride 1, else the output channels); the
+    innermost spatial axis when none qualifies."""
+    block = sch.get(block_rv)
+    loops = sch.get_loops(block_rv)
+    ivars = [iv.var for iv in block.iter_vars]
+    for i in reversed(spatial):
+        n = extent(sch, loops[i])
+        if not n or n % lanes:
+            continue
+        using = [r.region for r in block.reads if ivars[i] in _index_vars(r.region)]
+        if using and all(_unit_stride(region, ivars[i]) for region in using):
+            return i
+    return spatial[-1]
+
+
+def _vector_dim_last(sch, block_rv, var) -> None:
+    """Lay the block's (local accumulator) output out with ``var``'s dimension last, so one
+    vector of the tile is contiguous and stays in a register (vectorizing the output channels
+    of an NCHW accumulator would otherwise make every lane a strided access)."""
+    region = sch.get(block_rv).writes[0].region
+    dims = [i for i, r in enumerate(region) if var in tirx.analysis.undefined_vars(r.min)]
+    if len(dims) != 1 or dims[0] == len(region) - 1:
+        return
+    k = dims[0]
+    sch.transform_layout(block_rv, ("write", 0),
+                         lambda *idx: [*idx[:k], *idx[k + 1:], idx[k]])
 
 
 def _is_producer(sch, block_rv, main_rv) -> bool:

@@ -16,12 +16,14 @@ from __future__ import annotations
 from tvm import relax
 
 from mmcompile.targets.tvm.fast_math import FastMath
+from mmcompile.targets.tvm.layout import PackConvWeights
 from mmcompile.targets.tvm.schedules import schedule_cpu
 
 
 def fuse_cpu(mod, target, *, fast_math: bool = True):
     """Legalize and fuse: the kernels that get scheduled, and that ``mmcompile tune`` tunes
     (:mod:`.tuning` extracts its tasks from this function's result)."""
+    mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
     if fast_math:
         mod = FastMath()(mod)  # before LegalizeOps, so FuseOps sees ordinary call_tir kernels
     with target:
