@@ -77,7 +77,9 @@ def graph():
 
 @pytest.fixture(scope="module")
 def compiled(graph):
-    model = mmcompile.compile(graph)  # verify=True on random inputs, schedule "auto"
+    # verify=True on random inputs; "parallel" keeps the branches as stages ("auto" may
+    # choose the whole graph as one stage)
+    model = mmcompile.compile(graph, schedule="parallel")
     yield model
     model.close()
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from mmcompile.bench import BenchError, suite
 
@@ -54,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="outputs match when max|got - ref| <= TOL * max(1, max|ref|) "
                         "(default: %(default)s)")
+    p.add_argument("--tuning-db", metavar="DIR",
+                   help="also run 'mmcompile-tuned': mmcompile compiled with this database "
+                        "from 'mmcompile tune' (next to untuned mmcompile, in the same run)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -77,9 +81,19 @@ def _options(args: argparse.Namespace):
                         ("--tolerance", args.tolerance)):
         if not value > 0:
             raise BenchError(f"{flag} must be positive, got {value}")
+    tuning_db = None
+    if args.tuning_db:
+        from mmcompile.tune.database import database_info
+        database_info(args.tuning_db)  # a missing or corrupt database fails before any run
+        tuning_db = str(Path(args.tuning_db).resolve())
+        if "mmcompile-tuned" not in engines:
+            at = engines.index("mmcompile") + 1 if "mmcompile" in engines else len(engines)
+            engines.insert(at, "mmcompile-tuned")
+    elif "mmcompile-tuned" in engines:
+        raise BenchError("engine 'mmcompile-tuned' needs --tuning-db DIR")
     return BenchOptions(engines=engines, batches=batches, threads=args.threads,
                         repeat=args.repeat, warmup=args.warmup, max_time=args.max_time,
-                        timeout=args.timeout, tolerance=args.tolerance)
+                        timeout=args.timeout, tolerance=args.tolerance, tuning_db=tuning_db)
 
 
 def run(args: argparse.Namespace) -> int:

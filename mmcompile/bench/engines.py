@@ -82,6 +82,9 @@ class MMCompileEngine(Engine):
     name = "mmcompile"
     schedule = "auto"
 
+    def tuning_db(self, job: Mapping[str, Any]) -> str | None:
+        return None
+
     def import_libraries(self, job: Mapping[str, Any]) -> None:
         import tvm  # noqa: F401  (importing TVM takes seconds; it is not compilation)
 
@@ -91,7 +94,7 @@ class MMCompileEngine(Engine):
     def prepare(self, model: Any, job: Mapping[str, Any]) -> tuple[RunFn, dict[str, Any]]:
         import mmcompile
         compiled = mmcompile.compile(model, target="cpu", verify=False, threads=job["threads"],
-                                     schedule=self.schedule)
+                                     schedule=self.schedule, tuning_db=self.tuning_db(job))
 
         def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {k: np.asarray(v) for k, v in compiled.run(feeds).items()}
@@ -118,6 +121,16 @@ class MMCompileParallelEngine(MMCompileEngine):
 
     name = "mmcompile-parallel"
     schedule = "parallel"
+
+
+@register_engine
+class MMCompileTunedEngine(MMCompileEngine):
+    """mmcompile with the schedules of ``bench --tuning-db`` (issue: autotuning)."""
+
+    name = "mmcompile-tuned"
+
+    def tuning_db(self, job: Mapping[str, Any]) -> str | None:
+        return job["tuning_db"]
 
 
 @register_engine

@@ -62,6 +62,7 @@ class BenchOptions:
         min_runs: the fewest timed calls, whatever ``max_time`` says.
         timeout: seconds one engine process may take in all (import, compile, runs).
         tolerance: outputs match when ``max|got - ref| <= tolerance * max(1, max|ref|)``.
+        tuning_db: the database the ``mmcompile-tuned`` engine compiles with.
     """
 
     engines: Sequence[str]
@@ -73,6 +74,7 @@ class BenchOptions:
     min_runs: int = 3
     timeout: float = 600.0
     tolerance: float = 1e-3
+    tuning_db: str | None = None
 
 
 @dataclass
@@ -228,7 +230,8 @@ def make_job(workload: Workload, engine: str, variant: str, options: BenchOption
             "result": f"{stem}.result.json", "log": f"{stem}.log",
             "output_names": list(workload.reference), "threads": threads,
             "repeat": options.repeat, "warmup": options.warmup, "max_time": options.max_time,
-            "min_runs": options.min_runs, "inductor_cache": f"{stem}.inductor"}
+            "min_runs": options.min_runs, "inductor_cache": f"{stem}.inductor",
+            "tuning_db": options.tuning_db}
 
 
 def child_env(job: dict[str, Any]) -> dict[str, str]:
