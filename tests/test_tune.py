@@ -123,8 +123,12 @@ def test_second_job_reuses_tasks_and_stops_on_time_budget(tuned, tmp_path):
 
 def test_branch_stages_share_one_task(tmp_path):
     model = _matmul_model(tmp_path / "two.onnx", branches=2)
-    graph, backend, plans = plan_stages(model, modalities={"x0": "image", "x1": "text"})
+    modalities = {"x0": "image", "x1": "text"}
+    graph, backend, plans = plan_stages(model, modalities=modalities, schedule="parallel")
     assert len(plans) == 2
+    # auto compiles the stages and the whole graph: both are tuned
+    _, _, both = plan_stages(model, modalities=modalities)
+    assert [p.name for p in both] == [p.name for p in plans] + ["main"]
     from mmcompile.target import CompileOptions
     from mmcompile.tune import find_tuner
     tuner = find_tuner(backend, CompileOptions())

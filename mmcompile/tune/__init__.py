@@ -77,9 +77,14 @@ def plan_stages(model: Any, target: str = "cpu", *, passes: str = "default", opt
     ctx = PassContext(opt_level=opt_level, disabled_passes=frozenset(disabled_passes))
     optimized = optimize(graph, passes, ctx=ctx).graph
     backend.check(optimized)
-    if check_kind(schedule) != "sequential":
-        optimize(optimized, "annotate-branches", inplace=True)
-    return graph, backend, partition(optimized)
+    whole = partition(optimized)  # what "sequential" compiles, and "auto" as one candidate
+    if check_kind(schedule) == "sequential":
+        return graph, backend, whole
+    optimize(optimized, "annotate-branches", inplace=True)
+    staged = partition(optimized)
+    # "auto" compiles both the stages and the whole graph and keeps the faster: tune both
+    # (kernels they share are one task).
+    return graph, backend, staged + (whole if schedule == "auto" and len(staged) > 1 else [])
 
 
 def find_tuner(backend, options: CompileOptions):
