@@ -155,12 +155,6 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     metadata = {"pipeline": str(result.pipeline), "nodes_before": result.nodes_before,
                 "nodes_after": result.nodes_after, "source": graph.name,
                 "versions": stages[0].info.get("versions", {})}
-    if db_info is not None:
-        used = [st.info.get("tuning", {}) for st in stages]
-        metadata["tuning_db"] = {**db_info, "hits": sum(u.get("hits", 0) for u in used),
-                                 "kernels": sum(u.get("kernels", 0) for u in used)}
-        say(f"tuning database {tuning_db}: {metadata['tuning_db']['hits']} of "
-            f"{metadata['tuning_db']['kernels']} kernels tuned")
     compiled = CompiledModel(Signature.from_graph(optimized), stages, target, metadata)
     feeds = (_as_numpy(example_inputs, [t.name for t in graph.gs.inputs])
              if example_inputs is not None else random_inputs(graph, seed=0))
@@ -175,6 +169,13 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
                                   _compile_stages(whole_plans, backend, options, say),
                                   target, metadata)
             compiled = _faster(compiled, whole, feeds, measure, say)
+    if db_info is not None:  # of the stages kept
+        used = [st.info.get("tuning", {}) for st in compiled.stages]
+        compiled.metadata["tuning_db"] = {**db_info,
+                                          "hits": sum(u.get("hits", 0) for u in used),
+                                          "kernels": sum(u.get("kernels", 0) for u in used)}
+        say(f"tuning database {tuning_db}: {compiled.metadata['tuning_db']['hits']} of "
+            f"{compiled.metadata['tuning_db']['kernels']} kernels tuned")
     if verify:
         say("verifying against onnxruntime")
         compiled.metadata["verification"] = verify_compiled(compiled, graph, feeds, tolerance)

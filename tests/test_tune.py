@@ -110,6 +110,38 @@ def test_compile_applies_faster_records_only(tuned, tmp_path, capsys):
     assert mmcompile.compile(model, tuning_db=db, verify=False).metadata["tuning_db"]["hits"] == 0
 
 
+def test_a_record_that_does_not_replay_keeps_the_default_schedule(tuned, tmp_path):
+    # Workloads match structurally, ignoring block names; traces look blocks up by name. A
+    # record tuned on one layer once aborted the compile of an identical layer named otherwise.
+    import tvm
+    from tvm import tirx
+
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import fuse_cpu
+    from mmcompile.targets.tvm.target import import_relax
+    from mmcompile.targets.tvm.tuning import apply_database
+    model, db, _ = tuned
+    db = _copy(db, tmp_path)
+    meta = json.loads((db / META).read_text())
+    next(iter(meta["tasks"].values()))["untuned_ms"] = 1e6  # the record would be chosen
+    (db / META).write_text(json.dumps(meta))
+    _, _, plans = plan_stages(model)
+    target = llvm_target()
+
+    def fused():
+        return fuse_cpu(import_relax(plans[0].graph, "cpu"), target)
+
+    assert apply_database(fused(), target, db)[1] == 1
+    mod = fused()
+    (gv, func), = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    text = func.script()
+    assert 'T.sblock("matmul")' in text
+    mod[gv] = tvm.script.from_source(text.replace('T.sblock("matmul")', 'T.sblock("renamed")'))
+    with pytest.warns(UserWarning, match="did not replay"):
+        mod, hits = apply_database(mod, target, db)
+    assert hits == 0
+
+
 def test_second_job_reuses_tasks_and_stops_on_time_budget(tuned, tmp_path):
     model, db, _ = tuned
     db = _copy(db, tmp_path)

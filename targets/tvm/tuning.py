@@ -260,20 +260,25 @@ def apply_database(mod, target, db_path) -> tuple[Any, int]:
     database at ``db_path`` holds for them, where it beat the default schedule; the others stay
     unscheduled for ``schedule_cpu``. Returns ``(mod, hits)``, hits = functions replaced.
 
+    Each record's trace is replayed here rather than by ``MetaScheduleApplyDatabase``: a
+    workload matches structurally, ignoring block names, but a trace looks blocks up by name,
+    so a record tuned on one layer can fail to replay on an identical layer whose blocks are
+    named differently (measured: ``Cannot find a block with the name: lv56_sum`` on CLIP's
+    layer norms, aborting the compile). Such a kernel keeps its default schedule.
+
     Raises:
         TuningDBError: the database is missing, corrupt or was measured for another CPU
             architecture (a different core count or host CPU only warns).
     """
-    from tvm import relax, tirx
-    from tvm.s_tir import meta_schedule as ms
+    from tvm import s_tir, tirx
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
     db = TuningDB.open(db_path)
     for note in db.check_target(target_info(target), STRICT_KEYS, host_info()):
         warnings.warn(note, stacklevel=2)
     source = _json_database(db)
-    chosen = ms.database.MemoryDatabase()
-    hits, stale = 0, 0
-    for _, func in mod.functions_items():
+    hits, stale, unreplayable = 0, 0, 0
+    updates = {}
+    for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or (func.attrs and
                                                    func.attrs.get("tirx.is_scheduled")):
             continue
@@ -287,17 +292,27 @@ def apply_database(mod, target, db_path) -> tuple[Any, int]:
             stale, untuned = stale + 1, None  # the default changed since: cannot compare
         if not top or (untuned is not None and _mean_ms(top[0].run_secs) >= untuned):
             continue
-        record = top[0]
-        chosen.commit_tuning_record(ms.database.TuningRecord(
-            record.trace, chosen.commit_workload(workload), record.run_secs, record.target,
-            record.args_info))
+        try:
+            with target, native_log_to([]):
+                sch = s_tir.Schedule(workload)
+                top[0].trace.apply_to_schedule(sch, remove_postproc=False)
+        except Exception:  # noqa: BLE001 - TVM raises several types; the default still works
+            unreplayable += 1
+            continue
+        tuned = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        if not (func.attrs and "global_symbol" in func.attrs):  # normalizing named it "main"
+            tuned = tuned.without_attr("global_symbol")
+        updates[gv] = tuned
         hits += 1
     if stale:
         warnings.warn(f"tuning database {db.path}: the default schedule of {stale} kernel(s) "
                       f"changed since it was measured (a newer mmcompile?); their tuned "
                       f"schedules are used unchecked: 'mmcompile tune' again re-measures them",
                       stacklevel=2)
-    if hits:
-        with target, chosen, native_log_to([]):
-            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    if unreplayable:
+        warnings.warn(f"tuning database {db.path}: {unreplayable} tuned schedule(s) did not "
+                      f"replay on a structurally identical kernel; those keep the default",
+                      stacklevel=2)
+    for gv, func in updates.items():
+        mod[gv] = func
     return mod, hits
