@@ -142,6 +142,26 @@ def test_a_record_that_does_not_replay_keeps_the_default_schedule(tuned, tmp_pat
     assert hits == 0
 
 
+def test_records_filed_under_a_differently_named_kernel_are_skipped_then_removed(tuned,
+                                                                                 tmp_path):
+    # MetaSchedule files a record under a structurally equal workload whatever its block
+    # names; such a record then refuses to load and took the whole database down with it.
+    model, db, _ = tuned
+    db = _copy(db, tmp_path)
+    meta = json.loads((db / META).read_text())
+    next(iter(meta["tasks"].values()))["untuned_ms"] = 1e6
+    (db / META).write_text(json.dumps(meta))
+    good = (db / RECORDS).read_text().splitlines()[0]
+    with open(db / RECORDS, "a") as f:
+        f.write(good.replace('["matmul","main"]', '["renamed","main"]') + "\n")
+    with pytest.warns(UserWarning, match="1 record"):
+        compiled = mmcompile.compile(model, tuning_db=db)  # verifies against onnxruntime
+    assert compiled.metadata["tuning_db"]["hits"] == 1  # the good records still apply
+    report = tune(model, db=str(db), **{**TINY, "trials": 4})
+    assert any("removed 1 record" in n for n in report.notes)
+    assert "renamed" not in (db / RECORDS).read_text()
+
+
 def test_second_job_reuses_tasks_and_stops_on_time_budget(tuned, tmp_path):
     model, db, _ = tuned
     db = _copy(db, tmp_path)

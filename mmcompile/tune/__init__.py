@@ -210,6 +210,9 @@ def tune(model: Any, *, db: str | os.PathLike, target: str = "cpu", trials: int 
             stages={p.name: [t.key for t in tasks if p.name in t.stages] for p in plans},
             last_seen=now())
         with tuner.session(tdb, rpc, cost_model, seed) as session:
+            if getattr(session, "dropped", 0):
+                notes.append(f"removed {session.dropped} record(s) filed under a same-shaped "
+                             f"kernel whose blocks are named otherwise (they do not replay)")
             # Unknown kernels, and kernels whose default schedule changed (a newer mmcompile).
             fresh = [t for t in tasks if tdb.meta["tasks"].get(t.key, {}).get("untuned_ms")
                      is None or tdb.meta["tasks"][t.key].get("default") != t.default]

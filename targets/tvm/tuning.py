@@ -129,8 +129,13 @@ class TuningSession:
         import_cpu_tensor_intrinsics()
         self.tuner, self.db, self.seed, self.cost_model = tuner, db, seed, cost_model
         self.target = tuner.target
+        self.dropped = 0
         with native_log_to([]):
-            self.database = ms.database.JSONDatabase(work_dir=str(db.path))
+            try:
+                self.database = ms.database.JSONDatabase(work_dir=str(db.path))
+            except Exception:  # noqa: BLE001 - records that do not replay (see _read_records)
+                self.dropped = _drop_unloadable_records(db)
+                self.database = ms.database.JSONDatabase(work_dir=str(db.path))
         self.builder = PoolBuilder(max_workers=tuner.threads)
         with ThreadPoolExecutor(1) as pool:  # both start processes that import TVM (~6 s)
             runner = pool.submit(make_runner, rpc, tuner.threads)
@@ -251,8 +256,72 @@ def _json_database(db: TuningDB):
     if key not in _LOADED:
         _LOADED.clear()  # one database at a time: a model compiles with one
         with db.clean_copy() as folder, native_log_to([]):
-            _LOADED[key] = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=False)
+            try:
+                _LOADED[key] = ms.database.JSONDatabase(work_dir=str(folder),
+                                                        allow_missing=False)
+            except Exception:  # noqa: BLE001 - a record that does not load: see _read_records
+                _LOADED[key], _, dropped = _read_records(folder)
+                warnings.warn(f"tuning database {db.path}: {dropped} record(s) do not replay on "
+                              f"their kernel and are ignored ('mmcompile tune' removes them)",
+                              stacklevel=3)
     return _LOADED[key]
+
+
+def _read_records(folder) -> tuple[Any, list[str], int]:
+    """Load a MetaSchedule JSON database record by record into memory, skipping records whose
+    trace does not replay on the workload they are filed under.
+
+    MetaSchedule files a record under an existing workload when the kernels are structurally
+    equal, ignoring block names; a trace tuned on ``lv90_sum`` then fails to replay on the
+    stored ``lv56_sum`` kernel, and ``JSONDatabase`` refuses the whole database (measured
+    after a 12-minute CLIP job: ``parallel_for_dynamic error``).
+
+    Returns:
+        ``(MemoryDatabase, record lines kept, records dropped)``.
+    """
+    import json
+
+    from tvm.s_tir import meta_schedule as ms
+    from mmcompile.tune.database import RECORDS, WORKLOADS
+    memory = ms.database.MemoryDatabase()
+    workloads, committed = [], []
+    for line in (folder / WORKLOADS).read_text().splitlines():
+        if line.strip():
+            workloads.append(ms.database.Workload.from_json(json.loads(line)))
+            committed.append(memory.commit_workload(workloads[-1].mod))
+    kept, dropped = [], 0
+    records = folder / RECORDS
+    for line in (records.read_text().splitlines() if records.exists() else []):
+        if not line.strip():
+            continue
+        index, data = json.loads(line)
+        try:
+            record = ms.database.TuningRecord.from_json(data, workloads[index])
+        except Exception:  # noqa: BLE001 - TVM raises several types for a bad trace
+            dropped += 1
+            continue
+        memory.commit_tuning_record(ms.database.TuningRecord(
+            record.trace, committed[index], record.run_secs, record.target, record.args_info))
+        kept.append(line)
+    return memory, kept, dropped
+
+
+def _drop_unloadable_records(db: TuningDB) -> int:
+    """Rewrite the records file without the records :func:`_read_records` skips (the job
+    holds the database lock); returns how many were dropped."""
+    import os
+    import tempfile
+
+    from mmcompile.tune.database import RECORDS
+    _, kept, dropped = _read_records(db.path)
+    if dropped:
+        fd, tmp = tempfile.mkstemp(dir=db.path, prefix=".records-")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, db.path / RECORDS)
+    return dropped
 
 
 def apply_database(mod, target, db_path) -> tuple[Any, int]:
