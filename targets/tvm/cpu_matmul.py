@@ -117,7 +117,8 @@ class BlockedMatmul(dl.ScheduleRule):
             sch.reorder(*others, jo, *reduce_loops, jn, ji)
             outer = sch.fuse(*others, jo) if others else jo
         else:
-            mi = _largest_divisor(rows, 6 if nj == 2 else 8)
+            # 2 x mi accumulators: AVX-512 (16 lanes) has 32 vector registers, AVX2 16.
+            mi = _largest_divisor(rows, (8 if lanes >= 16 else 6) if nj == 2 else 8)
             io, ii = sch.split(loops[row], [None, mi])
             sch.reorder(*others, io, jo, *reduce_loops, ii, jn, ji)
             outer = sch.fuse(*others, io, jo)

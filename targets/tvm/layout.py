@@ -9,9 +9,9 @@ schedule (:mod:`.cpu_matmul`) can vectorize along them instead and broadcast inp
 the layout MLAS and oneDNN use for the same reason. Data and outputs stay ``NCHW``: nothing
 else in the graph changes and no layout transform runs at inference time.
 
-Measured (2 threads, AV-MNIST / MM-IMDb suite models, batch 1): the 32->64 3x3 convolution on
-28x28 1.25 ms -> see the closing note of the performance issue; the stride-2 32->64 on 48x48
-2.4 ms -> see the same.
+Measured (2 threads, batch 1, kernel times): AV-MNIST's 32->64 3x3 convolution on 28x28
+1.25 -> 0.22 ms; MM-IMDb's stride-2 32->64 3x3 on 48x48 2.41 -> 0.30 ms; whole models
+AV-MNIST 2.21 -> 1.18 ms, MM-IMDb 3.38 -> 1.03 ms, late fusion 1.13 -> 0.87 ms.
 """
 
 from __future__ import annotations
