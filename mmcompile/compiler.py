@@ -198,8 +198,8 @@ def _compile_stages(plans: Sequence[StagePlan], backend, options: CompileOptions
 def _faster(staged: CompiledModel, whole: CompiledModel, feeds: Mapping[str, np.ndarray],
             measure: bool, say: Callable[[str], None], runs: int = 21) -> CompiledModel:
     """``auto``: the staged model on its parallel schedule or the whole graph sequentially,
-    whichever is faster. Runs alternate between the two so that a burst of load on a shared
-    machine hits both; without measuring, the cost estimates decide."""
+    whichever is faster. Blocks of runs alternate between the two so that a burst of load on
+    a shared machine hits both; without measuring, the cost estimates decide."""
     parallel = staged.schedule
     if parallel.kind != "parallel":  # the planner found nothing to overlap
         chosen, measured = whole, {}
@@ -211,11 +211,16 @@ def _faster(staged: CompiledModel, whole: CompiledModel, feeds: Mapping[str, np.
         for _ in range(2):
             staged.run(feeds)
             whole.run(feeds)
-        for _ in range(runs):
+        # Blocks of runs, not single runs in turn: a run leaves TVM's pool threads spinning
+        # for a while, which would slow whichever model runs next.
+        block = max(1, runs // 3)
+        for _ in range(3):
             for kind, model in (("parallel", staged), ("sequential", whole)):
-                start = time.perf_counter()
                 model.run(feeds)
-                times[kind].append((time.perf_counter() - start) * 1e3)
+                for _ in range(block):
+                    start = time.perf_counter()
+                    model.run(feeds)
+                    times[kind].append((time.perf_counter() - start) * 1e3)
         measured = {k: float(np.median(times[k])) for k in ("sequential", "parallel")}
         chosen = staged if measured["parallel"] < measured["sequential"] else whole
     loser = whole if chosen is staged else staged

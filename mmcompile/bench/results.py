@@ -64,6 +64,8 @@ def make_row(model: str, batch: int, engine: str, result: Mapping[str, Any],
                max_err=float(f"{worst:.3g}") if math.isfinite(worst) else None, runs=len(times),
                import_s=_round(result["import_s"], 2), base_rss_mb=_round(result["base_rss_mb"], 1),
                detail=result.get("detail", ""), wall_s=_round(result.get("wall_s"), 1))
+    if "schedule" in result:  # mmcompile: the branch schedule it ran (issue: branch scheduling)
+        row["schedule"] = result["schedule"]
     if problem:
         row["error"] = problem
     return row
