@@ -32,6 +32,13 @@ def configure_threads(threads: int) -> None:
     environment variable is set, unless the user already chose a value.
     """
     os.environ.setdefault("TVM_NUM_THREADS", str(threads or available_cores()))
+    # An idle pool thread spins (sched_yield) this many times before it sleeps. TVM's default,
+    # 300000, keeps each helper busy for ~0.2-1 s after every run and after a pool starts,
+    # stealing a core from whatever runs next: measured on Whisper-text (2 cores), the
+    # whole-graph model ran 0.55 ms alone but 0.76-0.98 ms while a parallel schedule's
+    # workers existed or had just closed. 10000 (~10 ms) still covers the microsecond gaps
+    # between kernels of one run (no change alone: 0.542 vs 0.545 ms).
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "10000")
 
 
 def configure_worker_thread(threads: int) -> None:
