@@ -196,7 +196,7 @@ def _compile_stages(plans: Sequence[StagePlan], backend, options: CompileOptions
 
 
 def _faster(staged: CompiledModel, whole: CompiledModel, feeds: Mapping[str, np.ndarray],
-            measure: bool, say: Callable[[str], None], runs: int = 21) -> CompiledModel:
+            measure: bool, say: Callable[[str], None], runs: int = 11) -> CompiledModel:
     """``auto``: the staged model on its parallel schedule or the whole graph sequentially,
     whichever is faster. Blocks of runs alternate between the two so that a burst of load on
     a shared machine hits both; without measuring, the cost estimates decide."""
@@ -207,21 +207,21 @@ def _faster(staged: CompiledModel, whole: CompiledModel, feeds: Mapping[str, np.
         sequential_ms = sum(s.info.get("cost_ms", 0.0) for s in staged.stages)
         chosen, measured = (staged if parallel.estimate_ms < sequential_ms else whole), {}
     else:
-        times: dict[str, list[float]] = {"parallel": [], "sequential": []}
-        for _ in range(2):
-            staged.run(feeds)
-            whole.run(feeds)
         # Blocks of runs, not single runs in turn: a run leaves TVM's pool threads spinning
-        # for a while, which would slow whichever model runs next.
-        block = max(1, runs // 3)
-        for _ in range(3):
+        # for a while, which would slow whichever model runs next. Each candidate scores the
+        # best of its block medians: a burst of load on a shared machine spoils a block, not
+        # the choice.
+        blocks: dict[str, list[float]] = {"sequential": [], "parallel": []}
+        for _ in range(4):
             for kind, model in (("parallel", staged), ("sequential", whole)):
                 model.run(feeds)
-                for _ in range(block):
+                times = []
+                for _ in range(runs):
                     start = time.perf_counter()
                     model.run(feeds)
-                    times[kind].append((time.perf_counter() - start) * 1e3)
-        measured = {k: float(np.median(times[k])) for k in ("sequential", "parallel")}
+                    times.append((time.perf_counter() - start) * 1e3)
+                blocks[kind].append(float(np.median(times)))
+        measured = {k: min(v) for k, v in blocks.items()}
         chosen = staged if measured["parallel"] < measured["sequential"] else whole
     loser = whole if chosen is staged else staged
     loser.close()

@@ -20,7 +20,7 @@ NAME = "model.mmc"
 
 @pytest.fixture(scope="module")
 def compiled():
-    model = mmcompile.compile(two_branch_graph(), verify=False)
+    model = mmcompile.compile(two_branch_graph(), verify=False, schedule="parallel")  # stages
     yield model
     model.close()
 
