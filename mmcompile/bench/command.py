@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads per engine (default: all cores this process may use)")
     p.add_argument("--repeat", type=int, default=30,
                    help="timed runs per measurement, at most (default: %(default)s)")
+    p.add_argument("--warmup-time", type=float, default=0.5, metavar="SECONDS",
+                   help="and keep warming up for at least this long, every engine alike "
+                        "(default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed runs after the first call (default: %(default)s)")
     p.add_argument("--max-time", type=float, default=10.0, metavar="SECONDS",
@@ -74,6 +77,7 @@ def _options(args: argparse.Namespace):
         engines = ["mmcompile", *(parse_names(args.against) if args.against is not None
                                   else default)]
     for flag, value, low in (("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0),
+                             ("--warmup-time", args.warmup_time, 0),
                              ("--threads", args.threads, 0)):
         if value < low:
             raise BenchError(f"{flag} must be at least {low}, got {value}")
@@ -92,7 +96,8 @@ def _options(args: argparse.Namespace):
     elif "mmcompile-tuned" in engines:
         raise BenchError("engine 'mmcompile-tuned' needs --tuning-db DIR")
     return BenchOptions(engines=engines, batches=batches, threads=args.threads,
-                        repeat=args.repeat, warmup=args.warmup, max_time=args.max_time,
+                        repeat=args.repeat, warmup=args.warmup, warmup_s=args.warmup_time,
+                        max_time=args.max_time,
                         timeout=args.timeout, tolerance=args.tolerance, tuning_db=tuning_db)
 
 

@@ -57,7 +57,8 @@ class BenchOptions:
         batches: batch sizes.
         threads: threads every engine uses (0: all cores this process may run on).
         repeat: timed calls per measurement (at most).
-        warmup: untimed calls after the first one.
+        warmup: untimed calls after the first one (at least).
+        warmup_s: untimed seconds after the first call (at least).
         max_time: stop timing after this many seconds (once ``min_runs`` calls were timed).
         min_runs: the fewest timed calls, whatever ``max_time`` says.
         timeout: seconds one engine process may take in all (import, compile, runs).
@@ -70,6 +71,7 @@ class BenchOptions:
     threads: int = 0
     repeat: int = 30
     warmup: int = 3
+    warmup_s: float = 0.5
     max_time: float = 10.0
     min_runs: int = 3
     timeout: float = 600.0
@@ -229,7 +231,8 @@ def make_job(workload: Workload, engine: str, variant: str, options: BenchOption
             "inputs": str(workload.inputs), "outputs": f"{stem}.out.npz",
             "result": f"{stem}.result.json", "log": f"{stem}.log",
             "output_names": list(workload.reference), "threads": threads,
-            "repeat": options.repeat, "warmup": options.warmup, "max_time": options.max_time,
+            "repeat": options.repeat, "warmup": options.warmup,
+            "warmup_s": options.warmup_s, "max_time": options.max_time,
             "min_runs": options.min_runs, "inductor_cache": f"{stem}.inductor",
             "tuning_db": options.tuning_db}
 
