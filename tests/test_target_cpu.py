@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -26,6 +27,17 @@ def test_blocked_matmul_rule_schedules_a_matmul_with_epilogue():
     sch = BlockedMatmul._schedule(_matmul_relu_func(64, 128, 96), lanes=16)
     assert sch is not None
     assert any(inst.kind.name == "Parallel" for inst in sch.trace.insts)
+
+
+@pytest.mark.parametrize("mcpu, lanes", [("znver3", 8), ("haswell", 8), ("skylake-avx512", 16),
+                                         ("sapphirerapids", 16), ("x86-64", 4)])
+def test_vector_lanes_follow_the_cpu_features(mcpu, lanes):
+    # LLVM's reported vector width is 512 bits for every x86 CPU in this wheel: tiles sized
+    # from it spill the accumulators on AVX2 machines.
+    import tvm
+
+    from mmcompile.targets.tvm.schedule_util import lanes_for
+    assert lanes_for(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})) == lanes
 
 
 def test_pad_after_linear_is_not_left_uninitialised():
