@@ -93,6 +93,27 @@ def test_packed_conv_vectorizes_output_channels_when_width_does_not_fit():
         assert BlockedMatmul._schedule(func, lanes=16) is not None
 
 
+def _conv_vector_extent(func, lanes: int) -> int:
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    from mmcompile.targets.tvm.cpu_matmul import _vector_axis
+    sch = s_tir.Schedule(func)
+    main = next(b for b in normalize_prim_func(sch) if not b.is_injective())
+    spatial = [i for i, k in enumerate(main.dom_kind()) if k == "S"]
+    return int(sch.get(main.block_rv).iter_vars[_vector_axis(sch, main.block_rv, spatial,
+                                                                lanes)].dom.extent)
+
+
+def test_deep_packed_conv_vectorizes_output_channels_even_when_width_fits():
+    # Width 16 fits 8 lanes, but along the width every reduction step broadcasts one weight
+    # per output channel (load-bound); along the packed channels it broadcasts input pixels.
+    # 32 input channels x 3 x 3 = 288 deep: channels. 3 x 3 x 3 = 27 deep (a first layer):
+    # the width, whose write-back to NCHW is contiguous.
+    assert _conv_vector_extent(_conv_func("HWIO", 1, cin=32, cout=64, size=16), 8) == 64
+    assert _conv_vector_extent(_conv_func("HWIO", 1, cin=3, cout=64, size=16), 8) == 16
+
+
 def test_pack_conv_weights_rewrites_constant_weights_only():
     import tvm
     from tvm import relax

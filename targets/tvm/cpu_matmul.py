@@ -178,21 +178,49 @@ def _unit_stride(region, var) -> bool:
     return _coefficient(last.min, var) == 1
 
 
+# Below this reduction depth a convolution keeps its output width as the vector axis: each
+# output-channel tile is written back to NCHW with strided stores, which a short reduction
+# (a 3-channel first layer: 27) does not amortise.
+WEIGHT_VECTOR_MIN_DEPTH = 64
+
+
 def _vector_axis(sch, block_rv, spatial, lanes) -> int:
-    """The spatial axis to vectorize: the innermost one whose extent is a multiple of the
-    vector length and that every operand it indexes reads contiguously (for a convolution
-    with packed weights: the output width at stride 1, else the output channels); the
-    innermost spatial axis when none qualifies."""
+    """The spatial axis to vectorize: one whose extent is a multiple of the vector length and
+    that every operand it indexes reads contiguously, innermost first; the innermost spatial
+    axis when none qualifies.
+
+    Preferred among those, for reductions at least ``WEIGHT_VECTOR_MIN_DEPTH`` deep: an axis
+    whose operands no other spatial axis indexes (the weights: a matmul's columns, a packed
+    convolution's output channels). A convolution vectorized along its output width instead
+    loads one input vector and broadcasts a weight per output channel: 9 loads per 8 FMAs on
+    AVX2, against 6 per 8 along the channels. Measured on znver3, 2 threads, kernel alone:
+    AV-MNIST's 16->32 5x5 convolution 1.05 -> 0.70-0.80 ms, late fusion's 32->64 3x3
+    0.47 -> 0.36-0.42 ms.
+    """
     block = sch.get(block_rv)
     loops = sch.get_loops(block_rv)
     ivars = [iv.var for iv in block.iter_vars]
-    for i in reversed(spatial):
+    depth = 1
+    for i, iv in enumerate(block.iter_vars):
+        if i not in spatial:
+            size = iv.dom.extent
+            depth *= int(size) if isinstance(size, tirx.IntImm) else WEIGHT_VECTOR_MIN_DEPTH
+
+    def fits(i: int, weights_only: bool) -> bool:
         n = extent(sch, loops[i])
         if not n or n % lanes:
-            continue
+            return False
         using = [r.region for r in block.reads if ivars[i] in _index_vars(r.region)]
-        if using and all(_unit_stride(region, ivars[i]) for region in using):
-            return i
+        if not using or not all(_unit_stride(region, ivars[i]) for region in using):
+            return False
+        return not weights_only or not any(ivars[j] in _index_vars(region) for region in using
+                                           for j in spatial if j != i)
+
+    passes = (True, False) if depth >= WEIGHT_VECTOR_MIN_DEPTH else (False,)
+    for weights_only in passes:
+        for i in reversed(spatial):
+            if fits(i, weights_only):
+                return i
     return spatial[-1]
 
 
