@@ -40,6 +40,26 @@ def test_vector_lanes_follow_the_cpu_features(mcpu, lanes):
     assert lanes_for(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})) == lanes
 
 
+def test_blocked_rule_declines_epilogues_that_do_not_read_the_reduction():
+    # Expanded LayerNorm after fusion: mean(x) and y * y (another input) feed one subtract.
+    # Tiled over rows, y * y would cover every row inside each tile and the subtract would
+    # read rows other tiles had not written (NaN).
+    from tvm import te
+
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    x = te.placeholder((24, 5), name="x")
+    y = te.placeholder((24, 1), name="y")
+    r = te.reduce_axis((0, 5), "r")
+    total = te.compute((24, 1), lambda i, j: te.sum(x[i, r], axis=r), name="total")
+    mean = te.compute((24, 1), lambda i, j: total[i, j] / 5.0, name="mean")
+    square = te.compute((24, 1), lambda i, j: y[i, j] * y[i, j], name="square")
+    var = te.compute((24, 1), lambda i, j: mean[i, j] - square[i, j], name="var")
+    eps = te.compute((24, 1), lambda i, j: var[i, j] + 1e-5, name="eps")
+    std = te.compute((24, 1), lambda i, j: te.sqrt(eps[i, j]), name="std")
+    func = te.create_prim_func([x, y, std])
+    assert BlockedMatmul._schedule(func, lanes=8) is None
+
+
 def test_pad_after_linear_is_not_left_uninitialised():
     class LinearPad(nn.Module):
         def __init__(self):
