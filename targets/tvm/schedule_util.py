@@ -19,8 +19,8 @@ def lanes_for(target) -> int:
 
     Read off the CPU's features, not ``llvm_get_vector_width``: this wheel's LLVM answers 512
     for every x86 CPU (znver3 and haswell included), and 16-lane tiles on an AVX2 machine split
-    each vector in two and spill the accumulators (AV-MNIST's 16->32 5x5 convolution ran 3x
-    slower than with 8 lanes on znver3).
+    each vector in two and spill the accumulators (AV-MNIST's 16->32 5x5 convolution: 1.76 ms
+    with 16 lanes, 1.0 ms with 8, on znver3).
     """
     if target.kind.name != "llvm":
         return 4
