@@ -28,8 +28,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from mmcompile.targets.tvm.schedule_util import (extent, lanes_for, parallel_spatial,
-                                                 within_reduction)
+from mmcompile.targets.tvm.schedule_util import (all_downstream, extent, lanes_for,
+                                                 parallel_spatial, within_reduction)
 
 
 def _index_vars(region) -> set:
@@ -85,7 +85,7 @@ class BlockedMatmul(dl.ScheduleRule):
         block = sch.get(main.block_rv)
         neighbours = [(b.block_rv, _is_producer(sch, b.block_rv, main.block_rv))
                       for b in infos if not sch.get(b.block_rv).same_as(block)]
-        if not _all_downstream(sch, main.block_rv, [rv for rv, p in neighbours if not p]):
+        if not all_downstream(sch, main.block_rv, [rv for rv, p in neighbours if not p]):
             return None
         loops = sch.get_loops(main.block_rv)
         ivars = [iv.var for iv in block.iter_vars]
@@ -237,23 +237,6 @@ def _vector_dim_last(sch, block_rv, var) -> None:
     k = dims[0]
     sch.transform_layout(block_rv, ("write", 0),
                          lambda *idx: [*idx[:k], *idx[k + 1:], idx[k]])
-
-
-def _all_downstream(sch, main_rv, epilogues) -> bool:
-    """Whether every epilogue reads (through the ones before it) the reduction's result.
-
-    An epilogue that does not (``var * var`` of another input in an expanded LayerNorm,
-    fused after the mean) cannot be confined to one tile: computed under the tile loop it
-    covers every row, and the blocks after it read rows that other tiles have not written
-    yet (NaN in onnx's layer_normalization_*_expanded tests once AVX2 tiles split the rows).
-    """
-    downstream = [w.source for w in sch.get(main_rv).writes]
-    for block_rv in epilogues:  # in the function's (topological) order
-        block = sch.get(block_rv)
-        if not any(r.source.same_as(b) for r in block.reads for b in downstream):
-            return False
-        downstream.extend(w.source for w in block.writes)
-    return True
 
 
 def _is_producer(sch, block_rv, main_rv) -> bool:

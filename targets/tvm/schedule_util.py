@@ -61,3 +61,20 @@ def within_reduction(sch, main_rv, others) -> bool:
 
     limit = size(main_rv)
     return limit is not None and all((s := size(rv)) is not None and s <= limit for rv in others)
+
+
+def all_downstream(sch, main_rv, epilogues) -> bool:
+    """Whether every epilogue reads (through the ones before it) the reduction's result.
+
+    An epilogue that does not (``var * var`` of another input in an expanded LayerNorm,
+    fused after the mean) cannot be confined to one tile: computed under the tile loop it
+    covers every row, and the blocks after it read rows that other tiles have not written
+    yet (NaN in onnx's layer_normalization_*_expanded tests once AVX2 tiles split the rows).
+    """
+    downstream = [w.source for w in sch.get(main_rv).writes]
+    for block_rv in epilogues:  # in the function's (topological) order
+        block = sch.get(block_rv)
+        if not any(r.source.same_as(b) for r in block.reads for b in downstream):
+            return False
+        downstream.extend(w.source for w in block.writes)
+    return True

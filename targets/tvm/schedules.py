@@ -22,7 +22,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from mmcompile.targets.tvm.schedule_util import extent, lanes_for, within_reduction
+from mmcompile.targets.tvm.schedule_util import (all_downstream, extent, lanes_for,
+                                                 within_reduction)
 
 
 def _split_loops(sch, block, dom_kind):
@@ -70,7 +71,8 @@ class MatmulLike(dl.ScheduleRule):
         sch.unroll(ii)
         sch.decompose_reduction(main.block_rv, reduce_[0])
         epilogues = [b.block_rv for b in infos if b is not main]
-        if not within_reduction(sch, main.block_rv, epilogues):
+        if not within_reduction(sch, main.block_rv, epilogues) \
+                or not all_downstream(sch, main.block_rv, epilogues):
             return None
         for block_rv in epilogues:
             sch.reverse_compute_at(block_rv, outer)
