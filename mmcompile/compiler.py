@@ -22,8 +22,8 @@ from mmcompile.optimize import optimize
 from mmcompile.reference import compare_outputs, random_inputs, run_onnxruntime
 from mmcompile.plan import StagePlan, partition
 from mmcompile.runtime import CompiledModel, Stage
-from mmcompile.schedule import (Schedule, available_cores, check_kind, estimate_cost_ms,
-                                plan_parallel)
+from mmcompile.autoschedule import choose_schedule, faster, parallel_prospect, promising
+from mmcompile.schedule import Schedule, available_cores, check_kind
 from mmcompile.signature import Signature
 from mmcompile.target import CompileOptions, TargetError, get_target
 from mmcompile.transform import PassContext
@@ -105,11 +105,13 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         disabled_passes: pass names to skip.
         threads: threads the compiled code may use (0: all available cores).
         target_config: target-specific options.
-        schedule: ``"auto"`` (measure sequential and branch-parallel execution of the compiled
-            stages, keep the faster), ``"sequential"`` (one stage, no partitioning) or
+        schedule: ``"auto"`` (the whole graph; the modality branches are also compiled as
+            stages, and kept if faster on concurrent workers, when the whole graph's thread
+            scaling predicts they could be), ``"sequential"`` (one stage, no partitioning) or
             ``"parallel"`` (modality branches on concurrent workers).
         measure: time the stages on the example inputs for the cost model (else estimate
-            from FLOPs and bytes; ``auto`` then trusts the estimate).
+            from FLOPs and bytes, assuming perfect thread scaling: ``auto`` then keeps the
+            whole graph).
         tuning_db: a database folder written by :func:`mmcompile.tune.tune` for this target:
             kernels it tuned use the tuned schedules; the artifact records its SHA-256.
         progress: called with one-line status messages.
@@ -151,24 +153,19 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         db_info = database_info(tuning_db)  # a missing or corrupt database fails here, early
         config["tuning_db"] = str(tuning_db)
     options = CompileOptions(threads=threads, progress=say, config=config)
-    stages = _compile_stages(plans, backend, options, say)
-    metadata = {"pipeline": str(result.pipeline), "nodes_before": result.nodes_before,
-                "nodes_after": result.nodes_after, "source": graph.name,
-                "versions": stages[0].info.get("versions", {})}
-    compiled = CompiledModel(Signature.from_graph(optimized), stages, target, metadata)
     feeds = (_as_numpy(example_inputs, [t.name for t in graph.gs.inputs])
              if example_inputs is not None else random_inputs(graph, seed=0))
-    if len(stages) > 1:
-        say(f"scheduling {len(stages)} stages ({schedule})")
-        compiled.schedule = choose_schedule(compiled, "parallel" if schedule == "auto" else
-                                            schedule, feeds, plans, threads, measure)
-        if schedule == "auto":
-            # The sequential candidate is the graph compiled whole: one VM call, no stage
-            # boundaries (measured 0.1-0.15 ms faster than the same stages one after another).
-            whole = CompiledModel(compiled.signature,
-                                  _compile_stages(whole_plans, backend, options, say),
-                                  target, metadata)
-            compiled = _faster(compiled, whole, feeds, measure, say)
+    metadata = {"pipeline": str(result.pipeline), "nodes_before": result.nodes_before,
+                "nodes_after": result.nodes_after, "source": graph.name}
+    cores = threads or available_cores()
+    if schedule == "auto" and len(plans) > 1:
+        compiled = _auto(plans, whole_plans, backend, options, metadata, optimized, feeds,
+                         cores, measure, say)
+    else:
+        compiled = _compiled(plans, backend, options, metadata, optimized, say)
+        if len(plans) > 1:
+            say(f"scheduling {len(plans)} stages ({schedule})")
+            compiled.schedule = choose_schedule(compiled, schedule, feeds, plans, cores, measure)
     if db_info is not None:  # of the stages kept
         used = [st.info.get("tuning", {}) for st in compiled.stages]
         compiled.metadata["tuning_db"] = {**db_info,
@@ -195,93 +192,36 @@ def _compile_stages(plans: Sequence[StagePlan], backend, options: CompileOptions
     return stages
 
 
-def _faster(staged: CompiledModel, whole: CompiledModel, feeds: Mapping[str, np.ndarray],
-            measure: bool, say: Callable[[str], None], runs: int = 11) -> CompiledModel:
-    """``auto``: the staged model on its parallel schedule or the whole graph sequentially,
-    whichever is faster, as measured on ``feeds``; without measuring, the cost estimates
-    decide."""
-    parallel = staged.schedule
-    if parallel.kind != "parallel":  # the planner found nothing to overlap
-        chosen, measured = whole, {}
-    elif not measure:
-        sequential_ms = sum(s.info.get("cost_ms", 0.0) for s in staged.stages)
-        chosen, measured = (staged if parallel.estimate_ms < sequential_ms else whole), {}
-    else:
-        # The whole graph first, before any worker thread exists (idle or exiting workers
-        # slowed it 10-40%), then the parallel schedule. Each is warmed for a quarter second
-        # (a freshly compiled model runs slower for its first few hundred calls: MOSEI-TFN
-        # 0.42 ms, then 0.32 ms) and scores the best median of 3 blocks, so a burst of load
-        # on a shared machine spoils a block, not the choice.
-        measured = {}
-        for kind, model in (("sequential", whole), ("parallel", staged)):
-            deadline = time.perf_counter() + 0.25
-            for _ in range(300):
-                model.run(feeds)
-                if time.perf_counter() > deadline:
-                    break
-            medians = []
-            for _ in range(3):
-                times = []
-                for _ in range(runs):
-                    start = time.perf_counter()
-                    model.run(feeds)
-                    times.append((time.perf_counter() - start) * 1e3)
-                medians.append(float(np.median(times)))
-            measured[kind] = min(medians)
-        chosen = staged if measured["parallel"] < measured["sequential"] else whole
-    loser = whole if chosen is staged else staged
-    loser.close()
-    if chosen is whole:
-        whole.schedule = Schedule("sequential", estimate_ms=parallel.estimate_ms,
-                                  bound_ms=parallel.bound_ms)
-    chosen.schedule.measured_ms = measured
-    if measured:
-        say(f"schedule: {chosen.schedule.kind} (parallel {measured['parallel']:.2f} ms, "
-            f"whole graph sequential {measured['sequential']:.2f} ms)")
-    return chosen
+def _compiled(plans: Sequence[StagePlan], backend, options: CompileOptions,
+              metadata: Mapping[str, Any], graph: Graph,
+              say: Callable[[str], None]) -> CompiledModel:
+    stages = _compile_stages(plans, backend, options, say)
+    return CompiledModel(Signature.from_graph(graph), stages, backend.name,
+                         {**metadata, "versions": stages[0].info.get("versions", {})})
 
 
-def _median_ms(fn: Callable[[], Any], runs: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
-
-
-def choose_schedule(compiled: CompiledModel, kind: str, feeds: Mapping[str, np.ndarray],
-                    plans: Sequence[StagePlan], threads: int = 0, measure: bool = True,
-                    runs: int = 15) -> Schedule:
-    """Record each stage's cost, plan the parallel schedule and pick one (see
-    :mod:`mmcompile.schedule`). ``auto`` measures both candidates on ``feeds``."""
-    if measure:
-        samples: dict[str, list[float]] = {s.name: [] for s in compiled.stages}
-        compiled.schedule = Schedule("sequential")
-        for _ in range(5):
-            for entry in compiled.profile(feeds):
-                samples[entry["stage"]].append(entry["end_ms"] - entry["start_ms"])
-        costs = {name: float(np.median(v[1:])) for name, v in samples.items()}
-    else:
-        costs = {plan.name: estimate_cost_ms(plan.graph) for plan in plans}
-    for stage in compiled.stages:
-        stage.info["cost_ms"] = round(costs[stage.name], 4)
-    order = [s.name for s in compiled.stages]
-    deps = {s.name: s.depends_on for s in compiled.stages}
-    candidate = plan_parallel(order, deps, costs, threads or available_cores())
-    sequential = Schedule("sequential", estimate_ms=sum(costs.values()), bound_ms=candidate.bound_ms)
-    if kind == "sequential" or candidate.kind == "sequential":
-        return sequential
-    if kind == "parallel":
-        return candidate
-    if not measure:
-        return candidate if candidate.estimate_ms < sequential.estimate_ms else sequential
-    measured = {}
-    for option in (sequential, candidate):
-        compiled.schedule = option
-        measured[option.kind] = _median_ms(lambda: compiled.run(feeds), runs)
-    winner = candidate if measured["parallel"] < measured["sequential"] else sequential
-    winner.measured_ms = measured
-    return winner
+def _auto(plans: Sequence[StagePlan], whole_plans: Sequence[StagePlan], backend,
+          options: CompileOptions, metadata: Mapping[str, Any], graph: Graph,
+          feeds: Mapping[str, np.ndarray], cores: int, measure: bool,
+          say: Callable[[str], None]) -> CompiledModel:
+    """``schedule="auto"``: the graph compiled whole (one VM call, no stage boundaries:
+    measured 0.1-0.15 ms faster than the same stages one after another), and the branch
+    stages on their parallel schedule only when the whole graph's thread scaling says they
+    could be faster (see :mod:`mmcompile.autoschedule`); then the faster of the two."""
+    whole = _compiled(whole_plans, backend, options, metadata, graph, say)
+    say(f"estimating the parallel schedule of {len(plans)} stages")
+    prospect = parallel_prospect(whole, plans, feeds, cores, measure)
+    if not promising(prospect):
+        whole.schedule = Schedule("sequential", estimate_ms=prospect.estimate_ms,
+                                  bound_ms=prospect.bound_ms, measured_ms=prospect.measured_ms)
+        times = ", ".join(f"{k} {v:.2f} ms" for k, v in prospect.measured_ms.items())
+        say(f"schedule: sequential (parallel predicted {prospect.estimate_ms:.2f} ms"
+            + (f" from the whole graph at {times})" if times else ")")
+            + "; branch stages not compiled")
+        return whole
+    staged = _compiled(plans, backend, options, metadata, graph, say)
+    staged.schedule = choose_schedule(staged, "parallel", feeds, plans, cores, measure)
+    if staged.schedule.kind != "parallel":
+        staged.close()
+        return whole
+    return faster(staged, whole, feeds, say)

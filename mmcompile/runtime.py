@@ -192,6 +192,9 @@ class CompiledModel:
             lines.append("measured: " + ", ".join(f"{k} {v:.2f} ms"
                                                   for k, v in schedule.measured_ms.items())
                          + f" (critical-path bound {schedule.bound_ms:.2f} ms)")
+            if "parallel" not in schedule.measured_ms and schedule.estimate_ms:
+                lines.append(f"parallel schedule predicted {schedule.estimate_ms:.2f} ms from "
+                             f"those: branch stages not compiled")
         if self.metadata.get("tuning_db"):
             db = self.metadata["tuning_db"]
             lines.append(f"tuning database: {db['hits']} of {db['kernels']} kernels tuned, "

@@ -12,7 +12,7 @@ compiled stages and keeps the faster.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +93,8 @@ def critical_path_ms(order: Sequence[str], deps: Mapping[str, Sequence[str]],
 
 
 def plan_parallel(order: Sequence[str], deps: Mapping[str, Sequence[str]],
-                  cost: Mapping[str, float], cores: int) -> Schedule:
+                  cost: Mapping[str, float], cores: int,
+                  slowdown: Callable[[int], float] | None = None) -> Schedule:
     """Critical-path list scheduling of the stage DAG.
 
     Independent stages (no inputs from other stages: the branches) go longest-first onto the
@@ -101,6 +102,14 @@ def plan_parallel(order: Sequence[str], deps: Mapping[str, Sequence[str]],
     Stages with dependencies (the fusion) then run on the calling thread with every core, as
     soon as their inputs are ready: they are on the critical path, and splitting cores there
     would only slow them down.
+
+    Args:
+        order, deps: the stages in topological order and each one's input stages.
+        cost: each stage's time in ms with every core.
+        cores: cores to split between the workers.
+        slowdown: how much longer work takes with ``k`` threads than with ``cores`` (measured
+            by ``auto``); default ``cores / k``, perfect scaling, under which splitting the
+            cores never beats running the branches one after another.
     """
     roots = [s for s in order if not deps[s]]
     n_workers = max(1, min(cores, len(roots)))
@@ -115,6 +124,7 @@ def plan_parallel(order: Sequence[str], deps: Mapping[str, Sequence[str]],
         work[w] += cost[stage]
     threads = [max(1, cores // n_workers)] * n_workers
     threads[int(np.argmax(work))] += cores - sum(threads)
-    busy = [w * cores / t for w, t in zip(work, threads)]  # fewer cores: proportionally slower
+    slowdown = slowdown or (lambda k: cores / k)
+    busy = [w * slowdown(t) for w, t in zip(work, threads)]
     tail = sum(cost[s] for s in order if deps[s])
     return Schedule("parallel", workers, threads, max(busy) + tail, bound)

@@ -55,6 +55,11 @@ class Executable(ABC):
         """JSON-able facts for the manifest and reports (target details, compile time, ...)."""
         return {}
 
+    def replica(self) -> Executable | None:
+        """Another executable over the same compiled code that may run at the same time as
+        this one (on another thread), or None when the target cannot provide one."""
+        return None
+
 
 class Target(ABC):
     """A backend. Subclasses set ``name`` and implement the three methods."""

@@ -23,6 +23,7 @@ from helpers import FLOAT, INT64, make_graph
 from onnx import helper
 
 import mmcompile
+from mmcompile import autoschedule
 from mmcompile.artifact import read_manifest
 from mmcompile.cli import main
 from mmcompile.errors import MMCompileError
@@ -195,8 +196,51 @@ def test_branches_compile_to_stages_and_workers(parallel, sequential, auto):
     # auto: the staged model on its parallel schedule, or the whole graph as one stage
     expected = {"parallel": BRANCHES + ["fusion"], "sequential": ["main"]}
     assert [s.name for s in auto.stages] == expected[auto.schedule.kind]
-    assert set(auto.schedule.measured_ms) == {"sequential", "parallel"}
+    assert "sequential" in auto.schedule.measured_ms
+    assert set(auto.schedule.measured_ms) in ({"sequential", "parallel"},  # raced
+                                              {"sequential", "2 side by side"})  # not promising
     assert "measured: sequential" in auto.report()
+
+
+@pytest.mark.parametrize("side_by_side_ms, staged", [(1.0, True), (2.5, False)])
+def test_auto_compiles_the_stages_only_when_the_prediction_is_promising(
+        model, monkeypatch, side_by_side_ms, staged):
+    # Two copies of the whole graph side by side in the time of one: branches on one core each
+    # should beat the whole graph, so the stages are compiled and raced. 2.5x: they cannot.
+    monkeypatch.setattr(autoschedule, "side_by_side",
+                        lambda whole, feeds, workers, threads: (1.0, side_by_side_ms))
+    progress = []
+    compiled = mmcompile.compile(model, target="cpu", schedule="auto", threads=2,
+                                 progress=progress.append)
+    compiled_stages = [m for m in progress if m.startswith("compiling stage")]
+    measured = compiled.schedule.measured_ms
+    if staged:
+        assert len(compiled_stages) == 1 + len(BRANCHES) + 1  # whole, branches, fusion
+        assert set(measured) == {"sequential", "parallel"}
+    else:
+        assert [s.name for s in compiled.stages] == ["main"] and len(compiled_stages) == 1
+        assert measured == {"sequential": 1.0, "2 side by side": 2.5}
+        # three branches of equal work on two workers: 2/3 of it on one core, at 2.5x
+        assert compiled.schedule.estimate_ms > autoschedule.PROSPECT * 1.0
+        assert "branch stages not compiled" in compiled.report()
+        assert any("branch stages not compiled" in m for m in progress)
+    compiled.close()
+
+
+def test_auto_without_measuring_keeps_the_whole_graph(model):
+    compiled = mmcompile.compile(model, target="cpu", schedule="auto", threads=2, measure=False)
+    assert [s.name for s in compiled.stages] == ["main"]
+    assert compiled.schedule.kind == "sequential" and not compiled.schedule.measured_ms
+
+
+def test_side_by_side_runs_copies_of_the_whole_graph(sequential, feeds):
+    expected = sequential.run(feeds)["logits"]
+    alone, together = autoschedule.side_by_side(sequential, feeds, workers=2, threads=1)
+    assert alone > 0 and together > 0
+    assert sequential.schedule.kind == "sequential"
+    replica = sequential.stages[0].executable.replica()
+    np.testing.assert_array_equal(replica.run(feeds)["logits"].numpy(), expected)
+    assert np.array_equal(sequential.run(feeds)["logits"], expected)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

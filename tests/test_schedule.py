@@ -75,6 +75,25 @@ def test_estimate_uses_the_threads_it_assigns():
     assert schedule.estimate_ms == pytest.approx(max(loads) + 0.5)  # 4.5 + 0.5
 
 
+@pytest.mark.parametrize("cores", [2, 4, 16])
+def test_perfect_scaling_never_favours_splitting_the_cores(cores):
+    costs = {"image": 1.0, "text": 0.9, "audio": 0.4, "fusion": 0.1}
+    order, deps = fan_in(costs)
+    schedule = plan_parallel(order, deps, costs, cores=cores)
+    assert schedule.estimate_ms >= sum(costs.values())
+
+
+def test_slowdown_is_what_a_worker_pays_for_fewer_cores():
+    costs = {"image": 1.0, "text": 1.0, "fusion": 0.2}
+    order, deps = fan_in(costs)
+    # kernels that do not scale: a worker with one of two cores is only 1.2x slower
+    poor = plan_parallel(order, deps, costs, cores=2, slowdown=lambda k: 1.2)
+    assert poor.estimate_ms == pytest.approx(1.2 + 0.2)
+    assert poor.estimate_ms < sum(costs.values())
+    linear = plan_parallel(order, deps, costs, cores=2)
+    assert linear.estimate_ms == pytest.approx(2.0 + 0.2)
+
+
 def test_one_root_is_sequential():
     costs = {"image": 2.0, "head": 1.0}
     order, deps = ["image", "head"], {"image": [], "head": ["image"]}

@@ -127,6 +127,11 @@ class TVMExecutable(Executable):
     def describe(self) -> dict[str, Any]:
         return dict(self.info)
 
+    def replica(self) -> TVMExecutable:
+        """A second VM over the same library (one VM must not run on two threads at once)."""
+        return TVMExecutable(self.module, self.inputs, self.outputs, self.device, self.info,
+                             self.library)
+
 
 def load_executable(directory: Path, files: Mapping[str, str], info: Mapping[str, Any],
                     device: str, threads: int) -> TVMExecutable:

@@ -1,0 +1,171 @@
+"""Choosing between the whole graph and the branch-parallel stages (``schedule="auto"``).
+
+The parallel candidate costs a second compilation (every branch stage, on top of the whole
+graph), so ``auto`` first asks whether it could pay: the whole graph is timed with every core
+and with the share of cores one worker would get, the branches' share of the work is read off
+their FLOPs and bytes, and :func:`~mmcompile.schedule.plan_parallel` predicts the parallel
+wall time from those. Kernels that scale well across cores (TVM's, on 2 cores: 1.7-1.9x) make
+one core per branch slower than the branches one after another on both; only when the
+prediction comes near the whole graph's time are the stages compiled and both candidates
+timed, the faster kept. Measured on the multimodal suite (2 cores): MOSEI-TFN compiled in
+13.2 s with both candidates, of which the branch stages took 6.8 s; the race then chose the
+whole graph on every model of the suite.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mmcompile.plan import StagePlan
+from mmcompile.runtime import CompiledModel, Stage
+from mmcompile.schedule import Schedule, estimate_cost_ms, plan_parallel
+
+# Compile the staged candidate when its predicted time is under this multiple of the whole
+# graph's: the branches' share of the work is estimated from FLOPs and bytes, which misjudges
+# small, overhead-bound kernels by tens of percent.
+PROSPECT = 1.15
+
+
+def _best_median_ms(run: Callable[[], object], runs: int = 11, blocks: int = 3,
+                    warm_s: float = 0.25) -> float:
+    """Best of ``blocks`` medians of ``runs`` calls, after ``warm_s`` of warm-up: a burst of
+    load on a shared machine spoils a block, not the figure. (A freshly compiled model runs
+    slower for its first few hundred calls: MOSEI-TFN 0.42 ms, then 0.32 ms.)"""
+    deadline = time.perf_counter() + warm_s
+    for _ in range(300):
+        run()
+        if time.perf_counter() > deadline:
+            break
+    medians = []
+    for _ in range(blocks):
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) * 1e3)
+        medians.append(float(np.median(times)))
+    return min(medians)
+
+
+def side_by_side(whole: CompiledModel, feeds: Mapping[str, np.ndarray], workers: int,
+                 threads: int) -> tuple[float, float]:
+    """The whole graph's time with every core on the calling thread, and with ``workers``
+    copies of it running at once on workers of ``threads`` threads each, as the branches
+    would run: ``(all_cores_ms, side_by_side_ms)``. The second includes what concurrent
+    branches pay on top of fewer cores: shared caches and memory bandwidth, handing work to
+    the workers. (One copy alone, when the target cannot replicate its executable.)"""
+    all_cores_ms = _best_median_ms(lambda: whole.run(feeds))
+    (stage,) = whole.stages
+    copies = [stage.executable] + [stage.executable.replica() for _ in range(workers - 1)]
+    if any(copy is None for copy in copies):
+        copies = copies[:1]
+    stages = [Stage(f"copy {i}", stage.target, stage.inputs, stage.outputs, copy)
+              for i, copy in enumerate(copies)]
+    twin = CompiledModel(whole.signature, stages, whole.target,
+                         schedule=Schedule("parallel", [[s.name] for s in stages],
+                                           [threads] * len(stages)))
+    try:
+        side_ms = _best_median_ms(lambda: twin.run(feeds))
+    finally:
+        twin.close()
+    return all_cores_ms, side_ms
+
+
+def parallel_prospect(whole: CompiledModel, plans: Sequence[StagePlan],
+                      feeds: Mapping[str, np.ndarray], cores: int, measure: bool) -> Schedule:
+    """The parallel schedule ``plans`` would get, with its predicted wall time: each stage's
+    share of the work (FLOPs and bytes) of the whole graph's measured time, slowed by what
+    :func:`side_by_side` measured (perfect scaling when not measuring).
+
+    Returns:
+        a :class:`Schedule` whose ``estimate_ms`` is the prediction and whose ``measured_ms``
+        holds the whole graph's times (``sequential``: every core; ``N side by side``: N
+        copies at once, a worker's share of the cores each); kind ``sequential`` when
+        nothing could overlap.
+    """
+    order = [p.name for p in plans]
+    deps = {p.name: list(p.depends_on) for p in plans}
+    share = {p.name: max(estimate_cost_ms(p.graph), 1e-6) for p in plans}
+    n_workers = max(1, min(cores, sum(1 for p in plans if not p.depends_on)))
+    per_worker = max(1, cores // n_workers)
+    if not measure or n_workers == 1:
+        return plan_parallel(order, deps, share, cores)
+    all_ms, worker_ms = side_by_side(whole, feeds, n_workers, per_worker)
+    at_share = worker_ms / all_ms
+
+    def slowdown(k: int) -> float:  # measured at per_worker and at every core; linear between
+        if k <= per_worker:
+            return at_share * per_worker / k
+        return at_share + (1.0 - at_share) * (k - per_worker) / (cores - per_worker)
+
+    total = sum(share.values())
+    costs = {name: all_ms * value / total for name, value in share.items()}
+    candidate = plan_parallel(order, deps, costs, cores, slowdown)
+    candidate.measured_ms = {"sequential": all_ms,
+                             f"{n_workers} side by side": worker_ms}
+    return candidate
+
+
+def promising(prospect: Schedule) -> bool:
+    """Whether the parallel candidate is worth compiling and timing: only on a measured
+    prediction (under perfect scaling, the estimate without measuring, splitting the cores
+    never beats the branches one after another) that comes near the whole graph's time."""
+    sequential_ms = prospect.measured_ms.get("sequential")
+    return (prospect.kind == "parallel" and sequential_ms is not None
+            and prospect.estimate_ms < PROSPECT * sequential_ms)
+
+
+def stage_costs(compiled: CompiledModel, plans: Sequence[StagePlan],
+                feeds: Mapping[str, np.ndarray], measure: bool) -> dict[str, float]:
+    """Each stage's time in ms with every core: measured on ``feeds`` (median of 4 profiled
+    runs after one) or estimated from FLOPs and bytes; also recorded as ``cost_ms`` in the
+    stage's info."""
+    if measure:
+        samples: dict[str, list[float]] = {s.name: [] for s in compiled.stages}
+        compiled.schedule = Schedule("sequential")
+        for _ in range(5):
+            for entry in compiled.profile(feeds):
+                samples[entry["stage"]].append(entry["end_ms"] - entry["start_ms"])
+        costs = {name: float(np.median(v[1:])) for name, v in samples.items()}
+    else:
+        costs = {plan.name: estimate_cost_ms(plan.graph) for plan in plans}
+    for stage in compiled.stages:
+        stage.info["cost_ms"] = round(costs[stage.name], 4)
+    return costs
+
+
+def choose_schedule(compiled: CompiledModel, kind: str, feeds: Mapping[str, np.ndarray],
+                    plans: Sequence[StagePlan], cores: int, measure: bool = True) -> Schedule:
+    """The ``kind`` ("sequential" or "parallel") schedule of ``compiled``'s stages, planned
+    from their costs (see :func:`stage_costs`); sequential when nothing can overlap."""
+    costs = stage_costs(compiled, plans, feeds, measure)
+    order = [s.name for s in compiled.stages]
+    deps = {s.name: s.depends_on for s in compiled.stages}
+    candidate = plan_parallel(order, deps, costs, cores)
+    if kind == "sequential" or candidate.kind == "sequential":
+        return Schedule("sequential", estimate_ms=sum(costs.values()),
+                        bound_ms=candidate.bound_ms)
+    return candidate
+
+
+def faster(staged: CompiledModel, whole: CompiledModel, feeds: Mapping[str, np.ndarray],
+           say: Callable[[str], None]) -> CompiledModel:
+    """The staged model on its parallel schedule or the whole graph sequentially, whichever
+    is faster on ``feeds``; the other is closed.
+
+    The whole graph is timed first, before any worker thread exists (idle or exiting workers
+    slowed it 10-40%), then the parallel schedule."""
+    measured = {"sequential": _best_median_ms(lambda: whole.run(feeds)),
+                "parallel": _best_median_ms(lambda: staged.run(feeds))}
+    chosen = staged if measured["parallel"] < measured["sequential"] else whole
+    (whole if chosen is staged else staged).close()
+    if chosen is whole:
+        whole.schedule = Schedule("sequential", estimate_ms=staged.schedule.estimate_ms,
+                                  bound_ms=staged.schedule.bound_ms)
+    chosen.schedule.measured_ms = measured
+    say(f"schedule: {chosen.schedule.kind} (parallel {measured['parallel']:.2f} ms, "
+        f"whole graph sequential {measured['sequential']:.2f} ms)")
+    return chosen
