@@ -127,6 +127,83 @@ def test_deep_packed_conv_vectorizes_output_channels_even_when_width_fits():
     assert _conv_vector_extent(_conv_func("HWIO", 1, cin=3, cout=64, size=16), 8) == 16
 
 
+def _run_prim_func(func, arrays):
+    import tvm
+    lib = tvm.compile(func.with_attr("global_symbol", "main"),
+                      target=tvm.target.Target({"kind": "llvm"})).jit()
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch):
+    from tvm import te, tirx, topi
+
+    from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
+    data = te.placeholder((batch, 32, 16, 16), name="x")
+    weight = te.placeholder((3, 3, 32, 24), name="w")  # HWIO, as PackConvWeights leaves it
+    bias = te.placeholder((1, 24, 1, 1), name="b")
+    conv = topi.nn.conv(data, weight, 1, 1, 1, 1, "NCHW", "HWIO")
+    func = te.create_prim_func([data, weight, bias, topi.nn.relu(conv + bias)])
+    sch = BlockedConv2d._schedule(func, lanes=8)
+    assert sch is not None
+    kinds = [inst.kind.name for inst in sch.trace.insts]
+    assert {"Parallel", "Vectorize", "ComputeAt"} <= set(kinds)
+    # the zero padding is computed inside the parallel task loop, not as a pass of its own
+    pad = next(b for b in sch.get_child_blocks(sch.get_sblock("root"))
+               if "pad" in sch.get(b).name_hint)
+    assert sch.get(sch.get_loops(pad)[0]).kind == tirx.ForKind.PARALLEL
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal([int(d) for d in t.shape]).astype("float32")
+              for t in (data, weight, bias)]
+    arrays.append(np.zeros((batch, 24, 16, 16), "float32"))
+    expected = _run_prim_func(func, arrays)
+    # 288-term float32 sums in another order, outputs up to ~30: 1e-4 absolute
+    np.testing.assert_allclose(_run_prim_func(sch.mod["main"], arrays), expected,
+                               rtol=1e-5, atol=1e-4)
+    assert np.abs(expected).max() > 1  # not all zeros
+
+
+def test_blocked_conv2d_rule_declines_what_it_cannot_tile():
+    from tvm import te, topi
+
+    from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
+    # width 14 is not a multiple of 8 lanes: BlockedMatmul vectorizes the channels instead
+    assert BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=14), lanes=8) is None
+    # OIHW weights (not packed): no contiguous output-channel broadcast
+    assert BlockedConv2d._schedule(_conv_func("OIHW", 1, cin=32, size=16), lanes=8) is None
+    # depthwise: the data is indexed by the output channel
+    data = te.placeholder((1, 16, 16, 16), name="x")
+    weight = te.placeholder((16, 1, 3, 3), name="w")
+    depthwise = topi.nn.depthwise_conv2d_nchw(data, weight, 1, 1, 1)
+    assert BlockedConv2d._schedule(te.create_prim_func([data, weight, depthwise]), 8) is None
+    # a matmul is not a convolution
+    assert BlockedConv2d._schedule(_matmul_relu_func(64, 128, 96), lanes=8) is None
+
+
+def test_cnn_with_blocked_convolutions_matches_torch():
+    # widths 32 and 16 (multiples of 8): the cache-blocked rule, batched; 18 output channels
+    # (not a multiple of its 4-channel register tile) go to BlockedMatmul
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.c2 = nn.Conv2d(16, 32, 5, padding=2)
+            self.c3 = nn.Conv2d(32, 18, 3, stride=2, padding=1)
+
+        def forward(self, image):
+            return torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(image))))))
+
+    torch.manual_seed(0)
+    module = Net().eval()
+    image = torch.randn(2, 3, 32, 32)
+    compiled = mmcompile.compile(module, (image,), verify=False)
+    with torch.no_grad():
+        expected = module(image).numpy()
+    np.testing.assert_allclose(compiled(image.numpy()), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_pack_conv_weights_rewrites_constant_weights_only():
     import tvm
     from tvm import relax

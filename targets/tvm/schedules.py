@@ -3,6 +3,7 @@
 TVM's ``zero`` pipeline emits serial, unvectorized loops, and TVM 0.27 ships only two dlight
 CPU rules (``GEMV``, ``Reduction``). :func:`cpu_rules` lists, first match wins:
 
+- :class:`~.cpu_conv.BlockedConv2d`: cache-blocked 2-D convolution (NCHW x packed HWIO).
 - :class:`~.cpu_matmul.BlockedMatmul`: register-blocked matmul / batched matmul / conv.
 - :class:`MatmulLike`: the older unblocked tiling, for reductions BlockedMatmul declines.
 - ``dl.cpu.GEMV``, ``dl.cpu.Reduction`` (softmax, layer norm rows).
@@ -173,8 +174,10 @@ class SerialIfSmall(dl.ScheduleRule):
 
 def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     """The CPU rules in priority order (first that applies wins)."""
+    from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
     from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
-    rules = [BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(), dl.cpu.Reduction(), Fallback()]
+    rules = [BlockedConv2d(), BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(), dl.cpu.Reduction(),
+             Fallback()]
     return [SerialIfSmall(r, serial_below) for r in rules]  # serial_below=0: never serial
 
 
