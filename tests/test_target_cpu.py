@@ -136,14 +136,15 @@ def _run_prim_func(func, arrays):
     return args[-1].numpy()
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch):
+@pytest.mark.parametrize("batch, size", [(1, 16), (2, 16), (1, 14)])  # 14: channel vectors
+def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch, size):
     from tvm import te, tirx, topi
 
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
-    data = te.placeholder((batch, 32, 16, 16), name="x")
-    weight = te.placeholder((3, 3, 32, 24), name="w")  # HWIO, as PackConvWeights leaves it
-    bias = te.placeholder((1, 24, 1, 1), name="b")
+    data = te.placeholder((batch, 32, size, size), name="x")
+    channels = 24 if size % 8 == 0 else 32  # channel vectors need a multiple of 8
+    weight = te.placeholder((3, 3, 32, channels), name="w")  # HWIO, as PackConvWeights leaves it
+    bias = te.placeholder((1, channels, 1, 1), name="b")
     conv = topi.nn.conv(data, weight, 1, 1, 1, 1, "NCHW", "HWIO")
     func = te.create_prim_func([data, weight, bias, topi.nn.relu(conv + bias)])
     sch = BlockedConv2d._schedule(func, lanes=8)
@@ -157,7 +158,7 @@ def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch):
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal([int(d) for d in t.shape]).astype("float32")
               for t in (data, weight, bias)]
-    arrays.append(np.zeros((batch, 24, 16, 16), "float32"))
+    arrays.append(np.zeros((batch, channels, size, size), "float32"))
     expected = _run_prim_func(func, arrays)
     # 288-term float32 sums in another order, outputs up to ~30: 1e-4 absolute
     np.testing.assert_allclose(_run_prim_func(sch.mod["main"], arrays), expected,
@@ -165,12 +166,17 @@ def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch):
     assert np.abs(expected).max() > 1  # not all zeros
 
 
-def test_blocked_conv2d_rule_declines_what_it_cannot_tile():
+def test_blocked_conv2d_rule_picks_its_vector_axis_and_declines_what_it_cannot_tile():
     from tvm import te, topi
 
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
-    # width 14 is not a multiple of 8 lanes: BlockedMatmul vectorizes the channels instead
-    assert BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=14), lanes=8) is None
+    # width 14 is not a multiple of 8 lanes: the channels are vectorized (the accumulator's
+    # layout puts them last); a shallow first layer of that width is left to BlockedMatmul
+    deep = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=14), lanes=8)
+    assert "TransformLayout" in {inst.kind.name for inst in deep.trace.insts}
+    wide = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=16), lanes=8)
+    assert "TransformLayout" not in {inst.kind.name for inst in wide.trace.insts}
+    assert BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=3, size=14), lanes=8) is None
     # OIHW weights (not packed): no contiguous output-channel broadcast
     assert BlockedConv2d._schedule(_conv_func("OIHW", 1, cin=32, size=16), lanes=8) is None
     # depthwise: the data is indexed by the output channel

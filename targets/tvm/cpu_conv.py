@@ -27,9 +27,12 @@ late fusion's 32->64 3x3 on 32x32 0.70 (0.36 -> 0.23-0.25 ms; MetaSchedule's tun
 0.22-0.24 ms), 64->128 3x3 on 16x16 0.72, its 3->32 first layer 0.61; AV-MNIST's 16->32 5x5
 on 56x56 0.75; MM-IMDb's stride-2 32->64 0.91, its first layer 0.59.
 
-It applies where the output width is a multiple of the vector length (other widths keep
-BlockedMatmul, which vectorizes along the output channels instead) and to batched inputs
-(the batch joins the parallel loop).
+Output widths that are not a multiple of the vector length (28, 14 on AV-MNIST) keep the
+chunked reduction and per-task padding but vectorize along the packed output channels, with
+BlockedMatmul's register tile (up to 6 columns x 2 vectors): AV-MNIST's three narrower
+convolutions 0.57-0.75, MM-IMDb's two 0.52-0.65. Shallow first layers of such widths (reduction under 64) and
+channel counts that fit neither tile are left to BlockedMatmul. Batched inputs: the batch
+joins the parallel loop.
 """
 
 from __future__ import annotations
@@ -37,14 +40,16 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from mmcompile.targets.tvm.cpu_matmul import (_index_vars, _is_producer, _largest_divisor,
-                                              _reduction, _vectorize_innermost)
+from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _index_vars,
+                                              _is_producer, _largest_divisor, _reduction,
+                                              _vector_dim_last, _vectorize_innermost)
 from mmcompile.targets.tvm.schedule_util import (all_downstream, extent, lanes_for,
                                                  within_reduction)
 
 REG_CHANNELS, REG_ROWS = 4, 2  # register tile: 4 x 2 vectors = 8 of AVX2's 16 registers
 SUB_CHANNELS, SUB_ROWS = 4, 2  # sub-tiles per task, at most (a task: 16 channels x 4 rows)
 CHUNK = 16  # input channels per reduction chunk, at most
+TASK_ROWS = 4  # output rows per parallel task when vectorizing the channels
 UNROLL = 64
 
 
@@ -81,6 +86,62 @@ def _roles(sch, block_rv):
     return batch, loops[-6], loops[-5], loops[-4], loops[-3], loops[-2], loops[-1]
 
 
+def _window(sch, roles) -> int:
+    return (extent(sch, roles[-2]) or 1) * (extent(sch, roles[-1]) or 1)
+
+
+def _tile_columns(sch, block_rv, roles, lanes):
+    """Vector along the output columns; register tile 4 channels x 2 rows (8 x 1 for an
+    odd row count). Returns ``(task loop, accumulator block, outer reduction loop)``."""
+    batch, oc, oh, ow, ic, kh, kw = roles
+    channels, rows, depth = (extent(sch, loop) for loop in (oc, oh, ic))
+    reg_rows = REG_ROWS if rows % REG_ROWS == 0 else 1
+    reg_channels = REG_CHANNELS * REG_ROWS // reg_rows
+    if channels % reg_channels:
+        return None
+    sub_channels = _largest_divisor(channels // reg_channels, SUB_CHANNELS)
+    sub_rows = _largest_divisor(rows // reg_rows, SUB_ROWS)
+    oc0, oc2, oc3 = sch.split(oc, [None, sub_channels, reg_channels])
+    oh0, oh2, oh3 = sch.split(oh, [None, sub_rows, reg_rows])
+    ow2, ow3 = sch.split(ow, [None, lanes])
+    ic0, ic1 = sch.split(ic, [None, _largest_divisor(depth, CHUNK)])
+    sch.reorder(oc0, oh0, ic0, kh, oc2, oh2, ow2, ic1, kw, oc3, oh3, ow3)
+    task = sch.fuse(*([batch] if batch is not None else []), oc0, oh0)
+    sch.parallel(task)  # before decompose_reduction, which otherwise rejects the schedule
+    acc = sch.cache_write(block_rv, 0, "local")  # the task's outputs, in L1
+    sch.reverse_compute_at(acc, task)
+    sch.vectorize(ow3)
+    sch.unroll(oh3)
+    sch.unroll(oc3)
+    sch.annotate(task, "pragma_auto_unroll_max_step", UNROLL)
+    sch.annotate(task, "pragma_unroll_explicit", 1)
+    return task, acc, ic0
+
+
+def _tile_channels(sch, block_rv, roles, lanes):
+    """Vector along the (packed) output channels, for widths that are not a multiple of the
+    vector length; register tile up to 6 columns x 2 vectors of channels, the same chunked
+    reduction and per-task padding as :func:`_tile_columns`."""
+    batch, oc, oh, ow, ic, kh, kw = roles
+    channels, rows, cols, depth = (extent(sch, loop) for loop in (oc, oh, ow, ic))
+    nj = 2 if channels % (2 * lanes) == 0 else 1
+    channel_var = sch.get(block_rv).iter_vars[-6].var
+    oc0, oc2, oc3 = sch.split(oc, [None, nj, lanes])
+    oh0, oh1 = sch.split(oh, [None, _largest_divisor(rows, TASK_ROWS)])
+    ow0, ow1 = sch.split(ow, [None, _largest_divisor(cols, 6)])
+    ic0, ic1 = sch.split(ic, [None, _largest_divisor(depth, CHUNK)])
+    sch.reorder(oc0, oh0, ic0, kh, oh1, ow0, ic1, kw, ow1, oc2, oc3)
+    task = sch.fuse(*([batch] if batch is not None else []), oc0, oh0)
+    sch.parallel(task)
+    acc = sch.cache_write(block_rv, 0, "local")
+    _vector_dim_last(sch, block_rv, channel_var)
+    sch.reverse_compute_at(acc, task)
+    sch.vectorize(oc3)
+    sch.unroll(oc2)
+    sch.unroll(ow1)
+    return task, acc, ic0
+
+
 class BlockedConv2d(dl.ScheduleRule):
     """NCHW x HWIO convolution with injective producers (padding) and epilogues."""
 
@@ -103,11 +164,7 @@ class BlockedConv2d(dl.ScheduleRule):
             return None
         batch, oc, oh, ow, ic, kh, kw = roles
         channels, rows, cols, depth = (extent(sch, loop) for loop in (oc, oh, ow, ic))
-        if None in (channels, rows, cols, depth) or cols % lanes:
-            return None
-        reg_rows = REG_ROWS if rows % REG_ROWS == 0 else 1
-        reg_channels = REG_CHANNELS * REG_ROWS // reg_rows
-        if channels % reg_channels:
+        if None in (channels, rows, cols, depth):
             return None
         block = sch.get(main.block_rv)
         neighbours = [(b.block_rv, _is_producer(sch, b.block_rv, main.block_rv))
@@ -115,24 +172,13 @@ class BlockedConv2d(dl.ScheduleRule):
         epilogues = [rv for rv, producer in neighbours if not producer]
         if not all_downstream(sch, main.block_rv, epilogues):
             return None
-        sub_channels = _largest_divisor(channels // reg_channels, SUB_CHANNELS)
-        sub_rows = _largest_divisor(rows // reg_rows, SUB_ROWS)
-        chunk = _largest_divisor(depth, CHUNK)
-
-        oc0, oc2, oc3 = sch.split(oc, [None, sub_channels, reg_channels])
-        oh0, oh2, oh3 = sch.split(oh, [None, sub_rows, reg_rows])
-        ow2, ow3 = sch.split(ow, [None, lanes])
-        ic0, ic1 = sch.split(ic, [None, chunk])
-        sch.reorder(oc0, oh0, ic0, kh, oc2, oh2, ow2, ic1, kw, oc3, oh3, ow3)
-        task = sch.fuse(*([batch] if batch is not None else []), oc0, oh0)
-        sch.parallel(task)  # before decompose_reduction, which otherwise rejects the schedule
-        acc = sch.cache_write(main.block_rv, 0, "local")  # the task's outputs, in L1
-        sch.reverse_compute_at(acc, task)
-        sch.vectorize(ow3)
-        sch.unroll(oh3)
-        sch.unroll(oc3)
-        sch.annotate(task, "pragma_auto_unroll_max_step", UNROLL)
-        sch.annotate(task, "pragma_unroll_explicit", 1)
+        tiled = _tile_columns(sch, main.block_rv, roles, lanes) if cols % lanes == 0 else None
+        if tiled is None and channels % lanes == 0 and depth * _window(sch, roles) \
+                >= WEIGHT_VECTOR_MIN_DEPTH:
+            tiled = _tile_channels(sch, main.block_rv, roles, lanes)
+        if tiled is None:
+            return None
+        task, acc, ic0 = tiled
         sch.decompose_reduction(main.block_rv, ic0)
         if not within_reduction(sch, main.block_rv, epilogues):
             return None
