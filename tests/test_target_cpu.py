@@ -136,14 +136,15 @@ def _run_prim_func(func, arrays):
     return args[-1].numpy()
 
 
-@pytest.mark.parametrize("batch, size", [(1, 16), (2, 16), (1, 14)])  # 14: channel vectors
-def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch, size):
+# 14 wide: channel vectors; one input channel: no channel loop left after normalization
+@pytest.mark.parametrize("batch, size, cin", [(1, 16, 32), (2, 16, 32), (1, 14, 32), (1, 16, 1)])
+def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch, size, cin):
     from tvm import te, tirx, topi
 
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
-    data = te.placeholder((batch, 32, size, size), name="x")
+    data = te.placeholder((batch, cin, size, size), name="x")
     channels = 24 if size % 8 == 0 else 32  # channel vectors need a multiple of 8
-    weight = te.placeholder((3, 3, 32, channels), name="w")  # HWIO, as PackConvWeights leaves it
+    weight = te.placeholder((3, 3, cin, channels), name="w")  # HWIO, as PackConvWeights leaves it
     bias = te.placeholder((1, channels, 1, 1), name="b")
     conv = topi.nn.conv(data, weight, 1, 1, 1, 1, "NCHW", "HWIO")
     func = te.create_prim_func([data, weight, bias, topi.nn.relu(conv + bias)])

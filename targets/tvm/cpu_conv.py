@@ -30,7 +30,8 @@ on 56x56 0.75; MM-IMDb's stride-2 32->64 0.91, its first layer 0.59.
 Output widths that are not a multiple of the vector length (28, 14 on AV-MNIST) keep the
 chunked reduction and per-task padding but vectorize along the packed output channels, with
 BlockedMatmul's register tile (up to 6 columns x 2 vectors): AV-MNIST's three narrower
-convolutions 0.57-0.75, MM-IMDb's two 0.52-0.65. Shallow first layers of such widths (reduction under 64) and
+convolutions 0.57-0.75, MM-IMDb's two 0.52-0.65. A single input channel (AV-MNIST's
+spectrogram layer, 1->16 5x5 on 112x112) has no channel loop to chunk: 0.66-0.78. Shallow first layers of such widths (reduction under 64) and
 channel counts that fit neither tile are left to BlockedMatmul. Batched inputs: the batch
 joins the parallel loop.
 """
@@ -54,16 +55,18 @@ UNROLL = 64
 
 
 def _roles(sch, block_rv):
-    """``(batch, channel, row, column)`` spatial loops and ``(in_channel, kh, kw)`` reduction
-    loops of an NCHW convolution over HWIO weights, or None for any other reduction."""
+    """``(batch, channel, row, column, in_channel, kh, kw)`` loops of an NCHW convolution
+    over HWIO weights (batch None at batch 1 and in_channel None for a single input channel:
+    unit loops are normalized away), or None for any other reduction."""
     block = sch.get(block_rv)
     loops = sch.get_loops(block_rv)
-    kinds = ["S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in block.iter_vars]
-    if kinds not in (["S", "S", "S", "R", "R", "R"], ["S"] * 4 + ["R"] * 3) \
-            or len(loops) != len(kinds):
+    kinds = "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R"
+                    for iv in block.iter_vars)
+    if kinds not in ("SSSRRR", "SSSSRRR", "SSSRR", "SSSSRR") or len(loops) != len(kinds):
         return None
+    n_reduce = kinds.count("R")
     ivars = [iv.var for iv in block.iter_vars]
-    spatial, reduce_ = ivars[:-3], ivars[-3:]
+    spatial, reduce_ = ivars[:-n_reduce], ivars[-n_reduce:]
     output = block.writes[0].source
     reads = [r for r in block.reads if not r.source.same_as(output)]
     weight = [r for r in reads if spatial[-1] not in _index_vars(r.region)]
@@ -83,18 +86,28 @@ def _roles(sch, block_rv):
     if spatial[-1] not in tirx.analysis.undefined_vars(column_last):
         return None
     batch = loops[0] if len(spatial) == 4 else None
-    return batch, loops[-6], loops[-5], loops[-4], loops[-3], loops[-2], loops[-1]
+    oc, oh, ow = loops[len(spatial) - 3:len(spatial)]
+    ic = loops[-3] if n_reduce == 3 else None
+    return batch, oc, oh, ow, ic, loops[-2], loops[-1]
 
 
 def _window(sch, roles) -> int:
     return (extent(sch, roles[-2]) or 1) * (extent(sch, roles[-1]) or 1)
 
 
+def _chunks(sch, ic):
+    """The input-channel loop split into ``([outer], [chunk])``; ``([], [])`` without one."""
+    if ic is None:
+        return [], []
+    outer, inner = sch.split(ic, [None, _largest_divisor(extent(sch, ic), CHUNK)])
+    return [outer], [inner]
+
+
 def _tile_columns(sch, block_rv, roles, lanes):
     """Vector along the output columns; register tile 4 channels x 2 rows (8 x 1 for an
     odd row count). Returns ``(task loop, accumulator block, outer reduction loop)``."""
     batch, oc, oh, ow, ic, kh, kw = roles
-    channels, rows, depth = (extent(sch, loop) for loop in (oc, oh, ic))
+    channels, rows = extent(sch, oc), extent(sch, oh)
     reg_rows = REG_ROWS if rows % REG_ROWS == 0 else 1
     reg_channels = REG_CHANNELS * REG_ROWS // reg_rows
     if channels % reg_channels:
@@ -104,8 +117,8 @@ def _tile_columns(sch, block_rv, roles, lanes):
     oc0, oc2, oc3 = sch.split(oc, [None, sub_channels, reg_channels])
     oh0, oh2, oh3 = sch.split(oh, [None, sub_rows, reg_rows])
     ow2, ow3 = sch.split(ow, [None, lanes])
-    ic0, ic1 = sch.split(ic, [None, _largest_divisor(depth, CHUNK)])
-    sch.reorder(oc0, oh0, ic0, kh, oc2, oh2, ow2, ic1, kw, oc3, oh3, ow3)
+    ic0, ic1 = _chunks(sch, ic)
+    sch.reorder(oc0, oh0, *ic0, kh, oc2, oh2, ow2, *ic1, kw, oc3, oh3, ow3)
     task = sch.fuse(*([batch] if batch is not None else []), oc0, oh0)
     sch.parallel(task)  # before decompose_reduction, which otherwise rejects the schedule
     acc = sch.cache_write(block_rv, 0, "local")  # the task's outputs, in L1
@@ -115,7 +128,7 @@ def _tile_columns(sch, block_rv, roles, lanes):
     sch.unroll(oc3)
     sch.annotate(task, "pragma_auto_unroll_max_step", UNROLL)
     sch.annotate(task, "pragma_unroll_explicit", 1)
-    return task, acc, ic0
+    return task, acc, (ic0 or [kh])[0]
 
 
 def _tile_channels(sch, block_rv, roles, lanes):
@@ -123,14 +136,14 @@ def _tile_channels(sch, block_rv, roles, lanes):
     vector length; register tile up to 6 columns x 2 vectors of channels, the same chunked
     reduction and per-task padding as :func:`_tile_columns`."""
     batch, oc, oh, ow, ic, kh, kw = roles
-    channels, rows, cols, depth = (extent(sch, loop) for loop in (oc, oh, ow, ic))
+    channels, rows, cols = (extent(sch, loop) for loop in (oc, oh, ow))
     nj = 2 if channels % (2 * lanes) == 0 else 1
     channel_var = sch.get(block_rv).iter_vars[-6].var
     oc0, oc2, oc3 = sch.split(oc, [None, nj, lanes])
     oh0, oh1 = sch.split(oh, [None, _largest_divisor(rows, TASK_ROWS)])
     ow0, ow1 = sch.split(ow, [None, _largest_divisor(cols, 6)])
-    ic0, ic1 = sch.split(ic, [None, _largest_divisor(depth, CHUNK)])
-    sch.reorder(oc0, oh0, ic0, kh, oh1, ow0, ic1, kw, ow1, oc2, oc3)
+    ic0, ic1 = _chunks(sch, ic)
+    sch.reorder(oc0, oh0, *ic0, kh, oh1, ow0, *ic1, kw, ow1, oc2, oc3)
     task = sch.fuse(*([batch] if batch is not None else []), oc0, oh0)
     sch.parallel(task)
     acc = sch.cache_write(block_rv, 0, "local")
@@ -139,7 +152,7 @@ def _tile_channels(sch, block_rv, roles, lanes):
     sch.vectorize(oc3)
     sch.unroll(oc2)
     sch.unroll(ow1)
-    return task, acc, ic0
+    return task, acc, (ic0 or [kh])[0]
 
 
 class BlockedConv2d(dl.ScheduleRule):
@@ -163,7 +176,8 @@ class BlockedConv2d(dl.ScheduleRule):
         if roles is None:
             return None
         batch, oc, oh, ow, ic, kh, kw = roles
-        channels, rows, cols, depth = (extent(sch, loop) for loop in (oc, oh, ow, ic))
+        channels, rows, cols = (extent(sch, loop) for loop in (oc, oh, ow))
+        depth = extent(sch, ic) if ic is not None else 1
         if None in (channels, rows, cols, depth):
             return None
         block = sch.get(main.block_rv)
@@ -178,8 +192,8 @@ class BlockedConv2d(dl.ScheduleRule):
             tiled = _tile_channels(sch, main.block_rv, roles, lanes)
         if tiled is None:
             return None
-        task, acc, ic0 = tiled
-        sch.decompose_reduction(main.block_rv, ic0)
+        task, acc, first_reduce = tiled
+        sch.decompose_reduction(main.block_rv, first_reduce)
         if not within_reduction(sch, main.block_rv, epilogues):
             return None
         for block_rv, producer in neighbours:
