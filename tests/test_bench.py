@@ -140,6 +140,26 @@ def test_bench_model_file(mlp_file, tmp_path, capsys):
     assert err == ""
 
 
+def test_rounds_run_each_engine_in_several_processes_and_report_the_median(mlp_file, tmp_path,
+                                                                           capsys):
+    out_json = tmp_path / "rounds.json"
+    code, out, err = run_cli(capsys, "bench", mlp_file, "--repeat", "3", "--rounds", "3",
+                          "--engines", "onnxruntime", "--json", out_json, "-q")
+    assert code == 0, err
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert len(row["rounds_ms"]) == 3 and all(m > 0 for m in row["rounds_ms"])
+    assert row["median_ms"] == sorted(row["rounds_ms"])[1]
+
+
+def test_median_round_skips_failed_rounds():
+    from mmcompile.bench.results import median_round
+    ok = [{"median_ms": m, "match": True} for m in (3.0, 1.0, 2.0, 4.0)]
+    failed = {"median_ms": None, "match": False, "error": "killed"}
+    assert median_round([*ok, failed])["median_ms"] == 2.0  # lower middle of 1, 2, 3, 4
+    assert median_round([failed, failed])["error"] == "killed"
+    assert median_round(ok[:1]) is ok[0]
+
+
 def _lstm(path):
     """x[batch, 6, 4] -> LSTM (hidden 3) -> last hidden state [batch, 3]: onnxruntime runs it,
     TVM's ONNX importer has no LSTM converter."""
@@ -202,6 +222,7 @@ def test_runner_reports_an_engine_exception_as_an_error_result(tmp_path):
     (["--models", "nope"], ["unknown suite model 'nope'", "av_mnist"]),
     (["--against", "tensorrt"], ["unknown engine 'tensorrt'", "torch-compile"]),
     (["--repeat", "0"], ["--repeat must be at least 1"]),
+    (["--rounds", "0"], ["--rounds must be at least 1"]),
 ])
 def test_bad_suite_arguments_fail_fast_with_one_line(capsys, argv, fragments):
     code, _, err = run_cli(capsys, "bench", *argv)

@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads per engine (default: all cores this process may use)")
     p.add_argument("--repeat", type=int, default=30,
                    help="timed runs per measurement, at most (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per engine and workload, started in interleaved order; "
+                        "each row is the round with the median latency (default: "
+                        "%(default)s; 3 makes ratios on a shared, noisy machine repeatable)")
     p.add_argument("--warmup-time", type=float, default=0.5, metavar="SECONDS",
                    help="and keep warming up for at least this long, every engine alike "
                         "(default: %(default)s)")
@@ -78,7 +82,7 @@ def _options(args: argparse.Namespace):
                                   else default)]
     for flag, value, low in (("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0),
                              ("--warmup-time", args.warmup_time, 0),
-                             ("--threads", args.threads, 0)):
+                             ("--threads", args.threads, 0), ("--rounds", args.rounds, 1)):
         if value < low:
             raise BenchError(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--timeout", args.timeout), ("--max-time", args.max_time),
@@ -98,7 +102,8 @@ def _options(args: argparse.Namespace):
     return BenchOptions(engines=engines, batches=batches, threads=args.threads,
                         repeat=args.repeat, warmup=args.warmup, warmup_s=args.warmup_time,
                         max_time=args.max_time,
-                        timeout=args.timeout, tolerance=args.tolerance, tuning_db=tuning_db)
+                        timeout=args.timeout, tolerance=args.tolerance, tuning_db=tuning_db,
+                        rounds=args.rounds)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ from mmcompile.bench import BenchError, suite
 from mmcompile.bench.engines import engine_names, get_engine
 from mmcompile.flops import count_flops
 from mmcompile.bench.results import (add_ratios, geomeans, machine_info, make_row,
-                                     pick_variant)
+                                     median_round, pick_variant)
 
 RUNNER = Path(__file__).resolve().with_name("runner.py")
 DEFAULT_AGAINST_SUITE = ("onnxruntime", "torch", "torch-compile")
@@ -64,6 +64,8 @@ class BenchOptions:
         timeout: seconds one engine process may take in all (import, compile, runs).
         tolerance: outputs match when ``max|got - ref| <= tolerance * max(1, max|ref|)``.
         tuning_db: the database the ``mmcompile-tuned`` engine compiles with.
+        rounds: processes per engine and workload, started in interleaved order (A B C A B
+            C ...); each row is the round with the median latency, ``rounds_ms`` lists all.
     """
 
     engines: Sequence[str]
@@ -77,6 +79,7 @@ class BenchOptions:
     timeout: float = 600.0
     tolerance: float = 1e-3
     tuning_db: str | None = None
+    rounds: int = 1
 
 
 @dataclass
@@ -346,15 +349,22 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
             workloads = prepare_suite(list(models or suite.SUITES["multimodal"]),
                                       options.batches, folder, say)
         for w in workloads:
+            # One process per engine and round, rounds interleaved: on a shared machine the
+            # same binary's latency drifts by tens of percent over minutes and differs from
+            # one process to the next, so each engine samples the same stretches of time.
+            tries: dict[str, dict[str, list[dict[str, Any]]]] = {
+                e: {v: [] for v in get_engine(e).variants} for e in engines}
+            for _ in range(options.rounds):
+                for engine in engines:
+                    for variant, results in tries[engine].items():
+                        job = make_job(w, engine, variant, options, threads, folder)
+                        result = run_child(job, options.timeout)
+                        results.append(make_row(w.model, w.batch, engine, result, w.reference,
+                                                job["outputs"], options.tolerance,
+                                                {"params": w.params, "flops": w.flops}))
             for engine in engines:
-                variants = {}
-                for variant in get_engine(engine).variants:
-                    job = make_job(w, engine, variant, options, threads, folder)
-                    result = run_child(job, options.timeout)
-                    variants[variant] = make_row(w.model, w.batch, engine, result, w.reference,
-                                                 job["outputs"], options.tolerance,
-                                                 {"params": w.params, "flops": w.flops})
-                rows.append(pick_variant(variants))
+                rows.append(pick_variant({v: median_round(r)
+                                          for v, r in tries[engine].items()}))
                 say(_describe(rows[-1]))
     add_ratios(rows)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -71,6 +71,22 @@ def make_row(model: str, batch: int, engine: str, result: Mapping[str, Any],
     return row
 
 
+def median_round(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Of one engine's rounds (separate processes), the one with the median latency (the
+    lower of the two middle ones for an even count), with every round's median in
+    ``rounds_ms``; a round that failed is reported if none ran."""
+    if len(rows) == 1:
+        return rows[0]
+    timed = sorted((r for r in rows if r["median_ms"] is not None and r["match"]),
+                   key=lambda r: r["median_ms"]) or \
+        sorted((r for r in rows if r["median_ms"] is not None), key=lambda r: r["median_ms"])
+    if not timed:
+        return rows[0]
+    chosen = dict(timed[(len(timed) - 1) // 2])
+    chosen["rounds_ms"] = [r["median_ms"] for r in rows]
+    return chosen
+
+
 def pick_variant(rows: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """Of one engine's variants (e.g. onnxruntime sequential/parallel), the fastest that matched
     (else the fastest that ran, else the first); the others' medians go in ``variants``."""
