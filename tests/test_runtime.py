@@ -316,3 +316,17 @@ def test_op_without_tvm_converter_is_unsupported():
 def test_unknown_target_lists_known_targets(graph):
     with pytest.raises(TargetError, match=r"unknown target 'tpu'; known targets: .*cpu.*cuda"):
         mmcompile.compile(graph, target="tpu")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64", "bool"])
+def test_unaligned_buffers_are_copied_to_aligned_ones(dtype):
+    from mmcompile.targets.tvm.executable import to_tvm
+    source = np.arange(1, 1 + 7 * 9).reshape(7, 9).astype(dtype)
+    buffer = np.empty(source.size + 1, dtype)
+    view = buffer[1:].reshape(source.shape)
+    view[...] = source
+    assert view.ctypes.data % 64 != 0
+    tensor = to_tvm(view)
+    view[...] = 0  # a copy, not a view of the caller's memory
+    assert np.array_equal(tensor.numpy(), source)
+    assert np.from_dlpack(tensor).ctypes.data % 64 == 0
