@@ -135,8 +135,11 @@ def stage_costs(compiled: CompiledModel, plans: Sequence[StagePlan],
         costs = {name: float(np.median(v[1:])) for name, v in samples.items()}
     else:
         costs = {plan.name: estimate_cost_ms(plan.graph) for plan in plans}
+    # Planned from the figures the artifact records, so that a load that replans from them
+    # places the stages exactly as compiled (unrounded, near-equal branches could swap).
+    costs = {name: round(value, 4) for name, value in costs.items()}
     for stage in compiled.stages:
-        stage.info["cost_ms"] = round(costs[stage.name], 4)
+        stage.info["cost_ms"] = costs[stage.name]
     return costs
 
 
