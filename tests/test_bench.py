@@ -151,6 +151,14 @@ def test_rounds_run_each_engine_in_several_processes_and_report_the_median(mlp_f
     assert row["median_ms"] == sorted(row["rounds_ms"])[1]
 
 
+def test_each_round_gets_its_own_inductor_cache(tmp_path):
+    from mmcompile.bench.harness import BenchOptions, Workload, make_job
+    w = Workload("m", 1, tmp_path / "m.onnx", tmp_path / "in.npz", {}, 0, 0)
+    jobs = [make_job(w, "torch-compile", "default", BenchOptions(["torch-compile"]), 2, tmp_path, r)
+            for r in range(3)]
+    assert len({j["inductor_cache"] for j in jobs}) == 3
+
+
 def test_median_round_skips_failed_rounds():
     from mmcompile.bench.results import median_round
     ok = [{"median_ms": m, "match": True} for m in (3.0, 1.0, 2.0, 4.0)]

@@ -226,9 +226,10 @@ def prepare_file(path: str | os.PathLike, batches: Sequence[int], folder: Path, 
 # -- children ------------------------------------------------------------------------------------
 
 def make_job(workload: Workload, engine: str, variant: str, options: BenchOptions,
-             threads: int, folder: Path) -> dict[str, Any]:
-    """The JSON a child reads (see :mod:`.runner`)."""
-    stem = folder / f"{workload.model}-b{workload.batch}-{engine}-{variant}"
+             threads: int, folder: Path, round_: int = 0) -> dict[str, Any]:
+    """The JSON a child reads (see :mod:`.runner`). Each round gets its own files, so no
+    round starts with the inductor cache an earlier one filled."""
+    stem = folder / f"{workload.model}-b{workload.batch}-{engine}-{variant}-r{round_}"
     return {"engine": engine, "variant": variant, "onnx": str(workload.onnx),
             "suite_model": workload.suite_model, "batch": workload.batch,
             "inputs": str(workload.inputs), "outputs": f"{stem}.out.npz",
@@ -354,10 +355,10 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
             # one process to the next, so each engine samples the same stretches of time.
             tries: dict[str, dict[str, list[dict[str, Any]]]] = {
                 e: {v: [] for v in get_engine(e).variants} for e in engines}
-            for _ in range(options.rounds):
+            for round_ in range(options.rounds):
                 for engine in engines:
                     for variant, results in tries[engine].items():
-                        job = make_job(w, engine, variant, options, threads, folder)
+                        job = make_job(w, engine, variant, options, threads, folder, round_)
                         result = run_child(job, options.timeout)
                         results.append(make_row(w.model, w.batch, engine, result, w.reference,
                                                 job["outputs"], options.tolerance,
