@@ -92,10 +92,10 @@ def parallel_prospect(whole: CompiledModel, plans: Sequence[StagePlan],
     order = [p.name for p in plans]
     deps = {p.name: list(p.depends_on) for p in plans}
     share = {p.name: max(estimate_cost_ms(p.graph), 1e-6) for p in plans}
-    n_workers = max(1, min(cores, sum(1 for p in plans if not p.depends_on)))
-    per_worker = max(1, cores // n_workers)
-    if not measure or n_workers == 1:
-        return plan_parallel(order, deps, share, cores)
+    unmeasured = plan_parallel(order, deps, share, cores)
+    if not measure or unmeasured.kind != "parallel":
+        return unmeasured
+    n_workers, per_worker = len(unmeasured.workers), min(unmeasured.threads)
     all_ms, worker_ms = side_by_side(whole, feeds, n_workers, per_worker)
     at_share = worker_ms / all_ms
 
@@ -115,7 +115,7 @@ def parallel_prospect(whole: CompiledModel, plans: Sequence[StagePlan],
 def promising(prospect: Schedule) -> bool:
     """Whether the parallel candidate is worth compiling and timing: only on a measured
     prediction (under perfect scaling, the estimate without measuring, splitting the cores
-    never beats the branches one after another) that comes near the whole graph's time."""
+    never beats the branches one after another) under ``PROSPECT`` x the whole graph's time."""
     sequential_ms = prospect.measured_ms.get("sequential")
     return (prospect.kind == "parallel" and sequential_ms is not None
             and prospect.estimate_ms < PROSPECT * sequential_ms)
@@ -143,18 +143,14 @@ def stage_costs(compiled: CompiledModel, plans: Sequence[StagePlan],
     return costs
 
 
-def choose_schedule(compiled: CompiledModel, kind: str, feeds: Mapping[str, np.ndarray],
-                    plans: Sequence[StagePlan], cores: int, measure: bool = True) -> Schedule:
-    """The ``kind`` ("sequential" or "parallel") schedule of ``compiled``'s stages, planned
-    from their costs (see :func:`stage_costs`); sequential when nothing can overlap."""
+def parallel_schedule(compiled: CompiledModel, feeds: Mapping[str, np.ndarray],
+                      plans: Sequence[StagePlan], cores: int, measure: bool = True) -> Schedule:
+    """The parallel schedule of ``compiled``'s stages, planned from their costs (see
+    :func:`stage_costs`); sequential when nothing can overlap."""
     costs = stage_costs(compiled, plans, feeds, measure)
     order = [s.name for s in compiled.stages]
     deps = {s.name: s.depends_on for s in compiled.stages}
-    candidate = plan_parallel(order, deps, costs, cores)
-    if kind == "sequential" or candidate.kind == "sequential":
-        return Schedule("sequential", estimate_ms=sum(costs.values()),
-                        bound_ms=candidate.bound_ms)
-    return candidate
+    return plan_parallel(order, deps, costs, cores)
 
 
 def faster(staged: CompiledModel, whole: CompiledModel, feeds: Mapping[str, np.ndarray],

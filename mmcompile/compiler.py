@@ -22,7 +22,7 @@ from mmcompile.optimize import optimize
 from mmcompile.reference import compare_outputs, random_inputs, run_onnxruntime
 from mmcompile.plan import StagePlan, partition
 from mmcompile.runtime import CompiledModel, Stage
-from mmcompile.autoschedule import choose_schedule, faster, parallel_prospect, promising
+from mmcompile.autoschedule import faster, parallel_prospect, parallel_schedule, promising
 from mmcompile.schedule import Schedule, available_cores, check_kind
 from mmcompile.signature import Signature
 from mmcompile.target import CompileOptions, TargetError, get_target
@@ -165,7 +165,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         compiled = _compiled(plans, backend, options, metadata, optimized, say)
         if len(plans) > 1:
             say(f"scheduling {len(plans)} stages ({schedule})")
-            compiled.schedule = choose_schedule(compiled, schedule, feeds, plans, cores, measure)
+            compiled.schedule = parallel_schedule(compiled, feeds, plans, cores, measure)
     if db_info is not None:  # of the stages kept
         used = [st.info.get("tuning", {}) for st in compiled.stages]
         compiled.metadata["tuning_db"] = {**db_info,
@@ -220,7 +220,7 @@ def _auto(plans: Sequence[StagePlan], whole_plans: Sequence[StagePlan], backend,
             + "; branch stages not compiled")
         return whole
     staged = _compiled(plans, backend, options, metadata, graph, say)
-    staged.schedule = choose_schedule(staged, "parallel", feeds, plans, cores, measure)
+    staged.schedule = parallel_schedule(staged, feeds, plans, cores, measure)
     if staged.schedule.kind != "parallel":
         staged.close()
         return whole

@@ -31,21 +31,19 @@ Output widths that are not a multiple of the vector length (28, 14 on AV-MNIST) 
 chunked reduction and per-task padding but vectorize along the packed output channels, with
 BlockedMatmul's register tile (up to 6 columns x 2 vectors): AV-MNIST's three narrower
 convolutions 0.57-0.75, MM-IMDb's two 0.52-0.65. A single input channel (AV-MNIST's
-spectrogram layer, 1->16 5x5 on 112x112) has no channel loop to chunk: 0.66-0.78. Shallow first layers of such widths (reduction under 64) and
-channel counts that fit neither tile are left to BlockedMatmul. Batched inputs: the batch
-joins the parallel loop.
+spectrogram layer, 1->16 5x5 on 112x112) has no channel loop to chunk: 0.66-0.78. Shallow
+first layers of such widths (reduction under 64) and channel counts that fit neither tile
+are left to BlockedMatmul. Batched inputs: the batch joins the parallel loop.
 """
 
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir import dlight as dl
 
 from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _index_vars,
-                                              _is_producer, _largest_divisor, _reduction,
+                                              _largest_divisor, _neighbours, _reduction,
                                               _vector_dim_last, _vectorize_innermost)
-from mmcompile.targets.tvm.schedule_util import (all_downstream, extent, lanes_for,
-                                                 within_reduction)
+from mmcompile.targets.tvm.schedule_util import VectorRule, extent, within_reduction
 
 REG_CHANNELS, REG_ROWS = 4, 2  # register tile: 4 x 2 vectors = 8 of AVX2's 16 registers
 SUB_CHANNELS, SUB_ROWS = 4, 2  # sub-tiles per task, at most (a task: 16 channels x 4 rows)
@@ -155,16 +153,8 @@ def _tile_channels(sch, block_rv, roles, lanes):
     return task, acc, (ic0 or [kh])[0]
 
 
-class BlockedConv2d(dl.ScheduleRule):
+class BlockedConv2d(VectorRule):
     """NCHW x HWIO convolution with injective producers (padding) and epilogues."""
-
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        try:
-            return self._schedule(func, lanes_for(target))
-        except Exception:  # the rule does not fit this function: let the next one try
-            return None
 
     @staticmethod
     def _schedule(func, lanes):
@@ -180,12 +170,10 @@ class BlockedConv2d(dl.ScheduleRule):
         depth = extent(sch, ic) if ic is not None else 1
         if None in (channels, rows, cols, depth):
             return None
-        block = sch.get(main.block_rv)
-        neighbours = [(b.block_rv, _is_producer(sch, b.block_rv, main.block_rv))
-                      for b in infos if not sch.get(b.block_rv).same_as(block)]
-        epilogues = [rv for rv, producer in neighbours if not producer]
-        if not all_downstream(sch, main.block_rv, epilogues):
+        neighbours = _neighbours(sch, infos, main.block_rv)
+        if neighbours is None:
             return None
+        producers, epilogues = neighbours
         tiled = _tile_columns(sch, main.block_rv, roles, lanes) if cols % lanes == 0 else None
         if tiled is None and channels % lanes == 0 and depth * _window(sch, roles) \
                 >= WEIGHT_VECTOR_MIN_DEPTH:
@@ -196,10 +184,9 @@ class BlockedConv2d(dl.ScheduleRule):
         sch.decompose_reduction(main.block_rv, first_reduce)
         if not within_reduction(sch, main.block_rv, epilogues):
             return None
-        for block_rv, producer in neighbours:
-            if producer:  # the padding of this task's rows, right before it reads them
-                sch.compute_at(block_rv, task)
-                _vectorize_innermost(sch, block_rv, lanes)
+        for block_rv in producers:  # this task's padded rows, right before it reads them
+            sch.compute_at(block_rv, task)
+            _vectorize_innermost(sch, block_rv, lanes)
         for block_rv in reversed(epilogues):  # into the accumulator's write-back
             sch.reverse_compute_inline(block_rv)
         _vectorize_innermost(sch, acc, lanes)

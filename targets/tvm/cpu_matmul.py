@@ -25,10 +25,9 @@ Q@K^T [4,65,32]x[4,32,65] 569 -> 32 us; conv 64->128 3x3 on 16x16 9 ms -> 0.48 m
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from mmcompile.targets.tvm.schedule_util import (all_downstream, extent, lanes_for,
+from mmcompile.targets.tvm.schedule_util import (VectorRule, all_downstream, extent,
                                                  parallel_spatial, within_reduction)
 
 
@@ -50,16 +49,20 @@ def _reduction(sch):
     return infos, reductions[0]
 
 
-class BlockedMatmul(dl.ScheduleRule):
-    """One reduction block with injective producers/epilogues, register-blocked."""
+def _neighbours(sch, infos, main_rv):
+    """The reduction's ``(producers, epilogues)`` among ``infos``, in the function's order, or
+    None when an epilogue does not read the reduction (see ``all_downstream``)."""
+    block = sch.get(main_rv)
+    others = [b.block_rv for b in infos if not sch.get(b.block_rv).same_as(block)]
+    producers = [rv for rv in others if _is_producer(sch, rv, main_rv)]
+    epilogues = [rv for rv in others if rv not in producers]
+    if not all_downstream(sch, main_rv, epilogues):
+        return None
+    return producers, epilogues
 
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        try:
-            return self._schedule(func, lanes_for(target))
-        except Exception:  # the rule does not fit this function: let the next one try
-            return None
+
+class BlockedMatmul(VectorRule):
+    """One reduction block with injective producers/epilogues, register-blocked."""
 
     @staticmethod
     def _schedule(func, lanes):
@@ -82,11 +85,11 @@ class BlockedMatmul(dl.ScheduleRule):
                 infos, main = _reduction(sch)
             except Exception:
                 pass
-        block = sch.get(main.block_rv)
-        neighbours = [(b.block_rv, _is_producer(sch, b.block_rv, main.block_rv))
-                      for b in infos if not sch.get(b.block_rv).same_as(block)]
-        if not all_downstream(sch, main.block_rv, [rv for rv, p in neighbours if not p]):
+        neighbours = _neighbours(sch, infos, main.block_rv)
+        if neighbours is None:
             return None
+        producers, epilogues = neighbours
+        block = sch.get(main.block_rv)
         loops = sch.get_loops(main.block_rv)
         ivars = [iv.var for iv in block.iter_vars]
         cols = extent(sch, loops[vec])
@@ -133,12 +136,10 @@ class BlockedMatmul(dl.ScheduleRule):
         if ii is not None:
             sch.unroll(ii)
         sch.decompose_reduction(main.block_rv, reduce_loops[0])
-        epilogues = [rv for rv, producer in neighbours if not producer]
         if not within_reduction(sch, main.block_rv, epilogues):
             return None
-        for block_rv, producer in neighbours:
-            if producer:
-                parallel_spatial(sch, block_rv, lanes)
+        for block_rv in producers:
+            parallel_spatial(sch, block_rv, lanes)
         # Short chains (bias, relu) go into the accumulator write-back: no full-size temporaries.
         # Longer ones (fast_exp's stages) are computed per tile instead: inlining them copies
         # the producer expression into every use (quick_gelu: 0.25 -> 6 ms).

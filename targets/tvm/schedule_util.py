@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from tvm import tirx
+from tvm.s_tir import dlight as dl
 from tvm.target.codegen import target_has_features
 
 
@@ -78,3 +79,20 @@ def all_downstream(sch, main_rv, epilogues) -> bool:
             return False
         downstream.extend(w.source for w in block.writes)
     return True
+
+
+class VectorRule(dl.ScheduleRule):
+    """A CPU rule whose ``_schedule(func, lanes)`` returns a schedule, or None (or raises)
+    when the function does not fit it: the next rule then tries."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._schedule(func, lanes_for(target))
+        except Exception:  # the rule does not fit this function: let the next one try
+            return None
+
+    @staticmethod
+    def _schedule(func, lanes):
+        raise NotImplementedError
