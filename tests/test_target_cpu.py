@@ -137,8 +137,10 @@ def _run_prim_func(func, arrays):
 
 
 # 14 wide: channel vectors; one input channel: no channel loop left after normalization
-@pytest.mark.parametrize("batch, size, cin", [(1, 16, 32), (2, 16, 32), (1, 14, 32), (1, 16, 1)])
-def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch, size, cin):
+@pytest.mark.parametrize("batch, size, cin, stride",
+                         [(1, 16, 32, 1), (2, 16, 32, 1), (1, 14, 32, 1), (1, 16, 1, 1),
+                          (2, 32, 32, 2), (1, 32, 3, 2)])
+def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch, size, cin, stride):
     from tvm import te, tirx, topi
 
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
@@ -146,7 +148,7 @@ def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch, si
     channels = 24 if size % 8 == 0 else 32  # channel vectors need a multiple of 8
     weight = te.placeholder((3, 3, cin, channels), name="w")  # HWIO, as PackConvWeights leaves it
     bias = te.placeholder((1, channels, 1, 1), name="b")
-    conv = topi.nn.conv(data, weight, 1, 1, 1, 1, "NCHW", "HWIO")
+    conv = topi.nn.conv(data, weight, stride, 1, 1, 1, "NCHW", "HWIO")
     func = te.create_prim_func([data, weight, bias, topi.nn.relu(conv + bias)])
     sch = BlockedConv2d._schedule(func, lanes=8)
     assert sch is not None
@@ -159,7 +161,7 @@ def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch, si
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal([int(d) for d in t.shape]).astype("float32")
               for t in (data, weight, bias)]
-    arrays.append(np.zeros((batch, channels, size, size), "float32"))
+    arrays.append(np.zeros((batch, channels, size // stride, size // stride), "float32"))
     expected = _run_prim_func(func, arrays)
     # 288-term float32 sums in another order, outputs up to ~30: 1e-4 absolute
     np.testing.assert_allclose(_run_prim_func(sch.mod["main"], arrays), expected,
@@ -178,6 +180,13 @@ def test_blocked_conv2d_rule_picks_its_vector_axis_and_declines_what_it_cannot_t
     wide = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=16), lanes=8)
     assert "TransformLayout" not in {inst.kind.name for inst in wide.trace.insts}
     assert BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=3, size=14), lanes=8) is None
+    # stride 2 over a width that fits (32 -> 16 columns): column vectors would gather every
+    # other input pixel, so a deep reduction vectorizes the channels; a shallow first layer
+    # (3 x 3 x 3 deep) keeps the column vector
+    strided = BlockedConv2d._schedule(_conv_func("HWIO", 2, cin=32, size=32), lanes=8)
+    assert "TransformLayout" in {inst.kind.name for inst in strided.trace.insts}
+    first = BlockedConv2d._schedule(_conv_func("HWIO", 2, cin=3, size=32), lanes=8)
+    assert "TransformLayout" not in {inst.kind.name for inst in first.trace.insts}
     # OIHW weights (not packed): no contiguous output-channel broadcast
     assert BlockedConv2d._schedule(_conv_func("OIHW", 1, cin=32, size=16), lanes=8) is None
     # depthwise: the data is indexed by the output channel

@@ -25,20 +25,24 @@ measured:
 Measured (2 threads, znver3, kernel alone, median ratio to BlockedMatmul in the same run):
 late fusion's 32->64 3x3 on 32x32 0.70 (0.36 -> 0.23-0.25 ms; MetaSchedule's tuned record
 0.22-0.24 ms), 64->128 3x3 on 16x16 0.72, its 3->32 first layer 0.61; AV-MNIST's 16->32 5x5
-on 56x56 0.75; MM-IMDb's stride-2 32->64 0.91, its first layer 0.59.
+on 56x56 0.75; MM-IMDb's stride-2 first layer 0.59.
 
 Output widths that are not a multiple of the vector length (28, 14 on AV-MNIST) keep the
 chunked reduction and per-task padding but vectorize along the packed output channels, with
 BlockedMatmul's register tile (up to 6 columns x 2 vectors): AV-MNIST's three narrower
 convolutions 0.57-0.75, MM-IMDb's two 0.52-0.65. A single input channel (AV-MNIST's
-spectrogram layer, 1->16 5x5 on 112x112) has no channel loop to chunk: 0.66-0.78. Shallow
+spectrogram layer, 1->16 5x5 on 112x112) has no channel loop to chunk: 0.66-0.78. Strided
+convolutions vectorize the channels too when the reduction is deep, whatever the width: a
+column vector would read every other input pixel (scalar loads): MM-IMDb's stride-2 32->64
+on 48x48 (24 output columns, a multiple of 8) 0.38-0.42 of the column-vector schedule
+(batch 8: 2.9-3.7 -> 1.32-1.37 ms; onnxruntime's NCHWc convolution ~1.1 ms). Shallow
 first layers of such widths (reduction under 64) and channel counts that fit neither tile
 are left to BlockedMatmul. Batched inputs: the batch joins the parallel loop.
 """
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import s_tir, sym, tirx
 
 from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _index_vars,
                                               _largest_divisor, _neighbours, _reduction,
@@ -87,6 +91,20 @@ def _roles(sch, block_rv):
     oc, oh, ow = loops[len(spatial) - 3:len(spatial)]
     ic = loops[-3] if n_reduce == 3 else None
     return batch, oc, oh, ow, ic, loops[-2], loops[-1]
+
+
+def _column_stride(sch, block_rv) -> int | None:
+    """The convolution's stride along the columns: the coefficient of the output column in
+    the data's last index (None when it is not linear)."""
+    block = sch.get(block_rv)
+    column = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar][-1]
+    output = block.writes[0].source
+    for read in block.reads:
+        index = read.region[-1].min
+        if not read.source.same_as(output) and column in tirx.analysis.undefined_vars(index):
+            coefficients = sym.detect_linear_equation(index, [column])
+            return int(coefficients[0]) if len(coefficients) else None
+    return None
 
 
 def _window(sch, roles) -> int:
@@ -174,9 +192,14 @@ class BlockedConv2d(VectorRule):
         if neighbours is None:
             return None
         producers, epilogues = neighbours
-        tiled = _tile_columns(sch, main.block_rv, roles, lanes) if cols % lanes == 0 else None
-        if tiled is None and channels % lanes == 0 and depth * _window(sch, roles) \
-                >= WEIGHT_VECTOR_MIN_DEPTH:
+        # strided columns make the column vector a gather: vectorize the channels instead
+        # where the reduction is deep enough to pay for the weight vectors
+        deep = channels % lanes == 0 and depth * _window(sch, roles) >= WEIGHT_VECTOR_MIN_DEPTH
+        strided = _column_stride(sch, main.block_rv) != 1
+        tiled = None
+        if cols % lanes == 0 and not (strided and deep):
+            tiled = _tile_columns(sch, main.block_rv, roles, lanes)
+        if tiled is None and deep:
             tiled = _tile_channels(sch, main.block_rv, roles, lanes)
         if tiled is None:
             return None
