@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -273,3 +275,107 @@ def test_small_cnn_with_packed_weights_matches_torch():
     with torch.no_grad():
         expected = module(image, audio).numpy()
     np.testing.assert_allclose(compiled(image.numpy(), audio.numpy()), expected, atol=1e-4)
+
+
+def _conv_pool_module(pool: int = 2, stride: int = 2, padding: int = 0, packed: bool = True):
+    from tvm import relax
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 3, 3)).astype("float32")
+    b = rng.standard_normal((1, 16, 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 16, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            weight, layout = (w.transpose(2, 3, 1, 0).copy(), "HWIO") if packed else (w, "OIHW")
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1,
+                                           kernel_layout=layout))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, relax.const(b))))
+            out = bb.emit_output(relax.op.nn.max_pool2d(y, pool, stride, padding))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_fuse_conv_pool_groups_packed_convolutions_with_non_overlapping_pools_only():
+    from mmcompile.targets.tvm.fuse_pool import FuseConvPool
+
+    def grouped(mod):
+        return [gv.name_hint for gv, f in FuseConvPool()(mod).functions_items()
+                if gv.name_hint != "main" and f.attrs and "Composite" in f.attrs]
+
+    assert len(grouped(_conv_pool_module())) == 1
+    assert grouped(_conv_pool_module(pool=3, stride=2)) == []  # overlapping windows
+    assert grouped(_conv_pool_module(padding=1)) == []  # padded windows
+    assert grouped(_conv_pool_module(packed=False)) == []  # OIHW: the rule cannot tile it
+
+
+def _conv_pool_func(batch: int, cin: int, size: int, channels: int):
+    from tvm import te, topi
+    data = te.placeholder((batch, cin, size, size), name="x")
+    weight = te.placeholder((3, 3, cin, channels), name="w")  # HWIO, as PackConvWeights leaves it
+    bias = te.placeholder((1, channels, 1, 1), name="b")
+    conv = topi.nn.relu(topi.nn.conv(data, weight, 1, 1, 1, 1, "NCHW", "HWIO") + bias)
+    pooled = topi.nn.pool2d(conv, (2, 2), (2, 2), (1, 1), (0, 0, 0, 0), "max")
+    return te.create_prim_func([data, weight, bias, pooled]), [data, weight, bias], pooled
+
+
+# 16 rows: each parallel task pools its own rows; 7 rows (one-row tasks): a pass after the
+# tasks; 14 wide with one input channel: BlockedMatmul's tiles, then the pass
+@pytest.mark.parametrize("rule, batch, cin, size, channels, per_task", [
+    ("BlockedConv2d", 2, 16, 16, 16, True), ("BlockedConv2d", 1, 32, 14, 32, True),
+    ("BlockedConv2d", 1, 32, 7, 32, False), ("BlockedMatmul", 2, 1, 14, 16, False)])
+def test_conv_rules_schedule_a_trailing_max_pool_and_match_the_plain_loops(
+        rule, batch, cin, size, channels, per_task):
+    from tvm import tirx
+
+    from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    func, inputs, pooled = _conv_pool_func(batch, cin, size, channels)
+    if rule == "BlockedMatmul":  # too shallow for the blocked conv rule
+        assert BlockedConv2d._schedule(func, lanes=8) is None
+    sch = {"BlockedConv2d": BlockedConv2d, "BlockedMatmul": BlockedMatmul}[rule]._schedule(
+        func, lanes=8)
+    assert sch is not None
+    pool = sch.get_sblock("pool_max")
+    outer = sch.get(sch.get_loops(pool)[0])
+    # per task: under the convolution's parallel loop, which the pool shares
+    assert outer.kind == tirx.ForKind.PARALLEL
+    # the block the pool reads: the bias + relu written back from the convolution's tiles
+    names = re.findall(r'T\.sblock\("(\w+)"\)', sch.mod["main"].script())
+    source = sch.get(pool).reads[0].source
+    writer = next(b for b in map(sch.get_sblock, names)
+                  if any(w.source.same_as(source) for w in sch.get(b).writes))
+    shares = sch.get(sch.get_loops(writer)[0]).same_as(outer)
+    assert shares == per_task
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal([int(d) for d in t.shape]).astype("float32") for t in inputs]
+    arrays.append(np.zeros([int(d) for d in pooled.shape], "float32"))
+    expected = _run_prim_func(func, arrays)
+    np.testing.assert_allclose(_run_prim_func(sch.mod["main"], arrays), expected,
+                               rtol=1e-5, atol=1e-4)  # sums of <= 288 terms in another order
+    assert np.abs(expected).max() > 1
+
+
+def test_cnn_with_conv_pool_blocks_matches_torch():
+    # conv -> relu -> max-pool blocks, one kernel each: 28 (channel vectors), 14, 7 (odd: the
+    # pool after the tasks); one input channel; a 3x3 stride-2 pool (overlapping: unfused)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 16, 5, padding=2)
+            self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+            self.c3 = nn.Conv2d(32, 64, 3, padding=1)
+            self.c4 = nn.Conv2d(64, 64, 3, padding=1)
+
+        def forward(self, image):
+            x = nn.functional.max_pool2d(torch.relu(self.c1(image)), 2)
+            x = nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+            x = nn.functional.max_pool2d(torch.relu(self.c3(x)), 2)
+            return nn.functional.max_pool2d(torch.relu(self.c4(x)), 3, 2, 1).flatten(1)
+
+    torch.manual_seed(0)
+    module = Net().eval()
+    image = torch.randn(2, 1, 56, 56)
+    compiled = mmcompile.compile(module, (image,), verify=False)
+    with torch.no_grad():
+        expected = module(image).numpy()
+    np.testing.assert_allclose(compiled(image.numpy()), expected, rtol=1e-4, atol=1e-4)

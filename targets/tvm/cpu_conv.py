@@ -38,6 +38,10 @@ on 48x48 (24 output columns, a multiple of 8) 0.38-0.42 of the column-vector sch
 (batch 8: 2.9-3.7 -> 1.32-1.37 ms; onnxruntime's NCHWc convolution ~1.1 ms). Shallow
 first layers of such widths (reduction under 64) and channel counts that fit neither tile
 are left to BlockedMatmul. Batched inputs: the batch joins the parallel loop.
+
+A max pool grouped with the convolution (:mod:`.fuse_pool`) is computed by each task from the
+rows it has just produced when they hold whole pooling windows (an even number of rows per
+task for 2x2 windows), else in one parallel pass after the tasks.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from tvm import s_tir, sym, tirx
 
 from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _index_vars,
                                               _largest_divisor, _neighbours, _reduction,
-                                              _vector_dim_last, _vectorize_innermost)
+                                              _vector_dim_last, _vectorize_innermost,
+                                              pool_pass)
 from mmcompile.targets.tvm.schedule_util import VectorRule, extent, within_reduction
 
 REG_CHANNELS, REG_ROWS = 4, 2  # register tile: 4 x 2 vectors = 8 of AVX2's 16 registers
@@ -107,6 +112,27 @@ def _column_stride(sch, block_rv) -> int | None:
     return None
 
 
+def _row_stride(sch, block_rv) -> int | None:
+    """A pool's stride along the rows: the coefficient of its output row in the row index
+    of what it reads."""
+    block = sch.get(block_rv)
+    row = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar][-2]
+    if len(block.reads) != 1:
+        return None
+    coefficients = sym.detect_linear_equation(block.reads[0].region[-2].min, [row])
+    return int(coefficients[0]) if len(coefficients) else None
+
+
+def _schedule_pool(sch, pool_rv, task, task_rows, rows):
+    """The pool computed by each task from the rows it has just produced (still in cache),
+    when the task's rows hold whole pooling windows; else one parallel pass after the tasks."""
+    stride = _row_stride(sch, pool_rv)
+    if not stride or (task_rows % stride and task_rows != rows):
+        pool_pass(sch, pool_rv)
+        return
+    sch.reverse_compute_at(pool_rv, task)
+
+
 def _window(sch, roles) -> int:
     return (extent(sch, roles[-2]) or 1) * (extent(sch, roles[-1]) or 1)
 
@@ -144,7 +170,7 @@ def _tile_columns(sch, block_rv, roles, lanes):
     sch.unroll(oc3)
     sch.annotate(task, "pragma_auto_unroll_max_step", UNROLL)
     sch.annotate(task, "pragma_unroll_explicit", 1)
-    return task, acc, (ic0 or [kh])[0]
+    return task, acc, (ic0 or [kh])[0], sub_rows * reg_rows
 
 
 def _tile_channels(sch, block_rv, roles, lanes):
@@ -156,7 +182,8 @@ def _tile_channels(sch, block_rv, roles, lanes):
     nj = 2 if channels % (2 * lanes) == 0 else 1
     channel_var = sch.get(block_rv).iter_vars[-6].var
     oc0, oc2, oc3 = sch.split(oc, [None, nj, lanes])
-    oh0, oh1 = sch.split(oh, [None, _largest_divisor(rows, TASK_ROWS)])
+    task_rows = _largest_divisor(rows, TASK_ROWS)
+    oh0, oh1 = sch.split(oh, [None, task_rows])
     ow0, ow1 = sch.split(ow, [None, _largest_divisor(cols, 6)])
     ic0, ic1 = _chunks(sch, ic)
     sch.reorder(oc0, oh0, *ic0, kh, oh1, ow0, *ic1, kw, ow1, oc2, oc3)
@@ -168,7 +195,7 @@ def _tile_channels(sch, block_rv, roles, lanes):
     sch.vectorize(oc3)
     sch.unroll(oc2)
     sch.unroll(ow1)
-    return task, acc, (ic0 or [kh])[0]
+    return task, acc, (ic0 or [kh])[0], task_rows
 
 
 class BlockedConv2d(VectorRule):
@@ -177,7 +204,7 @@ class BlockedConv2d(VectorRule):
     @staticmethod
     def _schedule(func, lanes):
         sch = s_tir.Schedule(func)
-        infos, main = _reduction(sch)
+        infos, main, pool = _reduction(sch)
         if main is None:
             return None
         roles = _roles(sch, main.block_rv)
@@ -203,7 +230,7 @@ class BlockedConv2d(VectorRule):
             tiled = _tile_channels(sch, main.block_rv, roles, lanes)
         if tiled is None:
             return None
-        task, acc, first_reduce = tiled
+        task, acc, first_reduce, task_rows = tiled
         sch.decompose_reduction(main.block_rv, first_reduce)
         if not within_reduction(sch, main.block_rv, epilogues):
             return None
@@ -213,4 +240,6 @@ class BlockedConv2d(VectorRule):
         for block_rv in reversed(epilogues):  # into the accumulator's write-back
             sch.reverse_compute_inline(block_rv)
         _vectorize_innermost(sch, acc, lanes)
+        if pool is not None:
+            _schedule_pool(sch, pool.block_rv, task, task_rows, rows)
         return sch

@@ -40,13 +40,29 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 
 def _reduction(sch):
+    """``(infos, main, pool)``: the function's blocks but the pool, its reduction and, when it
+    ends in a second reduction over the first one's result (a max pool grouped with its
+    convolution by :func:`~.fuse_pool.FuseConvPool`), that block (else None); all None when
+    the function is neither."""
     infos = normalize_prim_func(sch)
     if infos is None:
-        return None, None
+        return None, None, None
     reductions = [b for b in infos if not b.is_injective()]
-    if len(reductions) != 1 or "O" in reductions[0].dom_kind():
-        return None, None
-    return infos, reductions[0]
+    if any("O" in b.dom_kind() for b in reductions):
+        return None, None, None
+    if len(reductions) == 1:
+        return infos, reductions[0], None
+    if len(reductions) == 2 and reductions[1] is infos[-1]:
+        return infos[:-1], reductions[0], reductions[1]
+    return None, None, None
+
+
+def pool_pass(sch, pool_rv) -> None:
+    """A pool left after the reduction's tiles: one parallel pass over its output rows."""
+    loops = sch.get_loops(pool_rv)
+    kinds = [iv.iter_type for iv in sch.get(pool_rv).iter_vars]
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == tirx.IterVar.DataPar]
+    sch.parallel(sch.fuse(*spatial[:-1]))
 
 
 def _neighbours(sch, infos, main_rv):
@@ -67,7 +83,7 @@ class BlockedMatmul(VectorRule):
     @staticmethod
     def _schedule(func, lanes):
         sch = s_tir.Schedule(func)
-        infos, main = _reduction(sch)
+        infos, main, pool = _reduction(sch)
         if main is None:
             return None
         kinds = main.dom_kind()
@@ -82,7 +98,7 @@ class BlockedMatmul(VectorRule):
         if vec == spatial[-1] and cols % lanes and cols > lanes:
             try:  # einsum only (matmul); a convolution keeps the predicated tail
                 sch.pad_einsum(main.block_rv, [lanes if i == vec else 1 for i in range(len(kinds))])
-                infos, main = _reduction(sch)
+                infos, main, pool = _reduction(sch)
             except Exception:
                 pass
         neighbours = _neighbours(sch, infos, main.block_rv)
@@ -151,6 +167,8 @@ class BlockedMatmul(VectorRule):
                 sch.reverse_compute_at(block_rv, outer)
                 _vectorize_innermost(sch, block_rv, lanes)
         _vectorize_innermost(sch, acc, lanes)
+        if pool is not None:
+            pool_pass(sch, pool.block_rv)
         return sch
 
 

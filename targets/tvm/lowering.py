@@ -3,7 +3,9 @@
 ``lower_cpu(mod, target)`` replaces the ``zero`` pipeline + ``schedule_cpu`` pair in
 ``TVMCpuTarget.compile``; ``tvm.compile`` then finishes (memory planning, VM codegen).
 
-Steps and why they are in this order: :class:`~.fast_math.FastMath` rewrites sigmoid/gelu/
+Steps and why they are in this order: convolution weights packed (:mod:`.layout`), then
+each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
+packed layout); :class:`~.fast_math.FastMath` rewrites sigmoid/gelu/
 softmax/exp/erf/tanh to polynomial TE kernels *before* ``LegalizeOps`` so that ``FuseOps``
 fuses them into the matmul that produces them; ``zero`` legalizes and fuses; then the CPU rules
 (:func:`.schedules.schedule_cpu`: register-blocked matmul/conv, small kernels serial).
@@ -16,6 +18,7 @@ from __future__ import annotations
 from tvm import relax
 
 from mmcompile.targets.tvm.fast_math import FastMath
+from mmcompile.targets.tvm.fuse_pool import FuseConvPool
 from mmcompile.targets.tvm.layout import PackConvWeights
 from mmcompile.targets.tvm.schedules import schedule_cpu
 
@@ -24,6 +27,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True):
     """Legalize and fuse: the kernels that get scheduled, and that ``mmcompile tune`` tunes
     (:mod:`.tuning` extracts its tasks from this function's result)."""
     mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
+    mod = FuseConvPool()(mod)  # after packing: it groups only packed convolutions
     if fast_math:
         mod = FastMath()(mod)  # before LegalizeOps, so FuseOps sees ordinary call_tir kernels
     with target:

@@ -3,7 +3,8 @@
 TVM's ``zero`` pipeline emits serial, unvectorized loops, and TVM 0.27 ships only two dlight
 CPU rules (``GEMV``, ``Reduction``). :func:`cpu_rules` lists, first match wins:
 
-- :class:`~.cpu_conv.BlockedConv2d`: cache-blocked 2-D convolution (NCHW x packed HWIO).
+- :class:`~.cpu_conv.BlockedConv2d`: cache-blocked 2-D convolution (NCHW x packed HWIO), and
+  the max pool grouped with it (:mod:`.fuse_pool`), computed per task.
 - :class:`~.cpu_matmul.BlockedMatmul`: register-blocked matmul / batched matmul / conv.
 - :class:`MatmulLike`: the older unblocked tiling, for reductions BlockedMatmul declines.
 - ``dl.cpu.GEMV``, ``dl.cpu.Reduction`` (softmax, layer norm rows).
