@@ -379,3 +379,40 @@ def test_cnn_with_conv_pool_blocks_matches_torch():
     with torch.no_grad():
         expected = module(image).numpy()
     np.testing.assert_allclose(compiled(image.numpy()), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_matmul_weights_reads_constant_weights_as_column_panels():
+    import tvm
+    from tvm import relax
+
+    from mmcompile.targets.tvm.layout import PackMatmulWeights
+    rng = np.random.default_rng(0)
+
+    def module(columns: int, constant: bool = True):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((2, 5, 24), "float32"))
+        w = relax.Var("w", relax.TensorType((24, columns), "float32"))
+        weight = relax.const(rng.standard_normal((24, columns)).astype("float32"))
+        with bb.function("main", [x] if constant else [x, w]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.matmul(x, weight if constant else w))
+            bb.emit_func_output(out)
+        return bb.get()
+
+    original = module(32)
+    packed = PackMatmulWeights(16)(original)
+    kernels = [f for _, f in packed.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and "R.matmul" not in packed["main"].script()
+    text = re.sub(r"T\.int64\((\d+)\)", r"\1", kernels[0].script())
+    assert "B: T.Buffer((2, 24, 16)" in text  # 2 panels of 16 columns
+    assert "call_tir" not in PackMatmulWeights(16)(module(24)).script()  # 24 % 16: unpacked
+    assert "call_tir" not in PackMatmulWeights(16)(module(32, constant=False)).script()
+    # the packed kernel computes the same product
+    target = tvm.target.Target({"kind": "llvm"})
+    data = rng.standard_normal((2, 5, 24)).astype("float32")
+    results = []
+    for mod in (original, packed):
+        vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(mod), target=target),
+                                  tvm.cpu())
+        results.append(vm["main"](tvm.runtime.tensor(data)).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)  # 24-term sums
