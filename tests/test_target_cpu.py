@@ -175,20 +175,22 @@ def test_blocked_conv2d_rule_picks_its_vector_axis_and_declines_what_it_cannot_t
     from tvm import te, topi
 
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
-    # width 14 is not a multiple of 8 lanes: the channels are vectorized (the accumulator's
-    # layout puts them last); a shallow first layer of that width is left to BlockedMatmul
-    deep = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=14), lanes=8)
-    assert "TransformLayout" in {inst.kind.name for inst in deep.trace.insts}
-    wide = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=16), lanes=8)
-    assert "TransformLayout" not in {inst.kind.name for inst in wide.trace.insts}
+    # a deep reduction (32 x 3 x 3) vectorizes the channels (the accumulator's layout puts
+    # them last), whatever the width; a shallow first layer (3 x 3 x 3) the columns when the
+    # width is a multiple of 8 lanes, else it is left to BlockedMatmul
+    def kinds(sch):
+        return {inst.kind.name for inst in sch.trace.insts}
+    for size in (14, 16):
+        deep = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=size), lanes=8)
+        assert "TransformLayout" in kinds(deep)
+    shallow = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=3, size=16), lanes=8)
+    assert "TransformLayout" not in kinds(shallow)
     assert BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=3, size=14), lanes=8) is None
-    # stride 2 over a width that fits (32 -> 16 columns): column vectors would gather every
-    # other input pixel, so a deep reduction vectorizes the channels; a shallow first layer
-    # (3 x 3 x 3 deep) keeps the column vector
+    # stride 2 (32 -> 16 columns): the same choice
     strided = BlockedConv2d._schedule(_conv_func("HWIO", 2, cin=32, size=32), lanes=8)
-    assert "TransformLayout" in {inst.kind.name for inst in strided.trace.insts}
+    assert "TransformLayout" in kinds(strided)
     first = BlockedConv2d._schedule(_conv_func("HWIO", 2, cin=3, size=32), lanes=8)
-    assert "TransformLayout" not in {inst.kind.name for inst in first.trace.insts}
+    assert "TransformLayout" not in kinds(first)
     # OIHW weights (not packed): no contiguous output-channel broadcast
     assert BlockedConv2d._schedule(_conv_func("OIHW", 1, cin=32, size=16), lanes=8) is None
     # depthwise: the data is indexed by the output channel
@@ -201,8 +203,9 @@ def test_blocked_conv2d_rule_picks_its_vector_axis_and_declines_what_it_cannot_t
 
 
 def test_cnn_with_blocked_convolutions_matches_torch():
-    # widths 32 and 16 (multiples of 8): the cache-blocked rule, batched; 18 output channels
-    # (not a multiple of its 4-channel register tile) go to BlockedMatmul
+    # the cache-blocked rule, batched: column vectors for the shallow first layer (3 x 3 x 3),
+    # channel vectors for the deep 5x5; 18 output channels (a multiple of neither 8 lanes nor
+    # the 4-channel column tile) go to BlockedMatmul
     class Net(nn.Module):
         def __init__(self):
             super().__init__()

@@ -27,17 +27,21 @@ late fusion's 32->64 3x3 on 32x32 0.70 (0.36 -> 0.23-0.25 ms; MetaSchedule's tun
 0.22-0.24 ms), 64->128 3x3 on 16x16 0.72, its 3->32 first layer 0.61; AV-MNIST's 16->32 5x5
 on 56x56 0.75; MM-IMDb's stride-2 first layer 0.59.
 
-Output widths that are not a multiple of the vector length (28, 14 on AV-MNIST) keep the
-chunked reduction and per-task padding but vectorize along the packed output channels, with
-BlockedMatmul's register tile (up to 6 columns x 2 vectors): AV-MNIST's three narrower
-convolutions 0.57-0.75, MM-IMDb's two 0.52-0.65. A single input channel (AV-MNIST's
-spectrogram layer, 1->16 5x5 on 112x112) has no channel loop to chunk: 0.66-0.78. Strided
-convolutions vectorize the channels too when the reduction is deep, whatever the width: a
-column vector would read every other input pixel (scalar loads): MM-IMDb's stride-2 32->64
-on 48x48 (24 output columns, a multiple of 8) 0.38-0.42 of the column-vector schedule
-(batch 8: 2.9-3.7 -> 1.32-1.37 ms; onnxruntime's NCHWc convolution ~1.1 ms). Shallow
-first layers of such widths (reduction under 64) and channel counts that fit neither tile
-are left to BlockedMatmul. Batched inputs: the batch joins the parallel loop.
+Vector axis. The register tile above vectorizes the output columns; the alternative
+vectorizes the packed output channels (one input pixel broadcast per step, weight vectors
+loaded), with a register tile of rows x columns x channel vectors (:func:`_channel_tile`),
+the same chunked reduction and per-task padding. With as many accumulators as fit, the
+channel vector wins on every deep convolution (reduction >= 64) measured: whole models
+AV-MNIST 0.95x (batch 1 and 8), late fusion 0.90x / 0.94x against column vectors for the
+convolutions whose width allowed them (late fusion's 64->128 on 16x16 0.83-0.87x alone,
+AV-MNIST's 16->32 5x5 on 56x56 0.92-0.94x). A column vector also gathers every other input
+pixel on a strided convolution (MM-IMDb's stride-2 32->64 on 48x48: channels 0.38-0.42x of
+columns), and needs a width that is a multiple of the vector length (28, 14 and 7 on
+AV-MNIST are not). So deep convolutions vectorize the channels; shallow ones (first layers:
+3 x 3 x 3, or AV-MNIST's single-channel 1->16 5x5 spectrogram layer, 0.66-0.78 of
+BlockedMatmul) keep the column vector, where the width allows; the rest (shallow and narrow,
+channel counts that fit neither tile) are left to BlockedMatmul. Batched inputs: the batch
+joins the parallel loop.
 
 A max pool grouped with the convolution (:mod:`.fuse_pool`) is computed by each task from the
 rows it has just produced when they hold whole pooling windows (an even number of rows per
@@ -99,20 +103,6 @@ def _roles(sch, block_rv):
     return batch, oc, oh, ow, ic, loops[-2], loops[-1]
 
 
-def _column_stride(sch, block_rv) -> int | None:
-    """The convolution's stride along the columns: the coefficient of the output column in
-    the data's last index (None when it is not linear)."""
-    block = sch.get(block_rv)
-    column = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar][-1]
-    output = block.writes[0].source
-    for read in block.reads:
-        index = read.region[-1].min
-        if not read.source.same_as(output) and column in tirx.analysis.undefined_vars(index):
-            coefficients = sym.detect_linear_equation(index, [column])
-            return int(coefficients[0]) if len(coefficients) else None
-    return None
-
-
 def _row_stride(sch, block_rv) -> int | None:
     """A pool's stride along the rows: the coefficient of its output row in the row index
     of what it reads."""
@@ -147,8 +137,9 @@ def _chunks(sch, ic):
 
 
 def _tile_columns(sch, block_rv, roles, lanes):
-    """Vector along the output columns; register tile 4 channels x 2 rows (8 x 1 for an
-    odd row count). Returns ``(task loop, accumulator block, outer reduction loop)``."""
+    """Vector along the output columns, for shallow reductions; register tile 4 channels x 2
+    rows (8 x 1 for an odd row count). Returns ``(task loop, accumulator block, outer
+    reduction loop, rows per task)``."""
     batch, oc, oh, ow, ic, kh, kw = roles
     channels, rows = extent(sch, oc), extent(sch, oh)
     reg_rows = REG_ROWS if rows % REG_ROWS == 0 else 1
@@ -192,9 +183,9 @@ def _channel_tile(task_rows: int, cols: int, vectors: int) -> tuple[int, int, in
 
 
 def _tile_channels(sch, block_rv, roles, lanes):
-    """Vector along the (packed) output channels, for widths that are not a multiple of the
-    vector length (or strided columns); register tile from :func:`_channel_tile`, the same
-    chunked reduction and per-task padding as :func:`_tile_columns`."""
+    """Vector along the (packed) output channels, for deep reductions; register tile from
+    :func:`_channel_tile`, the same chunked reduction and per-task padding as
+    :func:`_tile_columns`."""
     batch, oc, oh, ow, ic, kh, kw = roles
     channels, rows, cols = (extent(sch, loop) for loop in (oc, oh, ow))
     task_rows = _largest_divisor(rows, TASK_ROWS)
@@ -238,15 +229,15 @@ class BlockedConv2d(VectorRule):
         if neighbours is None:
             return None
         producers, epilogues = neighbours
-        # strided columns make the column vector a gather: vectorize the channels instead
-        # where the reduction is deep enough to pay for the weight vectors
+        # deep reductions vectorize the channels (see the module docstring), shallow ones the
+        # columns where the width allows
         deep = channels % lanes == 0 and depth * _window(sch, roles) >= WEIGHT_VECTOR_MIN_DEPTH
-        strided = _column_stride(sch, main.block_rv) != 1
-        tiled = None
-        if cols % lanes == 0 and not (strided and deep):
-            tiled = _tile_columns(sch, main.block_rv, roles, lanes)
-        if tiled is None and deep:
+        if deep:
             tiled = _tile_channels(sch, main.block_rv, roles, lanes)
+        elif cols % lanes == 0:
+            tiled = _tile_columns(sch, main.block_rv, roles, lanes)
+        else:
+            tiled = None
         if tiled is None:
             return None
         task, acc, first_reduce, task_rows = tiled
