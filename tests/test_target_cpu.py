@@ -321,17 +321,21 @@ def _conv_pool_func(batch: int, cin: int, size: int, channels: int):
     return te.create_prim_func([data, weight, bias, pooled]), [data, weight, bias], pooled
 
 
-# 16 rows: each parallel task pools its own rows; 7 rows (one-row tasks): a pass after the
-# tasks; 14 wide with one input channel: BlockedMatmul's tiles, then the pass
-@pytest.mark.parametrize("rule, batch, cin, size, channels, per_task", [
-    ("BlockedConv2d", 2, 16, 16, 16, True), ("BlockedConv2d", 1, 32, 14, 32, True),
-    ("BlockedConv2d", 1, 32, 7, 32, False), ("BlockedMatmul", 2, 1, 14, 16, False)])
+# 16 rows: each parallel task pools its own rows; 7 rows (one-row tasks), or one task of all 7
+# rows (an odd number: not whole windows): a pass after the tasks; 14 wide with one input
+# channel: BlockedMatmul's tiles, then the pass
+@pytest.mark.parametrize("rule, batch, cin, size, channels, per_task, task_rows", [
+    ("BlockedConv2d", 2, 16, 16, 16, True, 4), ("BlockedConv2d", 1, 32, 14, 32, True, 4),
+    ("BlockedConv2d", 1, 32, 7, 32, False, 4), ("BlockedConv2d", 2, 32, 7, 32, False, 8),
+    ("BlockedMatmul", 2, 1, 14, 16, False, 4)])
 def test_conv_rules_schedule_a_trailing_max_pool_and_match_the_plain_loops(
-        rule, batch, cin, size, channels, per_task):
+        monkeypatch, rule, batch, cin, size, channels, per_task, task_rows):
     from tvm import tirx
 
+    from mmcompile.targets.tvm import cpu_conv
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
     from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    monkeypatch.setattr(cpu_conv, "TASK_ROWS", task_rows)
     func, inputs, pooled = _conv_pool_func(batch, cin, size, channels)
     if rule == "BlockedMatmul":  # too shallow for the blocked conv rule
         assert BlockedConv2d._schedule(func, lanes=8) is None
