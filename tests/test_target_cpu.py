@@ -12,6 +12,15 @@ from torch import nn
 import mmcompile
 
 
+def _assert_compiled_matches_torch(module, inputs, **tolerance):
+    """``module`` compiled for the CPU gives torch's outputs on ``inputs``, within
+    ``tolerance`` (``np.testing.assert_allclose``'s ``rtol`` / ``atol``)."""
+    compiled = mmcompile.compile(module, inputs, verify=False)
+    with torch.no_grad():
+        expected = module(*inputs).numpy()
+    np.testing.assert_allclose(compiled(*(x.numpy() for x in inputs)), expected, **tolerance)
+
+
 def _matmul_relu_func(m: int, n: int, k: int):
     from tvm import te
     a = te.placeholder((m, k), name="A")
@@ -73,10 +82,7 @@ def test_pad_after_linear_is_not_left_uninitialised():
 
     torch.manual_seed(0)
     module, x = LinearPad().eval(), torch.randn(8, 64)
-    compiled = mmcompile.compile(module, (x,), verify=False)
-    with torch.no_grad():
-        expected = module(x).numpy()
-    np.testing.assert_allclose(compiled(x.numpy()), expected, atol=1e-5)
+    _assert_compiled_matches_torch(module, (x,), atol=1e-5)
 
 
 def test_blocked_matmul_rule_schedules_a_matrix_vector_product():
@@ -218,11 +224,7 @@ def test_cnn_with_blocked_convolutions_matches_torch():
 
     torch.manual_seed(0)
     module = Net().eval()
-    image = torch.randn(2, 3, 32, 32)
-    compiled = mmcompile.compile(module, (image,), verify=False)
-    with torch.no_grad():
-        expected = module(image).numpy()
-    np.testing.assert_allclose(compiled(image.numpy()), expected, rtol=1e-4, atol=1e-4)
+    _assert_compiled_matches_torch(module, (torch.randn(2, 3, 32, 32),), rtol=1e-4, atol=1e-4)
 
 
 def test_pack_conv_weights_rewrites_constant_weights_only():
@@ -273,11 +275,8 @@ def test_small_cnn_with_packed_weights_matches_torch():
 
     torch.manual_seed(0)
     module = Net().eval()
-    image, audio = torch.randn(2, 3, 28, 28), torch.randn(2, 8, 20)
-    compiled = mmcompile.compile(module, (image, audio), verify=False)
-    with torch.no_grad():
-        expected = module(image, audio).numpy()
-    np.testing.assert_allclose(compiled(image.numpy(), audio.numpy()), expected, atol=1e-4)
+    _assert_compiled_matches_torch(module, (torch.randn(2, 3, 28, 28), torch.randn(2, 8, 20)),
+                                   atol=1e-4)
 
 
 def _conv_pool_module(pool: int = 2, stride: int = 2, padding: int = 0, packed: bool = True):
@@ -381,11 +380,7 @@ def test_cnn_with_conv_pool_blocks_matches_torch():
 
     torch.manual_seed(0)
     module = Net().eval()
-    image = torch.randn(2, 1, 56, 56)
-    compiled = mmcompile.compile(module, (image,), verify=False)
-    with torch.no_grad():
-        expected = module(image).numpy()
-    np.testing.assert_allclose(compiled(image.numpy()), expected, rtol=1e-4, atol=1e-4)
+    _assert_compiled_matches_torch(module, (torch.randn(2, 1, 56, 56),), rtol=1e-4, atol=1e-4)
 
 
 def test_pack_matmul_weights_reads_constant_weights_as_column_panels():

@@ -50,10 +50,10 @@ task for 2x2 windows), else in one parallel pass after the tasks.
 
 from __future__ import annotations
 
-from tvm import s_tir, sym, tirx
+from tvm import s_tir, tirx
 
-from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _index_vars,
-                                              _largest_divisor, _neighbours, _reduction,
+from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _coefficient,
+                                              _index_vars, _largest_divisor, _neighbours, _reduction,
                                               _vector_dim_last, _vectorize_innermost,
                                               pool_pass)
 from mmcompile.targets.tvm.schedule_util import VectorRule, extent, within_reduction
@@ -110,8 +110,7 @@ def _row_stride(sch, block_rv) -> int | None:
     row = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar][-2]
     if len(block.reads) != 1:
         return None
-    coefficients = sym.detect_linear_equation(block.reads[0].region[-2].min, [row])
-    return int(coefficients[0]) if len(coefficients) else None
+    return _coefficient(block.reads[0].region[-2].min, row)
 
 
 def _schedule_pool(sch, pool_rv, task, task_rows):

@@ -29,6 +29,14 @@ _PACK = {
 _ATTRS = ("strides", "padding", "dilation", "groups", "data_layout", "out_layout", "out_dtype")
 
 
+def _rewrite(mod, mutator):
+    """``mod`` with every Relax function passed through ``mutator`` (built on ``mod``)."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 @expr_functor.mutator
 class _Packer(relax.PyExprMutator):
     def visit_call_(self, call):
@@ -52,21 +60,17 @@ class PackConvWeights:
     """Constant OIHW/OIW convolution weights -> HWIO/WIO (groups == 1, channels-first data)."""
 
     def transform_module(self, mod, _ctx):
-        packer = _Packer(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                packer.builder_.update_func(gv, packer.visit_expr(func))
-        return packer.builder_.get()
+        return _rewrite(mod, _Packer(mod))
 
 
-def _packed_matmul(data, panels, columns: int):
+def _packed_matmul(data, panels):
     """``data [..., K] x weights [K, N]``, the weights read as ``[N / P, K, P]`` panels."""
     from tvm import te
     *_, depth = data.shape
-    width = int(panels.shape[2])
+    count, _, width = (int(d) for d in panels.shape)
     k = te.reduce_axis((0, depth), "k")
     return te.compute(
-        (*data.shape[:-1], columns),
+        (*data.shape[:-1], count * width),
         lambda *i: te.sum(data[(*i[:-1], k)] * panels[i[-1] // width, k, i[-1] % width],
                           axis=k),
         name="matmul")
@@ -92,8 +96,7 @@ class _MatmulPacker(relax.PyExprMutator):
             return call
         panels = weight.value.numpy().reshape(depth, columns // self.width, self.width)
         packed = relax.const(np.ascontiguousarray(panels.transpose(1, 0, 2)))
-        return self.builder_.call_te(_packed_matmul, data, packed, columns,
-                                     primfunc_name_hint="matmul")
+        return self.builder_.call_te(_packed_matmul, data, packed, primfunc_name_hint="matmul")
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.PackMatmulWeights")
@@ -113,8 +116,4 @@ class PackMatmulWeights:
         self.width = width
 
     def transform_module(self, mod, _ctx):
-        packer = _MatmulPacker(mod, self.width)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                packer.builder_.update_func(gv, packer.visit_expr(func))
-        return packer.builder_.get()
+        return _rewrite(mod, _MatmulPacker(mod, self.width))
