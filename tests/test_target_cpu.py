@@ -95,9 +95,10 @@ def test_blocked_matmul_rule_schedules_a_matrix_vector_product():
     assert {"Parallel", "Vectorize"} <= kinds
 
 
-def _conv_func(layout: str, stride: int, cin: int = 8, cout: int = 32, size: int = 14):
+def _conv_func(layout: str, stride: int, cin: int = 8, cout: int = 32, size: int = 14,
+               batch: int = 1):
     from tvm import te, topi
-    data = te.placeholder((1, cin, size, size), name="x")
+    data = te.placeholder((batch, cin, size, size), name="x")
     shape = (3, 3, cin, cout) if layout == "HWIO" else (cout, cin, 3, 3)
     weight = te.placeholder(shape, name="w")
     out = topi.nn.conv(data, weight, stride, 1, 1, 1, "NCHW", layout)
@@ -177,26 +178,44 @@ def test_blocked_conv2d_rule_pads_per_task_and_matches_the_plain_loops(batch, si
     assert np.abs(expected).max() > 1  # not all zeros
 
 
+def test_blocked_conv2d_tasks_split_the_channels_only_when_rows_and_batch_are_too_few():
+    from tvm import tirx
+
+    from mmcompile.targets.tvm.cpu_conv import MIN_TASKS, BlockedConv2d
+
+    def tasks(batch, cout, size):
+        func = _conv_func("HWIO", 1, cin=32, cout=cout, size=size, batch=batch)
+        sch = BlockedConv2d._schedule(func, lanes=8)
+        loop = sch.get(sch.get_loops(sch.get_sblock("pad_temp"))[0])
+        assert loop.kind == tirx.ForKind.PARALLEL
+        return int(loop.extent)
+    # batch 8 x 4 row blocks: every task computes all 128 channels from rows it padded once
+    # (before, each of the 8 channel groups padded the same input rows again)
+    assert tasks(8, 128, 16) == 8 * 4
+    # batch 1, 16 rows: 4 row blocks, so the channel groups are split in 2 for MIN_TASKS
+    assert tasks(1, 128, 16) == MIN_TASKS
+    # batch 1, 4 rows: one row block, as many tasks as there are channel groups (128 / 16)
+    assert tasks(1, 128, 4) == 8
+
+
 def test_blocked_conv2d_rule_picks_its_vector_axis_and_declines_what_it_cannot_tile():
     from tvm import te, topi
 
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
-    # a deep reduction (32 x 3 x 3) vectorizes the channels (the accumulator's layout puts
-    # them last), whatever the width; a shallow first layer (3 x 3 x 3) the columns when the
-    # width is a multiple of 8 lanes, else it is left to BlockedMatmul
+    # several input channels vectorize the output channels (the accumulator's layout puts
+    # them last), whatever the width or stride, first layers (3 x 3 x 3) included; a single
+    # input channel with a small window vectorizes the columns when the width is a multiple of
+    # 8 lanes, else it is left to BlockedMatmul
     def kinds(sch):
         return {inst.kind.name for inst in sch.trace.insts}
-    for size in (14, 16):
-        deep = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=32, size=size), lanes=8)
-        assert "TransformLayout" in kinds(deep)
-    shallow = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=3, size=16), lanes=8)
-    assert "TransformLayout" not in kinds(shallow)
-    assert BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=3, size=14), lanes=8) is None
-    # stride 2 (32 -> 16 columns): the same choice
-    strided = BlockedConv2d._schedule(_conv_func("HWIO", 2, cin=32, size=32), lanes=8)
-    assert "TransformLayout" in kinds(strided)
-    first = BlockedConv2d._schedule(_conv_func("HWIO", 2, cin=3, size=32), lanes=8)
-    assert "TransformLayout" not in kinds(first)
+    for size, cin, stride in ((14, 32, 1), (16, 32, 1), (16, 3, 1), (14, 3, 1), (32, 32, 2),
+                              (32, 3, 2)):
+        vectors_channels = BlockedConv2d._schedule(
+            _conv_func("HWIO", stride, cin=cin, size=size), lanes=8)
+        assert "TransformLayout" in kinds(vectors_channels), (size, cin, stride)
+    single = BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=1, size=16), lanes=8)
+    assert "TransformLayout" not in kinds(single)
+    assert BlockedConv2d._schedule(_conv_func("HWIO", 1, cin=1, size=14), lanes=8) is None
     # OIHW weights (not packed): no contiguous output-channel broadcast
     assert BlockedConv2d._schedule(_conv_func("OIHW", 1, cin=32, size=16), lanes=8) is None
     # depthwise: the data is indexed by the output channel

@@ -37,11 +37,21 @@ convolutions whose width allowed them (late fusion's 64->128 on 16x16 0.83-0.87x
 AV-MNIST's 16->32 5x5 on 56x56 0.92-0.94x). A column vector also gathers every other input
 pixel on a strided convolution (MM-IMDb's stride-2 32->64 on 48x48: channels 0.38-0.42x of
 columns), and needs a width that is a multiple of the vector length (28, 14 and 7 on
-AV-MNIST are not). So deep convolutions vectorize the channels; shallow ones (first layers:
-3 x 3 x 3, or AV-MNIST's single-channel 1->16 5x5 spectrogram layer, 0.66-0.78 of
-BlockedMatmul) keep the column vector, where the width allows; the rest (shallow and narrow,
-channel counts that fit neither tile) are left to BlockedMatmul. Batched inputs: the batch
-joins the parallel loop.
+AV-MNIST are not). So convolutions over several input channels vectorize the channels,
+first layers (3 x 3 x 3) included since the rows x columns x vectors tile (MM-IMDb's
+stride-2 3->32 0.58-0.60x of columns, late fusion's 3->32 0.79-0.89x); single-channel ones
+with a small window (AV-MNIST's 1->16 5x5 spectrogram layer: channels 1.8-2.7x slower) keep
+the column vector where the width allows; the rest (channel counts that fit neither tile) are
+left to BlockedMatmul. Batched inputs: the batch joins the parallel loop.
+
+Padding once per input row. A task pads the input rows it reads, so every task that reads
+the same rows pads them again. Tasks were (channel group, row block): each of MM-IMDb's 8
+channel groups of its 64->128 stride-2 conv padded the same 64 x 9 x 25 rows (scalar, with a
+bounds test per element). Now a task loops over the channel groups itself and the parallel
+loop splits them only as far as ``MIN_TASKS`` needs (batch x row blocks are usually enough).
+MM-IMDb batch 8 kernels 0.86-0.92x; whole models (one process, interleaved, with the
+first-layer change above) MM-IMDb 0.93x / 0.93x (batch 1 / 8), late fusion 0.97x / 0.97x,
+AV-MNIST 0.95x / 0.98x.
 
 A max pool grouped with the convolution (:mod:`.fuse_pool`) is computed by each task from the
 rows it has just produced when they hold whole pooling windows (an even number of rows per
@@ -62,6 +72,7 @@ REG_CHANNELS, REG_ROWS = 4, 2  # register tile: 4 x 2 vectors = 8 of AVX2's 16 r
 SUB_CHANNELS, SUB_ROWS = 4, 2  # sub-tiles per task, at most (a task: 16 channels x 4 rows)
 CHUNK = 16  # input channels per reduction chunk, at most
 TASK_ROWS = 4  # output rows per parallel task when vectorizing the channels
+MIN_TASKS = 8  # parallel tasks wanted (4 per core here); fewer channel groups per task pad less
 MAX_ACCUMULATORS, MAX_COLUMNS = 12, 6  # channel-vector register tile: 12 of 16 AVX2 registers
 UNROLL = 64
 
@@ -186,24 +197,30 @@ def _channel_tile(task_rows: int, cols: int, vectors: int) -> tuple[int, int, in
 
 
 def _tile_channels(sch, block_rv, roles, lanes):
-    """Vector along the (packed) output channels, for deep reductions; register tile from
-    :func:`_channel_tile`, the same chunked reduction and per-task padding as
-    :func:`_tile_columns`."""
+    """Vector along the (packed) output channels; register tile from :func:`_channel_tile`,
+    the same chunked reduction as :func:`_tile_columns`. A task is (batch, row block, a share
+    of the channel groups: all of them when there are ``MIN_TASKS`` tasks without splitting),
+    and pads its input rows once for its channel groups."""
     batch, oc, oh, ow, ic, kh, kw = roles
     channels, rows, cols = (extent(sch, loop) for loop in (oc, oh, ow))
     task_rows = _largest_divisor(rows, TASK_ROWS)
     reg_rows, reg_cols, nj = _channel_tile(task_rows, cols, channels // lanes)
     channel_var = sch.get(block_rv).iter_vars[-6].var
+    groups = channels // (nj * lanes)  # channel groups of one register tile's vectors
+    outer = (extent(sch, batch) if batch is not None else 1) * (rows // task_rows)
+    par = next(g for g in range(1, groups + 1)
+               if groups % g == 0 and (outer * g >= MIN_TASKS or g == groups))
     oc0, oc2, oc3 = sch.split(oc, [None, nj, lanes])
     oh0, oh1, oh2 = sch.split(oh, [None, task_rows // reg_rows, reg_rows])
     ow0, ow1 = sch.split(ow, [None, reg_cols])
     ic0, ic1 = _chunks(sch, ic)
-    sch.reorder(oc0, oh0, *ic0, kh, oh1, ow0, *ic1, kw, oh2, ow1, oc2, oc3)
-    task = sch.fuse(*([batch] if batch is not None else []), oc0, oh0)
+    oc_task, oc1 = sch.split(oc0, [par, None])
+    sch.reorder(oc_task, oh0, oc1, *ic0, kh, oh1, ow0, *ic1, kw, oh2, ow1, oc2, oc3)
+    task = sch.fuse(*([batch] if batch is not None else []), oc_task, oh0)
     sch.parallel(task)
     acc = sch.cache_write(block_rv, 0, "local")
     _vector_dim_last(sch, block_rv, channel_var)
-    sch.reverse_compute_at(acc, task)
+    sch.reverse_compute_at(acc, oc1)
     sch.vectorize(oc3)
     sch.unroll(oc2)
     sch.unroll(ow1)
@@ -232,9 +249,10 @@ class BlockedConv2d(VectorRule):
         if neighbours is None:
             return None
         producers, epilogues = neighbours
-        # deep reductions vectorize the channels (see the module docstring), shallow ones the
-        # columns where the width allows
-        deep = channels % lanes == 0 and depth * _window(sch, roles) >= WEIGHT_VECTOR_MIN_DEPTH
+        # several input channels (or a large window): vectorize the channels (see the module
+        # docstring); a single input channel: the columns where the width allows
+        deep = channels % lanes == 0 and (ic is not None
+                                          or _window(sch, roles) >= WEIGHT_VECTOR_MIN_DEPTH)
         if deep:
             tiled = _tile_channels(sch, main.block_rv, roles, lanes)
         elif cols % lanes == 0:
