@@ -212,6 +212,28 @@ def test_an_engine_process_over_its_timeout_is_killed(mlp_file, tmp_path):
     assert result["error"] == "timed out after 0.01s"
 
 
+def test_engines_of_one_workload_take_turns_in_lockstep(mlp_file, tmp_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 16), np.float32))
+
+    def job(variant):
+        stem = tmp_path / variant
+        return {"engine": "onnxruntime", "variant": variant, "onnx": str(mlp_file),
+                "inputs": str(tmp_path / "in.npz"), "outputs": f"{stem}.npz",
+                "result": f"{stem}.json", "log": f"{stem}.log", "threads": 1, "repeat": 40,
+                "warmup": 0, "max_time": 60.0, "min_runs": 1,
+                "inductor_cache": f"{stem}.inductor"}
+    first, second = harness.run_lockstep([job("sequential"), job("parallel")], timeout=120)
+    assert len(first["times_ms"]) == len(second["times_ms"]) == 40
+    # 10 turns of 4 calls each: every turn runs each engine once (a b, b a, a b, ...: the
+    # order rotates), so each engine's slices are spread over the same stretch of time
+    a, b = first["slice_starts"], second["slice_starts"]
+    assert len(a) == len(b) == harness.SLICES
+    order = [name for _, name in sorted([(t, "a") for t in a] + [(t, "b") for t in b])]
+    turns = [set(order[i:i + 2]) for i in range(0, len(order), 2)]
+    assert turns == [{"a", "b"}] * harness.SLICES, order
+    assert order[:4] == ["a", "b", "b", "a"]
+
+
 def test_runner_reports_an_engine_exception_as_an_error_result(tmp_path):
     job = {"engine": "onnxruntime", "variant": "sequential", "onnx": str(tmp_path / "missing.onnx"),
            "inputs": str(tmp_path / "in.npz"), "outputs": str(tmp_path / "out.npz"),

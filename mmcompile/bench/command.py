@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=30,
                    help="timed runs per measurement, at most (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="processes per engine and workload, started in interleaved order; "
-                        "each row is the round with the median latency (default: "
+                   help="processes per engine and workload (each round runs the engines in "
+                        "lock-step); each row is the round with the median latency (default: "
                         "%(default)s; 3 makes ratios on a shared, noisy machine repeatable)")
     p.add_argument("--warmup-time", type=float, default=0.5, metavar="SECONDS",
                    help="and keep warming up for at least this long, every engine alike "
@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed runs after the first call (default: %(default)s)")
     p.add_argument("--max-time", type=float, default=10.0, metavar="SECONDS",
-                   help="stop a measurement's timed runs after this long, once 3 ran "
+                   help="stop a measurement's timed runs once they add up to this long, "
+                        "once 3 ran "
                         "(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="limit per engine process, compile included; a process over it is "

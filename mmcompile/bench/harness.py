@@ -10,8 +10,9 @@ Order of work, and why:
    suite models; onnxruntime with graph optimizations off, i.e. the graph as written, for model
    files), and count parameters and FLOPs.
 3. For each workload, run each engine in a fresh child (:mod:`.runner`) with the same thread
-   count in its environment, one at a time, so no two thread pools compete. The engines of one
-   workload run back to back, so slow drift of a shared machine's load hits them alike.
+   count in its environment, one at a time, so no two thread pools compete: the children
+   compile one after another, then take turns timing slices of their calls
+   (:func:`run_lockstep`), so a shared machine's drift hits them alike.
 4. Compare each child's outputs with the reference (``max|got - ref| <= tol * max(1, max|ref|)``),
    keep onnxruntime's faster execution mode, and compute ratios to onnxruntime with geometric
    means over the rows where both the engine and onnxruntime ran and matched.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -64,8 +66,8 @@ class BenchOptions:
         timeout: seconds one engine process may take in all (import, compile, runs).
         tolerance: outputs match when ``max|got - ref| <= tolerance * max(1, max|ref|)``.
         tuning_db: the database the ``mmcompile-tuned`` engine compiles with.
-        rounds: processes per engine and workload, started in interleaved order (A B C A B
-            C ...); each row is the round with the median latency, ``rounds_ms`` lists all.
+        rounds: lock-step groups (one process per engine each) per workload; each row is
+            the round with the median latency, ``rounds_ms`` lists all.
     """
 
     engines: Sequence[str]
@@ -269,32 +271,123 @@ def _log_tail(path: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+SLICES = 10  # timed slices per engine in a lock-step group (each ``repeat / SLICES`` calls)
+# Pause between two engines' slices, so that the pool threads of the one that just ran stop
+# spinning before the next starts. 20 ms was not enough (CLIP batch 1, onnxruntime's parallel
+# mode in the group: mmcompile p90 6.0 ms at a 1.6 ms median, onnxruntime parallel 5.9 ms);
+# 200 ms: p90 1.6 ms at 1.2, parallel 2.0.
+QUIET_S = 0.2
+SLICE_WARMUP = 3  # untimed calls before each slice: back from idle, TVM's first call took 5 ms
+
+
+class _Child:
+    """One engine process of a lock-step group, with its command and reply pipes."""
+
+    def __init__(self, job: dict[str, Any]):
+        self.job, self.busy, self.error, self.result = job, 0.0, None, None
+        cmd_r, self._cmd_w = os.pipe()
+        self._rep_r, rep_w = os.pipe()
+        job = dict(job, control={"commands": cmd_r, "replies": rep_w},
+                   slice_warmup=SLICE_WARMUP)
+        job_file = Path(job["result"] + ".job")
+        job_file.write_text(json.dumps(job))
+        self.started = time.perf_counter()
+        with open(job["log"], "w") as log:
+            self.proc = subprocess.Popen([sys.executable, str(RUNNER), str(job_file)],
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         env=child_env(job), start_new_session=True,
+                                         pass_fds=(cmd_r, rep_w))
+        os.close(cmd_r)
+        os.close(rep_w)
+        self._replies = os.fdopen(self._rep_r, "r")
+
+    def ask(self, command: str | None, timeout: float) -> str | None:
+        """Send ``command`` (None: only wait for the first reply) and return the reply, or
+        None when the child ended or its time (``timeout`` seconds of work in all) ran out;
+        the reason is then in ``error``."""
+        start = time.perf_counter()
+        try:
+            if command is not None:
+                os.write(self._cmd_w, (command + "\n").encode())
+            ready, _, _ = select.select([self._replies], [], [], max(0.0, timeout - self.busy))
+            line = self._replies.readline() if ready else None
+        except OSError:  # the child is gone (broken pipe)
+            line = ""
+        self.busy += time.perf_counter() - start
+        if line is None:
+            self.error = f"timed out after {timeout:g}s"
+        return line.strip() or None if line else None
+
+    def finish(self, timeout: float) -> dict[str, Any]:
+        """Tell the child to stop, wait for it, and return its result (or an error)."""
+        if self.result is None:
+            self.result = self._finish(timeout)
+        return self.result
+
+    def _finish(self, timeout: float) -> dict[str, Any]:
+        try:
+            os.write(self._cmd_w, b"stop\n")
+        except OSError:
+            pass
+        try:
+            status = self.proc.wait(timeout=max(0.1, timeout - self.busy))
+        except subprocess.TimeoutExpired:
+            status, self.error = None, self.error or f"timed out after {timeout:g}s"
+        finally:
+            _kill_group(self.proc.pid)
+            self.proc.wait()
+            os.close(self._cmd_w)
+            self._replies.close()
+        wall = time.perf_counter() - self.started
+        if self.error:
+            return {"error": self.error, "wall_s": wall}
+        try:
+            result = json.loads(Path(self.job["result"]).read_text())
+        except (OSError, ValueError):
+            tail = _log_tail(self.job["log"])
+            how = (f"killed by signal {-status}" if status is not None and status < 0
+                   else f"exit status {status}")
+            result = {"error": f"engine process died ({how})" + (f": {tail}" if tail else "")}
+        result["wall_s"] = wall
+        return result
+
+
+def run_lockstep(jobs: Sequence[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+    """Run ``jobs`` (one workload, one job per engine) in lock-step; their results, in order.
+
+    The children start one after another, each compiling and warming up while the others wait
+    idle (so compile times do not overlap). Then they take turns: each times ``repeat /
+    SLICES`` calls while the others wait, in an order that rotates every turn, until each has
+    its ``repeat`` calls or ``max_time``. On a shared machine whose speed drifts by tens of
+    percent from one second to the next, every engine then samples the same stretches of time
+    instead of its own few seconds. ``timeout``: seconds of work each child may take (its
+    waits for the others not counted)."""
+    children: list[_Child] = []
+    try:
+        for job in jobs:
+            child = _Child(job)
+            children.append(child)
+            if child.ask(None, timeout) != "ready":
+                child.finish(timeout)
+        calls = max(1, -(-max(job["repeat"] for job in jobs) // SLICES))
+        active = [c for c in children if c.result is None]
+        turn = 0
+        while active:
+            order = active[turn % len(active):] + active[:turn % len(active)]
+            for child in order:
+                if child.ask(f"run {calls}", timeout) != "ran":
+                    active.remove(child)
+                time.sleep(QUIET_S)
+            turn += 1
+        return [child.finish(timeout) for child in children]
+    finally:
+        for child in children:
+            _kill_group(child.proc.pid)
+
+
 def run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one job in a fresh process; returns the runner's result, or ``{"error": ...}``."""
-    job_file = Path(job["result"] + ".job")
-    job_file.write_text(json.dumps(job))
-    start = time.perf_counter()
-    with open(job["log"], "w") as log:
-        proc = subprocess.Popen([sys.executable, str(RUNNER), str(job_file)],
-                                stdout=log, stderr=subprocess.STDOUT, env=child_env(job),
-                                start_new_session=True)
-        try:
-            status = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            proc.wait()
-            return {"error": f"timed out after {timeout:g}s", "wall_s": timeout}
-        finally:
-            _kill_group(proc.pid)
-    wall = time.perf_counter() - start
-    try:
-        result = json.loads(Path(job["result"]).read_text())
-    except (OSError, ValueError):
-        tail = _log_tail(job["log"])
-        how = (f"killed by signal {-status}" if status < 0 else f"exit status {status}")
-        result = {"error": f"engine process died ({how})" + (f": {tail}" if tail else "")}
-    result["wall_s"] = wall
-    return result
+    return run_lockstep([job], timeout)[0]
 
 
 # -- the whole run -------------------------------------------------------------------------------
@@ -350,19 +443,20 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
             workloads = prepare_suite(list(models or suite.SUITES["multimodal"]),
                                       options.batches, folder, say)
         for w in workloads:
-            # One process per engine and round, rounds interleaved: on a shared machine the
-            # same binary's latency drifts by tens of percent over minutes and differs from
-            # one process to the next, so each engine samples the same stretches of time.
+            # One process per engine and round, the engines of a round in lock-step: on a
+            # shared machine the same binary's latency drifts by tens of percent within
+            # seconds and differs from one process to the next.
             tries: dict[str, dict[str, list[dict[str, Any]]]] = {
                 e: {v: [] for v in get_engine(e).variants} for e in engines}
             for round_ in range(options.rounds):
-                for engine in engines:
-                    for variant, results in tries[engine].items():
-                        job = make_job(w, engine, variant, options, threads, folder, round_)
-                        result = run_child(job, options.timeout)
-                        results.append(make_row(w.model, w.batch, engine, result, w.reference,
-                                                job["outputs"], options.tolerance,
-                                                {"params": w.params, "flops": w.flops}))
+                group = [(engine, variant) for engine in engines for variant in tries[engine]]
+                jobs = [make_job(w, engine, variant, options, threads, folder, round_)
+                        for engine, variant in group]
+                for (engine, variant), job, result in zip(group, jobs,
+                                                          run_lockstep(jobs, options.timeout)):
+                    tries[engine][variant].append(
+                        make_row(w.model, w.batch, engine, result, w.reference, job["outputs"],
+                                 options.tolerance, {"params": w.params, "flops": w.flops}))
             for engine in engines:
                 rows.append(pick_variant({v: median_round(r)
                                           for v, r in tries[engine].items()}))

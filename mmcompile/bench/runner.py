@@ -4,8 +4,10 @@ The parent starts this file by path, once per (model, batch, engine), with the t
 already in the environment (OMP/MKL/TVM read theirs before any code here runs). The child
 imports the engine's framework, records its resident memory, loads the model, prepares it
 (compile / session creation), calls it once (``compile_s`` = prepare + first call), warms up,
-then times up to ``repeat`` calls, stopping early once ``max_time`` seconds have passed (after
-at least ``min_runs``). It writes the outputs of the last call to ``job["outputs"]`` (.npz) and
+then times up to ``repeat`` calls, stopping early once the timed calls add up to ``max_time``
+seconds (after at least ``min_runs``): all at once, or, when the job names ``control`` pipes,
+a slice at a time as the parent says, in lock-step with the other engines' children
+(:func:`mmcompile.bench.harness.run_lockstep`). It writes the outputs of the last call to ``job["outputs"]`` (.npz) and
 a result to ``job["result"]`` (JSON); a failure is written there as ``{"error": ...}`` with exit
 status 1.
 
@@ -86,18 +88,57 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         outputs = run(feeds)
         done += 1
     times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < job["repeat"]:
-        t0 = time.perf_counter()
-        outputs = run(feeds)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - started > job["max_time"] and len(times) >= job["min_runs"]:
-            break
+    slices: list[float] = []  # wall-clock start of each lock-step slice
+    if job.get("control"):
+        outputs = _timed_on_command(run, feeds, job, times, slices) or outputs
+    else:
+        outputs = _time_calls(run, feeds, job, times, job["repeat"]) or outputs
     peak_rss = _rss_mb()
     np.savez(job["outputs"], **{k: np.asarray(v) for k, v in outputs.items()})
     return {"times_ms": [t * 1e3 for t in times], "import_s": import_s, "load_s": load_s,
             "prepare_s": prepare_s, "first_run_s": first_s, "compile_s": prepare_s + first_s,
-            "base_rss_mb": base_rss, "peak_rss_mb": peak_rss, **facts}
+            "base_rss_mb": base_rss, "peak_rss_mb": peak_rss, "slice_starts": slices, **facts}
+
+
+def _time_calls(run, feeds, job: dict[str, Any], times: list[float], calls: int):
+    """Time up to ``calls`` more calls into ``times`` (never past ``repeat`` in all), stopping
+    once ``max_time`` seconds of timed calls have passed with ``min_runs`` done; returns the
+    last outputs (None when nothing ran)."""
+    outputs = None
+    for _ in range(calls):
+        if _full(job, times):
+            break
+        t0 = time.perf_counter()
+        outputs = run(feeds)
+        times.append(time.perf_counter() - t0)
+    return outputs
+
+
+def _full(job: dict[str, Any], times: list[float]) -> bool:
+    return len(times) >= job["repeat"] or (sum(times) > job["max_time"]
+                                           and len(times) >= job["min_runs"])
+
+
+def _timed_on_command(run, feeds, job: dict[str, Any], times: list[float],
+                      slices: list[float]):
+    """Lock-step timing (see :func:`mmcompile.bench.harness.run_lockstep`): report ``ready``,
+    then time ``run N`` calls at a time as the parent says (each slice after
+    ``slice_warmup`` untimed calls), answering ``ran`` (or ``full`` once
+    ``repeat`` calls or ``max_time`` are reached), until ``stop``."""
+    commands = os.fdopen(job["control"]["commands"], "r")
+    replies = os.fdopen(job["control"]["replies"], "w", buffering=1)
+    replies.write("ready\n")
+    outputs = None
+    for line in commands:
+        verb, _, arg = line.strip().partition(" ")
+        if verb != "run":
+            break
+        slices.append(time.time())
+        for _ in range(job.get("slice_warmup", 0)):  # back from idle: wake the pool, fill caches
+            run(feeds)
+        outputs = _time_calls(run, feeds, job, times, int(arg)) or outputs
+        replies.write("full\n" if _full(job, times) else "ran\n")
+    return outputs
 
 
 def _one_line(exc: BaseException) -> str:
