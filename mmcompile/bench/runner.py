@@ -7,9 +7,9 @@ imports the engine's framework, records its resident memory, loads the model, pr
 then times up to ``repeat`` calls, stopping early once the timed calls add up to ``max_time``
 seconds (after at least ``min_runs``): all at once, or, when the job names ``control`` pipes,
 a slice at a time as the parent says, in lock-step with the other engines' children
-(:func:`mmcompile.bench.harness.run_lockstep`). It writes the outputs of the last call to ``job["outputs"]`` (.npz) and
-a result to ``job["result"]`` (JSON); a failure is written there as ``{"error": ...}`` with exit
-status 1.
+(:func:`mmcompile.bench.harness.run_lockstep`). It writes the outputs of the last call to
+``job["outputs"]`` (.npz) and a result to ``job["result"]`` (JSON); a failure is written there
+as ``{"error": ...}`` with exit status 1.
 
 Started by path and not as ``-m mmcompile.bench.runner``, so nothing beyond the engine's own
 framework is imported: ``import mmcompile`` alone adds ~30 MB, which would be charged to
