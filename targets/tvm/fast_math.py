@@ -47,15 +47,32 @@ _RULES = {
 
 @expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
+    rules: dict = {}
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
         op = getattr(call.op, "name", None)
-        rule = _RULES.get(op) if isinstance(call.op, tvm.ir.Op) else None
-        ty = getattr(call.args[0], "ty", None) if rule else None
-        if rule is None or not isinstance(ty, relax.TensorType) or ty.dtype != "float32":
+        rule = self.rules.get(op) if isinstance(call.op, tvm.ir.Op) else None
+        if rule is None or not all(isinstance(getattr(a, "ty", None), relax.TensorType)
+                                   and a.ty.dtype == "float32" for a in call.args):
             return call
-        build, attrs = rule
-        return self.builder_.call_te(build, call.args[0], *(getattr(call.attrs, a) for a in attrs))
+        build, attrs, *accepts = rule
+        values = [getattr(call.attrs, a) for a in attrs]
+        if accepts and not accepts[0](call.args[0].ty, *values):
+            return call
+        return self.builder_.call_te(build, *call.args, *values)
+
+
+def rewrite_calls(mod, rules):
+    """``mod`` with every float32 call of an op in ``rules`` replaced by a ``call_te`` of its
+    TE builder: ``{op name: (builder, attribute names passed after the arguments[, accepts])}``,
+    ``accepts(first argument's type, *attributes)`` saying whether the rule applies."""
+    rewriter = _Rewriter(mod)
+    rewriter.rules = rules
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.FastMath")
@@ -63,8 +80,4 @@ class FastMath:
     """Rewrite float32 sigmoid/gelu/softmax/exp/erf/tanh to fast polynomial kernels."""
 
     def transform_module(self, mod, _ctx):
-        rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_calls(mod, _RULES)

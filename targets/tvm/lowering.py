@@ -6,7 +6,9 @@
 Steps and why they are in this order: convolution and matmul weights packed (:mod:`.layout`;
 matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), then
 each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
-packed layout); :class:`~.fast_math.FastMath` rewrites sigmoid/gelu/
+packed layout); softmax and layer norm over the last axis become kernels with vector
+partial sums (:mod:`.rows`; whole models 0.82-0.97x, MOSEI-TFN batch 8 0.82x);
+:class:`~.fast_math.FastMath` rewrites sigmoid/gelu/
 softmax/exp/erf/tanh to polynomial TE kernels *before* ``LegalizeOps`` so that ``FuseOps``
 fuses them into the matmul that produces them; ``zero`` legalizes and fuses; then the CPU rules
 (:func:`.schedules.schedule_cpu`: register-blocked matmul/conv, small kernels serial).
@@ -21,6 +23,7 @@ from tvm import relax
 from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.fuse_pool import FuseConvPool
 from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
+from mmcompile.targets.tvm.rows import RowReductions
 from mmcompile.targets.tvm.schedule_util import lanes_for
 from mmcompile.targets.tvm.schedules import schedule_cpu
 
@@ -31,6 +34,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True):
     mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
     mod = PackMatmulWeights(2 * lanes_for(target))(mod)  # a register tile's weights contiguous
     mod = FuseConvPool()(mod)  # after packing: it groups only packed convolutions
+    mod = RowReductions(fast_math, lanes_for(target))(mod)  # vector partial sums; before FastMath
     if fast_math:
         mod = FastMath()(mod)  # before LegalizeOps, so FuseOps sees ordinary call_tir kernels
     with target:

@@ -3,11 +3,12 @@
 TVM's ``zero`` pipeline emits serial, unvectorized loops, and TVM 0.27 ships only two dlight
 CPU rules (``GEMV``, ``Reduction``). :func:`cpu_rules` lists, first match wins:
 
+- :class:`~.rows.RowReduction`: softmax / layer norm rows with vector partial sums.
 - :class:`~.cpu_conv.BlockedConv2d`: cache-blocked 2-D convolution (NCHW x packed HWIO), and
   the max pool grouped with it (:mod:`.fuse_pool`), computed per task.
 - :class:`~.cpu_matmul.BlockedMatmul`: register-blocked matmul / batched matmul / conv.
 - :class:`MatmulLike`: the older unblocked tiling, for reductions BlockedMatmul declines.
-- ``dl.cpu.GEMV``, ``dl.cpu.Reduction`` (softmax, layer norm rows).
+- ``dl.cpu.GEMV``, ``dl.cpu.Reduction`` (the other reductions: softmax over another axis, ...).
 - :class:`Fallback`: everything else: fuse spatial loops, parallelize, vectorize.
 
 Each is wrapped in :class:`SerialIfSmall`, which drops ``parallel`` from kernels below
@@ -177,8 +178,9 @@ def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     """The CPU rules in priority order (first that applies wins)."""
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
     from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
-    rules = [BlockedConv2d(), BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(), dl.cpu.Reduction(),
-             Fallback()]
+    from mmcompile.targets.tvm.rows import RowReduction
+    rules = [RowReduction(), BlockedConv2d(), BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(),
+             dl.cpu.Reduction(), Fallback()]
     return [SerialIfSmall(r, serial_below) for r in rules]  # serial_below=0: never serial
 
 
