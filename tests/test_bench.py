@@ -208,7 +208,7 @@ def test_an_engine_process_over_its_timeout_is_killed(mlp_file, tmp_path):
            "repeat": 3, "warmup": 0, "max_time": 1.0, "min_runs": 1,
            "inductor_cache": str(tmp_path / "inductor")}
     np.savez(job["inputs"], x=np.zeros((1, 16), np.float32))
-    result = harness.run_child(job, timeout=0.01)  # Python alone takes longer to start
+    [result] = harness.run_lockstep([job], timeout=0.01)  # Python alone takes longer to start
     assert result["error"] == "timed out after 0.01s"
 
 

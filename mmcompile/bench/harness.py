@@ -316,7 +316,7 @@ class _Child:
         self.busy += time.perf_counter() - start
         if line is None:
             self.error = f"timed out after {timeout:g}s"
-        return line.strip() or None if line else None
+        return line.strip() if line else None
 
     def finish(self, timeout: float) -> dict[str, Any]:
         """Tell the child to stop, wait for it, and return its result (or an error)."""
@@ -383,11 +383,6 @@ def run_lockstep(jobs: Sequence[dict[str, Any]], timeout: float) -> list[dict[st
     finally:
         for child in children:
             _kill_group(child.proc.pid)
-
-
-def run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one job in a fresh process; returns the runner's result, or ``{"error": ...}``."""
-    return run_lockstep([job], timeout)[0]
 
 
 # -- the whole run -------------------------------------------------------------------------------

@@ -104,19 +104,20 @@ def _time_calls(run, feeds, job: dict[str, Any], times: list[float], calls: int)
     """Time up to ``calls`` more calls into ``times`` (never past ``repeat`` in all), stopping
     once ``max_time`` seconds of timed calls have passed with ``min_runs`` done; returns the
     last outputs (None when nothing ran)."""
-    outputs = None
+    outputs, spent = None, sum(times)
     for _ in range(calls):
-        if _full(job, times):
+        if _full(job, len(times), spent):
             break
         t0 = time.perf_counter()
         outputs = run(feeds)
         times.append(time.perf_counter() - t0)
+        spent += times[-1]
     return outputs
 
 
-def _full(job: dict[str, Any], times: list[float]) -> bool:
-    return len(times) >= job["repeat"] or (sum(times) > job["max_time"]
-                                           and len(times) >= job["min_runs"])
+def _full(job: dict[str, Any], count: int, spent: float) -> bool:
+    """Whether ``count`` timed calls taking ``spent`` seconds are all ``job`` asks for."""
+    return count >= job["repeat"] or (spent > job["max_time"] and count >= job["min_runs"])
 
 
 def _timed_on_command(run, feeds, job: dict[str, Any], times: list[float],
@@ -137,7 +138,7 @@ def _timed_on_command(run, feeds, job: dict[str, Any], times: list[float],
         for _ in range(job.get("slice_warmup", 0)):  # back from idle: wake the pool, fill caches
             run(feeds)
         outputs = _time_calls(run, feeds, job, times, int(arg)) or outputs
-        replies.write("full\n" if _full(job, times) else "ran\n")
+        replies.write("full\n" if _full(job, len(times), sum(times)) else "ran\n")
     return outputs
 
 

@@ -63,9 +63,9 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _coefficient,
-                                              _index_vars, _largest_divisor, _neighbours, _reduction,
-                                              _vector_dim_last, _vectorize_innermost,
-                                              pool_pass)
+                                              _index_vars, _largest_divisor, _neighbours,
+                                              _reduction, _vector_dim_last,
+                                              _vectorize_innermost, pool_pass)
 from mmcompile.targets.tvm.schedule_util import VectorRule, extent, within_reduction
 
 REG_CHANNELS, REG_ROWS = 4, 2  # register tile: 4 x 2 vectors = 8 of AVX2's 16 registers
@@ -151,7 +151,7 @@ def _chunks(sch, ic):
 
 
 def _tile_columns(sch, block_rv, roles, lanes):
-    """Vector along the output columns, for shallow reductions; register tile 4 channels x 2
+    """Vector along the output columns, for single-channel inputs; register tile 4 channels x 2
     rows (8 x 1 for an odd row count). Returns ``(task loop, accumulator block, outer
     reduction loop, rows per task)``."""
     batch, oc, oh, ow, ic, kh, kw = roles
@@ -251,9 +251,9 @@ class BlockedConv2d(VectorRule):
         producers, epilogues = neighbours
         # several input channels (or a large window): vectorize the channels (see the module
         # docstring); a single input channel: the columns where the width allows
-        deep = channels % lanes == 0 and (ic is not None
-                                          or _window(sch, roles) >= WEIGHT_VECTOR_MIN_DEPTH)
-        if deep:
+        by_channels = channels % lanes == 0 and (
+            ic is not None or _window(sch, roles) >= WEIGHT_VECTOR_MIN_DEPTH)
+        if by_channels:
             tiled = _tile_channels(sch, main.block_rv, roles, lanes)
         elif cols % lanes == 0:
             tiled = _tile_columns(sch, main.block_rv, roles, lanes)

@@ -15,8 +15,9 @@ before ``LegalizeOps``: the ``call_te`` results are ordinary ``call_tir`` kernel
 from __future__ import annotations
 
 import tvm
-from tvm import relax, topi
-from tvm.relax import expr_functor
+from tvm import topi
+
+from mmcompile.targets.tvm.rewrite import rewrite_calls
 
 
 def _fast_sigmoid(x):
@@ -43,36 +44,6 @@ _RULES = {
     "relax.erf": (topi.fast_erf, ()),
     "relax.tanh": (topi.fast_tanh, ()),
 }
-
-
-@expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    rules: dict = {}
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        op = getattr(call.op, "name", None)
-        rule = self.rules.get(op) if isinstance(call.op, tvm.ir.Op) else None
-        if rule is None or not all(isinstance(getattr(a, "ty", None), relax.TensorType)
-                                   and a.ty.dtype == "float32" for a in call.args):
-            return call
-        build, attrs, *accepts = rule
-        values = [getattr(call.attrs, a) for a in attrs]
-        if accepts and not accepts[0](call.args[0].ty, *values):
-            return call
-        return self.builder_.call_te(build, *call.args, *values)
-
-
-def rewrite_calls(mod, rules):
-    """``mod`` with every float32 call of an op in ``rules`` replaced by a ``call_te`` of its
-    TE builder: ``{op name: (builder, attribute names passed after the arguments[, accepts])}``,
-    ``accepts(first argument's type, *attributes)`` saying whether the rule applies."""
-    rewriter = _Rewriter(mod)
-    rewriter.rules = rules
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.FastMath")

@@ -21,20 +21,14 @@ import tvm
 from tvm import relax
 from tvm.relax import expr_functor
 
+from mmcompile.targets.tvm.rewrite import rewrite_functions
+
 # op -> (layout it packs, packed layout, numpy transpose from the first to the second)
 _PACK = {
     "relax.nn.conv2d": ("OIHW", "HWIO", (2, 3, 1, 0)),
     "relax.nn.conv1d": ("OIW", "WIO", (2, 1, 0)),
 }
 _ATTRS = ("strides", "padding", "dilation", "groups", "data_layout", "out_layout", "out_dtype")
-
-
-def _rewrite(mod, mutator):
-    """``mod`` with every Relax function passed through ``mutator`` (built on ``mod``)."""
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return mutator.builder_.get()
 
 
 @expr_functor.mutator
@@ -60,7 +54,7 @@ class PackConvWeights:
     """Constant OIHW/OIW convolution weights -> HWIO/WIO (groups == 1, channels-first data)."""
 
     def transform_module(self, mod, _ctx):
-        return _rewrite(mod, _Packer(mod))
+        return rewrite_functions(mod, _Packer(mod))
 
 
 def _packed_matmul(data, panels):
@@ -116,4 +110,4 @@ class PackMatmulWeights:
         self.width = width
 
     def transform_module(self, mod, _ctx):
-        return _rewrite(mod, _MatmulPacker(mod, self.width))
+        return rewrite_functions(mod, _MatmulPacker(mod, self.width))

@@ -25,11 +25,13 @@ process, interleaved, against the same compiler without this rewrite): MOSEI-TFN
 
 from __future__ import annotations
 
+from functools import partial
+
 import tvm
-from tvm import relax, s_tir, te, tirx, topi
+from tvm import s_tir, te, tirx, topi
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from mmcompile.targets.tvm.fast_math import rewrite_calls
+from mmcompile.targets.tvm.rewrite import rewrite_calls
 from mmcompile.targets.tvm.schedule_util import VectorRule, extent
 
 LANES = 8  # partials per row by default: one AVX2 vector of float32
@@ -97,7 +99,7 @@ def row_layer_norm(x, gamma, beta, _axes, epsilon, *_flags, lanes: int = LANES):
     return te.compute(x.shape, normalize, name="layer_norm")
 
 
-def _last_axis(ty, axes, lanes) -> bool:
+def _last_axis(ty, axes, *, lanes) -> bool:
     """A static shape of rows at least ``lanes`` long, reduced over its last axis only."""
     shape = getattr(ty, "shape", None)
     if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape) or len(shape) < 2 \
@@ -105,6 +107,10 @@ def _last_axis(ty, axes, lanes) -> bool:
         return False
     axes = [int(a) for a in (axes if isinstance(axes, (list, tuple, tvm.ir.Array)) else [axes])]
     return [a % len(shape) for a in axes] == [len(shape) - 1]
+
+
+def _layer_norm_applies(ty, axes, _epsilon, center, scale, *, lanes) -> bool:
+    return _last_axis(ty, axes, lanes=lanes) and bool(center) and bool(scale)
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.RowReductions")
@@ -118,22 +124,12 @@ class RowReductions:
 
     def transform_module(self, mod, _ctx):
         lanes = self.lanes
-
-        def softmax(x, axis):
-            return row_softmax(x, axis, self.fast_exp, lanes)
-
-        def layer_norm(x, gamma, beta, axes, epsilon, *flags):
-            return row_layer_norm(x, gamma, beta, axes, epsilon, lanes=lanes)
-
-        def softmax_applies(ty, axis) -> bool:
-            return _last_axis(ty, axis, lanes)
-
-        def layer_norm_applies(ty, axes, _epsilon, center, scale) -> bool:
-            return _last_axis(ty, axes, lanes) and bool(center) and bool(scale)
         return rewrite_calls(mod, {
-            "relax.nn.softmax": (softmax, ("axis",), softmax_applies),
-            "relax.nn.layer_norm": (layer_norm, ("axes", "epsilon", "center", "scale"),
-                                    layer_norm_applies)})
+            "relax.nn.softmax": (partial(row_softmax, fast_exp=self.fast_exp, lanes=lanes),
+                                 ("axis",), partial(_last_axis, lanes=lanes)),
+            "relax.nn.layer_norm": (partial(row_layer_norm, lanes=lanes),
+                                    ("axes", "epsilon", "center", "scale"),
+                                    partial(_layer_norm_applies, lanes=lanes))})
 
 
 class RowReduction(VectorRule):

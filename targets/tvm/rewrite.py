@@ -1,0 +1,43 @@
+"""Relax module rewrites shared by the CPU lowering passes (:mod:`.layout`, :mod:`.fast_math`,
+:mod:`.rows`)."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax import expr_functor
+
+
+def rewrite_functions(mod, mutator):
+    """``mod`` with every Relax function passed through ``mutator`` (built on ``mod``)."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+@expr_functor.mutator
+class _CallRewriter(relax.PyExprMutator):
+    def __init__(self, mod, rules):
+        super().__init__(mod)
+        self.rules = rules
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        rule = self.rules.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
+        if rule is None or not all(isinstance(getattr(a, "ty", None), relax.TensorType)
+                                   and a.ty.dtype == "float32" for a in call.args):
+            return call
+        build, attrs, *accepts = rule
+        values = [getattr(call.attrs, a) for a in attrs]
+        if accepts and not accepts[0](call.args[0].ty, *values):
+            return call
+        name = getattr(build, "func", build).__name__  # the function a functools.partial wraps
+        return self.builder_.call_te(build, *call.args, *values, primfunc_name_hint=name)
+
+
+def rewrite_calls(mod, rules):
+    """``mod`` with every float32 call of an op in ``rules`` replaced by a ``call_te`` of its
+    TE builder: ``{op name: (builder, attribute names passed after the arguments[, accepts])}``,
+    ``accepts(first argument's type, *attributes)`` saying whether the rule applies."""
+    return rewrite_functions(mod, _CallRewriter(mod, rules))
