@@ -66,7 +66,8 @@ from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _coeffici
                                               _index_vars, _largest_divisor, _neighbours,
                                               _reduction, _vector_dim_last,
                                               _vectorize_innermost, pool_pass)
-from mmcompile.targets.tvm.schedule_util import VectorRule, extent, within_reduction
+from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, extent,
+                                                 within_reduction)
 
 REG_CHANNELS, REG_ROWS = 4, 2  # register tile: 4 x 2 vectors = 8 of AVX2's 16 registers
 SUB_CHANNELS, SUB_ROWS = 4, 2  # sub-tiles per task, at most (a task: 16 channels x 4 rows)
@@ -169,7 +170,7 @@ def _tile_columns(sch, block_rv, roles, lanes):
     sch.reorder(oc0, oh0, *ic0, kh, oc2, oh2, ow2, *ic1, kw, oc3, oh3, ow3)
     task = sch.fuse(*([batch] if batch is not None else []), oc0, oh0)
     sch.parallel(task)  # before decompose_reduction, which otherwise rejects the schedule
-    acc = sch.cache_write(block_rv, 0, "local")  # the task's outputs, in L1
+    acc = sch.cache_write(block_rv, 0, ACCUMULATOR_SCOPE)  # the task's outputs, in L1
     sch.reverse_compute_at(acc, task)
     sch.vectorize(ow3)
     sch.unroll(oh3)
@@ -218,7 +219,7 @@ def _tile_channels(sch, block_rv, roles, lanes):
     sch.reorder(oc_task, oh0, oc1, *ic0, kh, oh1, ow0, *ic1, kw, oh2, ow1, oc2, oc3)
     task = sch.fuse(*([batch] if batch is not None else []), oc_task, oh0)
     sch.parallel(task)
-    acc = sch.cache_write(block_rv, 0, "local")
+    acc = sch.cache_write(block_rv, 0, ACCUMULATOR_SCOPE)
     _vector_dim_last(sch, block_rv, channel_var)
     sch.reverse_compute_at(acc, oc1)
     sch.vectorize(oc3)

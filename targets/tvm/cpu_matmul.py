@@ -27,8 +27,8 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from mmcompile.targets.tvm.schedule_util import (VectorRule, all_downstream, extent,
-                                                 parallel_spatial, within_reduction)
+from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, all_downstream,
+                                                 extent, parallel_spatial, within_reduction)
 
 
 def _index_vars(region) -> set:
@@ -144,7 +144,7 @@ class BlockedMatmul(VectorRule):
             sch.reorder(*others, io, jo, *reduce_loops, ii, jn, ji)
             outer = sch.fuse(*others, io, jo)
         sch.parallel(outer)  # before decompose_reduction, which otherwise rejects the schedule
-        acc = sch.cache_write(main.block_rv, 0, "local")
+        acc = sch.cache_write(main.block_rv, 0, ACCUMULATOR_SCOPE)
         _vector_dim_last(sch, main.block_rv, ivars[vec])
         sch.reverse_compute_at(acc, outer)
         sch.vectorize(ji)
