@@ -3,6 +3,8 @@
 TVM's ``zero`` pipeline emits serial, unvectorized loops, and TVM 0.27 ships only two dlight
 CPU rules (``GEMV``, ``Reduction``). :func:`cpu_rules` lists, first match wins:
 
+- :class:`~.winograd.WinogradTransform`: the data and output transforms of Winograd
+  convolutions (tiles in parallel, channels vectorized).
 - :class:`~.rows.RowReduction`: softmax / layer norm rows with vector partial sums.
 - :class:`~.cpu_conv.BlockedConv2d`: cache-blocked 2-D convolution (NCHW x packed HWIO), and
   the max pool grouped with it (:mod:`.fuse_pool`), computed per task.
@@ -179,8 +181,9 @@ def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
     from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
     from mmcompile.targets.tvm.rows import RowReduction
-    rules = [RowReduction(), BlockedConv2d(), BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(),
-             dl.cpu.Reduction(), Fallback()]
+    from mmcompile.targets.tvm.winograd import WinogradTransform
+    rules = [WinogradTransform(), RowReduction(), BlockedConv2d(), BlockedMatmul(), MatmulLike(),
+             dl.cpu.GEMV(), dl.cpu.Reduction(), Fallback()]
     return [SerialIfSmall(r, serial_below) for r in rules]  # serial_below=0: never serial
 
 

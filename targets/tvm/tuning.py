@@ -81,6 +81,7 @@ class CpuTuner:
         self.threads = options.threads or available_cores()
         self.target = llvm_target(options.config.get("mcpu"), options.threads)
         self.fast_math = bool(options.config.get("fast_math", True))
+        self.winograd = bool(options.config.get("winograd", True))
 
     def target_info(self) -> dict[str, Any]:
         return target_info(self.target)
@@ -96,7 +97,7 @@ class CpuTuner:
         from mmcompile.targets.tvm.target import import_relax
         mod = import_relax(graph, "cpu")
         with native_log_to([]):
-            mod = fuse_cpu(mod, self.target, fast_math=self.fast_math)
+            mod = fuse_cpu(mod, self.target, fast_math=self.fast_math, winograd=self.winograd)
             with self.target:
                 extracted = ms.relax_integration.extract_tasks(mod, self.target)
         return [Task(task_key(t.dispatched[0]), str(t.task_name), float(t.weight),

@@ -1,0 +1,387 @@
+"""Winograd convolution F(m x m, r x r) for 3x3 (and 5x5) stride-1 convolutions on CPU.
+
+A direct 3x3 convolution makes 9 multiply-adds per output and input channel; both
+onnxruntime's NCHWc kernels and ours (:mod:`.cpu_conv`) already run those at close to the
+FMA peak here, so the remaining way to be faster is to do fewer. Winograd's minimal filtering
+algorithm computes a ``m x m`` output tile from a ``(m + r - 1)^2`` input tile with
+``(m + r - 1)^2`` multiplications per channel pair instead of ``m^2 r^2``: F(4x4, 3x3) does
+36 where the direct form does 144 (4x fewer). The price is three transforms (data, output,
+and the weights', done once at compile time) and two intermediate tensors.
+
+The rewrite (:class:`Winograd`, a Relax pass before the weight packing) turns
+``conv2d [-> add(bias)] [-> relu] [-> max_pool2d]`` into three kernels:
+
+1. ``winograd_data``: the input, zero-padded and channels-last (``wino_input``), cut into
+   overlapping ``alpha x alpha`` tiles and transformed (``B^T d B``, as two passes of
+   ``alpha``-term sums, ``wino_rows`` then ``wino_data``), giving ``V [alpha^2, tiles, C]``;
+2. ``matmul``: ``alpha^2`` independent ``[tiles, C] x [C, K]`` products with the transformed
+   weights ``U = G g G^T`` (a constant), an ordinary batched matmul that
+   :class:`~.cpu_matmul.BlockedMatmul` register-blocks;
+3. ``winograd_output``: ``A^T M A`` per tile (``wino_cols``, ``wino_tile``), then bias, relu and
+   the max pool, written NCHW (``wino_output``).
+
+The tile count is padded so the matmul's rows come in register tiles of 4 (the padding tiles
+read zeros and are never written out). Transform matrices are TVM's Cook-Toom construction
+(``tvm.topi.nn.winograd_util``), in float32 at run time, float64 when folding the weights.
+
+Measured (znver3, 2 threads, whole model, one process, interleaved, outputs within 1e-7 of
+onnxruntime): see :data:`TILE` and the module's tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.relax import expr_functor
+
+from mmcompile.targets.tvm.rewrite import rewrite_functions
+from mmcompile.targets.tvm.schedule_util import VectorRule, extent
+
+TILE = {3: 4}  # kernel size -> output tile size m
+ROW_TILE = 4  # the batched matmul's register tile rows: the tile count is padded to this
+MIN_CHANNELS = 8  # input channels below this: the transforms cost more than they save
+# FuseOps pattern of the data transform: opaque, so that the output transform of a Winograd
+# convolution before it is not fused into it (each has its own schedule; fused, the output
+# transform's blocks went unscheduled: 1.0 ms where the two cost 0.3 ms apart)
+OPAQUE = 8
+
+
+@functools.lru_cache(maxsize=None)
+def matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A, B, G)`` of F(m x m, r x r) in float64: ``Y = A^T [(G g G^T) * (B^T d B)] A``."""
+    from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+    return _cook_toom_convolution(_interpolation_points(m + r - 1), m, r)
+
+
+def tile_grid(batch: int, height: int, width: int, m: int) -> tuple[int, int]:
+    """``(tile rows, tile columns)`` covering an output of ``height x width``; the columns
+    padded until ``batch x rows x columns`` is a multiple of :data:`ROW_TILE`."""
+    rows, cols = -(-height // m), -(-width // m)
+    cols = next(c for c in range(cols, cols + ROW_TILE) if batch * rows * c % ROW_TILE == 0)
+    return rows, cols
+
+
+def transform_weights(weight: np.ndarray, m: int) -> np.ndarray:
+    """OIHW weights -> ``U [alpha^2, C, K]``, float32."""
+    out_channels, in_channels, r, _ = weight.shape
+    _, _, g = matrices(m, r)
+    u = np.einsum("xa,kcab,yb->xyck", g, weight.astype(np.float64), g)
+    alpha = m + r - 1
+    return u.reshape(alpha * alpha, in_channels, out_channels).astype(np.float32)
+
+
+def _combination(column, term):
+    """``sum_b column[b] * term(b)`` with constant coefficients: zeros skipped, ones not
+    multiplied."""
+    out = None
+    for b, c in enumerate(column):
+        if c == 0:
+            continue
+        t = term(b)
+        if c != 1 and c != -1:
+            t = t * tirx.const(float(c), "float32")
+        if out is None:
+            out = -t if c == -1 else t
+        else:
+            out = out - t if c == -1 else out + t
+    return out if out is not None else tirx.const(0.0, "float32")
+
+
+def _by_index(index, matrix, term):
+    """``sum_b matrix[b, index] * term(b)`` for a loop variable ``index``: one constant
+    combination per value of ``index``, picked by a chain of selects that unrolling ``index``
+    resolves (the schedule unrolls it)."""
+    columns = [_combination(matrix[:, i], term) for i in range(matrix.shape[1])]
+    out = columns[-1]
+    for i in range(len(columns) - 2, -1, -1):
+        out = tirx.Select(index == i, columns[i], out)
+    return out
+
+
+def winograd_data(x, m: int, r: int, pads, tiles):
+    """``V [alpha^2, tiles, C]``: ``B^T d B`` of every input tile of ``x [N, C, H, W]``
+    padded by ``pads = (top, left)`` (zeros past the bottom and right edges too)."""
+    batch, channels, height, width = (int(d) for d in x.shape)
+    _, bmat, _ = matrices(m, r)
+    alpha = m + r - 1
+    rows, cols = tiles
+    top, left = pads
+
+    def staged(n, h, w, c):
+        hh, ww = h - top, w - left
+        inside = tirx.all(hh >= 0, hh < height, ww >= 0, ww < width)
+        return tirx.if_then_else(inside, x[n, c, hh, ww], tirx.const(0.0, x.dtype))
+    xt = te.compute((batch, rows * m + alpha - m, cols * m + alpha - m, channels), staged,
+                    name="wino_input")
+    per_image = rows * cols
+    partial = te.compute(
+        (batch * per_image, alpha, alpha, channels),
+        lambda p, a, nu, c: _by_index(nu, bmat, lambda b: xt[
+            p // per_image, p // cols % rows * m + a, p % cols * m + b, c]),
+        name="wino_rows")
+    return te.compute(
+        (alpha * alpha, batch * per_image, channels),
+        lambda e, p, c: _by_index(e // alpha, bmat, lambda a: partial[p, a, e % alpha, c]),
+        name="wino_data")
+
+
+def winograd_output(prod, bias, shape, m: int, r: int, tiles, relu: bool, pool: int):
+    """``A^T M A`` of every tile of ``prod [alpha^2, tiles, K]``, plus ``bias [1, K, 1, 1]``
+    (or None), relu, and a ``pool x pool`` max pool of stride ``pool`` (1: none): the NCHW
+    output of the convolution chain, ``shape`` before pooling."""
+    batch, channels, height, width = shape
+    amat, _, _ = matrices(m, r)
+    alpha = m + r - 1
+    rows, cols = tiles
+    half = te.compute(
+        (batch * rows * cols, alpha, m, channels),
+        lambda p, xi, j, k: _by_index(j, amat, lambda nu: prod[xi * alpha + nu, p, k]),
+        name="wino_cols")
+    tile = te.compute(
+        (batch * rows * cols, m, m, channels),
+        lambda p, i, j, k: _by_index(i, amat, lambda xi: half[p, xi, j, k]),
+        name="wino_tile")
+
+    def value(n, k, h, w):
+        v = tile[(n * rows + h // m) * cols + w // m, h % m, w % m, k]
+        if bias is not None:
+            v = v + bias[0, k, 0, 0]
+        return tirx.max(v, tirx.const(0.0, "float32")) if relu else v
+
+    def pooled(n, k, h, w):
+        out = None
+        for dh in range(pool):
+            for dw in range(pool):
+                v = value(n, k, h * pool + dh, w * pool + dw)
+                out = v if out is None else tirx.max(out, v)
+        return out
+    return te.compute((batch, channels, height // pool, width // pool), pooled,
+                      name="wino_output")
+
+
+def _op(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) \
+        and expr.op.name == name
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _applies(call) -> int | None:
+    """The output tile size for a convolution this rewrite handles, else None."""
+    data, weight = call.args
+    attrs = call.attrs
+    if (not isinstance(weight, tvm.ir.expr.Constant) or attrs.kernel_layout != "OIHW"
+            or attrs.data_layout != "NCHW" or attrs.out_layout != "NCHW"
+            or int(attrs.groups) != 1 or any(s != 1 for s in _ints(attrs.strides))
+            or any(d != 1 for d in _ints(attrs.dilation))
+            or str(getattr(data.ty, "dtype", "")) != "float32"
+            or not isinstance(call.ty.shape, relax.ShapeExpr)
+            or not all(isinstance(d, tirx.IntImm) for d in call.ty.shape.values)):
+        return None
+    out_channels, in_channels, r, r2 = (int(d) for d in weight.value.shape)
+    m = TILE.get(r)
+    height, width = _ints(call.ty.shape.values)[2:]
+    if r != r2 or m is None or in_channels < MIN_CHANNELS or out_channels % 8 \
+            or min(height, width) < 2 * m:
+        return None
+    return m
+
+
+def _static_shape(expr) -> list[int] | None:
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) \
+            or not all(isinstance(d, tirx.IntImm) for d in shape.values):
+        return None
+    return _ints(shape.values)
+
+
+@expr_functor.mutator
+class _Winograd(relax.PyExprMutator):
+    """Rewrites each qualifying convolution together with the bias add, relu and max pool
+    that follow it (each the only user of the one before): the chain's last binding becomes
+    the Winograd kernels, the bindings before it go."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.chains = {}  # last var of a chain -> (conv call, bias or None, relu, pool)
+        self.absorbed = set()  # the chain's other vars: not emitted
+        self.values = {}  # var -> bound value, in the function being rewritten
+
+    def transform(self, func):
+        self.chains.clear()
+        self.absorbed.clear()
+        bindings = [b for block in func.body.blocks for b in block.bindings
+                    if isinstance(b, relax.VarBinding)]
+        self.values = {b.var: b.value for b in bindings}
+        uses = {}
+        for b in bindings:
+            for var in relax.analysis.free_vars(b.value):
+                uses.setdefault(var, []).append(b)
+        for var in relax.analysis.free_vars(func.body.body):
+            uses.setdefault(var, []).append(None)
+        for b in bindings:
+            if _op(b.value, "relax.nn.conv2d") and _applies(b.value):
+                self._chain(b, uses)
+        return self.visit_expr(func)
+
+    def _chain(self, conv, uses):
+        bias, relu, pool, last = None, False, 1, conv.var
+        channels = _static_shape(conv.value)[1]
+        chain = [last]
+
+        def next_use(var):
+            users = uses.get(var, [])
+            return users[0] if len(users) == 1 and users[0] is not None else None
+        nxt = next_use(last)
+        if nxt is not None and _op(nxt.value, "relax.add") and nxt.value.args[0].same_as(last) \
+                and _static_shape(nxt.value.args[1]) == [1, channels, 1, 1] \
+                and str(nxt.value.args[1].ty.dtype) == "float32":
+            bias, last = nxt.value.args[1], nxt.var
+            chain.append(last)
+            nxt = next_use(last)
+        if nxt is not None and _op(nxt.value, "relax.nn.relu"):
+            relu, last = True, nxt.var
+            chain.append(last)
+            nxt = next_use(last)
+        if nxt is not None and _op(nxt.value, "relax.nn.max_pool2d"):
+            p = nxt.value.attrs
+            size = _ints(p.pool_size)
+            if (p.layout == "NCHW" and p.out_layout == "NCHW" and not bool(p.ceil_mode)
+                    and size[0] == size[1] and size == _ints(p.strides)
+                    and not any(_ints(p.padding)) and all(d == 1 for d in _ints(p.dilation))):
+                pool, last = size[0], nxt.var
+                chain.append(last)
+        self.chains[last] = (conv.value, bias, relu, pool)
+        self.absorbed.update(chain[:-1])
+
+    def visit_var_binding_(self, binding):
+        var = binding.var
+        if var in self.absorbed:
+            return
+        if var not in self.chains:
+            super().visit_var_binding_(binding)
+            return
+        call, bias, relu, pool = self.chains[var]
+        m = _applies(call)
+        weight = call.args[1].value.numpy()
+        out_shape = _static_shape(call)
+        tiles = tile_grid(out_shape[0], *out_shape[2:], m)
+        r = weight.shape[2]
+        packed = self.builder_.emit(self.builder_.call_te(
+            winograd_data, self.visit_expr(call.args[0]), m, r, _ints(call.attrs.padding)[:2],
+            tiles, primfunc_name_hint="winograd_data",
+            primfunc_attrs={"op_pattern": OPAQUE}))
+        product = self.builder_.emit(
+            relax.op.matmul(packed, relax.const(transform_weights(weight, m))))
+        extra = [self.visit_expr(bias)] if bias is not None else []
+        out = self.builder_.emit(self.builder_.call_te(
+            _output_builder(bias is not None), product, *extra, shape=out_shape, m=m, r=r,
+            tiles=tiles, relu=relu, pool=pool, primfunc_name_hint="winograd_output"))
+        self.set_var_remap(var, out)
+
+
+def _output_builder(with_bias: bool):
+    """:func:`winograd_output` taking the bias tensor as an argument when there is one
+    (``call_te`` passes Relax values positionally)."""
+    if with_bias:
+        def build(prod, bias, **kwargs):
+            return winograd_output(prod, bias, **kwargs)
+    else:
+        def build(prod, **kwargs):
+            return winograd_output(prod, None, **kwargs)
+    build.__name__ = "winograd_output"
+    return build
+
+
+@tvm.transform.module_pass(opt_level=0, name="mmcompile.Winograd")
+class Winograd:
+    """Winograd F(m x m, r x r) for the float32 stride-1 convolutions in :data:`TILE` (NCHW,
+    constant OIHW weights, at least :data:`MIN_CHANNELS` input channels); run before
+    :class:`~.layout.PackConvWeights`."""
+
+    def transform_module(self, mod, _ctx):
+        mutator = _Winograd(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.transform(func))
+        return mutator.builder_.get()
+
+
+def _vector_inner(sch, block, lanes):
+    """``[p, a, b, c]`` -> ``p, c-outer, a, b (unrolled), c-lanes (vectorized)``."""
+    p, a, b, c = sch.get_loops(block)
+    n = extent(sch, c)
+    if n > lanes and n % lanes == 0:
+        co, ci = sch.split(c, [None, lanes])
+        sch.reorder(co, a, b, ci)
+    else:
+        ci = c
+    sch.unroll(a)
+    sch.unroll(b)
+    sch.vectorize(ci)
+    return p
+
+
+class WinogradTransform(VectorRule):
+    """The data and output transforms built by :func:`winograd_data` / :func:`winograd_output`:
+    tiles in parallel, channels vectorized."""
+
+    @staticmethod
+    def _schedule(func, lanes):
+        sch = s_tir.Schedule(func)
+        blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        if "wino_data" in blocks:
+            return _schedule_data(sch, blocks, lanes)
+        if "wino_output" in blocks:
+            return _schedule_output(sch, blocks, lanes)
+        return None
+
+
+def _schedule_data(sch, blocks, lanes):
+    staged, rows, data = blocks["wino_input"], blocks["wino_rows"], blocks["wino_data"]
+    n, h, _, c = sch.get_loops(staged)
+    sch.parallel(sch.fuse(n, h))
+    if extent(sch, c) <= 4 * lanes:
+        sch.vectorize(c)
+    e, p, c = sch.get_loops(data)
+    sch.reorder(p, e, c)
+    sch.parallel(p)
+    sch.compute_at(rows, p)
+    _vector_inner(sch, rows, lanes)
+    c = sch.get_loops(data)[-1]
+    n = extent(sch, c)
+    if n > lanes and n % lanes == 0:
+        e = sch.get_loops(data)[-2]
+        co, ci = sch.split(c, [None, lanes])
+        sch.reorder(co, e, ci)
+        c = ci
+    sch.unroll(sch.get_loops(data)[-2])
+    sch.vectorize(c)
+    return sch
+
+
+def _schedule_output(sch, blocks, lanes):
+    half, tile, out = blocks["wino_cols"], blocks["wino_tile"], blocks["wino_output"]
+    for name, block in blocks.items():
+        if not name.startswith("wino_"):  # FuseOps' elementwise epilogues, if any
+            sch.reverse_compute_inline(block)
+    p = sch.get_loops(tile)[0]
+    sch.parallel(p)
+    sch.compute_at(half, p)
+    _vector_inner(sch, half, lanes)
+    _vector_inner(sch, tile, lanes)
+    # channels innermost and vectorized: contiguous loads of the tiles, the NCHW stores
+    # scattered (one per element either way; gathering the loads cost 2x)
+    n, k, h, w = sch.get_loops(out)
+    size = extent(sch, k)
+    if size % lanes == 0:
+        ko, ki = sch.split(k, [None, lanes])
+        sch.reorder(n, h, ko, w, ki)
+        sch.vectorize(ki)
+    sch.parallel(sch.fuse(n, h))
+    return sch

@@ -1,0 +1,181 @@
+"""Winograd F(4x4, 3x3) convolutions (targets/tvm/winograd.py): what the rewrite takes and
+leaves, the kernels it makes, and their numbers against torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mmcompile
+
+
+def _conv_chain(shape=(1, 8, 16, 16), out_channels=16, kernel=3, stride=1, groups=1,
+                padding=1, bias=True, relu=True, pool=2, const_weight=True, extra_use=False):
+    """A Relax module: conv2d [-> add(bias)] [-> relu] [-> max_pool2d]; with ``extra_use``
+    the relu's output is also returned (two users: the chain must stop there)."""
+    from tvm import relax
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((out_channels, shape[1] // groups, kernel, kernel)).astype("float32")
+    b = rng.standard_normal((1, out_channels, 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    params = [x]
+    if not const_weight:
+        wv = relax.Var("w", relax.TensorType(w.shape, "float32"))
+        params.append(wv)
+    with bb.function("main", params):
+        with bb.dataflow():
+            weight = relax.const(w) if const_weight else wv
+            y = bb.emit(relax.op.nn.conv2d(x, weight, strides=stride, padding=padding,
+                                           groups=groups))
+            if bias:
+                y = bb.emit(relax.op.add(y, relax.const(b)))
+            if relu:
+                y = bb.emit(relax.op.nn.relu(y))
+            z = bb.emit(relax.op.nn.max_pool2d(y, pool, pool)) if pool > 1 else y
+            out = bb.emit_output(relax.Tuple([z, y]) if extra_use else z)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _calls(mod) -> list[str]:
+    """Names of the ops / kernels ``main`` calls, in order."""
+    import tvm
+    from tvm import relax
+    names = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+                if value.op.name == "relax.call_tir":
+                    names.append(value.args[0].name_hint)
+                else:
+                    names.append(value.op.name)
+    return names
+
+
+def test_winograd_takes_the_conv_bias_relu_pool_chain():
+    from mmcompile.targets.tvm.winograd import Winograd
+    calls = _calls(Winograd()(_conv_chain()))
+    assert calls == ["winograd_data", "relax.matmul", "winograd_output"]
+
+
+@pytest.mark.parametrize("case", [
+    dict(stride=2), dict(groups=2), dict(kernel=1, padding=0), dict(kernel=5, padding=2),
+    dict(shape=(1, 4, 16, 16)), dict(shape=(1, 8, 6, 6), pool=1), dict(out_channels=12),
+    dict(const_weight=False)])
+def test_winograd_leaves_other_convolutions_alone(case):
+    # stride 2, grouped, 1x1, 5x5 (F(2x2, 5x5) measured slower than the direct kernel on
+    # AV-MNIST's 56x56 layer), 4 input channels, a 6x6 output (tiles of 4 waste most of it),
+    # 12 output channels (not whole vectors), weights that are an input
+    from mmcompile.targets.tvm.winograd import Winograd
+    calls = _calls(Winograd()(_conv_chain(**case)))
+    assert "relax.nn.conv2d" in calls
+    assert not any(c.startswith("winograd") for c in calls)
+
+
+def test_winograd_chain_stops_at_a_value_with_another_user():
+    # relu's output is also returned: the pool must read it, not a value the chain hid
+    from mmcompile.targets.tvm.winograd import Winograd
+    calls = _calls(Winograd()(_conv_chain(extra_use=True)))
+    assert calls == ["winograd_data", "relax.matmul", "winograd_output", "relax.nn.max_pool2d"]
+
+
+def test_tile_grid_pads_the_columns_to_whole_register_tiles():
+    from mmcompile.targets.tvm.winograd import ROW_TILE, tile_grid
+    assert tile_grid(1, 28, 28, 4) == (7, 8)  # 49 tiles -> 56: rows of 4
+    assert tile_grid(1, 16, 16, 4) == (4, 4)
+    assert tile_grid(2, 14, 10, 4) == (4, 3)  # 2 x 4 x 3 = 24 tiles: already whole
+    assert tile_grid(1, 10, 10, 4) == (3, 4)  # 9 -> 12
+    for batch in range(1, 9):
+        rows, cols = tile_grid(batch, 28, 28, 4)
+        assert rows == 7 and 7 <= cols < 7 + ROW_TILE and batch * rows * cols % ROW_TILE == 0
+
+
+def test_winograd_matrices_give_the_direct_convolution():
+    # F(4x4, 3x3) on one tile in float64: A^T [(G g G^T) * (B^T d B)] A == the 3x3 correlation
+    from mmcompile.targets.tvm.winograd import matrices
+    a, b, g = matrices(4, 3)
+    rng = np.random.default_rng(1)
+    d, w = rng.standard_normal((6, 6)), rng.standard_normal((3, 3))
+    winograd = a.T @ ((g @ w @ g.T) * (b.T @ d @ b)) @ a
+    direct = np.array([[(d[i:i + 3, j:j + 3] * w).sum() for j in range(4)] for i in range(4)])
+    np.testing.assert_allclose(winograd, direct, rtol=1e-10, atol=1e-10)
+
+
+def _lowered_kernels(mod):
+    """``{kernel name: block names}`` of ``mod`` after the CPU lowering."""
+    import re
+
+    import tvm
+
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import lower_cpu
+    lowered, _ = lower_cpu(mod, llvm_target("znver3", 2))
+    return {gv.name_hint: (set(re.findall(r'T\.sblock\("(\w+)"\)', f.script())),
+                           "T.parallel" in f.script())
+            for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def test_consecutive_winograd_convolutions_stay_separate_and_scheduled():
+    # conv -> pool -> conv: FuseOps fused the first output transform into the second data
+    # transform (injective into injective) and the rule scheduled only half of it (1.0 ms
+    # where the two took 0.3 ms apart)
+    from tvm import relax
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 32, 32), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = x
+            for cin, cout in ((8, 16), (16, 16)):
+                w = rng.standard_normal((cout, cin, 3, 3)).astype("float32")
+                y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(y, relax.const(w), padding=1)))
+                y = bb.emit(relax.op.nn.max_pool2d(y, 2, 2))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    kernels = _lowered_kernels(bb.get())
+    outputs = [n for n, (blocks, _) in kernels.items() if "wino_output" in blocks]
+    data = [n for n, (blocks, _) in kernels.items() if "wino_data" in blocks]
+    assert len(outputs) == 2 and len(data) == 2 and not set(outputs) & set(data)
+    assert all(kernels[n][1] for n in outputs + data)  # the rule applied: tiles in parallel
+
+
+def test_winograd_off_keeps_the_direct_convolution():
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import lower_cpu
+    lowered, _ = lower_cpu(_conv_chain(), llvm_target("znver3", 2), winograd=False)
+    assert not any("winograd" in gv.name_hint for gv, _ in lowered.functions_items())
+
+
+class _Net(nn.Module):
+    """3x3 convolutions the rewrite takes: bias + relu + pool (tile-aligned and not: 14 and
+    10 wide, padding tiles), one without bias or pool whose output has two users, and a
+    batch > 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        y = self.c3(x)
+        return torch.relu(y) + y.mean((2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 56, 40), (3, 8, 28, 28)])
+def test_winograd_convolutions_match_torch(shape):
+    torch.manual_seed(0)
+    module = _Net().eval()
+    x = torch.randn(*shape)
+    compiled = mmcompile.compile(module, (x,), verify=False)
+    with torch.no_grad():
+        expected = module(x).numpy()
+    # float32 transforms: ~1e-6 relative to the outputs' scale (1e-7 on the suite's models)
+    np.testing.assert_allclose(compiled(x.numpy()), expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(expected).max() > 0.5
