@@ -1,4 +1,4 @@
-"""Winograd convolution F(m x m, r x r) for 3x3 (and 5x5) stride-1 convolutions on CPU.
+"""Winograd convolution F(4x4, 3x3) for 3x3 stride-1 convolutions on CPU.
 
 A direct 3x3 convolution makes 9 multiply-adds per output and input channel; both
 onnxruntime's NCHWc kernels and ours (:mod:`.cpu_conv`) already run those at close to the
@@ -12,20 +12,28 @@ The rewrite (:class:`Winograd`, a Relax pass before the weight packing) turns
 ``conv2d [-> add(bias)] [-> relu] [-> max_pool2d]`` into three kernels:
 
 1. ``winograd_data``: the input, zero-padded and channels-last (``wino_input``), cut into
-   overlapping ``alpha x alpha`` tiles and transformed (``B^T d B``, as two passes of
-   ``alpha``-term sums, ``wino_rows`` then ``wino_data``), giving ``V [alpha^2, tiles, C]``;
+   overlapping ``alpha x alpha`` tiles and transformed (``B^T d B`` as two passes,
+   ``wino_rows`` then ``wino_data``), giving ``V [alpha^2, tiles, C]``;
 2. ``matmul``: ``alpha^2`` independent ``[tiles, C] x [C, K]`` products with the transformed
    weights ``U = G g G^T`` (a constant), an ordinary batched matmul that
    :class:`~.cpu_matmul.BlockedMatmul` register-blocks;
 3. ``winograd_output``: ``A^T M A`` per tile (``wino_cols``, ``wino_tile``), then bias, relu and
-   the max pool, written NCHW (``wino_output``).
+   the max pool (per tile, ``wino_pool``, when the tile holds whole windows), written NCHW
+   (``wino_output``).
 
 The tile count is padded so the matmul's rows come in register tiles of 4 (the padding tiles
 read zeros and are never written out). Transform matrices are TVM's Cook-Toom construction
-(``tvm.topi.nn.winograd_util``), in float32 at run time, float64 when folding the weights.
+(``tvm.topi.nn.winograd_util``): in the kernels as constant coefficients (zeros skipped, ones
+not multiplied; the schedule unrolls the tile loops so each sum is a fixed expression), in
+float64 when folding the weights.
 
-Measured (znver3, 2 threads, whole model, one process, interleaved, outputs within 1e-7 of
-onnxruntime): see :data:`TILE` and the module's tests.
+Measured (znver3). AV-MNIST's 32->64 3x3 + relu + 2x2 pool on 28x28, one thread, batch 1:
+direct kernel 0.35-0.42 ms, Winograd 0.16 ms (data 0.03, matmul 0.09, output 0.04); batch 8,
+2 threads, with its 64->64 on 14x14: 2.39 -> 1.26 ms. Whole models (2 threads, one process,
+7 interleaved rounds, against ``winograd=False``; outputs within 7e-8 of onnxruntime):
+late fusion 0.86x / 0.77x (batch 1 / 8), AV-MNIST 0.86x / 0.93x. Not taken: F(2x2, 5x5) for
+AV-MNIST's 16->32 5x5 on 56x56 (0.77 ms against the direct kernel's 0.48: 784 tiles make
+intermediates of 2-4 MB); convolutions under 8x8 outputs or 8 input channels.
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.rewrite import rewrite_functions
 from mmcompile.targets.tvm.schedule_util import VectorRule, extent
 
 TILE = {3: 4}  # kernel size -> output tile size m
@@ -145,21 +152,35 @@ def winograd_output(prod, bias, shape, m: int, r: int, tiles, relu: bool, pool: 
         lambda p, i, j, k: _by_index(i, amat, lambda xi: half[p, xi, j, k]),
         name="wino_tile")
 
-    def value(n, k, h, w):
-        v = tile[(n * rows + h // m) * cols + w // m, h % m, w % m, k]
+    def activated(v, k):
         if bias is not None:
             v = v + bias[0, k, 0, 0]
         return tirx.max(v, tirx.const(0.0, "float32")) if relu else v
 
-    def pooled(n, k, h, w):
+    def window(read, k, h, w):
         out = None
         for dh in range(pool):
             for dw in range(pool):
-                v = value(n, k, h * pool + dh, w * pool + dw)
+                v = activated(read(h * pool + dh, w * pool + dw), k)
                 out = v if out is None else tirx.max(out, v)
         return out
-    return te.compute((batch, channels, height // pool, width // pool), pooled,
-                      name="wino_output")
+
+    out_shape = (batch, channels, height // pool, width // pool)
+    if m % pool:  # windows across tiles: pool the NCHW values
+        return te.compute(out_shape, lambda n, k, h, w: window(
+            lambda hh, ww: tile[(n * rows + hh // m) * cols + ww // m, hh % m, ww % m, k],
+            k, h, w), name="wino_output")
+    # each tile holds whole windows: pool it while it is in cache, so the NCHW pass after
+    # it moves a quarter of the data (AV-MNIST batch 8, 32->64 on 28x28: 0.48 -> 0.21 ms)
+    q = m // pool
+    pooled = te.compute(
+        (batch * rows * cols, q, q, channels),
+        lambda p, i, j, k: window(lambda hh, ww: tile[p, hh, ww, k], k, i, j),
+        name="wino_pool")
+    return te.compute(
+        out_shape,
+        lambda n, k, h, w: pooled[(n * rows + h // q) * cols + w // q, h % q, w % q, k],
+        name="wino_output")
 
 
 def _op(expr, name: str) -> bool:
@@ -370,11 +391,16 @@ def _schedule_output(sch, blocks, lanes):
     for name, block in blocks.items():
         if not name.startswith("wino_"):  # FuseOps' elementwise epilogues, if any
             sch.reverse_compute_inline(block)
-    p = sch.get_loops(tile)[0]
+    pooled = blocks.get("wino_pool")
+    anchor = pooled if pooled is not None else tile
+    p = sch.get_loops(anchor)[0]
     sch.parallel(p)
+    if pooled is not None:
+        sch.compute_at(tile, p)
     sch.compute_at(half, p)
-    _vector_inner(sch, half, lanes)
-    _vector_inner(sch, tile, lanes)
+    for block in (half, tile, pooled):
+        if block is not None:
+            _vector_inner(sch, block, lanes)
     # channels innermost and vectorized: contiguous loads of the tiles, the NCHW stores
     # scattered (one per element either way; gathering the loads cost 2x)
     n, k, h, w = sch.get_loops(out)
