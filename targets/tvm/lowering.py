@@ -3,9 +3,9 @@
 ``lower_cpu(mod, target)`` replaces the ``zero`` pipeline + ``schedule_cpu`` pair in
 ``TVMCpuTarget.compile``; ``tvm.compile`` then finishes (memory planning, VM codegen).
 
-Steps and why they are in this order: 3x3 convolutions (with their bias, relu and max pool)
-rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`: late fusion 0.86x,
-AV-MNIST 0.91-0.95x at batch 1), then the other convolution and matmul weights packed (:mod:`.layout`;
+Steps and why they are in this order: 3x3 and 5x5 stride-1 convolutions (with their bias,
+relu and max pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`:
+late fusion 0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights packed (:mod:`.layout`;
 matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), then
 each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
 packed layout); softmax and layer norm over the last axis become kernels with vector
@@ -35,7 +35,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True):
     """Legalize and fuse: the kernels that get scheduled, and that ``mmcompile tune`` tunes
     (:mod:`.tuning` extracts its tasks from this function's result)."""
     if winograd:
-        mod = Winograd()(mod)  # 3x3 convolutions: 4x fewer multiply-adds; before the packing
+        mod = Winograd()(mod)  # 4-6x fewer multiply-adds; before the packing takes the convs
     mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
     mod = PackMatmulWeights(2 * lanes_for(target))(mod)  # a register tile's weights contiguous
     mod = FuseConvPool()(mod)  # after packing: it groups only packed convolutions
@@ -53,8 +53,9 @@ def lower_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, tun
         mod: the Relax IRModule after ``DecomposeOpsForInference``.
         target: the ``tvm.target.Target`` (llvm, with ``mcpu``).
         fast_math: rewrite sigmoid/gelu/softmax/exp/erf/tanh to vectorizable polynomials.
-        winograd: compute 3x3 stride-1 convolutions with Winograd F(4x4, 3x3)
-            (:mod:`.winograd`; outputs differ from the direct sums by rounding, ~1e-7 here).
+        winograd: compute 3x3 / 5x5 stride-1 convolutions with Winograd F(4x4, r x r)
+            (:mod:`.winograd`; outputs differ from the direct sums by rounding, ~1e-6
+            relative).
         tuning_db: a database folder from ``mmcompile tune``: its tuned schedules replace the
             default ones where they were faster.
 

@@ -1,11 +1,11 @@
-"""Winograd convolution F(4x4, 3x3) for 3x3 stride-1 convolutions on CPU.
+"""Winograd convolutions F(4x4, 3x3) and F(4x4, 5x5) for stride-1 convolutions on CPU.
 
 A direct 3x3 convolution makes 9 multiply-adds per output and input channel; both
 onnxruntime's NCHWc kernels and ours (:mod:`.cpu_conv`) already run those at close to the
 FMA peak here, so the remaining way to be faster is to do fewer. Winograd's minimal filtering
 algorithm computes a ``m x m`` output tile from a ``(m + r - 1)^2`` input tile with
 ``(m + r - 1)^2`` multiplications per channel pair instead of ``m^2 r^2``: F(4x4, 3x3) does
-36 where the direct form does 144 (4x fewer). The price is three transforms (data, output,
+36 where the direct form does 144 (4x fewer), F(4x4, 5x5) 64 for 400 (6x). The price is three transforms (data, output,
 and the weights', done once at compile time) and two intermediate tensors.
 
 The rewrite (:class:`Winograd`, a Relax pass before the weight packing) turns
@@ -29,11 +29,13 @@ float64 when folding the weights.
 
 Measured (znver3). AV-MNIST's 32->64 3x3 + relu + 2x2 pool on 28x28, one thread, batch 1:
 direct kernel 0.35-0.42 ms, Winograd 0.16 ms (data 0.03, matmul 0.09, output 0.04); batch 8,
-2 threads, with its 64->64 on 14x14: 2.39 -> 1.26 ms. Whole models (2 threads, one process,
-7 interleaved rounds, against ``winograd=False``; outputs within 7e-8 of onnxruntime):
-late fusion 0.86x / 0.77x (batch 1 / 8), AV-MNIST 0.86x / 0.93x. Not taken: F(2x2, 5x5) for
-AV-MNIST's 16->32 5x5 on 56x56 (0.77 ms against the direct kernel's 0.48: 784 tiles make
-intermediates of 2-4 MB); convolutions under 8x8 outputs or 8 input channels.
+2 threads, with its 64->64 on 14x14: 2.39 -> 1.26 ms. Its 16->32 5x5 on 56x56, 2 threads:
+0.48 -> 0.26 ms with F(4x4, 5x5); F(2x2, 5x5) had measured 0.77 ms (784 tiles: 2-4 MB
+intermediates). Whole models (2 threads, one process, 7 interleaved rounds, against
+``winograd=False``; outputs within 4e-8 of onnxruntime): late fusion 0.86x / 0.77x (batch
+1 / 8), AV-MNIST 0.57x / 0.76x. Rounding: one layer's outputs (up to 3.4) within 1.0e-5 of
+onnxruntime with F(4x4, 5x5) and 3.6e-6 with F(4x4, 3x3), against 2.3e-6 and 1.8e-6 summed
+directly. Not taken: convolutions under 8x8 outputs or 8 input channels.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from tvm.relax import expr_functor
 
 from mmcompile.targets.tvm.schedule_util import VectorRule, extent
 
-TILE = {3: 4}  # kernel size -> output tile size m
+# kernel size -> output tile size m: F(4x4, 3x3) (6x6 input tiles), F(4x4, 5x5) (8x8)
+TILE = {3: 4, 5: 4}
 ROW_TILE = 4  # the batched matmul's register tile rows: the tile count is padded to this
 MIN_CHANNELS = 8  # input channels below this: the transforms cost more than they save
 # FuseOps pattern of the data transform: opaque, so that the output transform of a Winograd
