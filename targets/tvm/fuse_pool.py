@@ -49,8 +49,14 @@ def _fusable(context) -> bool:
     conv, pool = calls["relax.nn.conv2d"], calls["relax.nn.max_pool2d"]
     c, p = conv.attrs, pool.attrs
     return (c.kernel_layout == "HWIO" and c.data_layout == "NCHW" and c.out_layout == "NCHW"
-            and int(c.groups) == 1
-            and p.layout == "NCHW" and p.out_layout == "NCHW" and not bool(p.ceil_mode)
+            and int(c.groups) == 1 and whole_windows(p))
+
+
+def whole_windows(pool_attrs) -> bool:
+    """Whether a ``max_pool2d``'s windows tile its NCHW input: pool size = stride, no padding,
+    no dilation, floor rounding (how CNN encoders downsample)."""
+    p = pool_attrs
+    return (p.layout == "NCHW" and p.out_layout == "NCHW" and not bool(p.ceil_mode)
             and _ints(p.pool_size) == _ints(p.strides) and not any(_ints(p.padding))
             and all(d == 1 for d in _ints(p.dilation)))
 

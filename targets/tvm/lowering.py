@@ -5,8 +5,8 @@
 
 Steps and why they are in this order: 3x3 and 5x5 stride-1 convolutions (with their bias,
 relu and max pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`:
-late fusion 0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights packed (:mod:`.layout`;
-matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), then
+late fusion 0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights
+packed (:mod:`.layout`; matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), then
 each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
 packed layout); softmax and layer norm over the last axis become kernels with vector
 partial sums (:mod:`.rows`; whole models 0.82-0.97x, MOSEI-TFN batch 8 0.82x);
@@ -29,6 +29,13 @@ from mmcompile.targets.tvm.rows import RowReductions
 from mmcompile.targets.tvm.schedule_util import lanes_for
 from mmcompile.targets.tvm.schedules import schedule_cpu
 from mmcompile.targets.tvm.winograd import Winograd
+
+
+def lowering_options(config) -> dict[str, bool]:
+    """The keyword options of :func:`fuse_cpu` / :func:`lower_cpu` from a target config:
+    ``fast_math`` (False keeps libm's exp/erf/tanh, bit-closer to onnxruntime) and
+    ``winograd`` (False sums 3x3 / 5x5 convolutions directly), both on by default."""
+    return {name: bool(config.get(name, True)) for name in ("fast_math", "winograd")}
 
 
 def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True):

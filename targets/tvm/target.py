@@ -138,11 +138,8 @@ class TVMCpuTarget(_TVMTarget):
         return schedule_cpu(mod, target)
 
     def _lower(self, mod, target, options: CompileOptions):
-        # config["fast_math"]=False keeps libm's exp/erf/tanh (bit-closer to onnxruntime);
-        # config["winograd"]=False computes 3x3 convolutions as direct sums.
-        from mmcompile.targets.tvm.lowering import lower_cpu
-        return lower_cpu(mod, target, fast_math=bool(options.config.get("fast_math", True)),
-                         winograd=bool(options.config.get("winograd", True)),
+        from mmcompile.targets.tvm.lowering import lower_cpu, lowering_options
+        return lower_cpu(mod, target, **lowering_options(options.config),
                          tuning_db=options.config.get("tuning_db"))
 
 

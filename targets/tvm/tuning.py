@@ -80,8 +80,7 @@ class CpuTuner:
         from mmcompile.targets.tvm.host import llvm_target
         self.threads = options.threads or available_cores()
         self.target = llvm_target(options.config.get("mcpu"), options.threads)
-        self.fast_math = bool(options.config.get("fast_math", True))
-        self.winograd = bool(options.config.get("winograd", True))
+        self.config = options.config  # fast_math, winograd: see lowering_options
 
     def target_info(self) -> dict[str, Any]:
         return target_info(self.target)
@@ -93,11 +92,11 @@ class CpuTuner:
         """The stage's tasks: the fused kernels ``lower_cpu`` would schedule."""
         from tvm.s_tir import meta_schedule as ms
 
-        from mmcompile.targets.tvm.lowering import fuse_cpu
+        from mmcompile.targets.tvm.lowering import fuse_cpu, lowering_options
         from mmcompile.targets.tvm.target import import_relax
         mod = import_relax(graph, "cpu")
         with native_log_to([]):
-            mod = fuse_cpu(mod, self.target, fast_math=self.fast_math, winograd=self.winograd)
+            mod = fuse_cpu(mod, self.target, **lowering_options(self.config))
             with self.target:
                 extracted = ms.relax_integration.extract_tasks(mod, self.target)
         return [Task(task_key(t.dispatched[0]), str(t.task_name), float(t.weight),

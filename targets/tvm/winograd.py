@@ -47,6 +47,8 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.relax import expr_functor
 
+from mmcompile.targets.tvm.fuse_pool import whole_windows
+from mmcompile.targets.tvm.rewrite import rewrite_functions
 from mmcompile.targets.tvm.schedule_util import VectorRule, extent
 
 # kernel size -> output tile size m: F(4x4, 3x3) (6x6 input tiles), F(4x4, 5x5) (8x8)
@@ -138,9 +140,9 @@ def winograd_data(x, m: int, r: int, pads, tiles):
         name="wino_data")
 
 
-def winograd_output(prod, bias, shape, m: int, r: int, tiles, relu: bool, pool: int):
+def winograd_output(prod, *bias, shape, m: int, r: int, tiles, relu: bool, pool: int):
     """``A^T M A`` of every tile of ``prod [alpha^2, tiles, K]``, plus ``bias [1, K, 1, 1]``
-    (or None), relu, and a ``pool x pool`` max pool of stride ``pool`` (1: none): the NCHW
+    (when given), relu, and a ``pool x pool`` max pool of stride ``pool`` (1: none): the NCHW
     output of the convolution chain, ``shape`` before pooling."""
     batch, channels, height, width = shape
     amat, _, _ = matrices(m, r)
@@ -156,8 +158,8 @@ def winograd_output(prod, bias, shape, m: int, r: int, tiles, relu: bool, pool: 
         name="wino_tile")
 
     def activated(v, k):
-        if bias is not None:
-            v = v + bias[0, k, 0, 0]
+        if bias:
+            v = v + bias[0][0, k, 0, 0]
         return tirx.max(v, tirx.const(0.0, "float32")) if relu else v
 
     def window(read, k, h, w):
@@ -195,33 +197,32 @@ def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
 
-def _applies(call) -> int | None:
-    """The output tile size for a convolution this rewrite handles, else None."""
-    data, weight = call.args
-    attrs = call.attrs
-    if (not isinstance(weight, tvm.ir.expr.Constant) or attrs.kernel_layout != "OIHW"
-            or attrs.data_layout != "NCHW" or attrs.out_layout != "NCHW"
-            or int(attrs.groups) != 1 or any(s != 1 for s in _ints(attrs.strides))
-            or any(d != 1 for d in _ints(attrs.dilation))
-            or str(getattr(data.ty, "dtype", "")) != "float32"
-            or not isinstance(call.ty.shape, relax.ShapeExpr)
-            or not all(isinstance(d, tirx.IntImm) for d in call.ty.shape.values)):
-        return None
-    out_channels, in_channels, r, r2 = (int(d) for d in weight.value.shape)
-    m = TILE.get(r)
-    height, width = _ints(call.ty.shape.values)[2:]
-    if r != r2 or m is None or in_channels < MIN_CHANNELS or out_channels % 8 \
-            or min(height, width) < 2 * m:
-        return None
-    return m
-
-
 def _static_shape(expr) -> list[int] | None:
     shape = getattr(getattr(expr, "ty", None), "shape", None)
     if not isinstance(shape, relax.ShapeExpr) \
             or not all(isinstance(d, tirx.IntImm) for d in shape.values):
         return None
     return _ints(shape.values)
+
+
+def _applies(call) -> int | None:
+    """The output tile size for a convolution this rewrite handles, else None."""
+    data, weight = call.args
+    attrs = call.attrs
+    shape = _static_shape(call)
+    if (not isinstance(weight, tvm.ir.expr.Constant) or attrs.kernel_layout != "OIHW"
+            or attrs.data_layout != "NCHW" or attrs.out_layout != "NCHW"
+            or int(attrs.groups) != 1 or any(s != 1 for s in _ints(attrs.strides))
+            or any(d != 1 for d in _ints(attrs.dilation))
+            or str(getattr(data.ty, "dtype", "")) != "float32" or shape is None):
+        return None
+    out_channels, in_channels, r, r2 = (int(d) for d in weight.value.shape)
+    m = TILE.get(r)
+    # whole vectors of output channels (the batched matmul's columns)
+    if r != r2 or m is None or in_channels < MIN_CHANNELS or out_channels % 8 \
+            or min(shape[2:]) < 2 * m:
+        return None
+    return m
 
 
 @expr_functor.mutator
@@ -232,16 +233,14 @@ class _Winograd(relax.PyExprMutator):
 
     def __init__(self, mod):
         super().__init__(mod)
-        self.chains = {}  # last var of a chain -> (conv call, bias or None, relu, pool)
+        self.chains = {}  # last var of a chain -> (conv call, tile size, bias, relu, pool)
         self.absorbed = set()  # the chain's other vars: not emitted
-        self.values = {}  # var -> bound value, in the function being rewritten
 
-    def transform(self, func):
+    def visit_function_(self, func):
         self.chains.clear()
         self.absorbed.clear()
         bindings = [b for block in func.body.blocks for b in block.bindings
                     if isinstance(b, relax.VarBinding)]
-        self.values = {b.var: b.value for b in bindings}
         uses = {}
         for b in bindings:
             for var in relax.analysis.free_vars(b.value):
@@ -249,11 +248,12 @@ class _Winograd(relax.PyExprMutator):
         for var in relax.analysis.free_vars(func.body.body):
             uses.setdefault(var, []).append(None)
         for b in bindings:
-            if _op(b.value, "relax.nn.conv2d") and _applies(b.value):
-                self._chain(b, uses)
-        return self.visit_expr(func)
+            m = _applies(b.value) if _op(b.value, "relax.nn.conv2d") else None
+            if m is not None:
+                self._chain(b, m, uses)
+        return super().visit_function_(func)
 
-    def _chain(self, conv, uses):
+    def _chain(self, conv, m, uses):
         bias, relu, pool, last = None, False, 1, conv.var
         channels = _static_shape(conv.value)[1]
         chain = [last]
@@ -272,15 +272,12 @@ class _Winograd(relax.PyExprMutator):
             relu, last = True, nxt.var
             chain.append(last)
             nxt = next_use(last)
-        if nxt is not None and _op(nxt.value, "relax.nn.max_pool2d"):
-            p = nxt.value.attrs
-            size = _ints(p.pool_size)
-            if (p.layout == "NCHW" and p.out_layout == "NCHW" and not bool(p.ceil_mode)
-                    and size[0] == size[1] and size == _ints(p.strides)
-                    and not any(_ints(p.padding)) and all(d == 1 for d in _ints(p.dilation))):
-                pool, last = size[0], nxt.var
-                chain.append(last)
-        self.chains[last] = (conv.value, bias, relu, pool)
+        if nxt is not None and _op(nxt.value, "relax.nn.max_pool2d") \
+                and whole_windows(nxt.value.attrs) \
+                and len(set(_ints(nxt.value.attrs.pool_size))) == 1:
+            pool, last = _ints(nxt.value.attrs.pool_size)[0], nxt.var
+            chain.append(last)
+        self.chains[last] = (conv.value, m, bias, relu, pool)
         self.absorbed.update(chain[:-1])
 
     def visit_var_binding_(self, binding):
@@ -290,8 +287,7 @@ class _Winograd(relax.PyExprMutator):
         if var not in self.chains:
             super().visit_var_binding_(binding)
             return
-        call, bias, relu, pool = self.chains[var]
-        m = _applies(call)
+        call, m, bias, relu, pool = self.chains[var]
         weight = call.args[1].value.numpy()
         out_shape = _static_shape(call)
         tiles = tile_grid(out_shape[0], *out_shape[2:], m)
@@ -304,22 +300,9 @@ class _Winograd(relax.PyExprMutator):
             relax.op.matmul(packed, relax.const(transform_weights(weight, m))))
         extra = [self.visit_expr(bias)] if bias is not None else []
         out = self.builder_.emit(self.builder_.call_te(
-            _output_builder(bias is not None), product, *extra, shape=out_shape, m=m, r=r,
-            tiles=tiles, relu=relu, pool=pool, primfunc_name_hint="winograd_output"))
+            winograd_output, product, *extra, shape=out_shape, m=m, r=r, tiles=tiles,
+            relu=relu, pool=pool, primfunc_name_hint="winograd_output"))
         self.set_var_remap(var, out)
-
-
-def _output_builder(with_bias: bool):
-    """:func:`winograd_output` taking the bias tensor as an argument when there is one
-    (``call_te`` passes Relax values positionally)."""
-    if with_bias:
-        def build(prod, bias, **kwargs):
-            return winograd_output(prod, bias, **kwargs)
-    else:
-        def build(prod, **kwargs):
-            return winograd_output(prod, None, **kwargs)
-    build.__name__ = "winograd_output"
-    return build
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.Winograd")
@@ -329,26 +312,19 @@ class Winograd:
     :class:`~.layout.PackConvWeights`."""
 
     def transform_module(self, mod, _ctx):
-        mutator = _Winograd(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.transform(func))
-        return mutator.builder_.get()
+        return rewrite_functions(mod, _Winograd(mod))
 
 
 def _vector_inner(sch, block, lanes):
-    """``[p, a, b, c]`` -> ``p, c-outer, a, b (unrolled), c-lanes (vectorized)``."""
-    p, a, b, c = sch.get_loops(block)
+    """``[p, *small, c]`` -> ``p, c-outer, *small (unrolled), c-lanes (vectorized)``."""
+    _, *small, c = sch.get_loops(block)
     n = extent(sch, c)
     if n > lanes and n % lanes == 0:
-        co, ci = sch.split(c, [None, lanes])
-        sch.reorder(co, a, b, ci)
-    else:
-        ci = c
-    sch.unroll(a)
-    sch.unroll(b)
-    sch.vectorize(ci)
-    return p
+        co, c = sch.split(c, [None, lanes])
+        sch.reorder(co, *small, c)
+    for loop in small:
+        sch.unroll(loop)
+    sch.vectorize(c)
 
 
 class WinogradTransform(VectorRule):
@@ -377,15 +353,7 @@ def _schedule_data(sch, blocks, lanes):
     sch.parallel(p)
     sch.compute_at(rows, p)
     _vector_inner(sch, rows, lanes)
-    c = sch.get_loops(data)[-1]
-    n = extent(sch, c)
-    if n > lanes and n % lanes == 0:
-        e = sch.get_loops(data)[-2]
-        co, ci = sch.split(c, [None, lanes])
-        sch.reorder(co, e, ci)
-        c = ci
-    sch.unroll(sch.get_loops(data)[-2])
-    sch.vectorize(c)
+    _vector_inner(sch, data, lanes)
     return sch
 
 
