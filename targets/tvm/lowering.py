@@ -28,6 +28,7 @@ from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
 from mmcompile.targets.tvm.rows import RowReductions
 from mmcompile.targets.tvm.schedule_util import lanes_for
 from mmcompile.targets.tvm.schedules import schedule_cpu
+from mmcompile.targets.tvm.unit_reductions import SpatializeUnitReductions
 from mmcompile.targets.tvm.winograd import Winograd
 
 
@@ -49,8 +50,16 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True):
     mod = RowReductions(fast_math, lanes_for(target))(mod)  # vector partial sums; before FastMath
     if fast_math:
         mod = FastMath()(mod)  # before LegalizeOps, so FuseOps sees ordinary call_tir kernels
+    return legalize_and_fuse(mod, target)
+
+
+def legalize_and_fuse(mod, target):
+    """TVM's ``zero`` pipeline (legalize to TIR, fuse), then reductions over one element made
+    elementwise (:mod:`.unit_reductions`: every schedule rule, ours and dlight's, would
+    otherwise be free to inline an epilogue into their ``init`` and apply it twice)."""
     with target:
-        return relax.get_pipeline("zero")(mod)
+        mod = relax.get_pipeline("zero")(mod)
+    return SpatializeUnitReductions()(mod)
 
 
 def lower_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, tuning_db=None):

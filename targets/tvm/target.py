@@ -1,7 +1,8 @@
 """The TVM targets: ONNX stage -> Relax (TVM's ONNX importer) -> scheduled TIR -> library.
 
 Lowering: ``from_onnx`` with weights baked in as constants, ``DecomposeOpsForInference``, the
-``zero`` pipeline (legalize to TIR, fuse), then schedules (CPU: :mod:`.schedules`; CUDA: dlight
+``zero`` pipeline (legalize to TIR, fuse) and single-element reductions made elementwise
+(:mod:`.unit_reductions`), then schedules (CPU: :mod:`.schedules`; CUDA: dlight
 GPU rules), then ``tvm.compile``. The graph passes in front (``legalize-for-tvm``,
 ``fold-constants``) have already removed what the importer rejects.
 """
@@ -69,12 +70,10 @@ class _TVMTarget(Target):
     def _lower(self, mod, target, options: CompileOptions):
         """Relax (after import) -> (scheduled module, facts for the manifest): the zero
         pipeline, then the schedules."""
-        from tvm import relax
+        from mmcompile.targets.tvm.lowering import legalize_and_fuse
         if options.config.get("tuning_db"):
             raise TargetError(f"{self.name}: tuning databases apply to the 'cpu' target only")
-        with target:
-            mod = relax.get_pipeline("zero")(mod)
-        return self._schedule(mod, target), {}
+        return self._schedule(legalize_and_fuse(mod, target), target), {}
 
     def compile(self, graph: Graph, options: CompileOptions) -> Executable:
         import tvm
