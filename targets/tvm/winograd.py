@@ -59,6 +59,12 @@ MIN_CHANNELS = 8  # input channels below this: the transforms cost more than the
 # convolution before it is not fused into it (each has its own schedule; fused, the output
 # transform's blocks went unscheduled: 1.0 ms where the two cost 0.3 ms apart)
 OPAQUE = 8
+# FuseOps pattern of the output transform: "out-elementwise fusable", like the convolution it
+# replaces, so only elementwise and broadcast epilogues (bias, SiLU, a residual add) are fused
+# into it. As injective (call_te's default) it also took a following concatenate, which the
+# rule cannot put in its store; the generic rule then inlined the whole transform into every
+# concatenated element (an 830 KB kernel: 17 s to compile one YOLO neck layer).
+OUT_ELEMWISE_FUSABLE = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,7 +307,8 @@ class _Winograd(relax.PyExprMutator):
         extra = [self.visit_expr(bias)] if bias is not None else []
         out = self.builder_.emit(self.builder_.call_te(
             winograd_output, product, *extra, shape=out_shape, m=m, r=r, tiles=tiles,
-            relu=relu, pool=pool, primfunc_name_hint="winograd_output"))
+            relu=relu, pool=pool, primfunc_name_hint="winograd_output",
+            primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE}))
         self.set_var_remap(var, out)
 
 
@@ -357,11 +364,24 @@ def _schedule_data(sch, blocks, lanes):
     return sch
 
 
+def _inline_epilogues(sch, epilogues):
+    """FuseOps' elementwise epilogues (in function order) folded into ``wino_output``'s store.
+
+    The chain is first inlined forward, into its last block, and only that block is inlined
+    backward into the output: a SiLU epilogue (``x * sigmoid(x)``) reads the output twice, and
+    reverse-inlining its blocks one by one (multiply into the sigmoid, then the sigmoid
+    into the output) left the multiply's direct read of the output pointing at a buffer that
+    no longer existed ("wino_output_intermediate is used before its definition", YOLO-style
+    detectors)."""
+    for block in epilogues[:-1]:
+        sch.compute_inline(block)
+    if epilogues:
+        sch.reverse_compute_inline(epilogues[-1])
+
+
 def _schedule_output(sch, blocks, lanes):
     half, tile, out = blocks["wino_cols"], blocks["wino_tile"], blocks["wino_output"]
-    for name, block in blocks.items():
-        if not name.startswith("wino_"):  # FuseOps' elementwise epilogues, if any
-            sch.reverse_compute_inline(block)
+    _inline_epilogues(sch, [b for name, b in blocks.items() if not name.startswith("wino_")])
     pooled = blocks.get("wino_pool")
     anchor = pooled if pooled is not None else tile
     p = sch.get_loops(anchor)[0]
