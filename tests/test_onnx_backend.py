@@ -20,7 +20,8 @@ import onnx.backend.test
 import pytest
 from onnx import TensorProto, helper
 
-from mmcompile.conformance import ops_by_test, run_conformance, run_pool, select, summarize
+from mmcompile.conformance import ops_by_test, run_conformance, select, summarize
+from mmcompile.process_pool import run_pool
 from mmcompile.onnx_backend import BackendFailure, MMCompileBackend, freeze_inputs
 
 # Chosen to pass, and to exercise TVM rather than only constant folding: float data inputs,
