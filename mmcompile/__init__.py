@@ -5,7 +5,7 @@ the ``mmcompile`` command line mirrors them.
 """
 
 from mmcompile.artifact import ArtifactError
-from mmcompile.compiler import compile
+from mmcompile.compiler import compile, load
 from mmcompile.errors import (ExportError, InputError, MMCompileError, ModalityError,
                               ModelLoadError, PassError, PipelineError, RegistryError,
                               UnsupportedOpError, VerificationError)
@@ -13,7 +13,7 @@ from mmcompile.frontend import load_graph, trace
 from mmcompile.ir import Graph
 from mmcompile.modality import MODALITIES, ModalityTag
 from mmcompile.optimize import OptimizeResult, optimize
-from mmcompile.runtime import CompiledModel, load
+from mmcompile.runtime import CompiledModel
 from mmcompile.target import TargetError, get_target, registered_targets
 from mmcompile.transform import (Pass, PassContext, PassManager, PassResult, parse_pipeline,
                                  register_pass, registered_passes)

@@ -44,6 +44,21 @@ def _parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` items of a repeatable flag -> dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InputError(f"expected KEY=VALUE for {flag}, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _fallback(text: str) -> str | None:
+    return None if text.strip().lower() == "none" else text
+
+
 def _load(args: argparse.Namespace):
     from mmcompile.frontend import load_graph
     from mmcompile.modality import parse_modality_args
@@ -146,11 +161,33 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
     print("\noutputs:")
     print(format_table(["name", "shape", "dtype"], [(o["name"], o["shape"], o["dtype"])
                                                     for o in manifest["signature"]["outputs"]]))
-    print("\nstages:")
-    print(format_table(["stage", "target", "files", "compile s", "detail"],
-                       [(st["name"], st["target"], ", ".join(st["files"].values()),
-                         f"{st.get('compile_seconds', 0):.2f}", st.get("info", {}).get("detail", ""))
-                        for st in manifest["stages"]]))
+    stages = manifest["stages"]
+    costs = [st.get("info", {}).get("cost_ms") for st in stages]
+    total = sum(costs) if None not in costs else 0.0
+    print("\nstages (placement: where each runs and why):")
+    print(format_table(
+        ["stage", "target", "nodes", "time", "files", "compile s", "why", "detail"],
+        [(st["name"], st.get("info", {}).get("spec", st["target"]),
+          len(st.get("info", {}).get("nodes", [])) or "-",
+          "100%" if len(stages) == 1 else f"{100 * c / total:.0f}%" if total else "-",
+          ", ".join(st["files"].values()), f"{st.get('compile_seconds', 0):.2f}",
+          st.get("info", {}).get("placement", {}).get("reason", ""),
+          st.get("info", {}).get("detail", "")) for st, c in zip(stages, costs)]))
+    schedule = manifest.get("schedule", {})
+    if schedule.get("kind") == "parallel":
+        lanes = ", ".join(f"{d} lane: {' + '.join(w)} ({t} thread{'s' if t > 1 else ''})"
+                          for w, t, d in zip(schedule["workers"], schedule["threads"],
+                                             schedule.get("devices") or
+                                             ["cpu"] * len(schedule["workers"])))
+        print(f"\nschedule: parallel ({lanes}; the rest on the caller)")
+    else:
+        print("\nschedule: sequential")
+    fell_back = {n: r for st in stages
+                 for n, r in st.get("info", {}).get("placement", {}).get("fell_back", {}).items()}
+    if fell_back:
+        print(f"\nnodes on the fallback target ({len(fell_back)}), with the reason their "
+              f"target gave:")
+        print(format_table(["node", "reason"], list(fell_back.items())))
     if meta.get("verification"):
         print(f"\nverification at compile time: {meta['verification']}")
     return EXIT_OK
@@ -187,15 +224,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr)
 
     example = _read_npz(args.inputs) if args.inputs else None
-    config = {k: v for k, v in (("mcpu", args.mcpu), ("arch", args.arch)) if v}
     compiled = compile_model(
         args.model, example, target=args.target,
         modalities=parse_modality_args(args.modality) if args.modality else None,
         passes=args.passes, verify=not args.no_verify, tolerance=args.tolerance,
         input_shapes=_parse_shapes(args.input_shape), opt_level=args.opt_level,
-        disabled_passes=args.disable,
-        threads=args.threads, target_config=config, schedule=args.schedule,
-        tuning_db=args.tuning_db, progress=progress)
+        disabled_passes=args.disable, threads=args.threads,
+        target_config=_pairs(args.target_option, "--target-option"),
+        fallback=_fallback(args.fallback), placement=_pairs(args.placement, "--placement"),
+        schedule=args.schedule, tuning_db=args.tuning_db, progress=progress)
     compiled.save(args.output)
     if args.json:
         print(json.dumps({"output": str(args.output), "target": compiled.target,
@@ -220,7 +257,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         modalities=parse_modality_args(args.modality) if args.modality else None,
         input_shapes=_parse_shapes(args.input_shape), passes=args.passes,
         opt_level=args.opt_level, disabled_passes=args.disable, schedule=args.schedule,
-        threads=args.threads, target_config={"mcpu": args.mcpu} if args.mcpu else None,
+        threads=args.threads, target_config=_pairs(args.target_option, "--target-option"),
+        fallback=_fallback(args.fallback),
         trials_per_iter=args.trials_per_iter, min_share=args.min_share,
         cost_model=args.cost_model, measure_model=not args.no_measure, progress=sys.stderr)
     interrupted = report.job.get("status") == "interrupted"
@@ -237,7 +275,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mmcompile.runtime import load
+    from mmcompile.compiler import load
     model = load(args.model, threads=args.threads, schedule=args.schedule)
     if args.inputs and args.random:
         raise InputError("give either --inputs or --random, not both")
@@ -278,11 +316,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_targets(args: argparse.Namespace) -> int:
     from mmcompile.report import format_table
     from mmcompile.target import registered_targets
-    rows = [(name, cls.description) for name, cls in registered_targets().items()]
+    targets = registered_targets()
     if args.json:
-        print(json.dumps(dict(rows), indent=2))
+        print(json.dumps({name: {"description": cls.description, "device": cls.device,
+                                 "pipeline": cls.pipeline,
+                                 "options": [{"name": o.name, "type": o.type.__name__,
+                                              "default": o.default, "help": o.help}
+                                             for o in cls.options]}
+                          for name, cls in targets.items()}, indent=2))
         return EXIT_OK
-    print(format_table(["target", "description"], rows))
+    print(format_table(["target", "device", "pipeline", "description"],
+                       [(name, cls.device, cls.pipeline or "-", cls.description)
+                        for name, cls in targets.items()]))
+    print("\noptions (--target 'NAME{KEY=VALUE,...}' or --target-option KEY=VALUE):")
+    rows = [(name, o.name, o.type.__name__, "-" if o.default is None else o.default, o.help)
+            for name, cls in targets.items() for o in cls.options]
+    print(format_table(["target", "option", "type", "default", "help"], rows))
     return EXIT_OK
 
 
@@ -319,6 +368,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tag an input with a modality (image, text, audio, video, tabular, "
                         "other); repeatable; inputs not named are inferred from name and shape")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="cpu", metavar="TARGET",
+                   help="target, NAME or NAME{KEY=VALUE,...}, e.g. 'cpu{mcpu=znver4}'; "
+                        "'mmcompile targets' lists them and their options "
+                        "(default: %(default)s)")
+    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --target, e.g. winograd=false (repeatable)")
+    p.add_argument("--fallback", default="onnxruntime", metavar="TARGET|none",
+                   help="target for the nodes --target cannot run; 'none' refuses such a "
+                        "model (default: %(default)s)")
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -377,8 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="artifact folder to write (e.g. "
                                                          "model.mmc); replaced atomically")
-    p.add_argument("--target", default="cpu", help="target name; see 'mmcompile targets' "
-                                                   "(default: %(default)s)")
+    _add_target_args(p)
+    p.add_argument("--placement", action="append", default=[], metavar="WHERE=TARGET",
+                   help="run a modality branch (image, text, image.1, fusion) or a node (by "
+                        "name) on another target, e.g. text=cpu or lstm_0=onnxruntime "
+                        "(repeatable; a node wins over its branch)")
     _add_pipeline_args(p)
     p.add_argument("--inputs", metavar="FILE.npz", help="example inputs (one array per input "
                                                         "name) used for verification")
@@ -389,10 +453,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="threads the compiled code uses (default: all available cores)")
-    p.add_argument("--mcpu", help="cpu target: LLVM CPU name instead of the detected host CPU "
-                                  "(e.g. skylake-avx512, znver4)")
-    p.add_argument("--arch", help="cuda target: GPU architecture, e.g. sm_86 (default: the local "
-                                  "GPU's, else sm_80)")
     p.add_argument("--schedule", default="auto", choices=["auto", "sequential", "parallel"],
                    help="run modality branches side by side ('parallel'), one after another "
                         "('sequential'), or measure both and keep the faster ('auto', default)")
@@ -414,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--db", required=True, metavar="DIR",
                    help="tuning database folder (created if missing; models can share one)")
-    p.add_argument("--target", default="cpu", help="target name (default: %(default)s)")
+    _add_target_args(p)
     _add_pipeline_args(p)
     p.add_argument("--trials", type=int, help="trials for this job (default: 2000)")
     p.add_argument("--time-budget", metavar="DURATION",
@@ -430,7 +490,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="threads the kernels use, as given to compile (default: all cores)")
-    p.add_argument("--mcpu", help="LLVM CPU name instead of the detected host CPU")
     p.add_argument("--trials-per-iter", type=int, default=64,
                    help="candidates measured per batch (default: %(default)s)")
     p.add_argument("--min-share", type=float, default=0.005,
@@ -462,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("targets", help="list registered targets")
+    p = sub.add_parser("targets", help="list registered targets and their options")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_targets)
 

@@ -1,4 +1,5 @@
-"""``mmcompile.compile``: frontend -> passes -> target -> CompiledModel, with verification.
+"""``mmcompile.compile`` and ``mmcompile.load``: model -> plan (:mod:`mmcompile.planning`) ->
+each stage compiled by its target -> CompiledModel, with verification; artifact -> model.
 
 Verification runs the example inputs (or random ones matching the signature) through
 onnxruntime on the graph as loaded, and through the compiled model, and fails with a
@@ -13,39 +14,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import onnx
 
-from mmcompile.errors import MMCompileError, VerificationError
-from mmcompile.frontend import from_onnx_model, load_graph, trace
+from mmcompile.errors import VerificationError
 from mmcompile.ir import Graph
-from mmcompile.optimize import optimize
+from mmcompile.planning import Plan, StagePlan, plan
+from mmcompile.planning.auto import choose
+from mmcompile.planning.parallel import replan
 from mmcompile.reference import compare_outputs, random_inputs, run_onnxruntime
-from mmcompile.plan import StagePlan, partition
 from mmcompile.runtime import CompiledModel, Stage
-from mmcompile.autoschedule import faster, parallel_prospect, parallel_schedule, promising
-from mmcompile.schedule import Schedule, available_cores, check_kind
+from mmcompile.runtime import load as load_artifact
+from mmcompile.schedule import available_cores, check_kind
 from mmcompile.signature import Signature
-from mmcompile.target import CompileOptions, TargetError, get_target
-from mmcompile.transform import PassContext
+from mmcompile.target import CompileOptions, TargetError
 
 DEFAULT_TOLERANCE = 1e-4
-
-
-def to_graph(model: Any, example_inputs: Any = None, *,
-             modalities: Mapping[str, str] | None = None,
-             input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
-    """Any supported model form -> Graph: a Graph, an ONNX ModelProto, a path (.onnx/.pt2), or a
-    torch module with ``example_inputs``."""
-    if isinstance(model, Graph):
-        return model
-    if isinstance(model, onnx.ModelProto):
-        return from_onnx_model(model, modalities, input_shapes=input_shapes)
-    if isinstance(model, (str, os.PathLike)):
-        return load_graph(model, modalities, input_shapes=input_shapes)
-    if example_inputs is None:
-        raise MMCompileError(f"compiling a {type(model).__name__} needs example_inputs "
-                             f"(a tuple or dict of tensors) to trace it")
-    return trace(model, example_inputs, modalities)
 
 
 def _as_numpy(inputs: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -86,28 +68,37 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             input_shapes: Mapping[str, Sequence[int]] | None = None, opt_level: int = 2,
             disabled_passes: Sequence[str] = (),
             threads: int = 0, target_config: Mapping[str, Any] | None = None,
+            fallback: str | None = "onnxruntime", placement: Mapping[str, str] | None = None,
             schedule: str = "auto", measure: bool = True,
             tuning_db: str | os.PathLike | None = None,
             progress: Callable[[str], None] | None = None) -> CompiledModel:
-    """Compile a multimodal model for a target.
+    """Compile a multimodal model: plan its stages (:func:`mmcompile.planning.plan`), compile
+    each with its target, choose the schedule, verify.
 
     Args:
         model: a ``torch.nn.Module`` (with ``example_inputs``), a path to ``.onnx``/``.pt2``,
             an ``onnx.ModelProto`` or a :class:`Graph`.
         example_inputs: tuple or dict of tensors; used to trace modules and to verify.
-        target: registered target name (``cpu``, ``cuda``; see ``mmcompile targets``).
+        target: the target, ``name`` or ``name{key=value,...}`` (``cpu``, ``cuda``,
+            ``cpu{mcpu=znver4,winograd=false}``; see ``mmcompile targets``).
         modalities: input name -> modality; inferred for inputs not named.
-        passes: the graph pipeline run before lowering.
+        passes: the graph pipeline run before placement (each target adds its own pipeline
+            to its stages).
         verify: compare against onnxruntime on the example (or random) inputs.
         tolerance: verification tolerance, relative to ``max(1, max|ref|)``.
         input_shapes: fix symbolic input dims (e.g. ``{"pixel_values": [1, 3, 224, 224]}``).
         opt_level: PassContext opt level.
         disabled_passes: pass names to skip.
         threads: threads the compiled code may use (0: all available cores).
-        target_config: target-specific options.
+        target_config: options of ``target`` (over those written in it); an unknown or
+            mistyped option is an error naming the valid ones.
+        fallback: the target for nodes ``target`` cannot run (default ``onnxruntime``);
+            None refuses such a model with :class:`UnsupportedOpError`.
+        placement: modality branch (``image``, ``image.1``, ``fusion``) or node name ->
+            target, over ``target``; per node wins over per branch.
         schedule: ``"auto"`` (the whole graph; the modality branches are also compiled as
             stages, and kept if faster on concurrent workers, when the whole graph's thread
-            scaling predicts they could be), ``"sequential"`` (one stage, no partitioning) or
+            scaling predicts they could be), ``"sequential"`` (no branch stages) or
             ``"parallel"`` (modality branches on concurrent workers).
         measure: time the stages on the example inputs for the cost model (else estimate
             from FLOPs and bytes, assuming perfect thread scaling: ``auto`` then keeps the
@@ -122,106 +113,110 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     Raises:
         ModelLoadError, ExportError, ModalityError: the model cannot be read.
         PipelineError, PassError: the pass pipeline failed.
-        UnsupportedOpError: the target cannot lower a node (named, with the target).
+        TargetError: an unknown target or option, or a target that cannot run here.
+        UnsupportedOpError: a node no allowed target can run (named, with the reasons).
         VerificationError: outputs differ from onnxruntime beyond ``tolerance``.
         TuningDBError: ``tuning_db`` is missing, corrupt or for another target.
     """
     say = progress or (lambda message: None)
-    say("loading model")
-    graph = to_graph(model, example_inputs, modalities=modalities, input_shapes=input_shapes)
-    backend = get_target(target)
-    cannot_run = backend.why_not_runnable()
-    if verify and cannot_run:
-        raise TargetError(f"cannot verify a model compiled for '{target}' here: {cannot_run}; "
-                          f"compile with verify=False (CLI: --no-verify) to build and save it")
-    measure = measure and cannot_run is None
-    say(f"optimizing graph ({graph.num_nodes} nodes)")
-    result = optimize(graph, passes, ctx=PassContext(opt_level=opt_level,
-                                                     disabled_passes=frozenset(disabled_passes)))
-    optimized = result.graph
-    backend.check(optimized)
-    check_kind(schedule)
-    whole_plans = partition(optimized)  # one stage: the graph as it is
-    plans = whole_plans
-    if schedule != "sequential":
-        optimize(optimized, "annotate-branches", inplace=True)
-        plans = partition(optimized)
     config = dict(target_config or {})
     db_info = None
     if tuning_db is not None:
         from mmcompile.tune.database import database_info
         db_info = database_info(tuning_db)  # a missing or corrupt database fails here, early
         config["tuning_db"] = str(tuning_db)
-    options = CompileOptions(threads=threads, progress=say, config=config)
-    feeds = (_as_numpy(example_inputs, [t.name for t in graph.gs.inputs])
-             if example_inputs is not None else random_inputs(graph, seed=0))
-    metadata = {"pipeline": str(result.pipeline), "nodes_before": result.nodes_before,
-                "nodes_after": result.nodes_after, "source": graph.name}
-    cores = threads or available_cores()
-    if schedule == "auto" and len(plans) > 1:
-        compiled = _auto(plans, whole_plans, backend, options, metadata, optimized, feeds,
-                         cores, measure, say)
-    else:
-        compiled = _compiled(plans, backend, options, metadata, optimized, say)
-        if len(plans) > 1:
-            say(f"scheduling {len(plans)} stages ({schedule})")
-            compiled.schedule = parallel_schedule(compiled, feeds, plans, cores, measure)
+    planned = plan(model, example_inputs, target=target, target_config=config,
+                   fallback=fallback, placement=placement, passes=passes, opt_level=opt_level,
+                   disabled_passes=disabled_passes, modalities=modalities,
+                   input_shapes=input_shapes, schedule=schedule, progress=say)
+    used = {s.target for s in planned.stages()}
+    cannot_run = {k: planned.placement.choices[k].target.why_not_runnable() for k in used}
+    cannot_run = {k: why for k, why in cannot_run.items() if why}
+    if verify and cannot_run:
+        key, why = next(iter(cannot_run.items()))
+        raise TargetError(f"cannot verify a model compiled for '{key}' here: {why}; compile "
+                          f"with verify=False (CLI: --no-verify) to build and save it")
+    measure = measure and not cannot_run
+    source = planned.source
+    feeds = (_as_numpy(example_inputs, [t.name for t in source.gs.inputs])
+             if example_inputs is not None else random_inputs(source, seed=0))
+    metadata = {"pipeline": str(planned.optimization.pipeline),
+                "nodes_before": planned.optimization.nodes_before,
+                "nodes_after": planned.optimization.nodes_after, "source": source.name}
+    if planned.placement.fell_back:
+        metadata["fallback"] = {"target": planned.placement.fallback,
+                                "nodes": planned.fell_back()}
+
+    def build(plans: Sequence[StagePlan]) -> CompiledModel:
+        stages = _compile_stages(plans, planned, threads, say)
+        return CompiledModel(Signature.from_graph(planned.optimized), stages,
+                             planned.placement.primary, dict(metadata))
+
+    compiled = choose(planned, build, schedule, feeds, threads or available_cores(), measure,
+                      say)
     if db_info is not None:  # of the stages kept
-        used = [st.info.get("tuning", {}) for st in compiled.stages]
+        used_db = [st.info.get("tuning", {}) for st in compiled.stages]
         compiled.metadata["tuning_db"] = {**db_info,
-                                          "hits": sum(u.get("hits", 0) for u in used),
-                                          "kernels": sum(u.get("kernels", 0) for u in used)}
+                                          "hits": sum(u.get("hits", 0) for u in used_db),
+                                          "kernels": sum(u.get("kernels", 0) for u in used_db)}
         say(f"tuning database {tuning_db}: {compiled.metadata['tuning_db']['hits']} of "
             f"{compiled.metadata['tuning_db']['kernels']} kernels tuned")
     if verify:
         say("verifying against onnxruntime")
-        compiled.metadata["verification"] = verify_compiled(compiled, graph, feeds, tolerance)
+        compiled.metadata["verification"] = verify_compiled(compiled, source, feeds, tolerance)
     return compiled
 
 
-def _compile_stages(plans: Sequence[StagePlan], backend, options: CompileOptions,
+def _placement_facts(stage: StagePlan, planned: Plan) -> dict[str, Any]:
+    """Why ``stage`` runs where it does, for the report and the manifest."""
+    placed = planned.placement
+    fell_back = {n: placed.fell_back[n] for n in stage.nodes if n in placed.fell_back}
+    by_user = sorted({placed.placed_by_user[n] for n in stage.nodes
+                      if n in placed.placed_by_user and n not in fell_back})
+    if fell_back:
+        reason = f"fallback for {len(fell_back)} node(s) its preferred target cannot run"
+    elif by_user:
+        reason = f"placed by the user ({', '.join(by_user)})"
+    else:
+        reason = "the requested target"
+    facts: dict[str, Any] = {"reason": reason}
+    if fell_back:
+        facts.update(fallback=True, fell_back=fell_back)
+    return facts
+
+
+def _compile_stages(plans: Sequence[StagePlan], planned: Plan, threads: int,
                     say: Callable[[str], None]) -> list[Stage]:
     stages = []
-    for index, plan in enumerate(plans, 1):
-        say(f"compiling stage '{plan.name}' ({index}/{len(plans)}, {plan.graph.num_nodes} nodes) "
-            f"for {backend.name}")
+    for index, stage_plan in enumerate(plans, 1):
+        choice = planned.placement.choices[stage_plan.target]
+        say(f"compiling stage '{stage_plan.name}' ({index}/{len(plans)}, "
+            f"{stage_plan.graph.num_nodes} nodes) for {choice.key}")
+        options = CompileOptions(threads=threads, progress=say, config=choice.options)
         start = time.perf_counter()
-        executable = backend.compile(plan.graph, options)
-        stages.append(Stage(plan.name, backend.name, plan.inputs, plan.outputs, executable,
-                            time.perf_counter() - start, executable.describe(), plan.depends_on))
+        executable = choice.target.compile(stage_plan.graph, options)
+        info = {**executable.describe(), "spec": choice.key, "nodes": stage_plan.nodes,
+                "placement": _placement_facts(stage_plan, planned)}
+        stages.append(Stage(stage_plan.name, choice.name, stage_plan.inputs, stage_plan.outputs,
+                            executable, time.perf_counter() - start, info,
+                            stage_plan.depends_on, choice.target.device))
     return stages
 
 
-def _compiled(plans: Sequence[StagePlan], backend, options: CompileOptions,
-              metadata: Mapping[str, Any], graph: Graph,
-              say: Callable[[str], None]) -> CompiledModel:
-    stages = _compile_stages(plans, backend, options, say)
-    return CompiledModel(Signature.from_graph(graph), stages, backend.name,
-                         {**metadata, "versions": stages[0].info.get("versions", {})})
+def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None
+         ) -> CompiledModel:
+    """Load an artifact written by :meth:`CompiledModel.save`; no compiler is needed.
 
+    Args:
+        path: the ``.mmc`` folder.
+        threads: threads for stages run on the calling thread (0: all available cores).
+        schedule: ``"sequential"`` or ``"parallel"`` to override the schedule chosen at compile
+            time (``"parallel"`` re-plans from the recorded stage costs).
 
-def _auto(plans: Sequence[StagePlan], whole_plans: Sequence[StagePlan], backend,
-          options: CompileOptions, metadata: Mapping[str, Any], graph: Graph,
-          feeds: Mapping[str, np.ndarray], cores: int, measure: bool,
-          say: Callable[[str], None]) -> CompiledModel:
-    """``schedule="auto"``: the graph compiled whole (one VM call, no stage boundaries:
-    measured 0.1-0.15 ms faster than the same stages one after another), and the branch
-    stages on their parallel schedule only when the whole graph's thread scaling says they
-    could be faster (see :mod:`mmcompile.autoschedule`); then the faster of the two."""
-    whole = _compiled(whole_plans, backend, options, metadata, graph, say)
-    say(f"estimating the parallel schedule of {len(plans)} stages")
-    prospect = parallel_prospect(whole, plans, feeds, cores, measure)
-    if not promising(prospect):
-        whole.schedule = Schedule("sequential", estimate_ms=prospect.estimate_ms,
-                                  bound_ms=prospect.bound_ms, measured_ms=prospect.measured_ms)
-        times = ", ".join(f"{k} {v:.2f} ms" for k, v in prospect.measured_ms.items())
-        say(f"schedule: sequential (parallel predicted {prospect.estimate_ms:.2f} ms"
-            + (f" from the whole graph at {times})" if times else ")")
-            + "; branch stages not compiled")
-        return whole
-    staged = _compiled(plans, backend, options, metadata, graph, say)
-    staged.schedule = parallel_schedule(staged, feeds, plans, cores, measure)
-    if staged.schedule.kind != "parallel":
-        staged.close()
-        return whole
-    return faster(staged, whole, feeds, say)
+    Raises:
+        ArtifactError: missing, corrupt, tampered with, or built by an incompatible version.
+    """
+    model = load_artifact(path, threads)
+    if schedule is not None and schedule != model.schedule.kind:
+        model.schedule = replan(model, check_kind(schedule), threads)
+    return model

@@ -94,9 +94,12 @@ def run_stages(names: Sequence[str], run_one: Callable[[str], None],
 
 
 def run_parallel(pool: WorkerPool, workers: Sequence[Sequence[str]], tail: Sequence[str],
-                 run_one: Callable[[str], None], timeline: list | None = None) -> None:
-    """Workers' stage lists side by side, then ``tail`` on the calling thread."""
-    futures = [pool.submit(i, lambda names=names, i=i: run_stages(names, run_one, f"worker {i}",
+                 run_one: Callable[[str], None], timeline: list | None = None,
+                 lanes: Sequence[str] | None = None) -> None:
+    """Workers' stage lists side by side, then ``tail`` on the calling thread; ``lanes``
+    names the workers in the timeline (``worker 0``, ``cuda 0``)."""
+    lanes = lanes or [f"worker {i}" for i in range(len(workers))]
+    futures = [pool.submit(i, lambda names=names, i=i: run_stages(names, run_one, lanes[i],
                                                                    timeline))
                for i, names in enumerate(workers)]
     errors = []

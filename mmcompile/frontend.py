@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from mmcompile.errors import ExportError, ModelLoadError
+from mmcompile.errors import ExportError, MMCompileError, ModelLoadError
 from mmcompile.ir import PROTO_LIMIT, Graph
 
 DEFAULT_OPSET = 18
@@ -217,3 +217,20 @@ def _load_pt2(path: Path, modalities: Mapping[str, str] | None,
         model = graph.to_onnx()
         return from_onnx_model(model, modalities, name=path.name, input_shapes=input_shapes)
     return graph
+
+
+def to_graph(model: Any, example_inputs: Any = None, *,
+             modalities: Mapping[str, str] | None = None,
+             input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
+    """Any supported model form -> Graph: a Graph, an ONNX ModelProto, a path (.onnx/.pt2), or a
+    torch module with ``example_inputs``."""
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return from_onnx_model(model, modalities, input_shapes=input_shapes)
+    if isinstance(model, (str, os.PathLike)):
+        return load_graph(model, modalities, input_shapes=input_shapes)
+    if example_inputs is None:
+        raise MMCompileError(f"compiling a {type(model).__name__} needs example_inputs "
+                             f"(a tuple or dict of tensors) to trace it")
+    return trace(model, example_inputs, modalities)

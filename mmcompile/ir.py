@@ -51,6 +51,31 @@ def _name_nodes(graph: gs.Graph) -> None:
         seen.add(name)
 
 
+def outer_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """Tensors of the enclosing graph that ``node``'s subgraphs (``If`` branches, ``Loop`` and
+    ``Scan`` bodies, at any depth) read without taking them as inputs: the node depends on
+    their producers as much as on its listed inputs."""
+    found: dict[str, gs.Tensor] = {}
+    for sub in node.subgraphs():
+        local = {t.name for t in sub.inputs}
+        local.update(t.name for n in sub.nodes for t in n.outputs)
+        for inner in sub.nodes:
+            for tensor in (*inner.inputs, *outer_inputs(inner)):
+                if tensor.name and tensor.name not in local \
+                        and not isinstance(tensor, gs.Constant):
+                    found.setdefault(tensor.name, tensor)
+    return list(found.values())
+
+
+def node_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """A node's listed inputs, then the outer-scope tensors its subgraphs read."""
+    extra = outer_inputs(node) if node.op in _CONTROL_FLOW else []
+    return [*node.inputs, *(t for t in extra if all(t is not i for i in node.inputs))]
+
+
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+
 class Graph:
     """A model being compiled: an ``onnx_graphsurgeon.Graph`` plus modality tags and annotations.
 
@@ -163,7 +188,7 @@ class Graph:
             dag.add_node(node.name, kind="node", op=node.op)
         graph_inputs = {t.name for t in self.gs.inputs}
         for node in self.gs.nodes:
-            for tensor in node.inputs:
+            for tensor in node_inputs(node):
                 if tensor.name in graph_inputs:
                     dag.add_edge(f"input:{tensor.name}", node.name, tensor=tensor.name)
                 for producer in tensor.inputs:

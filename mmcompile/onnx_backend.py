@@ -11,7 +11,9 @@ initializers holding the values given, the other inputs' shapes are fixed to the
 and the compiled model is cached under those values and shapes. Other dtypes pass through. The
 conformance report's TVM-alone baseline freezes the same way, so the two compare like for like;
 a frozen test still checks the compiled graph, but mmcompile's constant folding may then
-compute all of it ahead of time (through onnxruntime) when every input is frozen.
+compute all of it ahead of time (through onnxruntime) when every input is frozen. The
+fallback target is off (``fallback=None``): a node TVM cannot lower fails its test rather
+than passing through onnxruntime, so the counts measure native lowering.
 """
 
 from __future__ import annotations
@@ -151,9 +153,10 @@ class MMCompileRep(BackendRep):
             # and cannot make random data for every dtype (int4, float8).
             example = {i.name: feeds[i.name] for i in model.graph.input if i.name in feeds}
             try:
+                # no fallback: conformance measures what mmcompile lowers natively
                 self._compiled[key] = mmcompile.compile(model, example, target="cpu",
                                                         passes=self.passes, verify=False,
-                                                        threads=self.threads)
+                                                        threads=self.threads, fallback=None)
             except Exception as exc:  # MMCompileError, or a TVM error that escaped unwrapped
                 raise BackendFailure(f"mmcompile failed: {_first_line(exc)}") from exc
         return self._compiled[key]

@@ -31,23 +31,28 @@ def _is_number(text: str) -> bool:
 
 
 def draw_timeline(entries: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """Gantt chart of one run (``CompiledModel.profile`` entries): one lane per worker, one bar
-    per stage, idle time visible as gaps. Written as .png or .svg by extension."""
+    """Gantt chart of one run (``CompiledModel.profile`` entries): one lane per worker or
+    device (copies between memories on a lane of their own), one bar per stage coloured by its
+    target, idle time visible as gaps. Written as .png or .svg by extension."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    lanes = sorted({e["lane"] for e in entries}, key=lambda lane: (lane == "caller", lane))
+    from matplotlib.patches import Patch
+    lanes = sorted({e["lane"] for e in entries},
+                   key=lambda lane: (lane == "caller", lane == "copies", lane))
     palette = plt.get_cmap("tab10")
-    stages = sorted({e["stage"] for e in entries})
-    colour = {s: palette(i % 10) for i, s in enumerate(stages)}
-    fig, ax = plt.subplots(figsize=(9, 1 + 0.6 * len(lanes)))
+    targets = sorted({e.get("target", "") for e in entries})
+    colour = {t: palette(i % 10) for i, t in enumerate(targets)}
+    fig, ax = plt.subplots(figsize=(9, 1.3 + 0.6 * len(lanes)))
     for entry in entries:
         row = lanes.index(entry["lane"])
         width = entry["end_ms"] - entry["start_ms"]
-        ax.barh(row, width, left=entry["start_ms"], color=colour[entry["stage"]],
+        ax.barh(row, width, left=entry["start_ms"], color=colour[entry.get("target", "")],
                 edgecolor="black", linewidth=0.5)
         ax.text(entry["start_ms"] + width / 2, row, entry["stage"], ha="center", va="center",
                 fontsize=8)
+    ax.legend(handles=[Patch(color=colour[t], label=t or "stage") for t in targets],
+              loc="upper right", fontsize=8, title="target")
     ax.set_yticks(range(len(lanes)), lanes)
     ax.set_xlabel("ms since the start of the run")
     ax.set_title(title or "stage timeline")

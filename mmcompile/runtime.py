@@ -1,9 +1,16 @@
 """CompiledModel: runs compiled stages, validates inputs, saves and loads artifacts.
 
-A model is a list of stages in dependency order; each stage reads named tensors produced by the
-graph inputs or by earlier stages. Tensors pass between stages as whatever the executables
-return (DLPack-capable arrays), without copies. The caller gets back the kind it gave: torch
-tensors in -> torch tensors out, numpy in -> numpy out.
+A model is a list of stages in dependency order, each with its own target; each stage reads
+named tensors produced by the graph inputs or by earlier stages. It runs the
+:class:`~mmcompile.schedule.Schedule` it is given (made by :mod:`mmcompile.planning`); it plans
+nothing itself.
+
+Tensors pass between stages as whatever the executables return (DLPack-capable arrays), without
+copies where both sides use the same memory (a TVM CPU stage's output is an onnxruntime
+stage's input as is). Where they do not (a GPU stage's output read by a CPU stage), the
+consuming executable copies it in (``Executable.copy_in``), and ``profile`` shows each such
+copy with its time and size. The caller gets back the kind it gave: torch tensors in -> torch
+tensors out, numpy in -> numpy out.
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ from mmcompile.artifact import ArtifactError, read_manifest, write_artifact
 from mmcompile.errors import InputError
 from mmcompile.executor import WorkerPool, run_parallel, run_stages
 from mmcompile.report import format_table
-from mmcompile.schedule import Schedule, available_cores, check_kind, plan_parallel
+from mmcompile.schedule import Schedule
 from mmcompile.signature import Signature
 from mmcompile.target import Executable, get_target
 
 
 @dataclass
 class Stage:
-    """One compiled stage: what it reads and writes, its target and its executable."""
+    """One compiled stage: what it reads and writes, its target (registered name) and the
+    device that target runs on, and its executable. ``info`` holds the manifest facts: the
+    target as placed (``spec``), ``nodes``, ``cost_ms``, ``placement`` (why it is here)."""
 
     name: str
     target: str
@@ -40,6 +49,14 @@ class Stage:
     compile_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     depends_on: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+
+def _device_type(value: Any) -> int:
+    """The DLPack device type of an array (1: host memory)."""
+    if isinstance(value, np.ndarray) or not hasattr(value, "__dlpack_device__"):
+        return 1
+    return int(value.__dlpack_device__()[0])
 
 
 def _thread_setup(targets: list[str], threads: int) -> Callable[[], None]:
@@ -117,13 +134,26 @@ class CompiledModel:
     def _execute(self, env: dict[str, Any], timeline: list | None = None) -> None:
         def run_one(name: str) -> None:
             stage = self._by_name[name]
-            env.update(stage.executable.run({n: env[n] for n in stage.inputs}))
+            executable = stage.executable
+            wanted = executable.memory_device_type
+            feeds = {}
+            for tensor in stage.inputs:
+                value = env[tensor]
+                if _device_type(value) != wanted:  # across a memory boundary: an explicit copy
+                    start = time.perf_counter()
+                    value = executable.copy_in(value)
+                    if timeline is not None:
+                        timeline.append((f"copy {tensor} -> {name}", "copies", start,
+                                         time.perf_counter()))
+                feeds[tensor] = value
+            env.update(executable.run(feeds))
 
         schedule = self._schedule
         if schedule.kind == "parallel":
             placed = {n for names in schedule.workers for n in names}
             tail = [s.name for s in self.stages if s.name not in placed]
-            run_parallel(self._workers(), schedule.workers, tail, run_one, timeline)
+            run_parallel(self._workers(), schedule.workers, tail, run_one, timeline,
+                         schedule.lane_names())
         else:
             run_stages([s.name for s in self.stages], run_one, "caller", timeline)
 
@@ -149,16 +179,18 @@ class CompiledModel:
         return {name: _to_caller(env[name], torch_out) for name in self.output_names}
 
     def profile(self, feeds: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Run once and return per-stage timings: ``stage``, ``lane`` (worker or caller),
-        ``start_ms`` and ``end_ms`` relative to the start of the run."""
+        """Run once and return per-stage timings: ``stage``, ``target``, ``lane`` (a worker,
+        a device lane or the caller), ``start_ms`` and ``end_ms`` relative to the start of the
+        run. Copies between memories are entries of their own (lane ``copies``, target
+        ``copy``)."""
         env: dict[str, Any] = dict(self.signature.validate(feeds))
         timeline: list = []
         with self._lock:
             start = time.perf_counter()
             self._execute(env, timeline)
-        return [{"stage": s, "lane": lane, "start_ms": (a - start) * 1e3,
-                 "end_ms": (b - start) * 1e3} for s, lane, a, b in sorted(timeline,
-                                                                           key=lambda t: t[2])]
+        return [{"stage": s, "target": self._by_name[s].target if s in self._by_name else "copy",
+                 "lane": lane, "start_ms": (a - start) * 1e3, "end_ms": (b - start) * 1e3}
+                for s, lane, a, b in sorted(timeline, key=lambda t: t[2])]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -169,22 +201,45 @@ class CompiledModel:
         outputs = list(self.run(kwargs).values())
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+    def time_shares(self) -> dict[str, float] | None:
+        """Each stage's share of one run's time, from the costs measured at compile time
+        (None when they were not measured)."""
+        if len(self.stages) == 1:
+            return {self.stages[0].name: 1.0}
+        costs = {s.name: s.info.get("cost_ms") for s in self.stages}
+        if any(c is None for c in costs.values()) or not sum(costs.values()):
+            return None
+        total = sum(costs.values())
+        return {name: cost / total for name, cost in costs.items()}
+
+    def fallback_nodes(self) -> dict[str, str]:
+        """Node -> why it is not on its preferred target, over every stage."""
+        found: dict[str, str] = {}
+        for stage in self.stages:
+            found.update(stage.info.get("placement", {}).get("fell_back", {}))
+        return found
+
     def report(self) -> str:
-        """Passes, stages and per-stage compile time, as text."""
+        """Passes, stages (target, nodes, share of the run time, compile time, why there),
+        the schedule, the nodes that fell back, verification; as text."""
         lines = [f"target: {self.target}"]
         if self.metadata.get("pipeline"):
             lines.append(f"passes: {self.metadata['pipeline']}")
         if "nodes_before" in self.metadata:
             lines.append(f"graph: {self.metadata['nodes_before']} -> "
                          f"{self.metadata['nodes_after']} nodes after optimization")
-        rows = [(s.name, s.target, len(s.inputs), len(s.outputs), f"{s.compile_seconds:.2f}",
-                 s.info.get("detail", "")) for s in self.stages]
-        lines.append(format_table(["stage", "target", "inputs", "outputs", "compile s", "detail"],
-                                  rows))
+        shares = self.time_shares()
+        rows = [(s.name, s.info.get("spec", s.target), len(s.info.get("nodes", [])) or "-",
+                 f"{100 * shares[s.name]:.0f}%" if shares else "-", f"{s.compile_seconds:.2f}",
+                 s.info.get("placement", {}).get("reason", ""), s.info.get("detail", ""))
+                for s in self.stages]
+        lines.append(format_table(["stage", "target", "nodes", "time", "compile s", "why",
+                                   "detail"], rows))
         schedule = self._schedule
         if schedule.kind == "parallel":
-            lanes = "; ".join(f"worker {i} ({t} thread{'s' if t > 1 else ''}): {', '.join(w)}"
-                              for i, (w, t) in enumerate(zip(schedule.workers, schedule.threads)))
+            lanes = "; ".join(f"{lane} ({t} thread{'s' if t > 1 else ''}): {', '.join(w)}"
+                              for lane, w, t in zip(schedule.lane_names(), schedule.workers,
+                                                    schedule.threads))
             lines.append(f"schedule: parallel: {lanes}; then the rest on the caller")
         else:
             lines.append("schedule: sequential")
@@ -195,6 +250,13 @@ class CompiledModel:
             if "parallel" not in schedule.measured_ms and schedule.estimate_ms:
                 lines.append(f"parallel schedule predicted {schedule.estimate_ms:.2f} ms from "
                              f"those: branch stages not compiled")
+        fell_back = self.fallback_nodes()
+        if fell_back:
+            fallback = {s.name for s in self.stages if s.info.get("placement", {}).get("fallback")}
+            share = f"{100 * sum(shares[n] for n in fallback):.0f}%" if shares else "unmeasured"
+            lines.append(f"fallback: {len(fell_back)} node(s) in {len(fallback)} stage(s), "
+                         f"{share} of the run time:")
+            lines += [f"  {node}: {reason}" for node, reason in fell_back.items()]
         if self.metadata.get("tuning_db"):
             db = self.metadata["tuning_db"]
             lines.append(f"tuning database: {db['hits']} of {db['kernels']} kernels tuned, "
@@ -218,7 +280,9 @@ class CompiledModel:
                                 "info": {**stage.info, **stage.executable.describe()}})
             return entries
 
-        manifest = {"versions": {"mmcompile": __version__, **self.metadata.get("versions", {})},
+        versions = {k: v for s in self.stages for k, v in s.info.get("versions", {}).items()}
+        manifest = {"versions": {"mmcompile": __version__, **versions,
+                                 **self.metadata.get("versions", {})},
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "target": self.target, "signature": self.signature.to_dict(),
                     "schedule": self._schedule.to_dict(),
@@ -226,14 +290,13 @@ class CompiledModel:
         return write_artifact(path, manifest, write_stages)
 
 
-def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None) -> CompiledModel:
-    """Load an artifact written by :meth:`CompiledModel.save`; no compiler is needed.
+def load(path: str | os.PathLike, threads: int = 0) -> CompiledModel:
+    """Load an artifact written by :meth:`CompiledModel.save`, with the schedule it was
+    compiled with; each stage is loaded by its own target. No compiler is needed.
 
     Args:
         path: the ``.mmc`` folder.
         threads: threads for stages run on the calling thread (0: all available cores).
-        schedule: ``"sequential"`` or ``"parallel"`` to override the schedule chosen at compile
-            time (``"parallel"`` re-plans from the recorded stage costs).
 
     Raises:
         ArtifactError: missing, corrupt, tampered with, or built by an incompatible version.
@@ -252,24 +315,8 @@ def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None)
                                  threads=threads)
         stages.append(Stage(entry["name"], entry["target"], list(entry["inputs"]),
                             list(entry["outputs"]), executable, entry.get("compile_seconds", 0.0),
-                            entry.get("info", {}), list(entry.get("depends_on", []))))
+                            entry.get("info", {}), list(entry.get("depends_on", [])),
+                            target.device))
     metadata = {**manifest.get("metadata", {}), "versions": manifest["versions"]}
     chosen = Schedule.from_dict(manifest.get("schedule", {"kind": "sequential"}))
-    model = CompiledModel(signature, stages, manifest["target"], metadata, chosen)
-    if schedule is not None and schedule != chosen.kind:
-        model.schedule = replan(model, check_kind(schedule), threads)
-    return model
-
-
-def stage_costs(model: CompiledModel) -> dict[str, float]:
-    """Each stage's cost in ms as recorded at compile time (1.0 when unknown)."""
-    return {s.name: float(s.info.get("cost_ms", 1.0)) for s in model.stages}
-
-
-def replan(model: CompiledModel, kind: str, threads: int = 0) -> Schedule:
-    """A schedule of ``kind`` for ``model``'s stages from their recorded costs."""
-    if kind == "sequential":
-        return Schedule("sequential")
-    order = [s.name for s in model.stages]
-    deps = {s.name: s.depends_on for s in model.stages}
-    return plan_parallel(order, deps, stage_costs(model), threads or available_cores())
+    return CompiledModel(signature, stages, manifest["target"], metadata, chosen)

@@ -5,23 +5,101 @@ it, and loads such an executable back from an artifact folder. Targets live in `
 (shipped as ``mmcompile.targets``) and register themselves by name; the core finds them through
 :func:`get_target` and never imports a target module by name, so optional dependencies (CUDA,
 TensorRT) are imported only when that target is used.
+
+What a target declares, so that the planner can place work on it without knowing it:
+
+- ``supports(node, graph)``: node by node, whether it can run the node, and why not (the
+  capability query of torch.fx's ``OperatorSupport``); the planner puts what the requested
+  target cannot run on the fallback target;
+- ``options``: typed options (:class:`TargetOption`); :meth:`Target.check_options` refuses an
+  unknown or mistyped one, naming the valid ones;
+- ``pipeline``: the graph passes its stages need in front of it (TVM: ``legalize-for-tvm``),
+  run on its own stages only, so the ``default`` pipeline stays target-independent;
+- ``device``: where its stages run (``cpu``, ``cuda``): the lane a parallel schedule gives them,
+  and whether a tensor crossing from another stage must be copied.
+
+A target is written ``name`` or ``name{key=value,...}`` (:func:`parse_target_spec`), the same
+text in the API, the CLI and the manifest.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmcompile.errors import MMCompileError, RegistryError
 from mmcompile.ir import Graph
 
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
 
 class TargetError(MMCompileError):
     """Unknown target, a target unavailable here, or a stage a target cannot compile."""
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    """One typed option of a target: ``type`` is ``bool``, ``int``, ``float`` or ``str``; a
+    ``default`` of None means "not set" (the target decides)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] = ()
+
+    def convert(self, value: Any, target: str) -> Any:
+        """``value`` (as given in Python, or as text from the CLI) as this option's type.
+
+        Raises:
+            TargetError: naming the target, the option, what was given and what is expected.
+        """
+        def bad(expected: str) -> TargetError:
+            return TargetError(f"target '{target}': option '{self.name}' expects {expected}, "
+                               f"got {value!r}")
+        if isinstance(value, str) and self.type is not str:
+            text = value.strip().lower()
+            if self.type is bool:
+                if text not in _BOOLEANS:
+                    raise bad("true or false")
+                value = _BOOLEANS[text]
+            else:
+                try:
+                    value = self.type(text)
+                except ValueError:
+                    raise bad(f"a{'n' if self.type is int else ''} {self.type.__name__}") \
+                        from None
+        elif self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+            raise bad(f"a {self.type.__name__}")
+        if self.choices and value not in self.choices:
+            raise bad(f"one of {', '.join(map(str, self.choices))}")
+        return value
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether a target can run a node; ``reason`` says why not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+SUPPORTED = Support(True)
 
 
 @dataclass
@@ -31,7 +109,7 @@ class CompileOptions:
     Attributes:
         threads: worker threads the executable may use (0: all available cores).
         progress: called with one-line status messages during long steps.
-        config: target-specific options (documented by each target).
+        config: the target's options, checked and typed (:meth:`Target.check_options`).
     """
 
     threads: int = 0
@@ -40,7 +118,20 @@ class CompileOptions:
 
 
 class Executable(ABC):
-    """A compiled stage: runs on DLPack-capable arrays, and saves itself into a folder."""
+    """A compiled stage: runs on DLPack-capable arrays, and saves itself into a folder.
+
+    ``memory_device_type`` is the DLPack device type its inputs must live on (1: host
+    memory, 2: CUDA); the runtime hands over arrays already there as they are and copies the
+    others in with :meth:`copy_in`.
+    """
+
+    memory_device_type: ClassVar[int] = 1
+
+    def copy_in(self, value: Any) -> Any:
+        """``value`` (on another device) copied to this executable's memory. Default: host."""
+        if type(value).__module__.startswith("torch"):
+            return value.detach().cpu().numpy()
+        return value.numpy()  # TVM tensors (any device) copy to a host numpy array
 
     @abstractmethod
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,15 +153,37 @@ class Executable(ABC):
 
 
 class Target(ABC):
-    """A backend. Subclasses set ``name`` and implement the three methods."""
+    """A backend. Subclasses set ``name`` and implement ``compile`` and ``load``; they declare
+    ``options``, ``pipeline``, ``device`` and override ``supports`` where they need to."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    device: ClassVar[str] = "cpu"
+    options: ClassVar[tuple[TargetOption, ...]] = ()
+    pipeline: ClassVar[str] = ""
 
-    @abstractmethod
-    def check(self, graph: Graph) -> None:
-        """Raise :class:`~mmcompile.errors.UnsupportedOpError` for the first node this target
-        cannot lower, or TargetError if the target cannot run here at all."""
+    def supports(self, node: gs.Node, graph: Graph) -> Support:
+        """Whether this target can run ``node`` of ``graph`` (default: every node)."""
+        return SUPPORTED
+
+    @classmethod
+    def check_options(cls, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``given`` checked against :attr:`options`, converted to their types, defaults filled.
+
+        Raises:
+            TargetError: an unknown option (the valid ones are named) or a value of the wrong
+                type.
+        """
+        known = {o.name: o for o in cls.options}
+        unknown = sorted(set(given or {}) - set(known))
+        if unknown:
+            valid = ", ".join(known) or "none"
+            raise TargetError(f"target '{cls.name}' has no option "
+                              f"{', '.join(repr(u) for u in unknown)}; its options: {valid}")
+        values = {name: option.default for name, option in known.items()}
+        for name, value in (given or {}).items():
+            values[name] = None if value is None else known[name].convert(value, cls.name)
+        return values
 
     @abstractmethod
     def compile(self, graph: Graph, options: CompileOptions) -> Executable:
@@ -122,3 +235,52 @@ def get_target(name: str) -> Target:
 def registered_targets() -> dict[str, type[Target]]:
     _load_builtin_targets()
     return dict(sorted(_REGISTRY.items()))
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A target and its options as written: ``cpu``, ``cpu{mcpu=znver4,winograd=false}``."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={v}" for k, v in self.options) + "}"
+
+
+_SPEC = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\{(.*)\})?\s*$", re.S)
+
+
+def parse_target_spec(text: str) -> TargetSpec:
+    """``name`` or ``name{key=value,...}`` -> :class:`TargetSpec` (values kept as text).
+
+    Raises:
+        TargetError: malformed text.
+    """
+    match = _SPEC.match(text or "")
+    if match is None:
+        raise TargetError(f"malformed target '{text}'; expected NAME or NAME{{KEY=VALUE,...}}, "
+                          f"e.g. cpu{{mcpu=znver4,winograd=false}}")
+    options = []
+    for item in filter(None, (i.strip() for i in (match.group(2) or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TargetError(f"malformed option '{item}' in target '{text}'; expected "
+                              f"KEY=VALUE")
+        options.append((key.strip(), value.strip()))
+    return TargetSpec(match.group(1), tuple(options))
+
+
+def resolve_target(spec: str, config: Mapping[str, Any] | None = None
+                   ) -> tuple[Target, dict[str, Any]]:
+    """The target named by ``spec`` (``name`` or ``name{key=value,...}``) and its checked
+    options: those in ``spec``, then ``config`` (Python values) over them.
+
+    Raises:
+        TargetError: unknown target, malformed spec, unknown or mistyped option.
+    """
+    parsed = parse_target_spec(spec)
+    target = get_target(parsed.name)
+    return target, target.check_options({**dict(parsed.options), **dict(config or {})})

@@ -1,79 +1,19 @@
-"""annotate-branches: find the modality branches, the fusion frontier and independent
-sub-branches, and assign every node a stage.
-
-Each node depends on some set of input modalities (networkx, in topological order). Nodes that
-depend on one modality form that modality's branch; a branch whose nodes fall into several
-weakly connected pieces (two towers over the same input) is split into sub-branches
-``<modality>.<k>``, which share no data and can run side by side. Nodes depending on two or
-more modalities form the ``fusion`` stage; the fusion frontier is the set of branch tensors the
-fusion stage reads. Nodes that depend on no input at all (constant subgraphs left unfolded) get
-no stage: whichever stage needs them recomputes them (see :mod:`mmcompile.plan`).
+"""annotate-branches: record the modality branches of a graph (see
+:mod:`mmcompile.planning.branches`, where the analysis lives, shared with the planner).
 
 The result is written to ``graph.annotations``:
 
-- ``"stages"``: node name -> stage name;
-- ``"stage_dag"``: stage name -> list of stages it reads from;
+- ``"stages"``: node name -> branch name;
+- ``"stage_dag"``: branch name -> list of branches it reads from;
 - ``"fusion_frontier"``: tensor names crossing from branches into fusion.
 """
 
 from __future__ import annotations
 
-import collections
-
-import networkx as nx
-
-from mmcompile.analysis import FUSION, node_modalities
+from mmcompile.analysis import FUSION
 from mmcompile.ir import Graph
+from mmcompile.planning.branches import assign_branches, branch_dependencies
 from mmcompile.transform import Pass, PassContext, PassResult, register_pass
-
-
-def _split_components(graph: Graph, members: list[str]) -> list[list[str]]:
-    """Weakly connected pieces of the subgraph induced by ``members`` (inputs excluded)."""
-    dag = graph.to_networkx().subgraph(members)
-    pieces = [sorted(c) for c in nx.weakly_connected_components(dag)]
-    order = {name: i for i, name in enumerate(n.name for n in graph.gs.nodes)}
-    return sorted(pieces, key=lambda piece: min(order[n] for n in piece))
-
-
-def assign_stages(graph: Graph) -> dict[str, str]:
-    """node name -> stage name (constant-only nodes omitted)."""
-    by_branch: dict[str, list[str]] = collections.defaultdict(list)
-    dag = graph.to_networkx()
-    producers = [t.inputs[0].name for t in graph.gs.outputs if t.inputs]
-    live = set(producers).union(*(nx.ancestors(dag, p) for p in producers))
-    for name, mods in node_modalities(graph).items():
-        if name not in live:  # dead code computes nothing anyone reads: no stage
-            continue
-        if len(mods) == 1:
-            by_branch[next(iter(mods))].append(name)
-        elif len(mods) > 1:
-            by_branch[FUSION].append(name)
-    stages: dict[str, str] = {}
-    for branch, members in by_branch.items():
-        pieces = [members] if branch == FUSION else _split_components(graph, members)
-        for k, piece in enumerate(pieces):
-            label = branch if len(pieces) == 1 else f"{branch}.{k}"
-            stages.update((name, label) for name in piece)
-    return stages
-
-
-def stage_dependencies(graph: Graph, stages: dict[str, str]) -> tuple[dict[str, list[str]],
-                                                                      list[str]]:
-    """(stage -> stages it reads from, tensors crossing into the fusion stage)."""
-    deps: dict[str, set[str]] = {s: set() for s in stages.values()}
-    frontier: set[str] = set()
-    for node in graph.gs.nodes:
-        consumer = stages.get(node.name)
-        if consumer is None:
-            continue
-        for tensor in node.inputs:
-            for producer in tensor.inputs:
-                source = stages.get(producer.name)
-                if source is not None and source != consumer:
-                    deps[consumer].add(source)
-                    if consumer == FUSION:
-                        frontier.add(tensor.name)
-    return {k: sorted(v) for k, v in sorted(deps.items())}, sorted(frontier)
 
 
 @register_pass
@@ -83,8 +23,8 @@ class AnnotateBranches(Pass):
     opt_level = 0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        stages = assign_stages(graph)
-        dag, frontier = stage_dependencies(graph, stages)
+        stages = assign_branches(graph)
+        dag, frontier = branch_dependencies(graph, stages)
         new = {"stages": stages, "stage_dag": dag, "fusion_frontier": frontier}
         changed = any(graph.annotations.get(k) != v for k, v in new.items())
         graph.annotations.update(new)

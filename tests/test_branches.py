@@ -14,7 +14,7 @@ from onnx import helper
 import mmcompile
 from mmcompile.analysis import FUSION, branch_summary, describe, node_modalities
 from mmcompile.cli import main
-from mmcompile.plan import partition
+from mmcompile.planning.partition import partition
 from mmcompile.reference import random_inputs, run_onnxruntime
 
 RNG = np.random.default_rng(0)

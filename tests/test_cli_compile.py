@@ -150,9 +150,10 @@ def test_inspect_artifact(capsys, compiled):
                for line in inputs.strip().splitlines()[2:])
     ids = next(line for line in inputs.splitlines() if line.startswith("input_ids"))
     assert "text" in ids and ids.split()[-1] == "10"
-    stages = out.split("stages:")[1]
+    stages = out.split("stages (placement")[1].split("schedule:")[0]
     for name in _stages(compiled[3]):
-        assert any(line.split()[:3] == [name, "cpu", f"{name}.so"] for line in stages.splitlines())
+        assert any(line.split()[:2] == [name, "cpu"] and f"{name}.so" in line
+                   and "the requested target" in line for line in stages.splitlines())
     assert "verification at compile time: ok" in out
 
 
@@ -165,12 +166,21 @@ def test_inspect_artifact_json(capsys, compiled):
     assert [i["name"] for i in manifest["signature"]["inputs"]] == ["pixel_values", "input_ids"]
 
 
-def test_targets_lists_cpu_and_cuda(capsys):
+def test_targets_lists_cpu_cuda_onnxruntime_and_their_options(capsys):
     code, out, _ = run_cli(capsys, "targets")
     assert code == 0
-    assert {line.split()[0] for line in out.strip().splitlines()[2:]} >= {"cpu", "cuda"}
+    table = out.split("\n\n")[0]
+    assert {line.split()[0] for line in table.strip().splitlines()[2:]} >= {"cpu", "cuda",
+                                                                          "onnxruntime"}
+    options = out.split("options (")[1]
+    assert any(line.split()[:3] == ["cpu", "winograd", "bool"] for line in options.splitlines())
+    assert any(line.split()[:3] == ["cuda", "arch", "str"] for line in options.splitlines())
     code, out, _ = run_cli(capsys, "targets", "--json")
-    assert code == 0 and {"cpu", "cuda"} <= set(json.loads(out))
+    info = json.loads(out)
+    assert code == 0 and {"cpu", "cuda", "onnxruntime"} <= set(info)
+    assert {"name": "winograd", "type": "bool", "default": True} .items() <= \
+        next(o for o in info["cpu"]["options"] if o["name"] == "winograd").items()
+    assert info["cpu"]["pipeline"] == "legalize-for-tvm" and info["cuda"]["device"] == "cuda"
 
 
 def test_compile_corrupt_onnx_is_exit_1_and_writes_nothing(capsys, tmp_path):

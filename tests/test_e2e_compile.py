@@ -84,3 +84,20 @@ def test_transformers_and_cnn_exports_match_onnxruntime(name, tmp_path):
     feeds = random_inputs(graph, seed=3)
     for diff in compare_outputs(run_onnxruntime(graph, feeds), compiled.run(feeds)):
         assert diff.ok(TOL, TOL), str(diff)
+
+
+def test_late_fusion_with_its_audio_branch_on_the_fallback_target(tmp_path):
+    # a real multimodal model, placed on two targets: the audio branch in onnxruntime, the rest
+    # through TVM; the outputs are torch's, the artifact reloads with both
+    ex = example("late_fusion")
+    module, inputs = ex.build_model(), ex.example_inputs(1)
+    compiled = mmcompile.compile(module, inputs, modalities=ex.MODALITIES,
+                                 placement={"audio": "onnxruntime"}, schedule="sequential")
+    targets = {s.name: s.target for s in compiled.stages}
+    assert "onnxruntime" in targets.values() and "cpu" in targets.values()
+    with torch.no_grad():
+        ref = module(**inputs)
+    assert close(compiled(**inputs), ref) <= TOL
+    assert "placed by the user (audio)" in compiled.report()
+    reloaded = mmcompile.load(compiled.save(tmp_path / "mixed.mmc"))
+    assert close(reloaded(**inputs), ref) <= TOL

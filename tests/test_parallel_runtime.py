@@ -23,13 +23,14 @@ from helpers import FLOAT, INT64, make_graph
 from onnx import helper
 
 import mmcompile
-from mmcompile import autoschedule
+from mmcompile.planning import auto as autoschedule
 from mmcompile.artifact import read_manifest
 from mmcompile.cli import main
 from mmcompile.errors import MMCompileError
 from mmcompile.executor import StageError, WorkerPool, run_parallel
 from mmcompile.reference import run_onnxruntime
-from mmcompile.runtime import CompiledModel, replan
+from mmcompile.planning.parallel import replan
+from mmcompile.runtime import CompiledModel
 from mmcompile.schedule import Schedule
 
 BRANCHES = ["audio", "image", "text"]

@@ -18,7 +18,7 @@ import mmcompile
 from mmcompile.compiler import verify_compiled
 from mmcompile.errors import InputError, UnsupportedOpError, VerificationError
 from mmcompile.reference import run_onnxruntime
-from mmcompile.runtime import replan
+from mmcompile.planning.parallel import replan
 from mmcompile.target import TargetError
 
 VOCAB = 10
@@ -300,17 +300,22 @@ def test_compile_raises_verification_error(monkeypatch):
         mmcompile.compile(one_output_graph())
 
 
-def test_op_without_tvm_converter_is_unsupported():
+def test_op_without_tvm_converter_is_unsupported_without_a_fallback():
     from tvm.relax.frontend.onnx import onnx_frontend
     assert "Det" not in onnx_frontend._get_convert_map()
     graph = make_graph([helper.make_node("Det", ["x"], ["d"], name="det0")],
                        [("x", FLOAT, [2, 3, 3])], [("d", FLOAT, [2])])
     with pytest.raises(UnsupportedOpError) as info:
-        mmcompile.compile(graph)
+        mmcompile.compile(graph, fallback=None)
     error = info.value
     assert (error.op_type, error.node) == ("Det", "det0")
     assert "target 'cpu'" in error.rejected_by
-    assert "'Det'" in str(error) and "'det0'" in str(error) and "target 'cpu'" in str(error)
+    assert "'Det'" in str(error) and "'det0'" in str(error) and "no converter for Det" in str(error)
+    assert "no fallback target" in str(error)
+    # the default: onnxruntime runs it, and the report says so
+    compiled = mmcompile.compile(graph)
+    assert [s.target for s in compiled.stages] == ["onnxruntime"]
+    assert "det0: cpu: TVM" in compiled.report()
 
 
 def test_unknown_target_lists_known_targets(graph):

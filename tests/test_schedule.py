@@ -1,6 +1,6 @@
 """The branch-parallel scheduler and its cost model, on stage DAGs given by hand (no compiling).
 
-Cost model under test (see :mod:`mmcompile.schedule`): a stage costs ``cost`` ms with every
+Cost model under test (see :mod:`mmcompile.planning.parallel`): a stage costs ``cost`` ms with every
 core and ``cost * cores / threads`` ms with fewer; roots (the branches) go longest-first onto
 the least loaded worker; stages with dependencies (the fusion) run on the caller afterwards.
 """
@@ -14,8 +14,9 @@ from helpers import FLOAT, make_graph
 from onnx import helper
 
 from mmcompile.errors import MMCompileError
-from mmcompile.schedule import (SCHEDULES, Schedule, available_cores, check_kind,
-                                critical_path_ms, estimate_cost_ms, plan_parallel)
+from mmcompile.planning.costs import estimate_cost_ms
+from mmcompile.planning.parallel import critical_path_ms, plan_parallel
+from mmcompile.schedule import SCHEDULES, Schedule, available_cores, check_kind
 
 
 def fan_in(costs):

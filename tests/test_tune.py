@@ -23,7 +23,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import mmcompile
-from mmcompile.tune import TuningDB, TuningDBError, TuningError, parse_duration, plan_stages, tune
+from mmcompile.planning import plan
+from mmcompile.tune import TuningDB, TuningDBError, TuningError, parse_duration, tune
 from mmcompile.tune.database import META, RECORDS, WORKLOADS
 from mmcompile.tune.tasks import Task, merge, select
 
@@ -125,7 +126,7 @@ def test_a_record_that_does_not_replay_keeps_the_default_schedule(tuned, tmp_pat
     meta = json.loads((db / META).read_text())
     next(iter(meta["tasks"].values()))["untuned_ms"] = 1e6  # the record would be chosen
     (db / META).write_text(json.dumps(meta))
-    _, _, plans = plan_stages(model)
+    plans = plan(model).stages()
     target = llvm_target()
 
     def fused():
@@ -176,10 +177,12 @@ def test_second_job_reuses_tasks_and_stops_on_time_budget(tuned, tmp_path):
 def test_branch_stages_share_one_task(tmp_path):
     model = _matmul_model(tmp_path / "two.onnx", branches=2)
     modalities = {"x0": "image", "x1": "text"}
-    graph, backend, plans = plan_stages(model, modalities=modalities, schedule="parallel")
+    planned = plan(model, modalities=modalities, schedule="parallel")
+    plans = planned.staged
+    backend = planned.placement.choices[planned.placement.primary].target
     assert len(plans) == 2
     # auto compiles the stages and the whole graph: both are tuned
-    _, _, both = plan_stages(model, modalities=modalities)
+    both = plan(model, modalities=modalities).stages()
     assert [p.name for p in both] == [p.name for p in plans] + ["main"]
     from mmcompile.target import CompileOptions
     from mmcompile.tune import find_tuner

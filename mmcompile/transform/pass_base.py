@@ -78,7 +78,9 @@ def _coerce(pass_name: str, key: str, value: Any, default: Any) -> Any:
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
-_BUILTIN_PACKAGE = "mmcompile.passes"
+# passes/ (shipped as mmcompile.passes), and the targets, which register the legalization
+# passes their stages need (see Target.pipeline)
+_BUILTIN_PACKAGES = ("mmcompile.passes", "mmcompile.targets")
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -95,9 +97,10 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def _load_builtin_passes() -> None:
-    # The built-in passes live in passes/ (shipped as mmcompile.passes) and import the core, so
-    # the core loads them lazily, at first lookup, rather than importing them at module level.
-    importlib.import_module(_BUILTIN_PACKAGE)
+    # The built-in passes import the core, so the core loads them lazily, at first lookup,
+    # rather than importing them at module level.
+    for package in _BUILTIN_PACKAGES:
+        importlib.import_module(package)
 
 
 def get_pass(name: str) -> type[Pass]:

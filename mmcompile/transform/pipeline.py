@@ -21,8 +21,8 @@ from mmcompile.errors import PipelineError
 # The default pipeline, in order, with why each step sits where it does:
 NAMED_PIPELINES: dict[str, str] = {
     "default": ",".join([
-        # rewrite ops TVM's importer rejects before anything pattern-matches on them
-        "legalize-for-tvm",
+        # (target-independent: what a target needs legalized, it runs on its own stages;
+        # see Target.pipeline)
         # shape arithmetic -> constants; identities and duplicates only show up once folded
         "fixpoint(eliminate-identity,fold-constants,eliminate-common-subexpr,eliminate-dead-code)",
         # BN and scale/bias folding need constant weights, hence after folding

@@ -1,7 +1,8 @@
 """``mmcompile.tune``: search faster kernel schedules for a model and keep them in a database
 that ``compile(..., tuning_db=...)`` applies.
 
-The job plans the model exactly as :func:`mmcompile.compile` does (same passes, same stages),
+The job plans the model exactly as :func:`mmcompile.compile` does (:func:`mmcompile.planning.plan`:
+same passes, same placement, same stages),
 asks the target's tuner for the kernels of every stage, merges kernels shared by stages or
 already known to the database, measures each one's default schedule, and spends the trial
 budget with MetaSchedule across the kernels worth it (see :mod:`.tasks`). Everything measured is
@@ -34,14 +35,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from mmcompile.target import CompileOptions, get_target
+from mmcompile.target import CompileOptions
 from mmcompile.tune.database import TuningDB, TuningDBError, TuningError, database_info, now
 from mmcompile.tune.progress import Progress, TaskStat
 from mmcompile.tune.report import TuneReport, measure_model_latency
 from mmcompile.tune.tasks import Task, merge, select
 
 __all__ = ["TuneReport", "TuningDB", "TuningDBError", "TuningError", "database_info",
-           "find_tuner", "parse_duration", "plan_stages", "tune"]
+           "find_tuner", "parse_duration", "tune"]
 
 DEFAULT_TRIALS = 2000
 
@@ -58,33 +59,6 @@ def parse_duration(text: str) -> float:
         raise TuningError(f"expected a duration like 90s, 30m, 2h or 1h30m, got '{text}'")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
     return hours * 3600 + minutes * 60 + seconds
-
-
-def plan_stages(model: Any, target: str = "cpu", *, passes: str = "default", opt_level: int = 2,
-                disabled_passes: Sequence[str] = (),
-                modalities: Mapping[str, str] | None = None,
-                input_shapes: Mapping[str, Sequence[int]] | None = None,
-                schedule: str = "auto"):
-    """(loaded graph, target, stage plans) as :func:`mmcompile.compile` makes them: the same
-    options must give the same stages, or the tuned kernels are not the compiled ones."""
-    from mmcompile.compiler import to_graph
-    from mmcompile.optimize import optimize
-    from mmcompile.plan import partition
-    from mmcompile.schedule import check_kind
-    from mmcompile.transform import PassContext
-    graph = to_graph(model, modalities=modalities, input_shapes=input_shapes)
-    backend = get_target(target)
-    ctx = PassContext(opt_level=opt_level, disabled_passes=frozenset(disabled_passes))
-    optimized = optimize(graph, passes, ctx=ctx).graph
-    backend.check(optimized)
-    whole = partition(optimized)  # what "sequential" compiles, and "auto" as one candidate
-    if check_kind(schedule) == "sequential":
-        return graph, backend, whole
-    optimize(optimized, "annotate-branches", inplace=True)
-    staged = partition(optimized)
-    # "auto" compiles both the stages and the whole graph and keeps the faster: tune both
-    # (kernels they share are one task).
-    return graph, backend, staged + (whole if schedule == "auto" and len(staged) > 1 else [])
 
 
 def find_tuner(backend, options: CompileOptions):
@@ -157,7 +131,7 @@ def tune(model: Any, *, db: str | os.PathLike, target: str = "cpu", trials: int 
          disabled_passes: Sequence[str] = (), modalities: Mapping[str, str] | None = None,
          input_shapes: Mapping[str, Sequence[int]] | None = None, schedule: str = "auto",
          threads: int = 0, target_config: Mapping[str, Any] | None = None,
-         trials_per_iter: int = 64, cost_model: str = "xgb", min_share: float = 0.005,
+         fallback: str | None = "onnxruntime", trials_per_iter: int = 64, cost_model: str = "xgb", min_share: float = 0.005,
          measure_model: bool = True, seed: int = 0,
          progress: TextIO | None = sys.stderr) -> TuneReport:
     """Tune a model's kernels into the database folder ``db``.
@@ -171,8 +145,8 @@ def tune(model: Any, *, db: str | os.PathLike, target: str = "cpu", trials: int 
         rpc_tracker, rpc_key: measure on the servers registered with this TVM RPC tracker
             (``HOST:PORT``) under this key instead of on this machine.
         passes, opt_level, disabled_passes, modalities, input_shapes, schedule, threads,
-            target_config: as for compile; they decide the stages and kernels, so give compile
-            the same ones.
+            target_config, fallback: as for compile; they decide the stages and kernels, so
+            give compile the same ones.
         trials_per_iter: candidates measured per batch.
         cost_model: ``"xgb"`` (MetaSchedule's learned model) or ``"random"`` (for tests).
         min_share: skip kernels below this share of the model's untuned time.
@@ -190,10 +164,16 @@ def tune(model: Any, *, db: str | os.PathLike, target: str = "cpu", trials: int 
     from mmcompile.tune.runners import parse_tracker
     started = time.monotonic()
     rpc = parse_tracker(rpc_tracker, rpc_key) if rpc_tracker else None
-    options = CompileOptions(threads=threads, config=dict(target_config or {}))
-    graph, backend, plans = plan_stages(model, target, passes=passes, opt_level=opt_level,
-                                        disabled_passes=disabled_passes, modalities=modalities,
-                                        input_shapes=input_shapes, schedule=schedule)
+    from mmcompile.planning import plan
+    planned = plan(model, target=target, target_config=target_config, fallback=fallback,
+                   passes=passes, opt_level=opt_level, disabled_passes=disabled_passes,
+                   modalities=modalities, input_shapes=input_shapes, schedule=schedule)
+    graph = planned.source
+    choice = planned.placement.choices[planned.placement.primary]
+    backend = choice.target
+    options = CompileOptions(threads=threads, config=choice.options)
+    # the requested target's stages: the fallback's run in onnxruntime, nothing to tune
+    plans = [p for p in planned.stages() if p.target == planned.placement.primary]
     tuner = find_tuner(backend, options)
     host = {**tuner.host_info(), "measured_on": str(rpc) if rpc else "local"}
     tdb = TuningDB.open(db, create=not resume, target=tuner.target_info(), host=host)
@@ -239,7 +219,7 @@ def tune(model: Any, *, db: str | os.PathLike, target: str = "cpu", trials: int 
         report.model_ms = measure_model_latency(
             graph, target, tdb.path, passes=passes, opt_level=opt_level,
             disabled_passes=disabled_passes, schedule=schedule, threads=threads,
-            target_config=target_config, say=say)
+            target_config=target_config, fallback=fallback, say=say)
     return report
 
 

@@ -10,24 +10,52 @@ GPU rules), then ``tvm.compile``. The graph passes in front (``legalize-for-tvm`
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mmcompile.errors import UnsupportedOpError
+import numpy as np
+import onnx
+
 from mmcompile.ir import Graph
-from mmcompile.target import CompileOptions, Executable, Target, TargetError, register_target
+from mmcompile.target import (SUPPORTED, CompileOptions, Executable, Support, Target, TargetError,
+                              TargetOption, register_target)
+from mmcompile.targets.tvm import legalize
 from mmcompile.targets.tvm.executable import (TVMExecutable, configure_threads,
                                               configure_worker_thread, load_executable,
                                               native_log_to)
 
 
+@functools.lru_cache(maxsize=None)
 def supported_ops() -> frozenset[str]:
     """Op types TVM's Relax ONNX importer has a converter for."""
     from tvm.relax.frontend.onnx import onnx_frontend
     return frozenset(onnx_frontend._get_convert_map())
+
+
+# ONNX element types TVM has no dtype for (its importer fails on them): string, complex,
+# float8, 4-bit integers and float4.
+_NO_DTYPE = {onnx.TensorProto.STRING: "string", onnx.TensorProto.COMPLEX64: "complex64",
+             onnx.TensorProto.COMPLEX128: "complex128"}
+for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "UINT4", "INT4",
+              "FLOAT4E2M1"):
+    if hasattr(onnx.TensorProto, _name):
+        _NO_DTYPE[getattr(onnx.TensorProto, _name)] = _name.lower()
+
+
+def _elem_type(tensor) -> int | None:
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return dtype
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -53,13 +81,22 @@ def import_relax(graph: Graph, target_name: str):
 
 class _TVMTarget(Target):
     device = "cpu"
+    pipeline = "legalize-for-tvm"
 
-    def check(self, graph: Graph) -> None:
-        known = supported_ops()
-        for node in graph.gs.nodes:
-            if node.op not in known:
-                raise UnsupportedOpError(node.op, node.name, f"target '{self.name}' (TVM "
-                                         f"{_tvm_version()} ONNX importer has no converter)")
+    def supports(self, node, graph: Graph) -> Support:
+        """An op TVM's ONNX importer converts, that :mod:`.legalize` can make importable, on
+        element types TVM has."""
+        if node.op not in supported_ops():
+            return Support(False, f"TVM {_tvm_version()}'s ONNX importer has no converter for "
+                                  f"{node.op}")
+        reason = legalize.refusal(node, graph)
+        if reason:
+            return Support(False, f"{node.op}: {reason}")
+        for tensor in (*node.inputs, *node.outputs):
+            kind = _NO_DTYPE.get(_elem_type(tensor))
+            if kind is not None:
+                return Support(False, f"TVM has no {kind} type (tensor '{tensor.name}')")
+        return SUPPORTED
 
     def _tvm_target(self, options: CompileOptions):
         raise NotImplementedError
@@ -71,8 +108,6 @@ class _TVMTarget(Target):
         """Relax (after import) -> (scheduled module, facts for the manifest): the zero
         pipeline, then the schedules."""
         from mmcompile.targets.tvm.lowering import legalize_and_fuse
-        if options.config.get("tuning_db"):
-            raise TargetError(f"{self.name}: tuning databases apply to the 'cpu' target only")
         return self._schedule(legalize_and_fuse(mod, target), target), {}
 
     def compile(self, graph: Graph, options: CompileOptions) -> Executable:
@@ -127,6 +162,16 @@ class TVMCpuTarget(_TVMTarget):
 
     name = "cpu"
     description = "CPU via TVM + LLVM (host CPU detected, parallel + vectorized schedules)"
+    options = (
+        TargetOption("mcpu", str, None, "LLVM CPU name instead of the detected host CPU "
+                                        "(e.g. skylake-avx512, znver4)"),
+        TargetOption("winograd", bool, True, "3x3 / 5x5 stride-1 convolutions as Winograd "
+                                             "F(4x4, r x r); false sums them directly"),
+        TargetOption("fast_math", bool, True, "polynomial exp/erf/tanh/sigmoid fused into their "
+                                              "producers; false keeps libm's"),
+        TargetOption("tuning_db", str, None, "a database folder written by 'mmcompile tune' "
+                                             "(compile --tuning-db sets it)"),
+    )
 
     def _tvm_target(self, options: CompileOptions):
         from mmcompile.targets.tvm.host import llvm_target
@@ -154,6 +199,10 @@ class TVMCudaTarget(_TVMTarget):
     name = "cuda"
     description = "NVIDIA GPU via TVM CUDA codegen (device code compiled with nvcc at build time)"
     device = "cuda"
+    options = (
+        TargetOption("arch", str, None, "GPU architecture sm_XY (default: the local GPU's, "
+                                        "else sm_80)"),
+    )
 
     def compile(self, graph: Graph, options: CompileOptions) -> Executable:
         """Compile in-process where TVM's CUDA runtime loads (a GPU driver is installed), else in

@@ -68,27 +68,48 @@ def _repeat_kv(b: _Builder, t: gs.Tensor, batch: int, kv_heads: int, rep: int, l
                                     np.array([batch, kv_heads * rep, length, width], np.int64))])
 
 
-def _decompose_attention(m: Match, graph: Graph) -> list[gs.Node]:
-    node = m.root
-    q, k, v = m["q"], m["k"], m["v"]
+def attention_refusal(node: gs.Node, graph: Graph) -> str | None:
+    """Why an opset-23 ``Attention`` node cannot be decomposed for TVM, or None."""
     if _present(node, 4) or _present(node, 5):
-        raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm",
-                                 "past key/value inputs are not supported")
+        return "past key/value inputs are not supported"
     if any(o.outputs or o in graph.gs.outputs for o in node.outputs[1:]):
-        raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm",
-                                 "present key/value or qk outputs are read")
+        return "present key/value or qk outputs are read"
     if node.attrs.get("qk_matmul_output_mode", 0) != 0:
-        raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm",
-                                 "qk_matmul_output_mode != 0")
+        return "qk_matmul_output_mode != 0"
     windowed = [k for k in ("left_window_size", "right_window_size")
                 if node.attrs.get(k, -1) != -1]
     if windowed or _present(node, 6):
-        what = windowed or ["nonpad_kv_seqlen input"]
-        raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm",
-                                 f"{', '.join(what)} not supported")
-    if any(t.shape is None or not all(isinstance(d, int) for d in t.shape) for t in (q, k, v)):
-        raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm",
-                                 "needs static shapes (fix input shapes, e.g. --input-shape)")
+        return f"{', '.join(windowed or ['nonpad_kv_seqlen input'])} not supported"
+    if any(t.shape is None or not all(isinstance(d, int) for d in t.shape)
+           for t in node.inputs[:3]):
+        return "needs static shapes (fix input shapes, e.g. --input-shape)"
+    return None
+
+
+def layernorm_refusal(node: gs.Node, graph: Graph) -> str | None:
+    """Why a ``LayerNormalization`` node cannot be legalized for TVM, or None."""
+    used = [o for o in node.outputs[1:] if o.outputs or o in graph.gs.outputs]
+    if used and node.inputs[0].shape is None:
+        return "Mean/InvStdDev outputs are read and the input rank is unknown"
+    return None
+
+
+REFUSALS = {"Attention": attention_refusal, "LayerNormalization": layernorm_refusal}
+
+
+def refusal(node: gs.Node, graph: Graph) -> str | None:
+    """Why this pass cannot make ``node`` importable by TVM, or None (the TVM targets'
+    ``supports`` asks before placing the node on them)."""
+    check = REFUSALS.get(node.op)
+    return check(node, graph) if check is not None and (node.domain or "") in ("", "ai.onnx") else None
+
+
+def _decompose_attention(m: Match, graph: Graph) -> list[gs.Node]:
+    node = m.root
+    q, k, v = m["q"], m["k"], m["v"]
+    reason = attention_refusal(node, graph)
+    if reason:
+        raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm", reason)
     dtype = np.dtype(q.dtype or np.float32)
     b = _Builder(node.name, dtype)
     three_d = len(q.shape) == 3
@@ -145,9 +166,9 @@ def _legalize_layernorm(m: Match, graph: Graph) -> list[gs.Node] | None:
         return [gs.Node("LayerNormalization", name=fresh_name(node.name), inputs=list(node.inputs),
                         outputs=[outs[0]], attrs=dict(node.attrs))]
     x, scale = node.inputs[0], node.inputs[1]
-    if x.shape is None:
-        raise UnsupportedOpError("LayerNormalization", node.name, "legalize-for-tvm",
-                                 "Mean/InvStdDev outputs are read and the input rank is unknown")
+    reason = layernorm_refusal(node, graph)
+    if reason:
+        raise UnsupportedOpError("LayerNormalization", node.name, "legalize-for-tvm", reason)
     rank = len(x.shape)
     axes = np.arange(int(node.attrs.get("axis", -1)) % rank, rank, dtype=np.int64)
     b = _Builder(node.name, np.dtype(x.dtype or np.float32))

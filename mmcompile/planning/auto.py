@@ -1,11 +1,11 @@
-"""Choosing between the whole graph and the branch-parallel stages (``schedule="auto"``).
+"""Choosing the schedule: the whole graph or the branch-parallel stages (``schedule="auto"``).
 
 The parallel candidate costs a second compilation (every branch stage, on top of the whole
 graph), so ``auto`` first asks whether it could pay: the whole graph is timed with every core,
 and as N copies side by side on N workers with a worker's share of the cores each (what
 concurrent branches pay: fewer cores, shared caches and memory bandwidth); the branches'
 share of the work is read off their FLOPs and bytes, and
-:func:`~mmcompile.schedule.plan_parallel` predicts the parallel wall time from those. Kernels
+:func:`~.parallel.plan_parallel` predicts the parallel wall time from those. Kernels
 that scale well across cores (TVM's, on 2 cores) make one core per branch slower than the
 branches one after another with both; only when the prediction beats the whole graph are the
 stages compiled and both candidates timed, the faster kept. Measured on the multimodal suite
@@ -20,9 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from mmcompile.plan import StagePlan
+from mmcompile.planning.costs import estimate_cost_ms, stage_costs
+from mmcompile.planning.parallel import plan_parallel
+from mmcompile.planning.partition import StagePlan
+from mmcompile.planning.plan import Plan
 from mmcompile.runtime import CompiledModel, Stage
-from mmcompile.schedule import Schedule, estimate_cost_ms, plan_parallel
+from mmcompile.schedule import Schedule
 
 # Compile the staged candidate when its predicted time is under this multiple of the whole
 # graph's. The prediction is optimistic: in two suite runs (24 compiles, 2 cores) it came
@@ -124,53 +127,87 @@ def promising(prospect: Schedule) -> bool:
             and prospect.estimate_ms < PROSPECT * sequential_ms)
 
 
-def stage_costs(compiled: CompiledModel, plans: Sequence[StagePlan],
-                feeds: Mapping[str, np.ndarray], measure: bool) -> dict[str, float]:
-    """Each stage's time in ms with every core: measured on ``feeds`` (median of 4 profiled
-    runs after one) or estimated from FLOPs and bytes; also recorded as ``cost_ms`` in the
-    stage's info."""
-    if measure:
-        samples: dict[str, list[float]] = {s.name: [] for s in compiled.stages}
-        compiled.schedule = Schedule("sequential")
-        for _ in range(5):
-            for entry in compiled.profile(feeds):
-                samples[entry["stage"]].append(entry["end_ms"] - entry["start_ms"])
-        costs = {name: float(np.median(v[1:])) for name, v in samples.items()}
-    else:
-        costs = {plan.name: estimate_cost_ms(plan.graph) for plan in plans}
-    # Planned from the figures the artifact records, so that a load that replans from them
-    # places the stages exactly as compiled (unrounded, near-equal branches could swap).
-    costs = {name: round(value, 4) for name, value in costs.items()}
-    for stage in compiled.stages:
-        stage.info["cost_ms"] = costs[stage.name]
-    return costs
-
-
 def parallel_schedule(compiled: CompiledModel, feeds: Mapping[str, np.ndarray],
                       plans: Sequence[StagePlan], cores: int, measure: bool = True) -> Schedule:
     """The parallel schedule of ``compiled``'s stages, planned from their costs (see
-    :func:`stage_costs`); sequential when nothing can overlap."""
+    :func:`~.costs.stage_costs`) on cpu and device lanes; sequential when nothing can
+    overlap."""
     costs = stage_costs(compiled, plans, feeds, measure)
     order = [s.name for s in compiled.stages]
     deps = {s.name: s.depends_on for s in compiled.stages}
-    return plan_parallel(order, deps, costs, cores)
+    return plan_parallel(order, deps, costs, cores,
+                         devices={s.name: s.device for s in compiled.stages})
 
 
 def faster(staged: CompiledModel, whole: CompiledModel, feeds: Mapping[str, np.ndarray],
            say: Callable[[str], None]) -> CompiledModel:
     """The staged model on its parallel schedule or the whole graph sequentially, whichever
-    is faster on ``feeds``; the other is closed.
+    is faster on ``feeds``; the other is closed (``staged`` may be ``whole`` itself, under
+    its parallel schedule).
 
     The whole graph is timed first, before any worker thread exists (idle or exiting workers
     slowed it 10-40%), then the parallel schedule."""
-    measured = {"sequential": _best_median_ms(lambda: whole.run(feeds)),
-                "parallel": _best_median_ms(lambda: staged.run(feeds))}
+    parallel = staged.schedule
+    if staged is whole:
+        whole.schedule = Schedule("sequential")
+    measured = {"sequential": _best_median_ms(lambda: whole.run(feeds))}
+    staged.schedule = parallel
+    measured["parallel"] = _best_median_ms(lambda: staged.run(feeds))
     chosen = staged if measured["parallel"] < measured["sequential"] else whole
-    (whole if chosen is staged else staged).close()
-    if chosen is whole:
-        whole.schedule = Schedule("sequential", estimate_ms=staged.schedule.estimate_ms,
-                                  bound_ms=staged.schedule.bound_ms)
+    if staged is not whole:
+        (whole if chosen is staged else staged).close()
+    if chosen is whole and measured["parallel"] >= measured["sequential"]:
+        whole.schedule = Schedule("sequential", estimate_ms=parallel.estimate_ms,
+                                  bound_ms=parallel.bound_ms)
     chosen.schedule.measured_ms = measured
     say(f"schedule: {chosen.schedule.kind} (parallel {measured['parallel']:.2f} ms, "
         f"whole graph sequential {measured['sequential']:.2f} ms)")
     return chosen
+
+
+Build = Callable[[Sequence[StagePlan]], CompiledModel]
+
+
+def choose(plan: Plan, build: Build, kind: str, feeds: Mapping[str, np.ndarray], cores: int,
+           measure: bool, say: Callable[[str], None]) -> CompiledModel:
+    """The compiled model and its schedule for ``kind`` (``sequential``, ``parallel`` or
+    ``auto``); ``build`` compiles a list of stage plans into a model.
+
+    ``auto``: the graph compiled whole (one VM call, no stage boundaries), and the branch
+    stages on their parallel schedule only when the whole graph's thread scaling says they
+    could be faster (:func:`parallel_prospect`); then the faster of the two. A model that
+    placement already cut into stages (a fallback stage, branches on other targets) is
+    scheduled on its own stages instead: sequential, or parallel where that measures faster.
+    """
+    if kind == "parallel" and plan.staged is not plan.whole:
+        staged = build(plan.staged)
+        say(f"scheduling {len(plan.staged)} stages (parallel)")
+        staged.schedule = parallel_schedule(staged, feeds, plan.staged, cores, measure)
+        return staged
+    whole = build(plan.whole)
+    if len(whole.stages) > 1:  # placement cut the model: its own stages, side by side if faster
+        schedule = parallel_schedule(whole, feeds, plan.whole, cores, measure)
+        if kind == "sequential" or schedule.kind != "parallel":
+            whole.schedule = Schedule("sequential", estimate_ms=schedule.estimate_ms,
+                                      bound_ms=schedule.bound_ms)
+            return whole
+        whole.schedule = schedule
+        return whole if kind == "parallel" or not measure else faster(whole, whole, feeds, say)
+    if kind == "sequential" or plan.staged is plan.whole:
+        return whole
+    say(f"estimating the parallel schedule of {len(plan.staged)} stages")
+    prospect = parallel_prospect(whole, plan.staged, feeds, cores, measure)
+    if not promising(prospect):
+        whole.schedule = Schedule("sequential", estimate_ms=prospect.estimate_ms,
+                                  bound_ms=prospect.bound_ms, measured_ms=prospect.measured_ms)
+        times = ", ".join(f"{k} {v:.2f} ms" for k, v in prospect.measured_ms.items())
+        say(f"schedule: sequential (parallel predicted {prospect.estimate_ms:.2f} ms"
+            + (f" from the whole graph at {times})" if times else ")")
+            + "; branch stages not compiled")
+        return whole
+    staged = build(plan.staged)
+    staged.schedule = parallel_schedule(staged, feeds, plan.staged, cores, measure)
+    if staged.schedule.kind != "parallel":
+        staged.close()
+        return whole
+    return faster(staged, whole, feeds, say)

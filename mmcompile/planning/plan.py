@@ -1,0 +1,117 @@
+"""``plan``: from a model to the stages that targets compile, the one function both
+``mmcompile.compile`` and ``mmcompile.tune`` use (the same options give the same stages, so
+tuned kernels are the compiled ones).
+
+In order, each step with why it sits there:
+
+1. load the model (frontend) and run the target-independent pipeline (``default``);
+2. branch analysis (:mod:`.branches`), when a branch is to be placed or scheduled on its own;
+3. placement (:mod:`.placement`): a target per node, the fallback where the target cannot run
+   a node; after the passes, which change the nodes;
+4. stages (:mod:`.partition`): ``whole`` cuts the graph by target only, ``staged`` by branch
+   and target (the branch-parallel candidate, for ``schedule`` ``auto`` / ``parallel``);
+5. each stage's target pipeline (``Target.pipeline``: TVM's ``legalize-for-tvm``), on that
+   target's stages only, last, so that nothing before it depends on one target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmcompile.frontend import to_graph
+from mmcompile.ir import Graph
+from mmcompile.optimize import OptimizeResult, optimize
+from mmcompile.planning.branches import assign_branches
+from mmcompile.planning.partition import StagePlan, group_nodes, stage_plans
+from mmcompile.planning.placement import Placement, place
+from mmcompile.schedule import check_kind
+from mmcompile.transform import PassContext
+
+
+@dataclass
+class Plan:
+    """What :func:`plan` decided.
+
+    Attributes:
+        source: the model as loaded (the reference verification runs in onnxruntime).
+        optimized: after the target-independent passes (before any target pipeline).
+        optimization: the pipeline's report.
+        placement: a target per node, and why.
+        whole: the stages cut by target only (one stage, ``main``, when every node runs on
+            the requested target).
+        staged: the stages cut by branch and target; the same list as ``whole`` when the
+            schedule is ``sequential`` or the model has one branch.
+    """
+
+    source: Graph
+    optimized: Graph
+    optimization: OptimizeResult
+    placement: Placement
+    whole: list[StagePlan]
+    staged: list[StagePlan] = field(default_factory=list)
+
+    def stages(self) -> list[StagePlan]:
+        """Every distinct stage of both candidates, the branch stages first (what ``tune``
+        extracts kernels from)."""
+        return self.staged + [s for s in self.whole if s not in self.staged]
+
+    def fell_back(self) -> dict[str, str]:
+        """Node -> why it is not on the target it was meant for."""
+        return dict(self.placement.fell_back)
+
+
+def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
+         target_config: Mapping[str, Any] | None = None, fallback: str | None = "onnxruntime",
+         placement: Mapping[str, str] | None = None, passes: str = "default",
+         opt_level: int = 2, disabled_passes: Sequence[str] = (),
+         modalities: Mapping[str, str] | None = None,
+         input_shapes: Mapping[str, Sequence[int]] | None = None, schedule: str = "auto",
+         progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan ``model``'s stages (see the module docstring for the steps).
+
+    Args:
+        model, example_inputs, modalities, input_shapes: as for :func:`mmcompile.compile`.
+        target: the requested target, ``name`` or ``name{key=value,...}``.
+        target_config: options of the requested target (Python values), over the spec's.
+        fallback: the target for nodes the requested one cannot run; None refuses them.
+        placement: branch, modality or node name -> target, over ``target``.
+        passes, opt_level, disabled_passes: the graph pipeline.
+        schedule: ``auto`` / ``parallel`` also plan the branch stages; ``sequential`` not.
+        progress: called with one-line status messages.
+
+    Raises:
+        ModelLoadError, ExportError, ModalityError: the model cannot be read.
+        PipelineError, PassError: a pass pipeline failed.
+        TargetError: an unknown target or option.
+        UnsupportedOpError: a node no allowed target runs.
+    """
+    say = progress or (lambda message: None)
+    check_kind(schedule)
+    say("loading model")
+    source = to_graph(model, example_inputs, modalities=modalities, input_shapes=input_shapes)
+    say(f"optimizing graph ({source.num_nodes} nodes)")
+    ctx = PassContext(opt_level=opt_level, disabled_passes=frozenset(disabled_passes))
+    optimization = optimize(source, passes, ctx=ctx)
+    optimized = optimization.graph
+    branches = assign_branches(optimized) if placement or schedule != "sequential" else {}
+    placed = place(optimized, branches, target, target_config, fallback, placement)
+    if placed.fell_back:
+        say(f"{len(placed.fell_back)} node(s) fall back to {placed.fallback}: "
+            + ", ".join(f"{n} ({r})" for n, r in list(placed.fell_back.items())[:3])
+            + (", ..." if len(placed.fell_back) > 3 else ""))
+    names = {key: choice.name for key, choice in placed.choices.items()}
+    staged: list[StagePlan] = []
+    if schedule != "sequential" and len(set(branches.values())) > 1:
+        labels = {n: (b, placed.nodes[n]) for n, b in branches.items()}
+        staged = stage_plans(optimized, group_nodes(optimized, labels), placed.primary, names)
+    whole = stage_plans(optimized, group_nodes(optimized, {n: ("main", k) for n, k in
+                                                           placed.nodes.items()}),
+                        placed.primary, names)
+    result = Plan(source, optimized, optimization, placed, whole, staged or whole)
+    for stage in result.stages():  # last: a target's pipeline sees only its own stages
+        pipeline = placed.choices[stage.target].target.pipeline
+        if pipeline:
+            optimize(stage.graph, pipeline, inplace=True)
+    return result
