@@ -190,8 +190,9 @@ def _lstm(path):
 
 def test_a_failing_engine_is_a_row_and_the_others_go_on(tmp_path, capsys):
     out_json = tmp_path / "lstm.json"
+    # native lowering only: the LSTM has no TVM converter and no fallback may take it
     code, out, err = run_cli(capsys, "bench", _lstm(tmp_path / "lstm.onnx"), "--repeat", "3",
-                          "--json", out_json, "-q")
+                          "--json", out_json, "-q", "--fallback", "none")
     assert code == 0, err
     failed, ok = json.loads(out_json.read_text())["results"]
     assert failed["engine"] == "mmcompile" and failed["match"] is False
@@ -199,6 +200,17 @@ def test_a_failing_engine_is_a_row_and_the_others_go_on(tmp_path, capsys):
     assert ok["engine"] == "onnxruntime" and ok["match"] is True
     assert ok["ratio_vs_onnxruntime"] == 1.0 and failed["ratio_vs_onnxruntime"] is None
     assert "problems:" in out and "unsupported op 'LSTM'" in out
+
+
+def test_the_default_fallback_runs_what_the_target_cannot(tmp_path, capsys):
+    out_json = tmp_path / "lstm.json"
+    code, _, err = run_cli(capsys, "bench", _lstm(tmp_path / "lstm.onnx"), "--repeat", "3",
+                           "--json", out_json, "-q")
+    assert code == 0, err
+    rows = {r["engine"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert rows["mmcompile"]["match"] is True and rows["mmcompile"]["median_ms"] > 0
+    assert rows["mmcompile"]["fallback_nodes"] == 1
+    assert "onnxruntime" in rows["mmcompile"]["detail"]
 
 
 def test_an_engine_process_over_its_timeout_is_killed(mlp_file, tmp_path):

@@ -66,6 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuning-db", metavar="DIR",
                    help="also run 'mmcompile-tuned': mmcompile compiled with this database "
                         "from 'mmcompile tune' (next to untuned mmcompile, in the same run)")
+    p.add_argument("--fallback", default="onnxruntime", metavar="TARGET|none",
+                   help="the mmcompile engines' fallback target for nodes the cpu target "
+                        "cannot run; 'none' measures native lowering only (default: "
+                        "%(default)s)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -104,6 +108,7 @@ def _options(args: argparse.Namespace):
                         repeat=args.repeat, warmup=args.warmup, warmup_s=args.warmup_time,
                         max_time=args.max_time,
                         timeout=args.timeout, tolerance=args.tolerance, tuning_db=tuning_db,
+                        fallback=None if args.fallback.lower() == "none" else args.fallback,
                         rounds=args.rounds)
 
 

@@ -94,17 +94,20 @@ class MMCompileEngine(Engine):
     def prepare(self, model: Any, job: Mapping[str, Any]) -> tuple[RunFn, dict[str, Any]]:
         import mmcompile
         compiled = mmcompile.compile(model, target="cpu", verify=False, threads=job["threads"],
-                                     schedule=self.schedule, tuning_db=self.tuning_db(job))
+                                     schedule=self.schedule, tuning_db=self.tuning_db(job),
+                                     fallback=job.get("fallback", "onnxruntime"))
 
         def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {k: np.asarray(v) for k, v in compiled.run(feeds).items()}
 
         stage = compiled.stages[0]
-        return run, {"detail": f"{stage.target} {stage.info.get('detail', '')}".strip(),
+        targets = sorted({s.info.get("spec", s.target) for s in compiled.stages})
+        return run, {"detail": f"{'+'.join(targets)} {stage.info.get('detail', '')}".strip(),
                      "nodes": f"{compiled.metadata.get('nodes_before')} -> "
                               f"{compiled.metadata.get('nodes_after')}",
                      "schedule": compiled.schedule.to_dict(),
-                     "stages": {s.name: s.info.get("cost_ms") for s in compiled.stages}}
+                     "stages": {s.name: s.info.get("cost_ms") for s in compiled.stages},
+                     "fallback_nodes": len(compiled.fallback_nodes())}
 
 
 @register_engine

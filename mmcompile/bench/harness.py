@@ -66,6 +66,8 @@ class BenchOptions:
         timeout: seconds one engine process may take in all (import, compile, runs).
         tolerance: outputs match when ``max|got - ref| <= tolerance * max(1, max|ref|)``.
         tuning_db: the database the ``mmcompile-tuned`` engine compiles with.
+        fallback: the mmcompile engines' fallback target (None: native lowering only, a
+            model with a node the target cannot run fails that row).
         rounds: lock-step groups (one process per engine each) per workload; each row is
             the round with the median latency, ``rounds_ms`` lists all.
     """
@@ -81,6 +83,7 @@ class BenchOptions:
     timeout: float = 600.0
     tolerance: float = 1e-3
     tuning_db: str | None = None
+    fallback: str | None = "onnxruntime"
     rounds: int = 1
 
 
@@ -240,7 +243,7 @@ def make_job(workload: Workload, engine: str, variant: str, options: BenchOption
             "repeat": options.repeat, "warmup": options.warmup,
             "warmup_s": options.warmup_s, "max_time": options.max_time,
             "min_runs": options.min_runs, "inductor_cache": f"{stem}.inductor",
-            "tuning_db": options.tuning_db}
+            "tuning_db": options.tuning_db, "fallback": options.fallback}
 
 
 def child_env(job: dict[str, Any]) -> dict[str, str]:

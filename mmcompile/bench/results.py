@@ -66,6 +66,8 @@ def make_row(model: str, batch: int, engine: str, result: Mapping[str, Any],
                detail=result.get("detail", ""), wall_s=_round(result.get("wall_s"), 1))
     if "schedule" in result:  # mmcompile: the branch schedule it ran (issue: branch scheduling)
         row["schedule"] = result["schedule"]
+    if "fallback_nodes" in result:  # mmcompile: nodes its target could not run
+        row["fallback_nodes"] = result["fallback_nodes"]
     if problem:
         row["error"] = problem
     return row
