@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from mmcompile.flops import node_flops
 from mmcompile.ir import Graph
+from mmcompile.report import save_figure
 
 FUSION = "fusion"
 CONSTANT = "constant"
@@ -128,5 +129,4 @@ def draw_branches(graph: Graph, path: str) -> None:
     ax.legend(loc="upper left", fontsize=8)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

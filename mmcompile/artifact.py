@@ -55,8 +55,12 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any],
     if path.exists() and not (path / MANIFEST).is_file():
         raise ArtifactError(f"{path} exists and is not an mmcompile artifact; not overwriting it")
     parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    try:  # a folder that cannot be made or written is the user's to fix: say which
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    except OSError as exc:
+        raise ArtifactError(f"cannot write artifact {path}: {exc.strerror or exc} "
+                            f"({exc.filename or parent})") from exc
     try:
         stages = write_stages(tmp)
         for stage in stages:

@@ -11,6 +11,7 @@ Exit codes (documented in ``mmcompile --help``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -209,8 +210,11 @@ def _write_npz(path: str, arrays: dict) -> None:
     try:
         np.savez(tmp, **arrays)
         os.replace(tmp, target)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove in a folder that is not there
+            tmp.unlink(missing_ok=True)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mmcompile.errors import MMCompileError
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned text columns, numbers right-aligned, with a header rule."""
@@ -58,5 +60,19 @@ def draw_timeline(entries: Sequence[dict[str, Any]], path: str, title: str = "")
     ax.set_title(title or "stage timeline")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure to ``path`` (format by extension) and close it.
+
+    Raises:
+        MMCompileError: the file cannot be written (a missing or read-only folder).
+    """
+    import matplotlib.pyplot as plt
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise MMCompileError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)

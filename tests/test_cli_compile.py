@@ -210,3 +210,22 @@ def test_run_tampered_artifact_is_exit_1(capsys, tmp_path, compiled):
     assert code == 1
     assert_one_line_error(err, ".so does not match its SHA-256")
     assert out == ""
+
+
+@pytest.mark.parametrize("command", ["compile", "optimize", "run --output", "run --timeline",
+                                     "inspect --draw"])
+def test_writing_into_a_folder_that_cannot_be_made_is_exit_1(command, capsys, tmp_path,
+                                                             onnx_path, compiled):
+    # a file where a folder should be: no such folder can be made (as root too)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    where = blocker / "sub" / "out"
+    argv = {"compile": ["compile", onnx_path, "-o", where, "--no-verify"],
+            "optimize": ["optimize", onnx_path, "-o", where],
+            "run --output": ["run", compiled[3], "--random", "--output", f"{where}.npz"],
+            "run --timeline": ["run", compiled[3], "--random", "--timeline", f"{where}.png"],
+            "inspect --draw": ["inspect", onnx_path, "--draw", f"{where}.png"]}[command]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1, err
+    assert_one_line_error(err, "cannot write", str(blocker))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
