@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mmcompile.errors import VerificationError
+from mmcompile.frontend import SPECIALIZED
 from mmcompile.ir import Graph
 from mmcompile.planning import Plan, StagePlan, plan
 from mmcompile.planning.auto import choose
@@ -143,6 +144,11 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     metadata = {"pipeline": str(planned.optimization.pipeline),
                 "nodes_before": planned.optimization.nodes_before,
                 "nodes_after": planned.optimization.nodes_after, "source": source.name}
+    fixed = planned.source.annotations.get(SPECIALIZED)
+    if fixed:
+        metadata["specialized"] = fixed
+        say("symbolic dims fixed to the example inputs: " + ", ".join(
+            f"{k} {v['declared']} -> {v['shape']}" for k, v in fixed.items()))
     if planned.placement.fell_back:
         metadata["fallback"] = {"target": planned.placement.fallback,
                                 "nodes": planned.fell_back()}

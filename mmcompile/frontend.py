@@ -166,11 +166,19 @@ def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
             dims.add().dim_value = int(size)
 
 
+def _copied(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
 def from_onnx_model(model: onnx.ModelProto, modalities: Mapping[str, str] | None = None, *,
                     name: str = "model",
                     input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
-    """Shape-infer an already checked ModelProto and wrap it as a :class:`Graph`."""
+    """Shape-infer an already checked ModelProto and wrap it as a :class:`Graph` (``model``
+    itself is left as it is)."""
     if input_shapes:
+        model = _copied(model)
         set_input_shapes(model, input_shapes, name)
     if model.ByteSize() < PROTO_LIMIT:
         try:
@@ -219,17 +227,89 @@ def _load_pt2(path: Path, modalities: Mapping[str, str] | None,
     return graph
 
 
+def _declared(info: onnx.ValueInfoProto) -> list[int | str] | None:
+    """An input's declared dims (ints, or names / "?" where symbolic); None without a shape."""
+    kind = info.type.WhichOneof("value")
+    if kind != "tensor_type" or not info.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in info.type.tensor_type.shape.dim]
+
+
+def example_shapes(model: onnx.ModelProto, example_inputs: Any,
+                   explicit: Mapping[str, Sequence[int]] | None = None,
+                   name: str = "model") -> dict[str, dict[str, list]]:
+    """The inputs of ``model`` whose declared shape has symbolic (or unknown) dims, each with
+    its declared dims and the shape of its example: ``{input: {"declared": [...], "shape":
+    [...]}}``. Inputs in ``explicit`` (``input_shapes``) are left to it.
+
+    Raises:
+        InputError: an example's rank, or a static dim, differs from the model's.
+    """
+    from mmcompile.errors import InputError
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if isinstance(example_inputs, Mapping):
+        given = dict(example_inputs)
+    else:
+        values = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        given = dict(zip((i.name for i in inputs), values))
+    found = {}
+    for info in inputs:
+        value = given.get(info.name)
+        if value is None or info.name in (explicit or {}) or not hasattr(value, "shape"):
+            continue
+        shape = [int(d) for d in value.shape]
+        declared = _declared(info)
+        if declared is not None and len(declared) != len(shape):
+            raise InputError(f"example input '{info.name}' has rank {len(shape)}, but {name} "
+                             f"declares {declared}")
+        if declared is not None:
+            for dim, size in zip(declared, shape):
+                if isinstance(dim, int) and dim > 0 and dim != size:
+                    raise InputError(f"example input '{info.name}' has shape {shape}, but "
+                                     f"{name} declares {declared}")
+        if declared is None or any(not isinstance(d, int) or d <= 0 for d in declared):
+            found[info.name] = {"declared": declared, "shape": shape}
+    return found
+
+
+SPECIALIZED = "specialized_inputs"  # graph annotation: inputs fixed to their example's shape
+
+
 def to_graph(model: Any, example_inputs: Any = None, *,
              modalities: Mapping[str, str] | None = None,
-             input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
+             input_shapes: Mapping[str, Sequence[int]] | None = None,
+             specialize: bool = True) -> Graph:
     """Any supported model form -> Graph: a Graph, an ONNX ModelProto, a path (.onnx/.pt2), or a
-    torch module with ``example_inputs``."""
+    torch module with ``example_inputs``.
+
+    With ``specialize`` (the default) and example inputs, an ONNX model's symbolic input dims
+    (``batch``, ``sequence``, ``-1``) are fixed to the examples' shapes, as ``input_shapes``
+    would (which wins where both name an input): shapes then fold and TVM compiles static
+    kernels. What was fixed is recorded in ``graph.annotations["specialized_inputs"]``.
+
+    Raises:
+        ModelLoadError, ExportError, ModalityError: the model cannot be read.
+        InputError: an example input contradicts the model's declared shape.
+    """
     if isinstance(model, Graph):
         return model
+    onnx_model, name = None, "model"
     if isinstance(model, onnx.ModelProto):
-        return from_onnx_model(model, modalities, input_shapes=input_shapes)
-    if isinstance(model, (str, os.PathLike)):
+        onnx_model = model
+    elif isinstance(model, (str, os.PathLike)) and Path(model).suffix != ".pt2":
+        onnx_model, name = load_onnx(model), Path(model).name
+    elif isinstance(model, (str, os.PathLike)):
         return load_graph(model, modalities, input_shapes=input_shapes)
+    if onnx_model is not None:
+        fixed = (example_shapes(onnx_model, example_inputs, input_shapes, name)
+                 if specialize and example_inputs is not None else {})
+        shapes = {**{k: v["shape"] for k, v in fixed.items()}, **dict(input_shapes or {})}
+        graph = from_onnx_model(onnx_model, modalities, name=name, input_shapes=shapes)
+        if fixed:
+            graph.annotations[SPECIALIZED] = fixed
+        return graph
     if example_inputs is None:
         raise MMCompileError(f"compiling a {type(model).__name__} needs example_inputs "
                              f"(a tuple or dict of tensors) to trace it")

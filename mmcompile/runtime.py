@@ -228,6 +228,11 @@ class CompiledModel:
         if "nodes_before" in self.metadata:
             lines.append(f"graph: {self.metadata['nodes_before']} -> "
                          f"{self.metadata['nodes_after']} nodes after optimization")
+        if self.metadata.get("specialized"):
+            lines.append("shapes: symbolic dims fixed to the example inputs ("
+                         + ", ".join(f"{k} {v['declared']} -> {v['shape']}"
+                                     for k, v in self.metadata["specialized"].items())
+                         + "); input_shapes= / --input-shape sets others")
         shares = self.time_shares()
         rows = [(s.name, s.info.get("spec", s.target), len(s.info.get("nodes", [])) or "-",
                  f"{100 * shares[s.name]:.0f}%" if shares else "-", f"{s.compile_seconds:.2f}",

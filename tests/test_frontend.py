@@ -273,3 +273,51 @@ def test_bad_pt2_is_a_model_load_error(tmp_path, content, fragment):
     with pytest.raises(ModelLoadError, match=fragment) as info:
         load_graph(path)
     assert str(path) in str(info.value)
+
+
+def _symbolic_reshape_model():
+    """x[batch, seq, 4] -> Reshape to [batch, -1] through Shape/Gather/Concat arithmetic."""
+    nodes = [onnx.helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             onnx.helper.make_node("Gather", ["s", "zero"], ["b"], axis=0, name="gather"),
+             onnx.helper.make_node("Concat", ["b", "rest"], ["to"], axis=0, name="concat"),
+             onnx.helper.make_node("Reshape", ["x", "to"], ["y"], name="reshape")]
+    graph = onnx.helper.make_graph(
+        nodes, "symbolic",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         onnx.numpy_helper.from_array(np.array([-1], np.int64), "rest")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
+def test_symbolic_dims_are_fixed_to_the_example_inputs_and_the_report_says_so():
+    import mmcompile
+    from mmcompile.frontend import to_graph
+    model = _symbolic_reshape_model()
+    x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
+    graph = to_graph(model, {"x": x})
+    assert graph.gs.inputs[0].shape == [2, 5, 4]
+    assert graph.annotations["specialized_inputs"] == {
+        "x": {"declared": ["batch", "seq", 4], "shape": [2, 5, 4]}}
+    # the caller's model is not modified
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # input_shapes wins over the example; without examples nothing is fixed
+    assert to_graph(model, {"x": x}, input_shapes={"x": [3, 5, 4]}).gs.inputs[0].shape == \
+        [3, 5, 4]
+    assert to_graph(model).gs.inputs[0].shape == ["batch", "seq", 4]
+    compiled = mmcompile.compile(model, {"x": x})
+    assert compiled.run({"x": x})["y"].shape == (2, 20)
+    assert "shapes: symbolic dims fixed to the example inputs (x ['batch', 'seq', 4] -> " \
+           "[2, 5, 4])" in compiled.report()
+    assert compiled.metadata["specialized"]["x"]["shape"] == [2, 5, 4]
+
+
+def test_an_example_that_contradicts_the_declared_shape_is_an_input_error():
+    from mmcompile.errors import InputError
+    from mmcompile.frontend import to_graph
+    model = _symbolic_reshape_model()
+    with pytest.raises(InputError, match=r"example input 'x' has shape \[2, 5, 3\], but model "
+                                         r"declares \['batch', 'seq', 4\]"):
+        to_graph(model, {"x": np.zeros((2, 5, 3), np.float32)})
+    with pytest.raises(InputError, match="has rank 2"):
+        to_graph(model, (np.zeros((2, 5), np.float32),))
