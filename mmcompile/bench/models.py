@@ -110,6 +110,31 @@ class MoseiTFN(nn.Module):
         return self.head(fused.flatten(1))
 
 
+class _LastHidden(nn.Module):
+    """[B, T, F] -> LSTM -> the last hidden state -> Linear: a TFN modality sub-network."""
+
+    def __init__(self, features: int, hidden: int, out: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(x)
+        return self.out(h[-1])
+
+
+class MoseiLSTM(MoseiTFN):
+    """CMU-MOSEI Tensor Fusion with LSTM sub-networks over the steps, as the original TFN
+    and MMBench's MOSEI models have them (text 300 -> 128 hidden, audio 74 -> 32, vision
+    35 -> 32), the same fusion and head as :class:`MoseiTFN`."""
+
+    def __init__(self, steps: int = 50) -> None:
+        super().__init__(steps)
+        self.text = _LastHidden(300, 128, 32)
+        self.audio = _LastHidden(74, 32, 16)
+        self.vision = _LastHidden(35, 32, 16)
+
+
 class WhisperText(nn.Module):
     """A Whisper encoder (WhisperConfig, 80 mels x 100 frames -> 50 positions) and a small text
     transformer, each mean-pooled, concatenated, MLP -> 10 classes (audio-text classification)."""

@@ -1,4 +1,4 @@
-"""The ``multimodal`` benchmark suite: six small models modelled on the MMBench workloads.
+"""The ``multimodal`` benchmark suite: seven small models modelled on the MMBench workloads.
 
 Every model is built from code and configs with seeded random weights (nothing is downloaded)
 and is small enough that the whole suite at batch 1 and 8 against four engines runs in minutes
@@ -10,13 +10,13 @@ how the torch engines rebuild a model in their own process.
 | av_mnist     | AV-MNIST        | LeNet image CNN + audio-spectrogram CNN -> concat, MLP      |
 | mm_imdb      | MM-IMDb         | image CNN + BERT encoder (BertConfig) -> concat, MLP        |
 | mosei_tfn    | CMU-MOSEI (TFN) | text/audio/vision encoders over [B, T, F] -> tensor fusion  |
+| mosei_lstm   | CMU-MOSEI (TFN) | the same with LSTM sub-networks, as the original TFN        |
 | clip         | CLIP            | ViT + text transformer (CLIPConfig), examples/clip          |
 | whisper_text | Whisper + text  | Whisper encoder + text transformer -> pool, concat, MLP     |
 | late_fusion  | late fusion     | image CNN + text transformer + audio CNN, examples/         |
 
-The CMU-MOSEI branches are transformer encoders, not the LSTMs of the original TFN: TVM 0.27's
-ONNX importer has no converter for ``LSTM``/``GRU`` (``mmcompile.compile`` rejects them with
-UnsupportedOpError), so an LSTM model would benchmark only the peers.
+``mosei_tfn`` gives each modality a transformer encoder, ``mosei_lstm`` the LSTMs of the
+original TFN (the CPU target lowers LSTMs itself: :mod:`mmcompile.targets.tvm.recurrent`).
 """
 
 from __future__ import annotations
@@ -184,6 +184,13 @@ register(SuiteModel(
     lambda: _models().MoseiTFN(),
     _inputs({"text": ((50, 300), None), "audio": ((50, 74), None), "vision": ((50, 35), None)},
             salt=30)))
+
+register(SuiteModel(
+    "mosei_lstm", "CMU-MOSEI: text/audio/vision LSTMs over 50 steps, tensor fusion (TFN)",
+    {"text": "text", "audio": "audio", "vision": "video"},
+    lambda: _models().MoseiLSTM(),
+    _inputs({"text": ((50, 300), None), "audio": ((50, 74), None), "vision": ((50, 35), None)},
+            salt=35)))
 
 register(SuiteModel(
     "clip", "CLIP: ViT (2x128, 64px, patch 8) + text transformer (2x128, 16 tokens)",

@@ -13,9 +13,9 @@ import contextlib
 import functools
 import io
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -63,13 +63,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
-def import_relax(graph: Graph, target_name: str):
-    """The Relax module for ``graph`` (TVM's ONNX importer), or TargetError naming the cause."""
+def import_relax(graph: Graph, target_name: str, converters=None):
+    """The Relax module for ``graph`` (TVM's ONNX importer, with ``converters``, a context
+    manager that adds converters, active), or TargetError naming the cause."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):  # the importer prints the failing op on stdout
+        with contextlib.redirect_stdout(log), (converters or contextlib.nullcontext()):
+            # (the importer prints the failing op on stdout)
             mod = from_onnx(graph.to_onnx(), keep_params_in_input=False)
     except Exception as exc:
         failing = re.search(r"Error converting operator (\w+)", log.getvalue())
@@ -82,10 +84,14 @@ def import_relax(graph: Graph, target_name: str):
 class _TVMTarget(Target):
     device = "cpu"
     pipeline = "legalize-for-tvm"
+    native: ClassVar[dict[str, Callable]] = {}  # op -> refusal(node, graph): ops lowered here
 
     def supports(self, node, graph: Graph) -> Support:
-        """An op TVM's ONNX importer converts, that :mod:`.legalize` can make importable, on
-        element types TVM has."""
+        """An op TVM's ONNX importer converts (or this target lowers itself, ``native``), that
+        :mod:`.legalize` can make importable, on element types TVM has."""
+        if node.op in self.native:
+            reason = self.native[node.op](node, graph)
+            return Support(False, f"{node.op}: {reason}") if reason else SUPPORTED
         if node.op not in supported_ops():
             return Support(False, f"TVM {_tvm_version()}'s ONNX importer has no converter for "
                                   f"{node.op}")
@@ -101,6 +107,10 @@ class _TVMTarget(Target):
     def _tvm_target(self, options: CompileOptions):
         raise NotImplementedError
 
+    def _converters(self, target):
+        """A context manager adding this target's own importer converters (None: none)."""
+        return None
+
     def _schedule(self, mod, target):
         raise NotImplementedError
 
@@ -115,7 +125,7 @@ class _TVMTarget(Target):
         configure_threads(options.threads)
         target = self._tvm_target(options)
         options.progress(f"importing {graph.name} into Relax")
-        mod = import_relax(graph, self.name)
+        mod = import_relax(graph, self.name, self._converters(target))
         options.progress("lowering and scheduling")
         with native_log_to([]):
             mod, facts = self._lower(mod, target, options)
@@ -155,6 +165,11 @@ def _tvm_version() -> str:
     return tvm.__version__
 
 
+def _recurrent_refusal(node, graph) -> str | None:
+    from mmcompile.targets.tvm.recurrent import refusal  # imports TVM: only when planning
+    return refusal(node, graph)
+
+
 @register_target
 class TVMCpuTarget(_TVMTarget):
     """x86/ARM CPUs through LLVM, with the host CPU detected by name (``config["mcpu"]``
@@ -162,6 +177,7 @@ class TVMCpuTarget(_TVMTarget):
 
     name = "cpu"
     description = "CPU via TVM + LLVM (host CPU detected, parallel + vectorized schedules)"
+    native = {op: _recurrent_refusal for op in ("LSTM", "GRU", "RNN")}
     options = (
         TargetOption("mcpu", str, None, "LLVM CPU name instead of the detected host CPU "
                                         "(e.g. skylake-avx512, znver4)"),
@@ -176,6 +192,11 @@ class TVMCpuTarget(_TVMTarget):
     def _tvm_target(self, options: CompileOptions):
         from mmcompile.targets.tvm.host import llvm_target
         return llvm_target(options.config.get("mcpu"), options.threads)
+
+    def _converters(self, target):
+        from mmcompile.targets.tvm.recurrent import converters
+        from mmcompile.targets.tvm.schedule_util import lanes_for
+        return converters(lanes_for(target))
 
     def _schedule(self, mod, target):
         from mmcompile.targets.tvm.schedules import schedule_cpu
