@@ -5,12 +5,18 @@ This includes the shape arithmetic torch exporters emit (Shape -> Gather -> Unsq
 become constants, which is what TVM's ONNX importer needs ("only constant shape supported").
 
 onnx-graphsurgeon's ``fold_constants`` does the evaluation (through onnxruntime) and the shape
-folding. Two things are done here first, by hand, because onnx-graphsurgeon 0.6.1 gets them
-wrong or misses them:
+folding. Three things are done here by hand, because onnx-graphsurgeon 0.6.1 gets them wrong or
+misses them:
 
 - ``Shape`` with ``start``/``end`` (opset 15+; the dynamo exporter emits it for ``x.size(0)``):
   gs folds it to the *whole* shape, silently producing wrong constants;
-- ``CastLike(constant, x)``: only x's dtype matters, but gs waits for x to be constant.
+- ``CastLike(constant, x)``: only x's dtype matters, but gs waits for x to be constant;
+- an ``If`` on a constant condition is replaced by the branch it takes (:func:`flatten_ifs`).
+  gs's own flattening iterates over the ``If``'s outputs while unbinding them (so the second
+  output of a two-output ``If`` lost its producer), and a branch that returns a tensor it did
+  not compute (an outer-scope tensor, a constant) left the output produced by nothing:
+  Silero VAD's nested ``If`` nodes came out as a graph onnx.checker and onnxruntime refuse
+  ("nodes must be topologically sorted").
 """
 
 from __future__ import annotations
@@ -69,6 +75,43 @@ _RULES = (
 )
 
 
+def flatten_ifs(graph: gs.Graph) -> int:
+    """Replace every ``If`` whose condition is constant by the nodes of the branch it takes,
+    in ``graph`` and its subgraphs (innermost first); returns how many were replaced."""
+    count = 0
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            count += flatten_ifs(sub)
+    index = 0
+    while index < len(graph.nodes):
+        node = graph.nodes[index]
+        cond = node.inputs[0] if node.op == "If" and node.inputs else None
+        if not isinstance(cond, gs.Constant) or np.asarray(cond.values).size != 1:
+            index += 1
+            continue
+        branch = node.attrs["then_branch" if bool(np.asarray(cond.values).item())
+                            else "else_branch"]
+        for tensor in branch._local_tensors().values():  # no clash with the outer graph
+            tensor.name = f"{node.name}/{tensor.name}"
+        nodes = list(branch.nodes)
+        # (a snapshot: clearing an output's producers also removes it from node.outputs,
+        # which is how gs's own loop skipped every second output of a two-output If)
+        for node_out, branch_out in zip(list(node.outputs), list(branch.outputs)):
+            node_out.inputs.clear()
+            producer = branch_out.inputs[0] if branch_out.inputs else None
+            if producer is not None and producer in nodes:
+                producer.outputs[producer.outputs.index(branch_out)] = node_out
+            else:  # the branch passes a tensor through: an Identity produces the output
+                nodes.append(gs.Node("Identity", name=f"{node.name}/pass",
+                                     inputs=[branch_out], outputs=[node_out]))
+        node.inputs.clear()
+        node.outputs.clear()
+        graph.nodes[index:index + 1] = nodes
+        index += len(nodes)
+        count += 1
+    return count
+
+
 @register_pass
 class FoldConstants(Pass):
     name = "fold-constants"
@@ -88,6 +131,9 @@ class FoldConstants(Pass):
             apply_rules(graph, _RULES)
         with quiet_folding():
             graph.gs.fold_constants(fold_shapes=self.config["fold_shapes"], error_ok=True,
-                                    size_threshold=self.config["size_threshold"])
+                                    size_threshold=self.config["size_threshold"],
+                                    flatten_subgraphs=False)
+        flattened = flatten_ifs(graph.gs)
         graph.gs.cleanup(remove_unused_node_outputs=False).toposort()
-        return PassResult.from_stats(nodes_folded=before - graph.num_nodes)
+        extra = {"ifs_flattened": flattened} if flattened else {}
+        return PassResult.from_stats(nodes_folded=before - graph.num_nodes, **extra)

@@ -232,6 +232,8 @@ def _tile_channels(sch, block_rv, roles, lanes):
 class BlockedConv2d(VectorRule):
     """NCHW x HWIO convolution with injective producers (padding) and epilogues."""
 
+    narrower = True  # channel counts that fill only narrower vectors (see VectorRule)
+
     @staticmethod
     def _schedule(func, lanes):
         sch = s_tir.Schedule(func)

@@ -80,6 +80,8 @@ def _neighbours(sch, infos, main_rv):
 class BlockedMatmul(VectorRule):
     """One reduction block with injective producers/epilogues, register-blocked."""
 
+    narrower = True  # channel counts that fill only narrower vectors (see VectorRule)
+
     @staticmethod
     def _schedule(func, lanes):
         sch = s_tir.Schedule(func)

@@ -95,15 +95,31 @@ def all_downstream(sch, main_rv, epilogues) -> bool:
 
 class VectorRule(dl.ScheduleRule):
     """A CPU rule whose ``_schedule(func, lanes)`` returns a schedule, or None (or raises)
-    when the function does not fit it: the next rule then tries."""
+    when the function does not fit it: the next rule then tries.
+
+    With ``narrower`` set, a function that does not fit whole vectors of the CPU's width is
+    tried again with half and a quarter of it (down to 4 lanes): a convolution with 200
+    output channels does not fill 16-lane AVX-512 vectors but fills 8-lane ones. Without
+    that, such kernels fell through to dlight's generic reduction rule: a 96x3 convolution
+    over 20 channels to 200 (an EEG model) took 130 ms, against onnxruntime's 2 ms for the
+    whole model."""
+
+    narrower = False
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
-        try:
-            return self._schedule(func, lanes_for(target))
-        except Exception:  # the rule does not fit this function: let the next one try
-            return None
+        widest = lanes_for(target)
+        for lanes in (widest, widest // 2, widest // 4) if self.narrower else (widest,):
+            if lanes < 4:
+                break
+            try:
+                sch = self._schedule(func, lanes)
+            except Exception:  # the rule does not fit this function: let the next one try
+                sch = None
+            if sch is not None:
+                return sch
+        return None
 
     @staticmethod
     def _schedule(func, lanes):

@@ -170,6 +170,29 @@ def _recurrent_refusal(node, graph) -> str | None:
     return refusal(node, graph)
 
 
+def _if_refusal(node, graph) -> str | None:
+    """An ``If`` whose condition is only known at run time: TVM's importer turns it into Relax
+    control flow (``relax.If``, both branches compiled, one run) when every node of both
+    branches is one the CPU target supports and the branches give outputs of one rank and
+    type. (An ``If`` on a constant condition never gets here: fold-constants inlines the
+    branch taken.)"""
+    target = TVMCpuTarget()
+    branches = [node.attrs.get("then_branch"), node.attrs.get("else_branch")]
+    if any(b is None for b in branches):
+        return "a branch is missing"
+    for branch in branches:
+        for inner in branch.nodes:
+            support = target.supports(inner, graph)
+            if not support:
+                return f"its branch node '{inner.name}' ({inner.op}): {support.reason}"
+    then_out, else_out = (b.outputs for b in branches)
+    for a, b in zip(then_out, else_out):
+        if a.dtype != b.dtype or (a.shape is not None and b.shape is not None
+                                  and len(a.shape) != len(b.shape)):
+            return f"its branches give outputs of different types ({a.name}, {b.name})"
+    return None
+
+
 @register_target
 class TVMCpuTarget(_TVMTarget):
     """x86/ARM CPUs through LLVM, with the host CPU detected by name (``config["mcpu"]``
@@ -177,7 +200,8 @@ class TVMCpuTarget(_TVMTarget):
 
     name = "cpu"
     description = "CPU via TVM + LLVM (host CPU detected, parallel + vectorized schedules)"
-    native = {op: _recurrent_refusal for op in ("LSTM", "GRU", "RNN")}
+    native = {"LSTM": _recurrent_refusal, "GRU": _recurrent_refusal, "RNN": _recurrent_refusal,
+              "If": _if_refusal}
     options = (
         TargetOption("mcpu", str, None, "LLVM CPU name instead of the detected host CPU "
                                         "(e.g. skylake-avx512, znver4)"),
