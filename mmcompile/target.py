@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmcompile.errors import MMCompileError, RegistryError
 from mmcompile.ir import Graph
+from mmcompile.spec import Spec
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -237,17 +238,7 @@ def registered_targets() -> dict[str, type[Target]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-@dataclass(frozen=True)
-class TargetSpec:
-    """A target and its options as written: ``cpu``, ``cpu{mcpu=znver4,winograd=false}``."""
-
-    name: str
-    options: tuple[tuple[str, str], ...] = ()
-
-    def __str__(self) -> str:
-        if not self.options:
-            return self.name
-        return self.name + "{" + ",".join(f"{k}={v}" for k, v in self.options) + "}"
+TargetSpec = Spec  # a target and its options as written: cpu{mcpu=znver4,winograd=false}
 
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\{(.*)\})?\s*$", re.S)

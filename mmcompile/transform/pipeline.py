@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from mmcompile.errors import PipelineError
+from mmcompile.spec import Spec
 
 # The default pipeline, in order, with why each step sits where it does:
 NAMED_PIPELINES: dict[str, str] = {
@@ -42,17 +43,7 @@ NAMED_PIPELINES: dict[str, str] = {
 _NAME = r"[A-Za-z_][A-Za-z0-9_\-]*"
 
 
-@dataclass(frozen=True)
-class PassSpec:
-    """One pass in a pipeline: its registered name and its options (as given)."""
-
-    name: str
-    options: tuple[tuple[str, str], ...] = ()
-
-    def __str__(self) -> str:
-        if not self.options:
-            return self.name
-        return self.name + "{" + ",".join(f"{k}={v}" for k, v in self.options) + "}"
+PassSpec = Spec  # one pass in a pipeline: its registered name and its options (as given)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,27 @@ def _tiling(batch: int, lanes: int) -> tuple[int, int]:
     return rows, batch // rows
 
 
+@T.macro(hygienic=False)
+def recurrent_product(count):
+    """``gates[rows of this task, first count tiles] = h @ rt``: per tile of ``NV`` vectors,
+    ``rows x NV`` accumulators over the hidden units, each R^T vector loaded once for all
+    rows. (A macro expanded inside the kernels: ``acc``, ``gates``, ``h``, ``rt``, ``task``,
+    ``rows``, ``H`` and ``V`` are theirs.)"""
+    for jo in range(count):
+        for i, jv in T.grid(rows, NV):
+            for ji in T.vectorized(V):
+                acc[task, i, jv * V + ji] = T.float32(0.0)
+        for k in range(H):
+            for i in T.unroll(rows):
+                for jv in T.unroll(NV):
+                    for ji in T.vectorized(V):
+                        acc[task, i, jv * V + ji] = acc[task, i, jv * V + ji] + \
+                            h[task * rows + i, k] * rt[k, jo * V * NV + jv * V + ji]
+        for i, jv in T.grid(rows, NV):
+            for ji in T.vectorized(V):
+                gates[task * rows + i, jo * V * NV + jv * V + ji] = acc[task, i, jv * V + ji]
+
+
 def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reverse: bool):
     """LSTM, ONNX gate order i, o, f, c; biases folded into ``xw``."""
     H, V, blocks = hidden, lanes, width // (lanes * NV)
@@ -115,23 +136,17 @@ def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, rev
                 h[task * rows + i, u] = h0[task * rows + i, u]
                 cs[task * rows + i, u] = c0[task * rows + i, u]
             for step in range(steps):
-                for jo in range(blocks):
-                    for i, jv in T.grid(rows, NV):
-                        for ji in T.vectorized(V):
-                            acc[task, i, jv * V + ji] = xw[
-                                steps - 1 - step if reverse else step, task * rows + i,
-                                jo * V * NV + jv * V + ji]
-                    for k in range(H):
-                        for i in T.unroll(rows):
-                            for jv in T.unroll(NV):
-                                for ji in T.vectorized(V):
-                                    acc[task, i, jv * V + ji] = acc[task, i, jv * V + ji] + \
-                                        h[task * rows + i, k] * rt[k, jo * V * NV + jv * V + ji]
-                    for i, jv in T.grid(rows, NV):
-                        for ji in T.vectorized(V):
-                            gates[task * rows + i, jo * V * NV + jv * V + ji] = \
-                                acc[task, i, jv * V + ji]
+                recurrent_product(blocks)
                 for i in range(rows):
+                    for u in T.vectorized(H):
+                        gates[task * rows + i, u] = gates[task * rows + i, u] + xw[
+                            steps - 1 - step if reverse else step, task * rows + i, u]
+                        gates[task * rows + i, H + u] = gates[task * rows + i, H + u] + xw[
+                            steps - 1 - step if reverse else step, task * rows + i, H + u]
+                        gates[task * rows + i, 2 * H + u] = gates[task * rows + i, 2 * H + u] \
+                            + xw[steps - 1 - step if reverse else step, task * rows + i, 2 * H + u]
+                        gates[task * rows + i, 3 * H + u] = gates[task * rows + i, 3 * H + u] \
+                            + xw[steps - 1 - step if reverse else step, task * rows + i, 3 * H + u]
                     for u in T.vectorized(H):
                         cs[task * rows + i, u] = \
                             sigmoid(gates[task * rows + i, 2 * H + u]) * cs[task * rows + i, u] + \
@@ -149,9 +164,9 @@ def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, rev
 
 def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reverse: bool,
                linear_before_reset: bool):
-    """GRU, gate order z, r, h. ``xw`` holds ``X W^T + Wb`` (and ``Rb`` for z and r); the
-    recurrent product starts from ``rb`` (``Rb`` of the h gate, zeros elsewhere), because
-    ``r`` multiplies the whole recurrent term of h.
+    """GRU, gate order z, r, h. ``xw`` holds ``X W^T + Wb`` (and ``Rb`` for z and r); ``rb``
+    holds ``Rb`` of the h gate (zeros elsewhere), added inside the reset because ``r``
+    multiplies the whole recurrent term of h.
 
     With ``linear_before_reset`` (what torch exports): ``h~ = tanh(xw_h + r * (h Rh + Rbh))``,
     one product per step. Without: ``h~ = tanh(xw_h + (r * h) Rh + Rbh)``, so the product of
@@ -173,20 +188,7 @@ def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
             for i, u in T.grid(rows, H):
                 h[task * rows + i, u] = h0[task * rows + i, u]
             for step in range(steps):
-                for jo in range(blocks if linear_before_reset else zr_blocks):
-                    for i, jv in T.grid(rows, NV):
-                        for ji in T.vectorized(V):
-                            acc[task, i, jv * V + ji] = rb[jo * V * NV + jv * V + ji]
-                    for k in range(H):
-                        for i in T.unroll(rows):
-                            for jv in T.unroll(NV):
-                                for ji in T.vectorized(V):
-                                    acc[task, i, jv * V + ji] = acc[task, i, jv * V + ji] + \
-                                        h[task * rows + i, k] * rt[k, jo * V * NV + jv * V + ji]
-                    for i, jv in T.grid(rows, NV):
-                        for ji in T.vectorized(V):
-                            gates[task * rows + i, jo * V * NV + jv * V + ji] = \
-                                acc[task, i, jv * V + ji]
+                recurrent_product(blocks if linear_before_reset else zr_blocks)
                 for i in range(rows):
                     if not linear_before_reset:  # r first, then the h gate over r * h
                         for u in T.vectorized(H):
@@ -194,7 +196,7 @@ def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
                                 xw[steps - 1 - step if reverse else step, task * rows + i, H + u]
                                 + gates[task * rows + i, H + u]) * h[task * rows + i, u]
                         for u in range(H):
-                            gates[task * rows + i, 2 * H + u] = rb[2 * H + u]
+                            gates[task * rows + i, 2 * H + u] = T.float32(0.0)
                         for k in range(H):
                             for u in T.vectorized(H):
                                 gates[task * rows + i, 2 * H + u] = \
@@ -205,8 +207,9 @@ def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
                             xw[steps - 1 - step if reverse else step, task * rows + i, 2 * H + u]
                             + (sigmoid(xw[steps - 1 - step if reverse else step, task * rows + i,
                                           H + u] + gates[task * rows + i, H + u])
-                               * gates[task * rows + i, 2 * H + u]
-                               if linear_before_reset else gates[task * rows + i, 2 * H + u]))
+                               * (gates[task * rows + i, 2 * H + u] + rb[2 * H + u])
+                               if linear_before_reset
+                               else gates[task * rows + i, 2 * H + u] + rb[2 * H + u]))
                     for u in T.vectorized(H):
                         h[task * rows + i, u] = rh[task * rows + i, u] + sigmoid(
                             xw[steps - 1 - step if reverse else step, task * rows + i, u]
@@ -238,25 +241,11 @@ def rnn_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
             for i, u in T.grid(rows, H):
                 h[task * rows + i, u] = h0[task * rows + i, u]
             for step in range(steps):
-                for jo in range(blocks):
-                    for i, jv in T.grid(rows, NV):
-                        for ji in T.vectorized(V):
-                            acc[task, i, jv * V + ji] = xw[
-                                steps - 1 - step if reverse else step, task * rows + i,
-                                jo * V * NV + jv * V + ji]
-                    for k in range(H):
-                        for i in T.unroll(rows):
-                            for jv in T.unroll(NV):
-                                for ji in T.vectorized(V):
-                                    acc[task, i, jv * V + ji] = acc[task, i, jv * V + ji] + \
-                                        h[task * rows + i, k] * rt[k, jo * V * NV + jv * V + ji]
-                    for i, jv in T.grid(rows, NV):
-                        for ji in T.vectorized(V):
-                            gates[task * rows + i, jo * V * NV + jv * V + ji] = \
-                                acc[task, i, jv * V + ji]
+                recurrent_product(blocks)
                 for i in range(rows):
                     for u in T.vectorized(H):
-                        h[task * rows + i, u] = act(gates[task * rows + i, u])
+                        h[task * rows + i, u] = act(gates[task * rows + i, u] + xw[
+                            steps - 1 - step if reverse else step, task * rows + i, u])
                     for u in T.vectorized(H):
                         y[steps - 1 - step if reverse else step, task * rows + i, u] = \
                             h[task * rows + i, u]
