@@ -46,3 +46,26 @@ def test_the_recurrent_and_control_flow_models_use_them():
         pytest.skip(f"corpus unavailable: {exc}")
     assert "If" in {n.op_type for n in vad.graph.node}
     assert "LSTM" in {n.op_type for n in eeg.graph.node}
+
+
+@pytest.mark.parametrize("name", [m.name for m in CORPUS])
+def test_optimized_corpus_models_pass_the_full_checker_and_keep_their_numbers(name, tmp_path):
+    # what `mmcompile optimize` writes: every pass keeps the graph valid (If bodies reading
+    # outer-scope tensors included), the file passes onnx.checker's full check (Graph.save
+    # runs it) and onnxruntime computes the same outputs from it
+    import numpy as np
+
+    from mmcompile.reference import compare_outputs, run_onnxruntime
+    model = by_name(name)
+    try:
+        path = fetch(model)
+        feeds = model.inputs()
+    except Unavailable as exc:
+        pytest.skip(f"corpus unavailable: {exc}")
+    result = mmcompile.optimize(mmcompile.load_graph(path), "default")
+    saved = result.graph.save(tmp_path / "optimized.onnx")
+    reloaded = mmcompile.load_graph(saved)
+    for diff in compare_outputs(run_onnxruntime(mmcompile.load_graph(path), feeds),
+                                run_onnxruntime(reloaded, feeds)):
+        assert diff.ok(1e-4, 1e-4), str(diff)
+    assert np.isfinite(result.nodes_after) and result.nodes_after <= result.nodes_before
