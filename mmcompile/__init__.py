@@ -17,6 +17,7 @@ from mmcompile.runtime import CompiledModel
 from mmcompile.target import TargetError, get_target, registered_targets
 from mmcompile.transform import (Pass, PassContext, PassManager, PassResult, parse_pipeline,
                                  register_pass, registered_passes)
+from mmcompile.quantize import QuantizedModel, quantize  # the function, as for tune
 from mmcompile.tune import tune  # the function; the package: ``from mmcompile.tune import ...``
 
 __version__ = "0.1.0"
@@ -25,7 +26,7 @@ __all__ = [
     "ArtifactError", "CompiledModel", "TargetError", "compile", "get_target", "load",
     "registered_targets", "ExportError", "Graph", "InputError", "MMCompileError", "MODALITIES", "ModalityError",
     "ModalityTag", "ModelLoadError", "OptimizeResult", "Pass", "PassContext", "PassError",
-    "PassManager", "PassResult", "PipelineError", "RegistryError", "UnsupportedOpError",
+    "PassManager", "PassResult", "PipelineError", "QuantizedModel", "RegistryError", "UnsupportedOpError",
     "VerificationError", "load_graph", "optimize", "parse_pipeline", "register_pass",
-    "registered_passes", "trace", "tune",
+    "quantize", "registered_passes", "trace", "tune",
 ]

@@ -189,6 +189,9 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
         print(f"\nnodes on the fallback target ({len(fell_back)}), with the reason their "
               f"target gave:")
         print(format_table(["node", "reason"], list(fell_back.items())))
+    if meta.get("quantization"):
+        from mmcompile.report import quantization_lines
+        print("\n" + "\n".join(quantization_lines(meta["quantization"])))
     if meta.get("verification"):
         print(f"\nverification at compile time: {meta['verification']}")
     return EXIT_OK
@@ -236,7 +239,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         disabled_passes=args.disable, threads=args.threads,
         target_config=_pairs(args.target_option, "--target-option"),
         fallback=_fallback(args.fallback), placement=_pairs(args.placement, "--placement"),
-        schedule=args.schedule, tuning_db=args.tuning_db, progress=progress)
+        schedule=args.schedule, tuning_db=args.tuning_db, progress=progress,
+        quantize=args.quantize, calibration=args.calibration,
+        quantize_options=_quantize_options(args) if args.quantize else None)
     compiled.save(args.output)
     if args.json:
         print(json.dumps({"output": str(args.output), "target": compiled.target,
@@ -248,6 +253,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(compiled.report())
     print(f"wrote {args.output} in {time.perf_counter() - started:.1f}s")
+    return EXIT_OK
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from mmcompile.modality import parse_modality_args
+    from mmcompile.quantize import quantize
+    show = sys.stderr.isatty() and not args.json
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if show or args.verbose:
+            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr)
+
+    model = _load(args)
+    quantized = quantize(model, args.calibration, progress=progress,
+                         modalities=parse_modality_args(args.modality) if args.modality else None,
+                         passes=args.passes, **_quantize_options(args))
+    quantized.save(args.output)
+    if args.json:
+        print(json.dumps({"output": str(args.output), **quantized.info()}, indent=2))
+        return EXIT_OK
+    if args.report:
+        print(quantized.report())
+    print(f"wrote {args.output}: {len(quantized.layers)} int8 layer(s), "
+          f"{len(quantized.float_layers)} kept in float, drop {quantized.drop:.4f} "
+          f"({time.perf_counter() - started:.1f}s)")
     return EXIT_OK
 
 
@@ -386,6 +417,32 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                         "model (default: %(default)s)")
 
 
+def _add_quantize_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--calibration", metavar="FILE.npz", required=required,
+                   help="calibration samples: one array per input name, samples stacked on "
+                        "the first axis (a modality may have fewer)")
+    p.add_argument("--calibration-method", default="minmax",
+                   choices=["minmax", "percentile", "entropy"],
+                   help="how activation ranges are set (default: %(default)s)")
+    p.add_argument("--activations", default="uint8", choices=["uint8", "int8"],
+                   help="activation type: uint8 asymmetric or int8 symmetric "
+                        "(default: %(default)s)")
+    p.add_argument("--max-drop", type=float, default=0.01, metavar="DROP",
+                   help="accuracy budget on held-back samples: 1 - (cosine or top-1 "
+                        "agreement) of the worst output; the most sensitive layers stay "
+                        "float until it holds (default: %(default)s)")
+    p.add_argument("--keep-float", action="append", default=[], metavar="NODE|OP",
+                   help="keep this node, or every node of this op type, in float (repeatable)")
+    p.add_argument("--metric", action="append", default=[], metavar="OUTPUT=cosine|top1",
+                   help="judge this output by top-1 agreement or cosine (default: cosine)")
+
+
+def _quantize_options(args: argparse.Namespace) -> dict:
+    return {"method": args.calibration_method, "activations": args.activations,
+            "max_drop": args.max_drop, "keep_float": args.keep_float,
+            "metrics": _pairs(args.metric, "--metric")}
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", default="default", metavar="PIPELINE",
                    help="pipeline: a named pipeline ('default', 'none') or comma-separated pass "
@@ -463,9 +520,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-db", metavar="DIR",
                    help="apply the schedules 'mmcompile tune' put in DIR (same target; the "
                         "artifact records the database's SHA-256)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="quantize after the graph passes (post-training, calibrated on "
+                        "--calibration), then compile the QDQ graph")
+    _add_quantize_args(p, required=False)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print progress even when stderr is not a terminal")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("quantize", help="quantize a model to int8 QDQ ONNX (post-training)",
+                       description="Calibrate a model on samples (each modality branch on its "
+                                   "own inputs), quantize it to QDQ int8 ONNX with "
+                                   "onnxruntime's quantizer (per-channel int8 weights, int32 "
+                                   "bias), keep the most sensitive layers in float until the "
+                                   "accuracy budget holds on held-back samples, and write the "
+                                   "result (runs in onnxruntime and TensorRT as well).",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="where to write the QDQ .onnx")
+    _add_quantize_args(p, required=True)
+    _add_pipeline_args(p)
+    p.add_argument("--report", action="store_true",
+                   help="print accuracy per output, layers kept in float and why, sensitivity")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print progress even when stderr is not a terminal")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("tune", help="search faster kernel schedules into a tuning database",
                        description="Tune the model's kernels with TVM MetaSchedule, stage by "

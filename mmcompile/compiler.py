@@ -71,7 +71,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             threads: int = 0, target_config: Mapping[str, Any] | None = None,
             fallback: str | None = "onnxruntime", placement: Mapping[str, str] | None = None,
             schedule: str = "auto", measure: bool = True,
-            tuning_db: str | os.PathLike | None = None,
+            tuning_db: str | os.PathLike | None = None, quantize: str | None = None,
+            calibration: Any = None, quantize_options: Mapping[str, Any] | None = None,
             progress: Callable[[str], None] | None = None) -> CompiledModel:
     """Compile a multimodal model: plan its stages (:func:`mmcompile.planning.plan`), compile
     each with its target, choose the schedule, verify.
@@ -106,6 +107,14 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             whole graph).
         tuning_db: a database folder written by :func:`mmcompile.tune.tune` for this target:
             kernels it tuned use the tuned schedules; the artifact records its SHA-256.
+        quantize: ``"int8"``: quantize after the graph passes (:func:`mmcompile.quantize`),
+            then place and compile the QDQ graph; verification then compares with the
+            quantized graph in onnxruntime (the accuracy against the float model is in the
+            report and the artifact).
+        calibration: the calibration samples (with ``quantize``): a ``.npz`` path, input
+            name -> stacked samples, or a list of feed dicts; a modality may have fewer.
+        quantize_options: further options of :func:`mmcompile.quantize` (``method``,
+            ``activations``, ``max_drop``, ``holdout``, ``metrics``, ``keep_float``).
         progress: called with one-line status messages.
 
     Returns:
@@ -118,6 +127,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         UnsupportedOpError: a node no allowed target can run (named, with the reasons).
         VerificationError: outputs differ from onnxruntime beyond ``tolerance``.
         TuningDBError: ``tuning_db`` is missing, corrupt or for another target.
+        InputError, QuantizationError: bad calibration data or quantization options.
     """
     say = progress or (lambda message: None)
     config = dict(target_config or {})
@@ -129,7 +139,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     planned = plan(model, example_inputs, target=target, target_config=config,
                    fallback=fallback, placement=placement, passes=passes, opt_level=opt_level,
                    disabled_passes=disabled_passes, modalities=modalities,
-                   input_shapes=input_shapes, schedule=schedule, progress=say)
+                   input_shapes=input_shapes, schedule=schedule, quantize=quantize,
+                   calibration=calibration, quantize_options=quantize_options, progress=say)
     used = {s.target for s in planned.stages()}
     cannot_run = {k: planned.placement.choices[k].target.why_not_runnable() for k in used}
     cannot_run = {k: why for k, why in cannot_run.items() if why}
@@ -138,7 +149,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         raise TargetError(f"cannot verify a model compiled for '{key}' here: {why}; compile "
                           f"with verify=False (CLI: --no-verify) to build and save it")
     measure = measure and not cannot_run
-    source = planned.source
+    # The reference: the model's own semantics; a quantized model's are its QDQ graph's.
+    source = planned.quantized.graph if planned.quantized else planned.source
     feeds = (_as_numpy(example_inputs, [t.name for t in source.gs.inputs])
              if example_inputs is not None else random_inputs(source, seed=0))
     metadata = {"pipeline": str(planned.optimization.pipeline),
@@ -149,6 +161,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         metadata["specialized"] = fixed
         say("symbolic dims fixed to the example inputs: " + ", ".join(
             f"{k} {v['declared']} -> {v['shape']}" for k, v in fixed.items()))
+    if planned.quantized:
+        metadata["quantization"] = planned.quantized.info()
     if planned.placement.fell_back:
         metadata["fallback"] = {"target": planned.placement.fallback,
                                 "nodes": planned.fell_back()}

@@ -24,6 +24,21 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
+def quantization_lines(info: dict[str, Any]) -> list[str]:
+    """A quantized model's record (``QuantizedModel.info()``, kept in artifacts) as text."""
+    samples = ", ".join(f"{m} {n}" for m, n in info["samples"].items())
+    lines = [f"quantization: {info['scheme']} (QDQ), weights {info['weights']}, activations "
+             f"{info['activations']}, calibration {info['method']} on {samples} sample(s) "
+             f"(data sha256 {info['calibration_sha256'][:16]}...); {info['layers_int8']} "
+             f"layer(s) int8, {len(info['float_layers'])} kept in float"]
+    for acc in info.get("accuracy", []):
+        top1 = "" if acc.get("top1") is None else f", top-1 agreement {acc['top1']:.1%}"
+        lines.append(f"  vs float, {acc['output']}: cosine {acc['cosine']:.5f}, max error "
+                     f"{acc['max_err']:.3g}{top1} ({acc['samples']} held-back samples)")
+    lines += [f"  float: {name}: {why}" for name, why in info["float_layers"].items()]
+    return lines
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text.lstrip("+"))

@@ -29,7 +29,7 @@ import numpy as np
 from mmcompile.artifact import ArtifactError, read_manifest, write_artifact
 from mmcompile.errors import InputError
 from mmcompile.executor import WorkerPool, run_parallel, run_stages
-from mmcompile.report import format_table
+from mmcompile.report import format_table, quantization_lines
 from mmcompile.schedule import Schedule
 from mmcompile.signature import Signature
 from mmcompile.target import Executable, get_target
@@ -233,6 +233,8 @@ class CompiledModel:
                          + ", ".join(f"{k} {v['declared']} -> {v['shape']}"
                                      for k, v in self.metadata["specialized"].items())
                          + "); input_shapes= / --input-shape sets others")
+        if self.metadata.get("quantization"):
+            lines += quantization_lines(self.metadata["quantization"])
         shares = self.time_shares()
         rows = [(s.name, s.info.get("spec", s.target), len(s.info.get("nodes", [])) or "-",
                  f"{100 * shares[s.name]:.0f}%" if shares else "-", f"{s.compile_seconds:.2f}",

@@ -17,6 +17,9 @@ misses them:
   not compute (an outer-scope tensor, a constant) left the output produced by nothing:
   Silero VAD's nested ``If`` nodes came out as a graph onnx.checker and onnxruntime refuse
   ("nodes must be topologically sorted").
+
+``DequantizeLinear`` is never folded: in a quantized (QDQ) graph it is what marks a weight as
+int8 for the target; folding it would turn the weight back into float.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ _RULES = (
     RewriteRule("shape", op("Shape", var("x")), _fold_shape),
     RewriteRule("castlike", op("CastLike", const("c"), var("like")), _fold_castlike),
 )
+
+
+def _keeps_quantization(node: gs.Node) -> bool:
+    return node.op == "DequantizeLinear"
 
 
 def flatten_ifs(graph: gs.Graph) -> int:
@@ -132,7 +139,8 @@ class FoldConstants(Pass):
         with quiet_folding():
             graph.gs.fold_constants(fold_shapes=self.config["fold_shapes"], error_ok=True,
                                     size_threshold=self.config["size_threshold"],
-                                    flatten_subgraphs=False)
+                                    flatten_subgraphs=False,
+                                    should_exclude_node=_keeps_quantization)
         flattened = flatten_ifs(graph.gs)
         graph.gs.cleanup(remove_unused_node_outputs=False).toposort()
         extra = {"ifs_flattened": flattened} if flattened else {}

@@ -140,6 +140,26 @@ def test_bench_model_file(mlp_file, tmp_path, capsys):
     assert err == ""
 
 
+def test_bench_int8_engines_run_one_qdq_file_and_report_accuracy_against_float(
+        mlp_file, tmp_path, capsys):
+    out_json = tmp_path / "int8.json"
+    code, out, err = run_cli(capsys, "bench", mlp_file, "--batch", "2", "--repeat", "3",
+                             "--engines", "onnxruntime,onnxruntime-int8,mmcompile-int8",
+                             "--json", out_json, "-q")
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    rows = {r["engine"]: r for r in doc["results"]}
+    for engine in ("onnxruntime-int8", "mmcompile-int8"):
+        row = rows[engine]
+        assert row["match"], row.get("error")  # against the QDQ file's own outputs
+        assert row["accuracy_vs_float"]["y"]["cosine"] > 0.99
+        assert row["quantization"]["layers_int8"] == 1
+        assert row["ratio_vs_onnxruntime_int8"] is not None
+    assert "ratio_vs_onnxruntime_int8" not in rows["onnxruntime"]
+    assert "mmcompile-int8" in doc["summary"]["geomean_ratio_vs_onnxruntime_int8"]
+    assert "accuracy against the float model" in out
+
+
 def test_rounds_run_each_engine_in_several_processes_and_report_the_median(mlp_file, tmp_path,
                                                                            capsys):
     out_json = tmp_path / "rounds.json"

@@ -21,6 +21,11 @@ call), peak RSS of the engine's process, and whether outputs matched the referen
   mmcompile bench --suite multimodal --batch 1,8 --against onnxruntime,torch,torch-compile \\
                   --json results.json --plot results.png
   mmcompile bench model.onnx --batch 1 --against onnxruntime
+  mmcompile bench --batch 1,8 --engines onnxruntime,mmcompile,onnxruntime-int8,mmcompile-int8
+
+Int8 engines (onnxruntime-int8, mmcompile-int8) run one QDQ file per workload, quantized by
+mmcompile.quantize on 32 random input sets; they are checked against that file's own outputs
+(--int8-tolerance) and their agreement with the float model (cosine, top-1) is reported.
 
 Suite models (built from code, random weights): """ + ", ".join(suite.SUITES["multimodal"])
 
@@ -28,7 +33,8 @@ Suite models (built from code, random weights): """ + ", ".join(suite.SUITES["mu
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's arguments."""
     p.add_argument("model", nargs="?", help="an .onnx file to benchmark instead of the suite "
-                                            "(engines: mmcompile, onnxruntime)")
+                                            "(engines: mmcompile, onnxruntime and their int8 "
+                                            "runs)")
     p.add_argument("--suite", choices=sorted(suite.SUITES),
                    help="benchmark a suite (default when no model file is given: multimodal)")
     p.add_argument("--models", metavar="NAME,...", help="only these suite models")
@@ -63,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="outputs match when max|got - ref| <= TOL * max(1, max|ref|) "
                         "(default: %(default)s)")
+    p.add_argument("--int8-tolerance", type=float, default=0.05,
+                   help="the int8 engines' tolerance against the QDQ file's own outputs (int8 "
+                        "kernels may round a requantized value the other way) "
+                        "(default: %(default)s)")
     p.add_argument("--tuning-db", metavar="DIR",
                    help="also run 'mmcompile-tuned': mmcompile compiled with this database "
                         "from 'mmcompile tune' (next to untuned mmcompile, in the same run)")
@@ -91,7 +101,8 @@ def _options(args: argparse.Namespace):
         if value < low:
             raise BenchError(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--timeout", args.timeout), ("--max-time", args.max_time),
-                        ("--tolerance", args.tolerance)):
+                        ("--tolerance", args.tolerance),
+                        ("--int8-tolerance", args.int8_tolerance)):
         if not value > 0:
             raise BenchError(f"{flag} must be positive, got {value}")
     tuning_db = None
@@ -109,7 +120,7 @@ def _options(args: argparse.Namespace):
                         max_time=args.max_time,
                         timeout=args.timeout, tolerance=args.tolerance, tuning_db=tuning_db,
                         fallback=None if args.fallback.lower() == "none" else args.fallback,
-                        rounds=args.rounds)
+                        rounds=args.rounds, int8_tolerance=args.int8_tolerance)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,11 +31,14 @@ class Engine(ABC):
     Attributes:
         name: the name used by ``--against``/``--engines`` and in results.
         needs_module: the engine runs the torch module, so model files cannot use it.
+        int8: the engine runs the workload's quantized (QDQ) file, checked against that
+            file's own outputs and measured against the float model's.
         variants: configurations run in separate processes; the fastest is reported.
     """
 
     name: ClassVar[str] = ""
     needs_module: ClassVar[bool] = False
+    int8: ClassVar[bool] = False  # runs the workload's QDQ int8 file
     variants: ClassVar[tuple[str, ...]] = ("default",)
 
     @abstractmethod
@@ -166,6 +169,29 @@ class OnnxRuntimeEngine(Engine):
             return dict(zip(names, session.run(names, dict(feeds))))
 
         return run, {"detail": f"ORT_ENABLE_ALL, {job['variant']}"}
+
+
+@register_engine
+class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
+    """onnxruntime on the workload's QDQ int8 file (from ``mmcompile.quantize``): its graph
+    optimizations fuse the QDQ pairs into its int8 kernels."""
+
+    name = "onnxruntime-int8"
+    int8 = True
+
+    def load(self, job: Mapping[str, Any]) -> Any:
+        return job["qdq"]
+
+
+@register_engine
+class MMCompileInt8Engine(MMCompileEngine):
+    """mmcompile compiling the same QDQ int8 file as ``onnxruntime-int8``."""
+
+    name = "mmcompile-int8"
+    int8 = True
+
+    def load(self, job: Mapping[str, Any]) -> Any:
+        return job["qdq"]
 
 
 @register_engine

@@ -41,9 +41,17 @@ import numpy as np
 
 from mmcompile.bench import BenchError, suite
 from mmcompile.bench.engines import engine_names, get_engine
+from mmcompile.bench.int8 import Int8Workload, accuracy_vs_float, quantize_workload
+from mmcompile.bench.results import (
+    INT8_BASELINE,
+    add_ratios,
+    geomeans,
+    machine_info,
+    make_row,
+    median_round,
+    pick_variant,
+)
 from mmcompile.flops import count_flops
-from mmcompile.bench.results import (add_ratios, geomeans, machine_info, make_row,
-                                     median_round, pick_variant)
 
 RUNNER = Path(__file__).resolve().with_name("runner.py")
 DEFAULT_AGAINST_SUITE = ("onnxruntime", "torch", "torch-compile")
@@ -70,6 +78,7 @@ class BenchOptions:
             model with a node the target cannot run fails that row).
         rounds: lock-step groups (one process per engine each) per workload; each row is
             the round with the median latency, ``rounds_ms`` lists all.
+        int8_tolerance: the int8 engines' tolerance against the QDQ file's own outputs.
     """
 
     engines: Sequence[str]
@@ -85,6 +94,7 @@ class BenchOptions:
     tuning_db: str | None = None
     fallback: str | None = "onnxruntime"
     rounds: int = 1
+    int8_tolerance: float = 0.05
 
 
 @dataclass
@@ -100,6 +110,7 @@ class Workload:
     flops: int
     suite_model: str | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    int8: Int8Workload | None = None
 
 
 def available_cores() -> int:
@@ -236,6 +247,7 @@ def make_job(workload: Workload, engine: str, variant: str, options: BenchOption
     round starts with the inductor cache an earlier one filled."""
     stem = folder / f"{workload.model}-b{workload.batch}-{engine}-{variant}-r{round_}"
     return {"engine": engine, "variant": variant, "onnx": str(workload.onnx),
+            "qdq": str(workload.int8.qdq) if workload.int8 else None,
             "suite_model": workload.suite_model, "batch": workload.batch,
             "inputs": str(workload.inputs), "outputs": f"{stem}.out.npz",
             "result": f"{stem}.result.json", "log": f"{stem}.log",
@@ -410,6 +422,21 @@ def _model_table(workloads: Sequence[Workload]) -> list[dict[str, Any]]:
     return list(models.values())
 
 
+def _row(w: Workload, engine: str, result: dict[str, Any], job: dict[str, Any],
+         options: BenchOptions) -> dict[str, Any]:
+    extra = {"params": w.params, "flops": w.flops}
+    if not get_engine(engine).int8:
+        return make_row(w.model, w.batch, engine, result, w.reference, job["outputs"],
+                        options.tolerance, extra)
+    assert w.int8 is not None
+    row = make_row(w.model, w.batch, engine, result, w.int8.reference, job["outputs"],
+                   options.int8_tolerance, extra)
+    row["accuracy_vs_float"] = accuracy_vs_float(w.reference, job["outputs"])
+    row["quantization"] = {k: w.int8.info[k] for k in ("drop", "layers_int8", "method")}
+    row["quantization"]["float_layers"] = len(w.int8.info["float_layers"])
+    return row
+
+
 def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
                   model_file: str | os.PathLike | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -440,6 +467,9 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
         else:
             workloads = prepare_suite(list(models or suite.SUITES["multimodal"]),
                                       options.batches, folder, say)
+        if any(get_engine(e).int8 for e in engines):
+            for w in workloads:
+                w.int8 = quantize_workload(w.onnx, w.inputs, w.batch, folder, say)
         for w in workloads:
             # One process per engine and round, the engines of a round in lock-step: on a
             # shared machine the same binary's latency drifts by tens of percent within
@@ -452,9 +482,7 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
                         for engine, variant in group]
                 for (engine, variant), job, result in zip(group, jobs,
                                                           run_lockstep(jobs, options.timeout)):
-                    tries[engine][variant].append(
-                        make_row(w.model, w.batch, engine, result, w.reference, job["outputs"],
-                                 options.tolerance, {"params": w.params, "flops": w.flops}))
+                    tries[engine][variant].append(_row(w, engine, result, job, options))
             for engine in engines:
                 rows.append(pick_variant({v: median_round(r)
                                           for v, r in tries[engine].items()}))
@@ -469,5 +497,7 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
                          "reference": "onnxruntime, graph optimizations off" if model_file
                          else "torch eager (in the parent process)"},
             "models": _model_table(workloads), "results": rows,
-            "summary": {"geomean_ratio_vs_onnxruntime": geomeans(rows)},
+            "summary": {"geomean_ratio_vs_onnxruntime": geomeans(rows),
+                        **({"geomean_ratio_vs_onnxruntime_int8": geomeans(rows, INT8_BASELINE)}
+                           if any("quantization" in r for r in rows) else {})},
             "total_s": round(time.perf_counter() - started, 1)}

@@ -43,13 +43,31 @@ def results_table(doc: dict[str, Any]) -> str:
                          "compile s", "peak MB", "match"], rows)
 
 
-def summary_table(doc: dict[str, Any]) -> str:
-    """Geometric-mean time ratio to onnxruntime per engine and batch."""
+def summary_table(doc: dict[str, Any], key: str = "geomean_ratio_vs_onnxruntime") -> str:
+    """Geometric-mean time ratio to onnxruntime (or, ``key``, its int8 run) per engine and
+    batch."""
     keys = [str(b) for b in doc["settings"]["batches"]] + ["all"]
-    means = doc["summary"]["geomean_ratio_vs_onnxruntime"]
+    means = doc["summary"][key]
     rows = [(engine, *(f"{means[engine][k]:.3f}x" if means.get(engine, {}).get(k) else "-"
-                       for k in keys)) for engine in doc["settings"]["engines"]]
+                       for k in keys)) for engine in doc["settings"]["engines"]
+            if engine in means]
     return format_table(["engine", *(f"b={k}" if k != "all" else "all" for k in keys)], rows)
+
+
+def int8_table(doc: dict[str, Any]) -> str:
+    """Int8 rows: accuracy against the float model per output, and the quantization."""
+    rows = []
+    for r in doc["results"]:
+        if "quantization" not in r:
+            continue
+        q = r["quantization"]
+        for name, acc in (r.get("accuracy_vs_float") or {"-": {}}).items():
+            rows.append((r["model"], r["batch"], r["engine"], name,
+                         _fmt(acc.get("cosine"), ".5f"),
+                         "-" if acc.get("top1") is None else f"{acc['top1']:.0%}",
+                         f"{q['layers_int8']}/{q['float_layers']}", f"{q['drop']:.4f}"))
+    return format_table(["model", "batch", "engine", "output", "cosine vs float",
+                         "top-1 vs float", "int8/float layers", "held-back drop"], rows)
 
 
 def print_report(doc: dict[str, Any], out: Callable[[str], None] = print) -> None:
@@ -64,6 +82,13 @@ def print_report(doc: dict[str, Any], out: Callable[[str], None] = print) -> Non
         out("")
         out("geometric mean of time / onnxruntime time (below 1: faster than onnxruntime):")
         out(summary_table(doc))
+    if "geomean_ratio_vs_onnxruntime_int8" in doc["summary"]:
+        out("")
+        out("int8 (the same QDQ file): accuracy against the float model")
+        out(int8_table(doc))
+        if "onnxruntime-int8" in doc["settings"]["engines"]:
+            out("geometric mean of time / onnxruntime-int8 time:")
+            out(summary_table(doc, "geomean_ratio_vs_onnxruntime_int8"))
     errors = [r for r in doc["results"] if r.get("error")]
     if errors:
         out("")

@@ -21,6 +21,7 @@ from mmcompile.reference import compare_outputs
 ROW_KEYS = ("model", "batch", "engine", "median_ms", "p10_ms", "p90_ms", "compile_s",
             "peak_rss_mb", "match")
 BASELINE = "onnxruntime"
+INT8_BASELINE = "onnxruntime-int8"
 _VERSIONS = ("mmcompile", "torch", "onnxruntime", "apache-tvm", "onnx", "onnxscript",
              "transformers", "numpy")
 
@@ -104,26 +105,34 @@ def pick_variant(rows: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
-    """Set ``ratio_vs_onnxruntime`` on every row that has a time, where onnxruntime has one."""
-    base = {(r["model"], r["batch"]): r["median_ms"] for r in rows
-            if r["engine"] == BASELINE and r["median_ms"]}
-    for row in rows:
-        ref = base.get((row["model"], row["batch"]))
-        row["ratio_vs_onnxruntime"] = (_round(row["median_ms"] / ref, 4)
-                                       if ref and row["median_ms"] is not None else None)
+    """Set ``ratio_vs_onnxruntime`` on every row that has a time, where onnxruntime has one;
+    and on int8 rows ``ratio_vs_onnxruntime_int8``, where ``onnxruntime-int8`` has one."""
+    for baseline, key in ((BASELINE, "ratio_vs_onnxruntime"),
+                          (INT8_BASELINE, "ratio_vs_onnxruntime_int8")):
+        base = {(r["model"], r["batch"]): r["median_ms"] for r in rows
+                if r["engine"] == baseline and r["median_ms"]}
+        for row in rows:
+            if key == "ratio_vs_onnxruntime_int8" and "quantization" not in row:
+                continue
+            ref = base.get((row["model"], row["batch"]))
+            row[key] = (_round(row["median_ms"] / ref, 4)
+                        if ref and row["median_ms"] is not None else None)
 
 
-def geomeans(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+def geomeans(rows: Sequence[dict[str, Any]], baseline: str = BASELINE
+             ) -> dict[str, dict[str, float | None]]:
     """engine -> {"<batch>": geomean ratio, ..., "all": ...} over rows where the engine and
-    onnxruntime both ran and matched the reference."""
-    base_ok = {(r["model"], r["batch"]) for r in rows if r["engine"] == BASELINE and r["match"]}
+    ``baseline`` both ran and matched their references."""
+    ratio = "ratio_vs_onnxruntime" if baseline == BASELINE else "ratio_vs_onnxruntime_int8"
+    base_ok = {(r["model"], r["batch"]) for r in rows if r["engine"] == baseline and r["match"]}
     values: dict[str, dict[str, list[float]]] = {}
     for row in rows:
+        if ratio not in row:
+            continue
         per_engine = values.setdefault(row["engine"], {})
-        if row["match"] and row.get("ratio_vs_onnxruntime") and \
-                (row["model"], row["batch"]) in base_ok:
+        if row["match"] and row.get(ratio) and (row["model"], row["batch"]) in base_ok:
             for key in (str(row["batch"]), "all"):
-                per_engine.setdefault(key, []).append(row["ratio_vs_onnxruntime"])
+                per_engine.setdefault(key, []).append(row[ratio])
     return {engine: {k: _round(math.exp(sum(map(math.log, v)) / len(v)), 4)
                      for k, v in groups.items()}
             for engine, groups in values.items()}

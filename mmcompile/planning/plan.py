@@ -5,6 +5,9 @@ tuned kernels are the compiled ones).
 In order, each step with why it sits there:
 
 1. load the model (frontend) and run the target-independent pipeline (``default``);
+   then, when asked, quantize (:mod:`mmcompile.quantize`): after the passes, so that folded
+   batch norms and fused layers are what gets calibrated, and before placement, which must
+   see the QDQ nodes the targets lower;
 2. branch analysis (:mod:`.branches`), when a branch is to be placed or scheduled on its own;
 3. placement (:mod:`.placement`): a target per node, the fallback where the target cannot run
    a node; after the passes, which change the nodes;
@@ -20,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmcompile.errors import InputError
 from mmcompile.frontend import to_graph
 from mmcompile.ir import Graph
 from mmcompile.optimize import OptimizeResult, optimize
@@ -51,6 +55,7 @@ class Plan:
     placement: Placement
     whole: list[StagePlan]
     staged: list[StagePlan] = field(default_factory=list)
+    quantized: Any = None  # the QuantizedModel, when quantized
 
     def stages(self) -> list[StagePlan]:
         """Every distinct stage of both candidates, the branch stages first (what ``tune``
@@ -68,6 +73,8 @@ def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
          opt_level: int = 2, disabled_passes: Sequence[str] = (),
          modalities: Mapping[str, str] | None = None,
          input_shapes: Mapping[str, Sequence[int]] | None = None, schedule: str = "auto",
+         quantize: str | None = None, calibration: Any = None,
+         quantize_options: Mapping[str, Any] | None = None,
          progress: Callable[[str], None] | None = None) -> Plan:
     """Plan ``model``'s stages (see the module docstring for the steps).
 
@@ -79,6 +86,7 @@ def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         placement: branch, modality or node name -> target, over ``target``.
         passes, opt_level, disabled_passes: the graph pipeline.
         schedule: ``auto`` / ``parallel`` also plan the branch stages; ``sequential`` not.
+        quantize, calibration, quantize_options: as for :func:`mmcompile.compile`.
         progress: called with one-line status messages.
 
     Raises:
@@ -86,15 +94,29 @@ def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         PipelineError, PassError: a pass pipeline failed.
         TargetError: an unknown target or option.
         UnsupportedOpError: a node no allowed target runs.
+        InputError, QuantizationError: bad calibration data or quantization options.
     """
     say = progress or (lambda message: None)
     check_kind(schedule)
+    if (quantize is None) != (calibration is None):
+        raise InputError("quantize and calibration go together: " + (
+            "quantize needs calibration samples" if calibration is None else
+            "calibration data was given but no quantize scheme (e.g. quantize='int8')"))
     say("loading model")
     source = to_graph(model, example_inputs, modalities=modalities, input_shapes=input_shapes)
     say(f"optimizing graph ({source.num_nodes} nodes)")
     ctx = PassContext(opt_level=opt_level, disabled_passes=frozenset(disabled_passes))
     optimization = optimize(source, passes, ctx=ctx)
     optimized = optimization.graph
+    quantized = None
+    if quantize is not None:
+        from mmcompile.quantize import quantize as quantize_graph
+        quantized = quantize_graph(optimized, calibration, scheme=quantize, passes="none",
+                                   progress=say,
+                                   **_quantize_options(quantize_options))
+        optimized = quantized.graph
+        say(f"quantized {len(quantized.layers)} layer(s) to {quantize}, "
+            f"{len(quantized.float_layers)} kept in float (drop {quantized.drop:.4f})")
     branches = assign_branches(optimized) if placement or schedule != "sequential" else {}
     placed = place(optimized, branches, target, target_config, fallback, placement)
     if placed.fell_back:
@@ -109,9 +131,25 @@ def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     whole = stage_plans(optimized, group_nodes(optimized, {n: ("main", k) for n, k in
                                                            placed.nodes.items()}),
                         placed.primary, names)
-    result = Plan(source, optimized, optimization, placed, whole, staged or whole)
+    result = Plan(source, optimized, optimization, placed, whole, staged or whole, quantized)
     for stage in result.stages():  # last: a target's pipeline sees only its own stages
         pipeline = placed.choices[stage.target].target.pipeline
         if pipeline:
             optimize(stage.graph, pipeline, inplace=True)
     return result
+
+
+def _quantize_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check ``quantize_options`` keys against :func:`mmcompile.quantize.quantize`'s."""
+    import inspect
+
+    from mmcompile.quantize import QuantizationError
+    from mmcompile.quantize import quantize as quantize_graph
+    valid = [name for name, p in inspect.signature(quantize_graph).parameters.items()
+             if p.kind is p.KEYWORD_ONLY and name not in ("scheme", "progress", "modalities",
+                                                           "passes")]
+    unknown = sorted(set(options or {}) - set(valid))
+    if unknown:
+        raise QuantizationError(f"unknown quantize option(s) {', '.join(map(repr, unknown))} "
+                                f"(valid: {', '.join(valid)})")
+    return dict(options or {})

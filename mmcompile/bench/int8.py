@@ -1,0 +1,63 @@
+"""Int8 workloads: each model quantized once (``mmcompile.quantize``) into the QDQ file that
+every int8 engine runs, with its own reference outputs and its accuracy against float.
+
+Calibration draws :data:`SAMPLES` random input sets at the workload's batch (the suite's
+inputs are random too; a model file's integer inputs stay inside its embedding tables); the
+quantizer holds back a fifth of them to measure accuracy. The QDQ graph's outputs under
+onnxruntime with optimizations off are the reference int8 engines must match (within
+``int8_tolerance``: int8 kernels may round a requantized value the other way); their
+agreement with the float reference is recorded beside, per output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SAMPLES = 32
+
+
+@dataclass
+class Int8Workload:
+    """The quantized side of one workload."""
+
+    qdq: Path
+    reference: dict[str, np.ndarray]
+    info: dict[str, Any]
+
+
+def quantize_workload(onnx_path: Path, inputs_path: Path, batch: int, folder: Path,
+                      say: Callable[[str], None]) -> Int8Workload:
+    """Quantize ``onnx_path`` to ``folder/<stem>.int8.onnx``; its reference outputs on the
+    workload's inputs."""
+    from mmcompile.frontend import load_graph
+    from mmcompile.quantize import quantize
+    from mmcompile.reference import random_inputs, run_onnxruntime
+    graph = load_graph(onnx_path)
+    calibration = [random_inputs(graph, seed=1000 + i, batch=batch) for i in range(SAMPLES)]
+    quantized = quantize(onnx_path, calibration)
+    qdq = quantized.save(folder / f"{onnx_path.stem}.int8.onnx")
+    with np.load(inputs_path, allow_pickle=False) as data:
+        feeds = {k: data[k] for k in data.files}
+    say(f"quantized {onnx_path.stem}: {len(quantized.layers)} int8 layer(s), "
+        f"{len(quantized.float_layers)} float, drop {quantized.drop:.4f}")
+    return Int8Workload(qdq, run_onnxruntime(quantized.graph, feeds), quantized.info())
+
+
+def accuracy_vs_float(float_reference: Mapping[str, np.ndarray], outputs_path: str
+                      ) -> dict[str, dict[str, float | None]] | None:
+    """Per output, cosine and top-1 agreement of an int8 engine's outputs with float's."""
+    from mmcompile.quantize.accuracy import compare
+    try:
+        with np.load(outputs_path, allow_pickle=False) as data:
+            got = {k: data[k] for k in data.files}
+    except (OSError, ValueError):
+        return None
+    if set(float_reference) - set(got):
+        return None
+    return {a.name: {"cosine": round(a.cosine, 6), "top1": a.top1}
+            for a in compare([dict(float_reference)], [got])}

@@ -1,0 +1,311 @@
+"""Post-training int8 quantization to QDQ ONNX: ``mmcompile.quantize`` and ``compile(...,
+quantize="int8")``.
+
+What is onnxruntime's and what is ours:
+
+- onnxruntime's quantization tooling does the quantization proper: its calibrators (MinMax,
+  Percentile, Entropy) and its QDQ quantizer (symmetric per-channel int8 weights, int8 or
+  uint8 activations, int32 bias), so the output is the QDQ format onnxruntime and TensorRT
+  both run.
+- Ours: calibration per modality branch (:mod:`.ranges`: a modality may have fewer samples;
+  each tensor is calibrated on the samples that reach it, and the ranges handed to the
+  quantizer as its calibration cache), checked calibration data (:mod:`.calibration`), the
+  accuracy budget (:mod:`.accuracy`: per-layer sensitivity on held-back samples, the most
+  sensitive layers kept in float until ``max_drop`` holds), and the report.
+
+The quantized graph is a plain ONNX graph: ``compile`` places and lowers it like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from mmcompile.errors import InputError, MMCompileError
+from mmcompile.ir import Graph
+from mmcompile.quantize.accuracy import (
+    METRICS,
+    OutputAccuracy,
+    compare,
+    drop,
+    keep_in_float,
+)
+from mmcompile.quantize.calibration import CalibrationSet, load_calibration
+from mmcompile.quantize.ranges import METHODS, branch_ranges, ort_method
+from mmcompile.reference import run_onnxruntime
+
+SCHEMES = ("int8",)
+ACTIVATIONS = ("uint8", "int8")
+# The layers int8 pays for; the ops between them (softmax, layer norm, GELU, ...) stay float
+# and are fused with the (de)quantization around them, as onnxruntime and TensorRT do.
+OP_TYPES = ("Conv", "MatMul", "Gemm")
+# Float ops worth naming in the report (the rest, reshapes and elementwise, go unmentioned).
+_NOTABLE_FLOAT = frozenset({"Softmax", "LayerNormalization", "Gelu", "BatchNormalization",
+                            "InstanceNormalization", "GroupNormalization", "ConvTranspose",
+                            "LSTM", "GRU", "RNN", "Einsum", "Attention"})
+DEFAULT_MAX_DROP = 0.01
+DEFAULT_HOLDOUT = 0.2
+
+
+class QuantizationError(MMCompileError):
+    """Quantization cannot proceed (a bad option, or onnxruntime's quantizer failed)."""
+
+
+@dataclass
+class QuantizedModel:
+    """A model quantized to QDQ int8, and how.
+
+    Attributes:
+        graph: the quantized graph (QDQ ONNX), modality tags kept.
+        float_graph: the float graph it was quantized from.
+        method, activations: calibration method, activation type.
+        samples: modality -> calibration samples used (held-back ones not included).
+        held_back: modality -> samples held back for the accuracy figures (0: measured on
+            the calibration samples themselves, when a modality has one sample).
+        sha256: hash of the calibration data.
+        accuracy: per output, the final model against the float one.
+        all_int8: the same, with every layer quantized (before the budget).
+        float_layers: layer kept in float -> why.
+        float_ops: op type -> nodes that are float because the scheme does not quantize them.
+        sensitivity: layer -> the drop with that layer alone quantized (when measured).
+        layers: the quantized layers.
+    """
+
+    graph: Graph
+    float_graph: Graph
+    method: str
+    activations: str
+    samples: dict[str, int]
+    held_back: dict[str, int]
+    sha256: str
+    accuracy: list[OutputAccuracy]
+    all_int8: list[OutputAccuracy]
+    max_drop: float | None
+    float_layers: dict[str, str] = field(default_factory=dict)
+    float_ops: dict[str, int] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
+    scheme: str = "int8"
+
+    @property
+    def drop(self) -> float:
+        return drop(self.accuracy)
+
+    def info(self) -> dict[str, Any]:
+        """What artifacts record (JSON-able)."""
+        return {"scheme": self.scheme, "method": self.method, "activations": self.activations,
+                "weights": "int8 symmetric per channel", "samples": self.samples,
+                "held_back": self.held_back, "calibration_sha256": self.sha256,
+                "layers_int8": len(self.layers), "float_layers": self.float_layers,
+                "max_drop": self.max_drop, "drop": round(self.drop, 6),
+                "accuracy": [a.to_dict() for a in self.accuracy]}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the QDQ model (atomically; checked first)."""
+        return self.graph.save(path)
+
+    def report(self) -> str:
+        """Calibration, per-output accuracy, and what stayed in float and why."""
+        held = sum(self.held_back.values())
+        lines = [f"{self.graph.name}: {self.scheme} (QDQ), weights int8 symmetric per channel, "
+                 f"activations {self.activations}, calibration {self.method}",
+                 "calibration samples: " + ", ".join(f"{m} {n}" for m, n in self.samples.items())
+                 + (f"; accuracy on {held} held-back sample(s)" if held else
+                    "; accuracy on the calibration samples (none could be held back)"),
+                 f"layers: {len(self.layers)} int8, {len(self.float_layers)} kept in float",
+                 "accuracy against the float model:"]
+        lines += [f"  {a}" for a in self.accuracy]
+        if self.float_layers:
+            lines.append(f"  with every layer int8, the drop was {drop(self.all_int8):.4f} "
+                         f"(budget {self.max_drop}); now {self.drop:.4f}")
+            lines.append("kept in float:")
+            lines += [f"  {name}: {why}" for name, why in self.float_layers.items()]
+        if self.float_ops:
+            lines.append("float by scheme (not " + "/".join(OP_TYPES) + "; fused with the "
+                         "(de)quantization around them): "
+                         + ", ".join(f"{op} x{n}" for op, n in self.float_ops.items()))
+        if self.sensitivity:
+            worst = sorted(self.sensitivity.items(), key=lambda kv: -kv[1])[:5]
+            lines.append("most sensitive layers (drop with that layer alone int8): "
+                         + ", ".join(f"{n} {v:.4f}" for n, v in worst))
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizer warns on the root logger (pre-processing hints)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _check_options(scheme: str, method: str, activations: str, max_drop: float | None,
+                   holdout: float, metrics: Mapping[str, str], outputs: Sequence[str]) -> None:
+    def one_of(what: str, value: Any, valid: Sequence[str]) -> None:
+        if value not in valid:
+            raise QuantizationError(f"unknown {what} {value!r} (valid: {', '.join(valid)})")
+    one_of("scheme", scheme, SCHEMES)
+    one_of("calibration method", method, METHODS)
+    one_of("activation type", activations, ACTIVATIONS)
+    if max_drop is not None and not 0 <= max_drop < 1:
+        raise QuantizationError(f"max_drop must be in [0, 1), got {max_drop}")
+    if not 0 <= holdout < 1:
+        raise QuantizationError(f"holdout must be in [0, 1), got {holdout}")
+    for name, metric in metrics.items():
+        if name not in outputs:
+            raise QuantizationError(f"metrics names {name!r}, not an output (outputs: "
+                                    f"{', '.join(outputs)})")
+        one_of(f"metric for {name!r}", metric, METRICS)
+
+
+class _Quantizer:
+    """Builds QDQ models from one float model and one set of ranges."""
+
+    def __init__(self, graph: Graph, ranges, method: str, activations: str, workdir: Path):
+        from onnxruntime.quantization.calibrate import save_tensors_data
+        self.graph, self.method, self.activations = graph, method, activations
+        self.workdir = workdir
+        self.model = graph.to_onnx()
+        self.cache = workdir / "ranges.json"
+        save_tensors_data(ranges, self.cache)
+
+    def build(self, only: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> Graph:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        out = self.workdir / "quantized.onnx"
+        act = QuantType.QUInt8 if self.activations == "uint8" else QuantType.QInt8
+        try:
+            with _quiet():
+                quantize_static(self.model, out, None, quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=list(OP_TYPES), per_channel=True,
+                                activation_type=act, weight_type=QuantType.QInt8,
+                                nodes_to_quantize=list(only) if only is not None else None,
+                                nodes_to_exclude=list(exclude),
+                                calibrate_method=ort_method(self.method),
+                                calibration_cache_path=self.cache,
+                                extra_options={"WeightSymmetric": True,
+                                               "ActivationSymmetric": self.activations == "int8"})
+        except Exception as exc:  # onnxruntime raises plain exceptions for graphs it cannot take
+            raise QuantizationError(f"onnxruntime's quantizer failed on {self.graph.name}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        model = onnx.load(out)
+        tags = {k: v.modality for k, v in self.graph.modalities.items()}
+        result = Graph.from_onnx(model, tags, name=self.graph.name)
+        result.annotations = dict(self.graph.annotations)
+        return result
+
+
+def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str = "minmax",
+             activations: str = "uint8", max_drop: float | None = DEFAULT_MAX_DROP,
+             holdout: float = DEFAULT_HOLDOUT, metrics: Mapping[str, str] | None = None,
+             keep_float: Sequence[str] = (), modalities: Mapping[str, str] | None = None,
+             passes: str = "default", progress: Callable[[str], None] | None = None
+             ) -> QuantizedModel:
+    """Quantize ``model`` to QDQ int8 with post-training static calibration.
+
+    Args:
+        model: a :class:`Graph` or anything ``compile`` takes; run through the ``passes``
+            pipeline first (folded batch norms quantize better; ``"none"`` quantizes it as
+            it is).
+        calibration: samples (see :func:`.calibration.load_calibration`): a ``.npz`` path,
+            input name -> stacked samples, or a list of feed dicts; a modality may have fewer.
+        scheme: ``int8``.
+        method: ``minmax``, ``percentile`` or ``entropy``.
+        activations: ``uint8`` (asymmetric; u8 x s8 is what x86 dot-product instructions
+            take) or ``int8`` (symmetric, as TensorRT wants).
+        max_drop: the accuracy budget (see :mod:`.accuracy`); the most sensitive layers are
+            kept in float until it holds. None: quantize every layer and only report.
+        holdout: share of each modality's samples held back to measure accuracy.
+        metrics: output name -> ``cosine`` or ``top1`` (default ``cosine``).
+        keep_float: node names or op types kept in float regardless.
+        modalities, passes: as for ``compile``.
+        progress: called with one-line status messages.
+
+    Raises:
+        InputError: the calibration data does not fit the model.
+        QuantizationError: a bad option, or onnxruntime's quantizer failed.
+    """
+    say = progress or (lambda message: None)
+    graph = _float_graph(model, calibration, modalities, passes)
+    outputs = [t.name for t in graph.gs.outputs]
+    metrics = dict(metrics or {})
+    _check_options(scheme, method, activations, max_drop, holdout, metrics, outputs)
+    data = load_calibration(calibration, graph)
+    calib, held = data.split(holdout)
+    evaluation = held or calib
+    say(f"calibrating ({method}) on " + ", ".join(f"{m} {n}" for m, n in calib.counts().items())
+        + " sample(s)")
+    layers = [n.name for n in graph.gs.nodes if n.op in OP_TYPES]
+    forced = {n.name: "kept in float by request" for n in graph.gs.nodes
+              if n.op in OP_TYPES and (n.name in keep_float or n.op in keep_float)}
+    unknown = [k for k in keep_float if k not in forced and k not in {n.op for n in graph.gs.nodes}
+               and k not in {n.name for n in graph.gs.nodes}]
+    if unknown:
+        raise QuantizationError(f"keep_float names {', '.join(map(repr, unknown))}: neither a "
+                                f"node nor an op type of {graph.name}")
+    float_model = graph.to_onnx()
+    with _quiet():
+        ranges, _ = branch_ranges(graph, float_model, calib, method, OP_TYPES)
+    feeds = list(evaluation.feeds())
+    reference = [run_onnxruntime(float_model, feed) for feed in feeds]
+    with tempfile.TemporaryDirectory(prefix="mmc-quant-") as tmp:
+        quantizer = _Quantizer(graph, ranges, method, activations, Path(tmp))
+        candidates = [name for name in layers if name not in forced]
+
+        def measure(quantized: Graph) -> list[OutputAccuracy]:
+            proto = quantized.to_onnx()
+            return compare(reference, [run_onnxruntime(proto, feed) for feed in feeds], metrics)
+
+        def evaluate(only: Sequence[str]) -> float:
+            return drop(measure(quantizer.build(only=list(only))))
+
+        say(f"quantizing {len(candidates)} layer(s)")
+        result = quantizer.build(exclude=list(forced))
+        all_int8 = measure(result)
+        accuracy, float_layers, sensitivity = all_int8, dict(forced), {}
+        if max_drop is not None and drop(all_int8) > max_drop and candidates:
+            say(f"drop {drop(all_int8):.4f} over the budget {max_drop}: measuring each "
+                f"layer's sensitivity")
+            kept, sensitivity, _ = keep_in_float(candidates, evaluate, max_drop, say)
+            for name in kept:
+                float_layers[name] = (f"accuracy budget: alone it costs {sensitivity[name]:.4f} "
+                                      f"of the {max_drop} budget")
+            result = quantizer.build(exclude=list(float_layers))
+            accuracy = measure(result)
+    ops = Counter(n.op for n in graph.gs.nodes if n.op in _NOTABLE_FLOAT)
+    return QuantizedModel(
+        graph=result, float_graph=graph, method=method, activations=activations,
+        samples=calib.counts(), held_back=held.counts() if held else dict.fromkeys(
+            calib.counts(), 0), sha256=data.sha256(), accuracy=accuracy, all_int8=all_int8,
+        max_drop=max_drop, float_layers=float_layers, float_ops=dict(ops.most_common()),
+        sensitivity=sensitivity, layers=[n for n in layers if n not in float_layers])
+
+
+def _float_graph(model: Any, calibration: Any, modalities: Mapping[str, str] | None,
+                 passes: str) -> Graph:
+    from mmcompile.frontend import to_graph
+    from mmcompile.optimize import optimize
+    if isinstance(model, Graph):
+        return model if passes == "none" else optimize(model, passes).graph
+    example = None
+    if isinstance(calibration, Mapping):
+        example = {k: np.asarray(v)[0] for k, v in calibration.items()}
+    elif isinstance(calibration, Sequence) and calibration and isinstance(calibration[0], Mapping):
+        example = calibration[0]
+    if example is None and not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        raise InputError("quantizing a torch module needs calibration samples to trace it with "
+                         "(a mapping or a list of feed dicts)")
+    return optimize(to_graph(model, example, modalities=modalities), passes).graph

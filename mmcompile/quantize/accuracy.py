@@ -1,0 +1,120 @@
+"""How far a quantized model's outputs are from the float model's, and the accuracy budget.
+
+Without labels, accuracy is agreement with the float model on held-back samples: per output,
+the mean cosine similarity of each sample's values, the largest error relative to
+``max(1, max|float|)`` (as ``verify`` measures), and for outputs with classes on the last
+axis the top-1 agreement. An output is judged by one of them, its *score*: top-1 agreement
+where the caller says the output is a classifier's, else cosine. The *drop* of a model is
+``1 - score`` of its worst output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+METRICS = ("cosine", "top1")
+
+
+@dataclass
+class OutputAccuracy:
+    """One output's agreement with the float model over ``samples`` feeds."""
+
+    name: str
+    metric: str
+    cosine: float
+    max_err: float
+    top1: float | None
+    samples: int
+
+    @property
+    def score(self) -> float:
+        return self.top1 if self.metric == "top1" and self.top1 is not None else self.cosine
+
+    def to_dict(self) -> dict:
+        return {"output": self.name, "metric": self.metric, "cosine": round(self.cosine, 6),
+                "max_err": float(f"{self.max_err:.4g}"),
+                "top1": None if self.top1 is None else round(self.top1, 4),
+                "samples": self.samples}
+
+    def __str__(self) -> str:
+        top1 = "" if self.top1 is None else f", top-1 agreement {self.top1:.1%}"
+        return (f"{self.name}: cosine {self.cosine:.5f}, max error {self.max_err:.3g}{top1} "
+                f"({self.samples} samples, judged by {self.metric})")
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def compare(reference: Sequence[Mapping[str, np.ndarray]],
+            quantized: Sequence[Mapping[str, np.ndarray]],
+            metrics: Mapping[str, str] | None = None) -> list[OutputAccuracy]:
+    """Per-output agreement of ``quantized`` with ``reference`` (one dict per sample)."""
+    metrics = metrics or {}
+    result = []
+    for name in reference[0]:
+        refs = [np.asarray(r[name]) for r in reference]
+        gots = [np.asarray(q[name]) for q in quantized]
+        if not np.issubdtype(refs[0].dtype, np.floating):
+            same = float(np.mean([np.array_equal(r, g) for r, g in zip(refs, gots)]))
+            result.append(OutputAccuracy(name, "top1", same, 0.0 if same == 1 else 1.0, same,
+                                         len(refs)))
+            continue
+        scale = max(1.0, max(float(np.abs(r).max(initial=0.0)) for r in refs))
+        err = max(float(np.abs(r.astype(np.float64) - g).max(initial=0.0)) for r, g in
+                  zip(refs, gots)) / scale
+        cosine = float(np.mean([_cosine(r, g) for r, g in zip(refs, gots)]))
+        top1 = None
+        if refs[0].ndim >= 1 and refs[0].shape[-1] >= 2:
+            top1 = float(np.mean(np.concatenate([
+                (np.argmax(r, -1) == np.argmax(g, -1)).ravel() for r, g in zip(refs, gots)])))
+        result.append(OutputAccuracy(name, metrics.get(name, "cosine"), cosine, err, top1,
+                                     len(refs)))
+    return result
+
+
+def drop(accuracy: Sequence[OutputAccuracy]) -> float:
+    """``1 - score`` of the worst output."""
+    return max((1.0 - a.score for a in accuracy), default=0.0)
+
+
+def keep_in_float(layers: Sequence[str], evaluate: Callable[[Sequence[str]], float],
+                  max_drop: float, say: Callable[[str], None]
+                  ) -> tuple[list[str], dict[str, float], float]:
+    """The layers to keep in float so that the drop is at most ``max_drop``.
+
+    Each layer's sensitivity is the drop of the model with that layer alone quantized;
+    the most sensitive are then kept in float one at a time, the whole model re-measured
+    after each, until the budget holds (or every layer is float).
+
+    Args:
+        layers: the quantizable layers (node names).
+        evaluate: ``evaluate(quantized_layers)`` -> the drop with only those quantized.
+        max_drop: the budget.
+
+    Returns:
+        ``(kept_in_float, sensitivity, final_drop)``.
+    """
+    sensitivity = {}
+    for i, layer in enumerate(layers):
+        sensitivity[layer] = evaluate([layer])
+        if (i + 1) % 10 == 0 or i + 1 == len(layers):
+            say(f"sensitivity: {i + 1}/{len(layers)} layers measured")
+    order = sorted(layers, key=lambda name: -sensitivity[name])
+    kept: list[str] = []
+    current = float("inf")
+    for layer in order:
+        kept.append(layer)
+        current = evaluate([name for name in layers if name not in kept])
+        say(f"keeping {layer} in float (alone it costs {sensitivity[layer]:.4f}): drop "
+            f"{current:.4f}")
+        if current <= max_drop:
+            break
+    return kept, sensitivity, current
