@@ -220,15 +220,21 @@ def _write_npz(path: str, arrays: dict) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _progress_lines(args: argparse.Namespace, started: float):
+    """Timestamped progress on stderr, when it is a terminal (and not --json) or --verbose."""
+    show = (sys.stderr.isatty() and not args.json) or args.verbose
+
+    def progress(message: str) -> None:
+        if show:
+            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr)
+    return progress
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from mmcompile.compiler import compile as compile_model
     from mmcompile.modality import parse_modality_args
-    show = sys.stderr.isatty() and not args.json
     started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        if show or args.verbose:
-            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr)
+    progress = _progress_lines(args, started)
 
     example = _read_npz(args.inputs) if args.inputs else None
     compiled = compile_model(
@@ -259,12 +265,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from mmcompile.modality import parse_modality_args
     from mmcompile.quantize import quantize
-    show = sys.stderr.isatty() and not args.json
     started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        if show or args.verbose:
-            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr)
+    progress = _progress_lines(args, started)
 
     model = _load(args)
     quantized = quantize(model, args.calibration, progress=progress,

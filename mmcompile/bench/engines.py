@@ -46,8 +46,9 @@ class Engine(ABC):
         """Import the framework and set its thread count to ``job["threads"]``."""
 
     def load(self, job: Mapping[str, Any]) -> Any:
-        """The model as this engine takes it (default: the ONNX file's path)."""
-        return job["onnx"]
+        """The model as this engine takes it (default: the ONNX file's path, or the QDQ
+        file's for an int8 engine)."""
+        return job["qdq"] if self.int8 else job["onnx"]
 
     @abstractmethod
     def prepare(self, model: Any, job: Mapping[str, Any]) -> tuple[RunFn, dict[str, Any]]:
@@ -179,9 +180,6 @@ class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
     name = "onnxruntime-int8"
     int8 = True
 
-    def load(self, job: Mapping[str, Any]) -> Any:
-        return job["qdq"]
-
 
 @register_engine
 class MMCompileInt8Engine(MMCompileEngine):
@@ -189,9 +187,6 @@ class MMCompileInt8Engine(MMCompileEngine):
 
     name = "mmcompile-int8"
     int8 = True
-
-    def load(self, job: Mapping[str, Any]) -> Any:
-        return job["qdq"]
 
 
 @register_engine

@@ -175,11 +175,12 @@ def _check_options(scheme: str, method: str, activations: str, max_drop: float |
 class _Quantizer:
     """Builds QDQ models from one float model and one set of ranges."""
 
-    def __init__(self, graph: Graph, ranges, method: str, activations: str, workdir: Path):
+    def __init__(self, graph: Graph, model: onnx.ModelProto, ranges, method: str,
+                 activations: str, workdir: Path):
         from onnxruntime.quantization.calibrate import save_tensors_data
         self.graph, self.method, self.activations = graph, method, activations
         self.workdir = workdir
-        self.model = graph.to_onnx()
+        self.model = model  # graph as ONNX
         self.cache = workdir / "ranges.json"
         save_tensors_data(ranges, self.cache)
 
@@ -262,7 +263,7 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
     feeds = list(evaluation.feeds())
     reference = [run_onnxruntime(float_model, feed) for feed in feeds]
     with tempfile.TemporaryDirectory(prefix="mmc-quant-") as tmp:
-        quantizer = _Quantizer(graph, ranges, method, activations, Path(tmp))
+        quantizer = _Quantizer(graph, float_model, ranges, method, activations, Path(tmp))
         candidates = [name for name in layers if name not in forced]
 
         def measure(quantized: Graph) -> list[OutputAccuracy]:
