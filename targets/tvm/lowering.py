@@ -20,16 +20,16 @@ CLIP example, 1 thread, vs onnxruntime: 4.9x (old rules) -> 2.7x (blocked matmul
 
 from __future__ import annotations
 
-from tvm import relax
-
 from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.fuse_pool import FuseConvPool
+from mmcompile.targets.tvm.int8 import QuantizedContractions
 from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
 from mmcompile.targets.tvm.rows import RowReductions
 from mmcompile.targets.tvm.schedule_util import lanes_for
 from mmcompile.targets.tvm.schedules import schedule_cpu
 from mmcompile.targets.tvm.unit_reductions import SpatializeUnitReductions
 from mmcompile.targets.tvm.winograd import Winograd
+from tvm import relax
 
 
 def lowering_options(config) -> dict[str, bool]:
@@ -39,9 +39,17 @@ def lowering_options(config) -> dict[str, bool]:
     return {name: bool(config.get(name, True)) for name in ("fast_math", "winograd")}
 
 
-def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True):
+def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, facts=None):
     """Legalize and fuse: the kernels that get scheduled, and that ``mmcompile tune`` tunes
-    (:mod:`.tuning` extracts its tasks from this function's result)."""
+    (:mod:`.tuning` extracts its tasks from this function's result). ``facts`` (a dict), when
+    given, receives ``int8``: how many QDQ contractions became int8 kernels, and with which
+    instructions."""
+    quantized = QuantizedContractions(target)
+    mod = quantized(mod)  # QDQ matmul / conv -> int8 kernels; before anything takes them
+    if quantized.count and facts is not None:
+        facts["int8"] = {"kernels": quantized.count,
+                         "instructions": "vpdpbusd (AVX512-VNNI)" if quantized.vnni
+                         else "int32 multiply-add (no VNNI)"}
     if winograd:
         mod = Winograd()(mod)  # 4-6x fewer multiply-adds; before the packing takes the convs
     mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
@@ -77,17 +85,17 @@ def lower_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, tun
 
     Returns:
         ``(mod, facts)``: the IRModule, ready for ``tvm.compile(mod, target=target)``, and
-        facts for the manifest (``{"tuning": {"hits": n, "kernels": m}}`` with a database).
+        facts for the manifest (``{"tuning": {"hits": n, "kernels": m}}`` with a database,
+        ``{"int8": {"kernels": n, "instructions": ...}}`` for a QDQ graph).
 
     Raises:
         TuningDBError: ``tuning_db`` is missing, corrupt or for another CPU.
     """
-    mod = fuse_cpu(mod, target, fast_math=fast_math, winograd=winograd)
     facts = {}
+    mod = fuse_cpu(mod, target, fast_math=fast_math, winograd=winograd, facts=facts)
     if tuning_db:
-        from tvm import tirx
-
         from mmcompile.targets.tvm.tuning import apply_database
+        from tvm import tirx
         mod, hits = apply_database(mod, target, tuning_db)  # schedule_cpu skips these kernels
         kernels = sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items())
         facts["tuning"] = {"hits": hits, "kernels": kernels}

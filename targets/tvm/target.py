@@ -132,6 +132,9 @@ class _TVMTarget(Target):
         if "tuning" in facts:
             options.progress(f"tuning database: {facts['tuning']['hits']} of "
                              f"{facts['tuning']['kernels']} kernels tuned")
+        if "int8" in facts:
+            options.progress(f"int8 kernels: {facts['int8']['kernels']} quantized "
+                             f"contraction(s), {facts['int8']['instructions']}")
         options.progress(f"generating code for {target.kind.name}")
         try:
             # In the target's scope: TVM's CUDA compile callback reads the arch from it.

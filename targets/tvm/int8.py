@@ -1,0 +1,465 @@
+"""Int8 contractions: QDQ ``MatMul`` / ``Gemm`` / ``Conv`` run as u8 x s8 -> i32 kernels.
+
+TVM's ONNX importer reads a QDQ graph (``mmcompile.quantize``, onnxruntime's
+``quantize_static``) as ``dequantize`` ops in front of float ``matmul`` / ``conv2d``, so
+without this module the int8 model runs in float, slower than the float model. The rewrite
+(:class:`QuantizedContractions`, first in :func:`~.lowering.fuse_cpu`) finds
+
+    matmul(dequantize(xq, sx, zx), dequantize(W, sw, 0))        (Gemm: W transposed)
+    conv2d(dequantize(xq, sx, zx), dequantize(W, sw, 0))        (NCHW, OIHW, groups 1)
+
+with ``W`` a constant int8 tensor and per-tensor ``sx``/``zx``, and replaces the pair by one
+kernel that sums ``xq * W`` exactly in int32 and scales once:
+
+    y[m, n] = float(sum_k xq[m, k] W[k, n]  -  zx sum_k W[k, n]) * (sx sw[n])
+
+(the zero-point term is a compile-time constant per column). This is how onnxruntime's
+``QLinearConv`` / ``MatMulIntegerToFloat`` compute; the float ops after it (bias add,
+activation, the next ``quantize``) stay as they were and are fused by ``FuseOps`` as usual.
+int8 activations (``activations="int8"``) are shifted by 128 to uint8 (``zx + 128``).
+
+Kernels: the activation (a convolution's im2col patches) is staged as uint8 rows padded to a
+multiple of 4; weights are packed at compile time. With AVX512-VNNI the inner ``16 x 4``
+block is ``vpdpbusd`` (:data:`VNNI_INTRIN`: weights ``[N/16, K/4, 16, 4]``, 16 output
+columns x 4 reduction steps per instruction); without it the kernel is the same loop nest in
+int32 over ``[N/16, K, 16]`` panels, vectorized along the 16 columns (exact, no ``pmaddubsw``
+saturation). :class:`Int8Contraction` is the schedule rule for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import tvm
+from mmcompile.targets.tvm.rewrite import rewrite_functions
+from mmcompile.targets.tvm.schedule_util import (
+    ACCUMULATOR_SCOPE,
+    extent,
+    lanes_for,
+    parallel_spatial,
+)
+from tvm import relax, s_tir, te, tirx
+from tvm.relax import expr_functor
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.script import tirx as T
+from tvm.target.codegen import target_has_features
+
+BLOCK = 16  # output columns per vector of int32 accumulators
+STEP = 4    # reduction steps one vpdpbusd sums per lane
+VNNI_INTRIN = "mmcompile_dot_16x4_u8i8i32_vnni"
+
+# Names the schedule rule finds its blocks by (FuseTIR keeps block names).
+_DATA, _ACC = "int8_data", "int8_acc"
+
+
+@T.prim_func(s_tir=True)
+def _dot_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+              B: T.Buffer((16, 4), "int8", offset_factor=1),
+              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
+              B: T.Buffer((16, 4), "int8", offset_factor=1),
+              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    # TVM's own dot_16x4_vnni passes int32x16 operands, which this wheel's LLVM rejects
+    # (vpdpbusd.512 takes <64 x i8> since LLVM 20); the bytes are the same.
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                          dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"), a, B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16")
+
+
+s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc, _dot_vnni, override=True)
+
+
+def has_vnni(target) -> bool:
+    """Whether ``target`` (an LLVM CPU target) has AVX512-VNNI's ``vpdpbusd``."""
+    if target.kind.name != "llvm":
+        return False
+    try:
+        return bool(target_has_features("avx512vnni", target)) \
+            and bool(target_has_features("avx512bw", target))
+    except Exception:  # not an x86 target
+        return False
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# -- compile-time weights --------------------------------------------------------------------
+
+def pack_weights(weight: np.ndarray, vnni: bool) -> np.ndarray:
+    """int8 ``[K, N]`` -> zero-padded panels: ``[N/16, K/4, 16, 4]`` for vpdpbusd (4 reduction
+    steps of 16 columns contiguous), else ``[N/16, K, 16]`` (16 columns contiguous)."""
+    depth, cols = weight.shape
+    kp, npad = _round_up(depth, STEP), _round_up(cols, BLOCK)
+    padded = np.zeros((kp, npad), np.int8)
+    padded[:depth, :cols] = weight
+    if vnni:
+        return np.ascontiguousarray(
+            padded.reshape(kp // STEP, STEP, npad // BLOCK, BLOCK).transpose(2, 0, 3, 1))
+    return np.ascontiguousarray(padded.reshape(kp, npad // BLOCK, BLOCK).transpose(1, 0, 2))
+
+
+def _epilogue_constants(weight: np.ndarray, w_scale: np.ndarray, x_scale: float,
+                        x_zero: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(zx * column sums of W as int32, sx * sw per column as float32)``."""
+    cols = weight.shape[1]
+    correction = (x_zero * weight.astype(np.int64).sum(axis=0)).astype(np.int32)
+    scale = (np.float32(x_scale) * np.broadcast_to(w_scale.astype(np.float32), (cols,)))
+    return correction, scale.astype(np.float32)
+
+
+# -- TE kernels ------------------------------------------------------------------------------
+
+def _as_u8(value, signed: bool):
+    """An activation element as the uint8 the kernel multiplies (int8 shifted by 128)."""
+    if signed:
+        return (value.astype("int16") + tirx.const(128, "int16")).astype("uint8")
+    return value
+
+
+def _ravel(index, shape):
+    flat = index[0]
+    for i, d in zip(index[1:], shape[1:]):
+        flat = flat * d + i
+    return flat
+
+
+def _unravel(flat, shape):
+    index = []
+    for d in reversed(shape[1:]):
+        index.append(flat % d)
+        flat = flat // d
+    return [flat, *reversed(index)]
+
+
+def _packed(packed, vnni: bool):
+    """``W[k, n]`` read from the packed weights (see :func:`pack_weights`)."""
+    if vnni:
+        return lambda n, kk: packed[n // BLOCK, kk // STEP, n % BLOCK, kk % STEP]
+    return lambda n, kk: packed[n // BLOCK, kk, n % BLOCK]
+
+
+def _scaled(acc, correction, scale, n, *at):
+    return (acc[(*at, n)] - correction[n]).astype("float32") * scale[n]
+
+
+def _int8_matmul(x, packed, correction, scale, zero: int, signed: bool, vnni: bool):
+    """``x [..., K]`` (uint8 / int8) times the packed weights, as float ``[..., N]``."""
+    lead, depth = [int(d) for d in x.shape[:-1]], int(x.shape[-1])
+    rows = int(np.prod(lead)) if lead else 1
+    padded = _round_up(depth, STEP)
+    cols = int(scale.shape[0])
+    fill = tirx.const(zero, "uint8")
+
+    def stage(m, kk):
+        value = _as_u8(x[(*_unravel(m, lead), kk)] if lead else x[kk], signed)
+        return te.if_then_else(kk < depth, value, fill) if padded != depth else value
+    data = te.compute((rows, padded), stage, name=_DATA, attrs={"mmcompile.rows": lead or [1]})
+    weight = _packed(packed, vnni)
+    k = te.reduce_axis((0, padded), "k")
+    acc = te.compute(
+        (rows, BLOCK * int(packed.shape[0])),
+        lambda m, n: te.sum(data[m, k].astype("int32") * weight(n, k).astype("int32"), axis=k),
+        name=_ACC)
+    return te.compute(
+        (*lead, cols),
+        lambda *i: _scaled(acc, correction, scale, i[-1], _ravel(i[:-1], lead) if lead else 0),
+        name="int8_out")
+
+
+def conv_channels(channels: int, vnni: bool) -> int:
+    """Input channels of the staged activation: with VNNI a multiple of 4, so that each
+    ``vpdpbusd`` reads 4 channels of one pixel (a 1-channel input is padded to 4, with zero
+    weights); without, as many as there are."""
+    return _round_up(channels, STEP) if vnni else channels
+
+
+def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation,
+                 zero: int, signed: bool, vnni: bool):
+    """Direct convolution of ``x`` (NCHW, uint8 / int8) over an NHWC staging of it, padded
+    spatially with the zero point and to :func:`conv_channels` channels; the reduction runs
+    over (kernel row, kernel column, channel) with 4 channels per ``vpdpbusd``."""
+    batch, channels, height, width = (int(d) for d in x.shape)
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    cp = conv_channels(channels, vnni)
+    cols = int(scale.shape[0])
+    fill = tirx.const(zero, "uint8")
+
+    def stage(b, h, w, c):
+        y, z = h - top, w - left
+        inside = tirx.all(c < channels, y >= 0, y < height, z >= 0, z < width)
+        return te.if_then_else(inside, _as_u8(x[b, c, y, z], signed), fill)
+    data = te.compute((batch, height + top + bottom, width + left + right, cp), stage, name=_DATA)
+    rh, rw, rc = (te.reduce_axis((0, e), n) for e, n in ((kh, "rh"), (kw, "rw"), (cp, "rc")))
+    tap = rh * kw + rw
+    if vnni:
+        def weight(n):
+            return packed[n // BLOCK, tap * (cp // STEP) + rc // STEP, n % BLOCK, rc % STEP]
+    else:
+        def weight(n):
+            return packed[n // BLOCK, tap * cp + rc, n % BLOCK]
+    acc = te.compute(
+        (batch, oh, ow, BLOCK * int(packed.shape[0])),
+        lambda b, y, z, n: te.sum(
+            data[b, y * sh + rh * dh, z * sw + rw * dw, rc].astype("int32")
+            * weight(n).astype("int32"), axis=[rh, rw, rc]),
+        name=_ACC)
+    return te.compute((batch, cols, oh, ow),
+                      lambda b, n, y, z: _scaled(acc, correction, scale, n, b, y, z),
+                      name="int8_out")
+
+
+# -- the Relax rewrite -----------------------------------------------------------------------
+
+def _constant(expr) -> np.ndarray | None:
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+@expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, vnni: bool):
+        super().__init__(mod)
+        self.vnni = vnni
+        self.count = 0
+
+    def _bound(self, expr):
+        while isinstance(expr, relax.Var):
+            value = self.lookup_binding(expr)
+            if value is None:
+                return expr
+            expr = value
+        return expr
+
+    def _dequantize(self, expr):
+        """``(quantized expr, scale array, zero-point array, axis)`` of a ``dequantize`` with
+        constant scale and zero point, else None."""
+        call = self._bound(expr)
+        if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+                and call.op.name == "relax.dequantize"):
+            return None
+        scale, zero = _constant(call.args[1]), _constant(call.args[2])
+        if scale is None or zero is None or str(call.ty.dtype) != "float32":
+            return None
+        return call.args[0], scale, zero, int(call.attrs.axis)
+
+    def _activation(self, expr):
+        """``(xq, scale, zero point as uint8, signed)`` of a per-tensor dequantized activation."""
+        found = self._dequantize(expr)
+        if found is None:
+            return None
+        xq, scale, zero, _ = found
+        dtype = str(xq.ty.dtype)
+        if dtype not in ("uint8", "int8") or scale.size != 1 or zero.size != 1:
+            return None
+        signed = dtype == "int8"
+        return xq, float(scale.reshape(())), int(zero.reshape(())) + (128 if signed else 0), signed
+
+    def _weight(self, expr, out_axis: int, ndim: int):
+        """``(int8 weight, per-output scale)`` of a dequantized constant with zero zero-point,
+        scaled per tensor or along ``out_axis``."""
+        found = self._dequantize(expr)
+        if found is None:
+            return None
+        wq, scale, zero, axis = found
+        weight = _constant(wq)
+        if weight is None or weight.dtype != np.int8 or weight.ndim != ndim or np.any(zero != 0):
+            return None
+        if scale.size != 1 and (axis % ndim != out_axis or scale.size != weight.shape[out_axis]):
+            return None
+        return weight, scale.reshape(-1)
+
+    def _matmul_weight(self, expr):
+        """A matmul's right operand as ``(int8 [K, N], scale)``: ``dequantize(W [K, N])`` or
+        Gemm's ``permute_dims(dequantize(W [N, K]))``."""
+        call = self._bound(expr)
+        if (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+                and call.op.name == "relax.permute_dims"
+                and [int(a) for a in call.attrs.axes] == [1, 0]):
+            found = self._weight(call.args[0], 0, 2)
+            return None if found is None else (found[0].T, found[1])
+        return self._weight(expr, 1, 2)
+
+    def _emit(self, func, name, xq, weight, w_scale, x_scale, zero, signed, *attrs):
+        correction, scale = _epilogue_constants(weight, w_scale, x_scale, zero)
+        packed = pack_weights(weight, self.vnni)
+        self.count += 1
+        return self.builder_.call_te(
+            func, xq, relax.const(packed), relax.const(correction), relax.const(scale), *attrs,
+            zero, signed, self.vnni, primfunc_name_hint=name)
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or str(getattr(call.ty, "dtype", "")) != "float32":
+            return call
+        try:
+            if call.op.name == "relax.matmul":
+                return self._matmul(call)
+            if call.op.name == "relax.nn.conv2d":
+                return self._conv2d(call)
+        except (TypeError, ValueError):  # symbolic shapes: leave the float op
+            return call
+        return call
+
+    def _matmul(self, call):
+        act, wt = self._activation(call.args[0]), self._matmul_weight(call.args[1])
+        if act is None or wt is None or act[0].ty.ndim < 1:
+            return call
+        xq, x_scale, zero, signed = act
+        weight, w_scale = wt
+        shape = [int(d) for d in xq.ty.shape]  # ValueError when symbolic
+        if shape[-1] != weight.shape[0]:
+            return call
+        return self._emit(_int8_matmul, "int8_matmul", xq, weight, w_scale, x_scale, zero,
+                          signed)
+
+    def _conv2d(self, call):
+        attrs = call.attrs
+        if (int(attrs.groups) != 1 or attrs.data_layout != "NCHW"
+                or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"):
+            return call
+        act, wt = self._activation(call.args[0]), self._weight(call.args[1], 0, 4)
+        if act is None or wt is None:
+            return call
+        xq, x_scale, zero, signed = act
+        [int(d) for d in xq.ty.shape]  # ValueError when symbolic
+        weight, w_scale = wt
+        out_ch, channels, kh, kw = weight.shape
+        flat = np.zeros((kh, kw, conv_channels(channels, self.vnni), out_ch), np.int8)
+        flat[:, :, :channels] = weight.transpose(2, 3, 1, 0)
+        flat = flat.reshape(-1, out_ch)  # [(kh, kw, c), O]
+        ints = lambda values: [int(v) for v in values]
+        return self._emit(_int8_conv2d, "int8_conv2d", xq, np.ascontiguousarray(flat), w_scale,
+                          x_scale, zero, signed, (kh, kw), ints(attrs.strides),
+                          ints(attrs.padding), ints(attrs.dilation))
+
+
+@tvm.transform.module_pass(opt_level=0, name="mmcompile.QuantizedContractions")
+class QuantizedContractions:
+    """QDQ matmul / conv2d -> int8 kernels (see the module docstring); ``count`` says how
+    many were rewritten."""
+
+    def __init__(self, target):
+        self.vnni = has_vnni(target)
+        self.count = 0
+
+    def transform_module(self, mod, _ctx):
+        rewriter = _Rewriter(mod, self.vnni)
+        mod = rewrite_functions(mod, rewriter)
+        self.count = rewriter.count
+        return relax.transform.DeadCodeElimination()(mod) if self.count else mod
+
+
+# -- the schedule rule -----------------------------------------------------------------------
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return next(t for t in range(min(n, limit), 0, -1) if n % t == 0)
+
+
+def _stage_loops(sch, data) -> None:
+    """The staging block: a matmul's rows re-indexed to its leading axes (no division per
+    element), parallel over all loops but the innermost two."""
+    annotations = sch.get(data).annotations
+    rows = [int(d) for d in annotations.get("mmcompile.rows", [])]
+    if len(rows) > 1:
+        sch.transform_block_layout(data, lambda m, kk: (*_unravel(m, rows), kk))
+    loops = sch.get_loops(data)
+    outer = loops[:-2] if len(loops) > 2 else loops[:1]
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+class Int8Contraction(dl.ScheduleRule):
+    """Schedules a function holding one :func:`_contraction` (and whatever ``FuseOps`` put
+    around it): producers inlined into the uint8 staging block, which runs as its own
+    parallel loop; the int32 sum register-blocked (``rows x cols`` blocks of 16 columns,
+    parallel over tiles, ``vpdpbusd`` per 16 x 4 block with VNNI); the epilogue (scale,
+    bias, activation, requantize) inlined into one parallel, vectorized loop."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception:  # not ours, or a shape this rule cannot tile: the next rule tries
+            return None
+
+    @staticmethod
+    def _schedule(func, target):
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(get_root_block(sch))
+        names = [sch.get(b).name_hint for b in blocks]
+        accs = [i for i, n in enumerate(names) if n.startswith(_ACC)]
+        stages = [i for i, n in enumerate(names) if n.startswith(_DATA)]
+        if len(accs) != 1 or len(stages) != 1 or stages[0] > accs[0]:
+            return None
+        acc, data = blocks[accs[0]], blocks[stages[0]]
+        for block in blocks[:stages[0]]:
+            sch.compute_inline(block)  # quantize / reshape of the input: into the staging
+        epilogue = blocks[accs[0] + 1:]
+        for block in epilogue[:-1]:
+            with contextlib.suppress(Exception):
+                sch.compute_inline(block)
+        vnni = has_vnni(target)
+        _stage_loops(sch, data)
+        # the sum: [outer spatial..., row, col] x [outer reduction..., channel or k]
+        kinds = [int(v.iter_type) for v in sch.get(acc).iter_vars]
+        loops = sch.get_loops(acc)
+        spatial = [lp for lp, kind in zip(loops, kinds) if kind == 0]
+        reduce_ = [lp for lp, kind in zip(loops, kinds) if kind != 0]
+        *outer, row, col = spatial
+        *reduce_outer, red = reduce_
+        # accumulators: rows x cols vectors of 16 int32, at most 12 (768 bytes: the tile
+        # buffer must stay under TVM's 1 KB stack-alloca limit, see schedule_util; AVX-512
+        # has 32 registers, AVX2 16 of half the width, so 6 there)
+        tile_cols = _largest_divisor(extent(sch, col) // BLOCK, 4 if vnni else 2)
+        tile_rows = _largest_divisor(extent(sch, row), (12 if vnni else 6) // tile_cols)
+        io, ii = sch.split(row, [None, tile_rows])
+        jo, jj, ji = sch.split(col, [None, tile_cols, BLOCK])
+        step = STEP if vnni else _largest_divisor(extent(sch, red), STEP)
+        ko, ki = sch.split(red, [None, step])
+        if vnni:
+            sch.reorder(*outer, io, jo, *reduce_outer, ko, ii, jj, ji, ki)
+        else:
+            sch.reorder(*outer, io, jo, *reduce_outer, ko, ki, ii, jj, ji)
+        # a tile's accumulators in a small buffer LLVM keeps in registers (schedule_util)
+        tile_acc = sch.cache_write(acc, 0, ACCUMULATOR_SCOPE)
+        sch.reverse_compute_at(tile_acc, jo)
+        sch.vectorize(sch.get_loops(tile_acc)[-1])
+        tiles = sch.fuse(*outer, io, jo)
+        sch.parallel(tiles)
+        if not vnni:  # (a loop over the update block cannot be vectorized once decomposed)
+            sch.vectorize(ji)
+            sch.unroll(ki)
+        init = sch.decompose_reduction(acc, (reduce_outer or [ko])[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        if vnni:
+            sch.tensorize(ji, VNNI_INTRIN)
+        sch.unroll(ii)
+        sch.unroll(jj)
+        for block in sch.get_child_blocks(get_root_block(sch)):
+            if sch.get(block).name_hint.startswith((_DATA, _ACC)):
+                continue
+            parallel_spatial(sch, block, lanes_for(target))
+        return sch

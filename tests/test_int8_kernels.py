@@ -1,0 +1,178 @@
+"""Int8 kernels of the CPU target (targets/tvm/int8.py): QDQ MatMul / Gemm / Conv become
+u8 x s8 -> i32 kernels whose requantized outputs are bit-exact to onnxruntime's int8 kernels
+on the same QDQ graph, with VNNI (vpdpbusd) and without (int32 multiply-add, AVX2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from mmcompile.targets.tvm import int8
+from mmcompile.targets.tvm.host import host_cpu
+from onnx import TensorProto, helper, numpy_helper
+
+import mmcompile
+
+VNNI = "znver4"     # AVX-512 with VNNI
+NO_VNNI = "znver3"  # AVX2: the int32 path
+
+
+def _machine_runs(mcpu: str) -> bool:
+    """Whether code for ``mcpu`` runs on this CPU (znver4 code needs AVX-512 and VNNI)."""
+    if mcpu != VNNI:
+        return True
+    flags = Path("/proc/cpuinfo").read_text()
+    return "avx512_vnni" in flags and "avx512bw" in flags
+
+
+def _out_shape(op, x_shape, w_shape, attrs):
+    if op == "MatMul":
+        return [*x_shape[:-1], w_shape[1]]
+    if op == "Gemm":
+        return [x_shape[0], w_shape[0]]
+    pads, strides = attrs.get("pads", [0] * 4), attrs.get("strides", [1, 1])
+    dilations = attrs.get("dilations", [1, 1])
+    return [x_shape[0], w_shape[0]] + [
+        (x_shape[2 + i] + pads[i] + pads[i + 2] - dilations[i] * (w_shape[2 + i] - 1) - 1)
+        // strides[i] + 1 for i in range(2)]
+
+
+def _qdq_model(op: str, x_shape, w_shape, *, signed=False, attrs=None, seed=0, bias=True):
+    """x (float) -> Q -> DQ -> op(DQ(W int8, per channel), DQ(bias int32)) -> Q (uint8)."""
+    rng = np.random.default_rng(seed)
+    zx = np.array(-3 if signed else 131, np.int8 if signed else np.uint8)
+    sx = np.float32(0.02)
+    weight = rng.integers(-127, 128, w_shape).astype(np.int8)
+    out_axis = {"MatMul": 1, "Gemm": 0, "Conv": 0}[op]
+    channels = w_shape[out_axis]
+    sw = (rng.random(channels).astype(np.float32) + 0.5) * 0.01
+    inits = [numpy_helper.from_array(np.array(sx), "sx"), numpy_helper.from_array(zx, "zx"),
+             numpy_helper.from_array(weight, "wq"), numpy_helper.from_array(sw, "sw"),
+             numpy_helper.from_array(np.zeros(channels, np.int8), "zw"),
+             numpy_helper.from_array(np.array(np.float32(0.05)), "sy"),
+             numpy_helper.from_array(np.array(120, np.uint8), "zy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=out_axis)]
+    args = ["xd", "wd"]
+    if bias:
+        b = rng.integers(-2000, 2000, channels).astype(np.int32)
+        inits += [numpy_helper.from_array(b, "bq"), numpy_helper.from_array(sx * sw, "bs"),
+                  numpy_helper.from_array(np.zeros(channels, np.int32), "bz")]
+        nodes.append(helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0))
+        if op != "MatMul":
+            args.append("bd")
+    nodes.append(helper.make_node(op, args, ["y0"], **(attrs or {})))
+    last = "y0"
+    if bias and op == "MatMul":
+        nodes.append(helper.make_node("Add", ["y0", "bd"], ["y1"]))
+        last = "y1"
+    nodes.append(helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["y"]))
+    graph = helper.make_graph(
+        nodes, f"qdq_{op.lower()}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, _out_shape(op, x_shape, w_shape,
+                                                                           attrs or {}))],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, {"x": rng.standard_normal(x_shape).astype(np.float32) * 1.5}
+
+
+def _onnxruntime(model, feeds, optimized: bool):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = ort.InferenceSession(model.SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def _compile(model, feeds, mcpu, tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    return mmcompile.compile(str(path), feeds, target=f"cpu{{mcpu={mcpu}}}", verify=False)
+
+
+CASES = {
+    "matmul": ("MatMul", (1, 6, 64), (64, 32), {}),
+    "matmul_odd": ("MatMul", (2, 5, 30), (30, 20), {}),              # K % 4, N % 16
+    "gemm": ("Gemm", (3, 48), (40, 48), {"transB": 1}),
+    "conv3x3": ("Conv", (1, 8, 12, 12), (32, 8, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "conv_stride_dilation": ("Conv", (2, 3, 15, 13), (16, 3, 3, 3),
+                             {"pads": [2, 1, 2, 1], "strides": [2, 1], "dilations": [2, 1]}),
+    "conv1ch5x5": ("Conv", (1, 1, 20, 20), (16, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
+    "conv1x1": ("Conv", (1, 24, 7, 7), (40, 24, 1, 1), {}),
+}
+
+
+@pytest.mark.parametrize("mcpu", [VNNI, NO_VNNI])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_int8_kernel_is_bit_exact_to_onnxruntime_int8(case, mcpu, tmp_path):
+    if not _machine_runs(mcpu):
+        pytest.skip(f"this CPU cannot run {mcpu} code")
+    op, x_shape, w_shape, attrs = CASES[case]
+    model, feeds = _qdq_model(op, x_shape, w_shape, attrs=attrs, signed=case == "matmul")
+    expected = _onnxruntime(model, feeds, optimized=True)    # onnxruntime's int8 kernels
+    reference = _onnxruntime(model, feeds, optimized=False)  # QDQ in float
+    cm = _compile(model, feeds, mcpu, tmp_path)
+    got = cm(**feeds)  # one output: the array itself
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    # The int8 kernel sums exactly and scales once, as onnxruntime's QLinear kernels do:
+    # identical bytes. Against the float QDQ evaluation a value may round the other way
+    # (a float sum of products), never by more than one step.
+    assert np.array_equal(got, expected), \
+        f"{np.count_nonzero(got != expected)} of {got.size} differ"
+    assert np.abs(got.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_the_rewrite_takes_qdq_contractions_and_reports_them(tmp_path):
+    model, feeds = _qdq_model("Conv", (1, 8, 12, 12), (32, 8, 3, 3), attrs={"pads": [1] * 4})
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    cm = mmcompile.compile(str(path), feeds, verify=False)
+    saved = cm.save(tmp_path / "model.mmc")
+    manifest = (saved / "manifest.json").read_text()
+    assert '"int8"' in manifest and '"kernels": 1' in manifest
+
+
+def test_float_contractions_and_per_tensor_weights_with_zero_points_stay_float():
+    """Only constant int8 weights with zero zero-points are taken: a float matmul is not."""
+    from tvm import relax
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.matmul(x, relax.const(np.ones((8, 16), np.float32))))
+        bb.emit_func_output(y)
+    from mmcompile.targets.tvm.host import llvm_target
+    rewrite = int8.QuantizedContractions(llvm_target())
+    rewrite(bb.get())
+    assert rewrite.count == 0
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_packed_weights_hold_every_weight_once_and_zeros_elsewhere(vnni):
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (30, 20)).astype(np.int8)  # K=30 -> 32, N=20 -> 32
+    packed = int8.pack_weights(w, vnni)
+    if vnni:
+        assert packed.shape == (2, 8, 16, 4)
+        unpacked = packed.transpose(1, 3, 0, 2).reshape(32, 32)
+    else:
+        assert packed.shape == (2, 32, 16)
+        unpacked = packed.transpose(1, 0, 2).reshape(32, 32)
+    assert np.array_equal(unpacked[:30, :20], w)
+    assert not unpacked[30:].any() and not unpacked[:, 20:].any()
+
+
+def test_vnni_detection_follows_the_target_cpu():
+    from mmcompile.targets.tvm.host import llvm_target
+    assert int8.has_vnni(llvm_target("znver4"))
+    assert not int8.has_vnni(llvm_target("znver3"))
+    assert not int8.has_vnni(llvm_target("skylake-avx512"))  # AVX-512 without VNNI
+    assert isinstance(host_cpu()["mcpu"], str)
