@@ -32,11 +32,12 @@ def _out_shape(op, x_shape, w_shape, attrs):
         return [*x_shape[:-1], w_shape[1]]
     if op == "Gemm":
         return [x_shape[0], w_shape[0]]
-    pads, strides = attrs.get("pads", [0] * 4), attrs.get("strides", [1, 1])
-    dilations = attrs.get("dilations", [1, 1])
+    dims = len(x_shape) - 2
+    pads, strides = attrs.get("pads", [0] * 2 * dims), attrs.get("strides", [1] * dims)
+    dilations = attrs.get("dilations", [1] * dims)
     return [x_shape[0], w_shape[0]] + [
-        (x_shape[2 + i] + pads[i] + pads[i + 2] - dilations[i] * (w_shape[2 + i] - 1) - 1)
-        // strides[i] + 1 for i in range(2)]
+        (x_shape[2 + i] + pads[i] + pads[i + dims] - dilations[i] * (w_shape[2 + i] - 1) - 1)
+        // strides[i] + 1 for i in range(dims)]
 
 
 def _qdq_model(op: str, x_shape, w_shape, *, signed=False, attrs=None, seed=0, bias=True):
@@ -107,6 +108,7 @@ CASES = {
                              {"pads": [2, 1, 2, 1], "strides": [2, 1], "dilations": [2, 1]}),
     "conv1ch5x5": ("Conv", (1, 1, 20, 20), (16, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
     "conv1x1": ("Conv", (1, 24, 7, 7), (40, 24, 1, 1), {}),
+    "conv1d": ("Conv", (2, 12, 30), (32, 12, 3), {"pads": [1, 1], "strides": [2]}),
 }
 
 

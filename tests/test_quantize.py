@@ -215,6 +215,10 @@ def test_compile_quantized_matches_the_qdq_graph_and_records_the_quantization(tm
     assert "ok" in cm.metadata["verification"]
     assert "quantization: int8 (QDQ)" in cm.report()
     cm.save(tmp_path / "m.mmc")
+    manifest = json.loads((tmp_path / "m.mmc" / "manifest.json").read_text())
+    # the quantized conv and matmul run as int8 kernels, not as float between (de)quantizes
+    assert sum(s.get("info", {}).get("int8", {}).get("kernels", 0)
+               for s in manifest["stages"]) >= 2, manifest["stages"]
     loaded = mmcompile.load(tmp_path / "m.mmc")
     assert loaded.metadata["quantization"]["calibration_sha256"] == info["calibration_sha256"]
     np.testing.assert_array_equal(loaded.run(feeds)["logits"], cm.run(feeds)["logits"])

@@ -198,7 +198,12 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
     """Direct convolution of ``x`` (NCHW, uint8 / int8) over an NHWC staging of it, padded
     spatially with the zero point and to :func:`conv_channels` channels; the reduction runs
     over (kernel row, kernel column, channel) with 4 channels per ``vpdpbusd``."""
-    batch, channels, height, width = (int(d) for d in x.shape)
+    one_row = len(x.shape) == 3  # conv1d: NCW read as NC1W, the output NCW
+    if one_row:
+        batch, channels, width = (int(d) for d in x.shape)
+        height = 1
+    else:
+        batch, channels, height, width = (int(d) for d in x.shape)
     kh, kw = kernel
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
@@ -211,7 +216,8 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
     def stage(b, h, w, c):
         y, z = h - top, w - left
         inside = tirx.all(c < channels, y >= 0, y < height, z >= 0, z < width)
-        return te.if_then_else(inside, _as_u8(x[b, c, y, z], signed), fill)
+        value = x[b, c, z] if one_row else x[b, c, y, z]
+        return te.if_then_else(inside, _as_u8(value, signed), fill)
     data = te.compute((batch, height + top + bottom, width + left + right, cp), stage, name=_DATA)
     rh, rw, rc = (te.reduce_axis((0, e), n) for e, n in ((kh, "rh"), (kw, "rw"), (cp, "rc")))
     tap = rh * kw + rw
@@ -227,6 +233,10 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
             data[b, y * sh + rh * dh, z * sw + rw * dw, rc].astype("int32")
             * weight(n).astype("int32"), axis=[rh, rw, rc]),
         name=_ACC)
+    if one_row:
+        return te.compute((batch, cols, ow),
+                          lambda b, n, z: _scaled(acc, correction, scale, n, b, 0, z),
+                          name="int8_out")
     return te.compute((batch, cols, oh, ow),
                       lambda b, n, y, z: _scaled(acc, correction, scale, n, b, y, z),
                       name="int8_out")
@@ -317,8 +327,8 @@ class _Rewriter(relax.PyExprMutator):
         try:
             if call.op.name == "relax.matmul":
                 return self._matmul(call)
-            if call.op.name == "relax.nn.conv2d":
-                return self._conv2d(call)
+            if call.op.name in ("relax.nn.conv2d", "relax.nn.conv1d"):
+                return self._conv(call)
         except (TypeError, ValueError):  # symbolic shapes: leave the float op
             return call
         return call
@@ -335,25 +345,35 @@ class _Rewriter(relax.PyExprMutator):
         return self._emit(_int8_matmul, "int8_matmul", xq, weight, w_scale, x_scale, zero,
                           signed)
 
-    def _conv2d(self, call):
+    def _conv(self, call):
+        """conv2d (NCHW, OIHW) and conv1d (NCW, OIW, as a convolution one row high)."""
         attrs = call.attrs
-        if (int(attrs.groups) != 1 or attrs.data_layout != "NCHW"
-                or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"):
+        two_d = call.op.name == "relax.nn.conv2d"
+        layouts = ("NCHW", "OIHW") if two_d else ("NCW", "OIW")
+        if (int(attrs.groups) != 1 or (attrs.data_layout, attrs.kernel_layout) != layouts
+                or attrs.out_layout != layouts[0]):
             return call
-        act, wt = self._activation(call.args[0]), self._weight(call.args[1], 0, 4)
+        act = self._activation(call.args[0])
+        wt = self._weight(call.args[1], 0, 4 if two_d else 3)
         if act is None or wt is None:
             return call
         xq, x_scale, zero, signed = act
         [int(d) for d in xq.ty.shape]  # ValueError when symbolic
         weight, w_scale = wt
+        ints = lambda values: [int(v) for v in values]  # noqa: E731
+        strides, padding, dilation = (ints(attrs.strides), ints(attrs.padding),
+                                      ints(attrs.dilation))
+        if not two_d:  # one row: kernel 1 x kw, padding (top, left, bottom, right)
+            weight = weight[:, :, None, :]
+            strides, dilation = [1, *strides], [1, *dilation]
+            padding = [0, padding[0], 0, padding[1]]
         out_ch, channels, kh, kw = weight.shape
         flat = np.zeros((kh, kw, conv_channels(channels, self.vnni), out_ch), np.int8)
         flat[:, :, :channels] = weight.transpose(2, 3, 1, 0)
         flat = flat.reshape(-1, out_ch)  # [(kh, kw, c), O]
-        ints = lambda values: [int(v) for v in values]
-        return self._emit(_int8_conv2d, "int8_conv2d", xq, np.ascontiguousarray(flat), w_scale,
-                          x_scale, zero, signed, (kh, kw), ints(attrs.strides),
-                          ints(attrs.padding), ints(attrs.dilation))
+        return self._emit(_int8_conv2d, "int8_conv2d" if two_d else "int8_conv1d", xq,
+                          np.ascontiguousarray(flat), w_scale, x_scale, zero, signed, (kh, kw),
+                          strides, padding, dilation)
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.QuantizedContractions")
