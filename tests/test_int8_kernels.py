@@ -106,7 +106,9 @@ CASES = {
     "conv3x3": ("Conv", (1, 8, 12, 12), (32, 8, 3, 3), {"pads": [1, 1, 1, 1]}),
     "conv_stride_dilation": ("Conv", (2, 3, 15, 13), (16, 3, 3, 3),
                              {"pads": [2, 1, 2, 1], "strides": [2, 1], "dilations": [2, 1]}),
-    "conv1ch5x5": ("Conv", (1, 1, 20, 20), (16, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
+    "conv1ch5x5": ("Conv", (1, 1, 20, 20), (16, 1, 5, 5), {"pads": [2, 2, 2, 2]}),  # 4 columns
+    "conv1ch_stride": ("Conv", (2, 1, 17, 19), (24, 1, 3, 3),                       # per dot
+                       {"pads": [1, 0, 1, 2], "strides": [2, 2]}),
     "conv1x1": ("Conv", (1, 24, 7, 7), (40, 24, 1, 1), {}),
     "conv1d": ("Conv", (2, 12, 30), (32, 12, 3), {"pads": [1, 1], "strides": [2]}),
 }
@@ -178,3 +180,29 @@ def test_vnni_detection_follows_the_target_cpu():
     assert not int8.has_vnni(llvm_target("znver3"))
     assert not int8.has_vnni(llvm_target("skylake-avx512"))  # AVX-512 without VNNI
     assert isinstance(host_cpu()["mcpu"], str)
+
+
+@pytest.mark.parametrize("mcpu", [VNNI, NO_VNNI])
+@pytest.mark.parametrize("case", ["matmul", "gemm", "conv3x3", "conv1ch5x5", "conv1d"])
+def test_the_int8_rule_schedules_every_int8_kernel_with_its_epilogue_per_tile(case, mcpu):
+    """A kernel the rule declines falls to the float rules, which run it correctly but as
+    scalar int32 code (CLIP's int8 matmuls: 4x slower): every int8 kernel must be ours,
+    with the epilogue (scale, bias, requantize) inside the tile loop."""
+    from tvm import relax, tirx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import fuse_cpu
+    op, x_shape, w_shape, attrs = CASES[case]
+    model, _ = _qdq_model(op, x_shape, w_shape, attrs=attrs)
+    mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
+    target = llvm_target(mcpu)
+    kernels = [f for gv, f in fuse_cpu(mod, target).functions_items()
+               if isinstance(f, tirx.PrimFunc) and "int8_" in gv.name_hint]
+    assert len(kernels) == 1
+    sch = int8.Int8Contraction()._schedule(kernels[0], target)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert ("vpdpbusd" in text) == (mcpu == VNNI)
+    # two loop nests at the root: the staging and the tiles (sum + epilogue)
+    assert text.count("\n    for ") == 2, text

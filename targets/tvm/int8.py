@@ -136,21 +136,6 @@ def _as_u8(value, signed: bool):
     return value
 
 
-def _ravel(index, shape):
-    flat = index[0]
-    for i, d in zip(index[1:], shape[1:]):
-        flat = flat * d + i
-    return flat
-
-
-def _unravel(flat, shape):
-    index = []
-    for d in reversed(shape[1:]):
-        index.append(flat % d)
-        flat = flat // d
-    return [flat, *reversed(index)]
-
-
 def _packed(packed, vnni: bool):
     """``W[k, n]`` read from the packed weights (see :func:`pack_weights`)."""
     if vnni:
@@ -165,32 +150,53 @@ def _scaled(acc, correction, scale, n, *at):
 def _int8_matmul(x, packed, correction, scale, zero: int, signed: bool, vnni: bool):
     """``x [..., K]`` (uint8 / int8) times the packed weights, as float ``[..., N]``."""
     lead, depth = [int(d) for d in x.shape[:-1]], int(x.shape[-1])
-    rows = int(np.prod(lead)) if lead else 1
     padded = _round_up(depth, STEP)
     cols = int(scale.shape[0])
     fill = tirx.const(zero, "uint8")
 
-    def stage(m, kk):
-        value = _as_u8(x[(*_unravel(m, lead), kk)] if lead else x[kk], signed)
-        return te.if_then_else(kk < depth, value, fill) if padded != depth else value
-    data = te.compute((rows, padded), stage, name=_DATA, attrs={"mmcompile.rows": lead or [1]})
+    def stage(*i):
+        value = _as_u8(x[i], signed)
+        return te.if_then_else(i[-1] < depth, value, fill) if padded != depth else value
+    data = te.compute((*lead, padded), stage, name=_DATA)
     weight = _packed(packed, vnni)
     k = te.reduce_axis((0, padded), "k")
     acc = te.compute(
-        (rows, BLOCK * int(packed.shape[0])),
-        lambda m, n: te.sum(data[m, k].astype("int32") * weight(n, k).astype("int32"), axis=k),
+        (*lead, BLOCK * int(packed.shape[0])),
+        lambda *i: te.sum(data[(*i[:-1], k)].astype("int32")
+                          * weight(i[-1], k).astype("int32"), axis=k),
         name=_ACC)
-    return te.compute(
-        (*lead, cols),
-        lambda *i: _scaled(acc, correction, scale, i[-1], _ravel(i[:-1], lead) if lead else 0),
-        name="int8_out")
+    return te.compute((*lead, cols), lambda *i: _scaled(acc, correction, scale, i[-1], *i[:-1]),
+                      name="int8_out")
 
 
 def conv_channels(channels: int, vnni: bool) -> int:
     """Input channels of the staged activation: with VNNI a multiple of 4, so that each
-    ``vpdpbusd`` reads 4 channels of one pixel (a 1-channel input is padded to 4, with zero
-    weights); without, as many as there are."""
+    ``vpdpbusd`` reads 4 channels of one pixel; without, as many as there are."""
     return _round_up(channels, STEP) if vnni else channels
+
+
+def taps_along_width(channels: int, kernel_width: int, dilation_width: int, vnni: bool) -> int:
+    """Kernel columns per row when a ``vpdpbusd`` sums 4 neighbouring columns instead of 4
+    channels (a 1-channel input, a spectrogram or grayscale image, which 4 channels would pad
+    4x): the width rounded up to 4; 0 when channels are summed."""
+    if vnni and channels == 1 and dilation_width == 1 and kernel_width > 1:
+        return _round_up(kernel_width, STEP)
+    return 0
+
+
+def conv_weight_rows(weight: np.ndarray, dilation_width: int, vnni: bool) -> np.ndarray:
+    """OIHW int8 weights as ``[K, O]`` rows in the order :func:`_int8_conv2d` sums them:
+    (kernel row, kernel column, channel), channels padded to :func:`conv_channels`, or
+    (kernel row, kernel column padded to :func:`taps_along_width`) for a 1-channel input."""
+    out_ch, channels, kh, kw = weight.shape
+    wide = taps_along_width(channels, kw, dilation_width, vnni)
+    if wide:
+        rows = np.zeros((kh, wide, out_ch), np.int8)
+        rows[:, :kw] = weight[:, 0].transpose(1, 2, 0)
+    else:
+        rows = np.zeros((kh, kw, conv_channels(channels, vnni), out_ch), np.int8)
+        rows[:, :, :channels] = weight.transpose(2, 3, 1, 0)
+    return np.ascontiguousarray(rows.reshape(-1, out_ch))
 
 
 def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation,
@@ -209,30 +215,49 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
     top, left, bottom, right = padding
     oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
     ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
-    cp = conv_channels(channels, vnni)
     cols = int(scale.shape[0])
     fill = tirx.const(zero, "uint8")
-
-    def stage(b, h, w, c):
-        y, z = h - top, w - left
-        inside = tirx.all(c < channels, y >= 0, y < height, z >= 0, z < width)
-        value = x[b, c, z] if one_row else x[b, c, y, z]
-        return te.if_then_else(inside, _as_u8(value, signed), fill)
-    data = te.compute((batch, height + top + bottom, width + left + right, cp), stage, name=_DATA)
-    rh, rw, rc = (te.reduce_axis((0, e), n) for e, n in ((kh, "rh"), (kw, "rw"), (cp, "rc")))
-    tap = rh * kw + rw
-    if vnni:
-        def weight(n):
-            return packed[n // BLOCK, tap * (cp // STEP) + rc // STEP, n % BLOCK, rc % STEP]
+    wide = taps_along_width(channels, kw, dw, vnni)
+    if wide:  # 1 channel: stage [B, H, W + extra columns], sum 4 kernel columns at a time
+        def stage1(b, h, w):
+            y, z = h - top, w - left
+            inside = tirx.all(y >= 0, y < height, z >= 0, z < width)
+            value = x[b, 0, z] if one_row else x[b, 0, y, z]
+            return te.if_then_else(inside, _as_u8(value, signed), fill)
+        data = te.compute((batch, height + top + bottom, width + left + right + wide - kw),
+                          stage1, name=_DATA)
+        rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, wide), "rw")
+        acc = te.compute(
+            (batch, oh, ow, BLOCK * int(packed.shape[0])),
+            lambda b, y, z, n: te.sum(
+                data[b, y * sh + rh * dh, z * sw + rw].astype("int32")
+                * packed[n // BLOCK, rh * (wide // STEP) + rw // STEP, n % BLOCK,
+                         rw % STEP].astype("int32"), axis=[rh, rw]),
+            name=_ACC)
     else:
-        def weight(n):
-            return packed[n // BLOCK, tap * cp + rc, n % BLOCK]
-    acc = te.compute(
-        (batch, oh, ow, BLOCK * int(packed.shape[0])),
-        lambda b, y, z, n: te.sum(
-            data[b, y * sh + rh * dh, z * sw + rw * dw, rc].astype("int32")
-            * weight(n).astype("int32"), axis=[rh, rw, rc]),
-        name=_ACC)
+        cp = conv_channels(channels, vnni)
+
+        def stage(b, h, w, c):
+            y, z = h - top, w - left
+            inside = tirx.all(c < channels, y >= 0, y < height, z >= 0, z < width)
+            value = x[b, c, z] if one_row else x[b, c, y, z]
+            return te.if_then_else(inside, _as_u8(value, signed), fill)
+        data = te.compute((batch, height + top + bottom, width + left + right, cp), stage,
+                          name=_DATA)
+        rh, rw, rc = (te.reduce_axis((0, e), n) for e, n in ((kh, "rh"), (kw, "rw"), (cp, "rc")))
+        tap = rh * kw + rw
+        if vnni:
+            def weight(n):
+                return packed[n // BLOCK, tap * (cp // STEP) + rc // STEP, n % BLOCK, rc % STEP]
+        else:
+            def weight(n):
+                return packed[n // BLOCK, tap * cp + rc, n % BLOCK]
+        acc = te.compute(
+            (batch, oh, ow, BLOCK * int(packed.shape[0])),
+            lambda b, y, z, n: te.sum(
+                data[b, y * sh + rh * dh, z * sw + rw * dw, rc].astype("int32")
+                * weight(n).astype("int32"), axis=[rh, rw, rc]),
+            name=_ACC)
     if one_row:
         return te.compute((batch, cols, ow),
                           lambda b, n, z: _scaled(acc, correction, scale, n, b, 0, z),
@@ -335,7 +360,7 @@ class _Rewriter(relax.PyExprMutator):
 
     def _matmul(self, call):
         act, wt = self._activation(call.args[0]), self._matmul_weight(call.args[1])
-        if act is None or wt is None or act[0].ty.ndim < 1:
+        if act is None or wt is None or act[0].ty.ndim < 2:
             return call
         xq, x_scale, zero, signed = act
         weight, w_scale = wt
@@ -367,13 +392,10 @@ class _Rewriter(relax.PyExprMutator):
             weight = weight[:, :, None, :]
             strides, dilation = [1, *strides], [1, *dilation]
             padding = [0, padding[0], 0, padding[1]]
-        out_ch, channels, kh, kw = weight.shape
-        flat = np.zeros((kh, kw, conv_channels(channels, self.vnni), out_ch), np.int8)
-        flat[:, :, :channels] = weight.transpose(2, 3, 1, 0)
-        flat = flat.reshape(-1, out_ch)  # [(kh, kw, c), O]
+        kh, kw = weight.shape[2:]
         return self._emit(_int8_conv2d, "int8_conv2d" if two_d else "int8_conv1d", xq,
-                          np.ascontiguousarray(flat), w_scale, x_scale, zero, signed, (kh, kw),
-                          strides, padding, dilation)
+                          conv_weight_rows(weight, dilation[1], self.vnni), w_scale, x_scale,
+                          zero, signed, (kh, kw), strides, padding, dilation)
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.QuantizedContractions")
@@ -399,15 +421,28 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 
 def _stage_loops(sch, data) -> None:
-    """The staging block: a matmul's rows re-indexed to its leading axes (no division per
-    element), parallel over all loops but the innermost two."""
-    annotations = sch.get(data).annotations
-    rows = [int(d) for d in annotations.get("mmcompile.rows", [])]
-    if len(rows) > 1:
-        sch.transform_block_layout(data, lambda m, kk: (*_unravel(m, rows), kk))
-    loops = sch.get_loops(data)
-    outer = loops[:-2] if len(loops) > 2 else loops[:1]
+    """The staging block: parallel over all its loops but the innermost."""
+    *outer, _ = sch.get_loops(data)
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _tile_box(sch, block, acc_shape) -> bool:
+    """Whether ``block`` (the epilogue) writes the contraction's own output: the sum's axes
+    (a convolution's channels moved to the front) with the columns unpadded. Then a tile of
+    the sum is a box of the output and the epilogue can run per tile; a reshape fused after
+    it (heads split off the columns) would make a tile's output a non-box region, which
+    TVM over-approximates: the extra elements would read accumulators of tiles not yet
+    summed."""
+    out = [int(d) for d in sch.get(block).writes[0].source.shape]
+    *rows, width = acc_shape
+    count = int(np.prod(rows)) if rows else 1
+    total = int(np.prod(out))
+    if total % count:
+        return False
+    cols = total // count
+    def axes(shape):  # (a conv1d's output has no row axis)
+        return sorted(d for d in shape if d != 1)
+    return cols <= width and axes(out) == axes([*rows, cols])
 
 
 class Int8Contraction(dl.ScheduleRule):
@@ -426,7 +461,7 @@ class Int8Contraction(dl.ScheduleRule):
             return None
 
     @staticmethod
-    def _schedule(func, target):
+    def _schedule(func, target, per_tile: bool = True):
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
         names = [sch.get(b).name_hint for b in blocks]
@@ -435,6 +470,7 @@ class Int8Contraction(dl.ScheduleRule):
         if len(accs) != 1 or len(stages) != 1 or stages[0] > accs[0]:
             return None
         acc, data = blocks[accs[0]], blocks[stages[0]]
+        acc_shape = [int(d) for d in sch.get(acc).writes[0].source.shape]
         for block in blocks[:stages[0]]:
             sch.compute_inline(block)  # quantize / reshape of the input: into the staging
         epilogue = blocks[accs[0] + 1:]
@@ -478,8 +514,16 @@ class Int8Contraction(dl.ScheduleRule):
             sch.tensorize(ji, VNNI_INTRIN)
         sch.unroll(ii)
         sch.unroll(jj)
-        for block in sch.get_child_blocks(get_root_block(sch)):
-            if sch.get(block).name_hint.startswith((_DATA, _ACC)):
-                continue
+        rest = [b for b in sch.get_child_blocks(get_root_block(sch))
+                if not sch.get(b).name_hint.startswith((_DATA, _ACC))]
+        if per_tile:  # the epilogue per tile, while its accumulators are in cache
+            try:
+                if len(rest) == 1 and _tile_box(sch, rest[0], acc_shape):
+                    sch.reverse_compute_at(rest[0], tiles)
+                    return sch
+            except Exception:  # noqa: BLE001 (any schedule error: schedule it apart)
+                pass
+            return Int8Contraction._schedule(func, target, per_tile=False)
+        for block in rest:
             parallel_spatial(sch, block, lanes_for(target))
         return sch
