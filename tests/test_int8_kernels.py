@@ -188,11 +188,10 @@ def test_the_int8_rule_schedules_every_int8_kernel_with_its_epilogue_per_tile(ca
     """A kernel the rule declines falls to the float rules, which run it correctly but as
     scalar int32 code (CLIP's int8 matmuls: 4x slower): every int8 kernel must be ours,
     with the epilogue (scale, bias, requantize) inside the tile loop."""
-    from tvm import relax, tirx
-    from tvm.relax.frontend.onnx import from_onnx
-
     from mmcompile.targets.tvm.host import llvm_target
     from mmcompile.targets.tvm.lowering import fuse_cpu
+    from tvm import relax, tirx
+    from tvm.relax.frontend.onnx import from_onnx
     op, x_shape, w_shape, attrs = CASES[case]
     model, _ = _qdq_model(op, x_shape, w_shape, attrs=attrs)
     mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))

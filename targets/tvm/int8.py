@@ -385,7 +385,7 @@ class _Rewriter(relax.PyExprMutator):
         xq, x_scale, zero, signed = act
         [int(d) for d in xq.ty.shape]  # ValueError when symbolic
         weight, w_scale = wt
-        ints = lambda values: [int(v) for v in values]  # noqa: E731
+        ints = lambda values: [int(v) for v in values]
         strides, padding, dilation = (ints(attrs.strides), ints(attrs.padding),
                                       ints(attrs.dilation))
         if not two_d:  # one row: kernel 1 x kw, padding (top, left, bottom, right)
