@@ -1,6 +1,6 @@
 """Int8 kernels of the CPU target (targets/tvm/int8.py): QDQ MatMul / Gemm / Conv become
 u8 x s8 -> i32 kernels whose requantized outputs are bit-exact to onnxruntime's int8 kernels
-on the same QDQ graph, with VNNI (vpdpbusd) and without (int32 multiply-add, AVX2)."""
+on the same QDQ graph, with VNNI (vpdpbusd) and without (AVX2's vpmaddwd on int16)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import mmcompile
 
 VNNI = "znver4"     # AVX-512 with VNNI
-NO_VNNI = "znver3"  # AVX2: the int32 path
+NO_VNNI = "znver3"  # AVX2: vpmaddwd
 
 
 def _machine_runs(mcpu: str) -> bool:
@@ -164,12 +164,10 @@ def test_packed_weights_hold_every_weight_once_and_zeros_elsewhere(vnni):
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (30, 20)).astype(np.int8)  # K=30 -> 32, N=20 -> 32
     packed = int8.pack_weights(w, vnni)
-    if vnni:
-        assert packed.shape == (2, 8, 16, 4)
-        unpacked = packed.transpose(1, 3, 0, 2).reshape(32, 32)
-    else:
-        assert packed.shape == (2, 32, 16)
-        unpacked = packed.transpose(1, 0, 2).reshape(32, 32)
+    step = 4 if vnni else 2  # vpdpbusd sums 4 bytes, vpmaddwd 2 int16
+    assert packed.shape == (2, 32 // step, 16, step)
+    assert packed.dtype == (np.int8 if vnni else np.int16)
+    unpacked = packed.transpose(1, 3, 0, 2).reshape(32, 32)
     assert np.array_equal(unpacked[:30, :20], w)
     assert not unpacked[30:].any() and not unpacked[:, 20:].any()
 
@@ -203,5 +201,14 @@ def test_the_int8_rule_schedules_every_int8_kernel_with_its_epilogue_per_tile(ca
     assert sch is not None
     text = sch.mod["main"].script()
     assert ("vpdpbusd" in text) == (mcpu == VNNI)
+    assert ("pmadd.wd" in text) == (mcpu == NO_VNNI)
     # two loop nests at the root: the staging and the tiles (sum + epilogue)
     assert text.count("\n    for ") == 2, text
+
+
+@pytest.mark.parametrize("case", ["matmul_odd", "conv_stride_dilation"])
+def test_int8_kernels_without_avx2_run_as_vector_int32_and_stay_exact(case, tmp_path):
+    op, x_shape, w_shape, attrs = CASES[case]
+    model, feeds = _qdq_model(op, x_shape, w_shape, attrs=attrs)
+    got = _compile(model, feeds, "x86-64", tmp_path)(**feeds)  # SSE2 only
+    np.testing.assert_array_equal(got, _onnxruntime(model, feeds, optimized=True))

@@ -49,6 +49,7 @@ from tvm.target.codegen import target_has_features
 BLOCK = 16  # output columns per vector of int32 accumulators
 STEP = 4    # reduction steps one vpdpbusd sums per lane
 VNNI_INTRIN = "mmcompile_dot_16x4_u8i8i32_vnni"
+AVX2_INTRIN = "mmcompile_dot_16x2_u8i16i32_avx2"
 
 # Names the schedule rule finds its blocks by (FuseTIR keeps block names).
 _DATA, _ACC = "int8_data", "int8_acc"
@@ -77,15 +78,54 @@ def _dot_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
-                          dtype="int8x64")
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"), a, B.vload([0, 0], dtype="int8x64"),
-            dtype="int32x16")
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                          dtype="int8x64"),
+            B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
 
 s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc, _dot_vnni, override=True)
+
+
+@T.prim_func(s_tir=True)
+def _dot2_desc(A: T.Buffer((2,), "uint8", offset_factor=1),
+               B: T.Buffer((16, 2), "int16", offset_factor=1),
+               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot2_avx2(A: T.Buffer((2,), "uint8", offset_factor=1),
+               B: T.Buffer((16, 2), "int16", offset_factor=1),
+               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    # two vpmaddwd: 8 columns x 2 steps each, u8 widened to int16 (exact: no saturation)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        # (the broadcast pair written inline twice: bound to a name, TVMScript makes it a
+        # local buffer, which LLVM left on the stack, a store and reload per instruction)
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
+                                                    dtype="int32"), 8), dtype="int16x16"),
+            B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+        C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
+                                                    dtype="int32"), 8), dtype="int16x16"),
+            B.vload([8, 0], dtype="int16x16"), dtype="int32x8")
+
+
+s_tir.TensorIntrin.register(AVX2_INTRIN, _dot2_desc, _dot2_avx2, override=True)
 
 
 def has_vnni(target) -> bool:
@@ -99,6 +139,30 @@ def has_vnni(target) -> bool:
         return False
 
 
+def has_avx2(target) -> bool:
+    """Whether ``target`` has AVX2's ``vpmaddwd`` on 256-bit vectors."""
+    if target.kind.name != "llvm":
+        return False
+    try:
+        return bool(target_has_features("avx2", target))
+    except Exception:  # not an x86 target
+        return False
+
+
+def int8_instructions(target) -> str:
+    """What the int8 kernels run on ``target``, for manifests and progress lines."""
+    if has_vnni(target):
+        return "vpdpbusd (AVX512-VNNI)"
+    if has_avx2(target):
+        return "vpmaddwd (AVX2, weights widened to int16)"
+    return "int32 multiply-add (no AVX2)"
+
+
+def step_for(vnni: bool) -> int:
+    """Reduction steps per instruction: 4 (vpdpbusd on bytes) or 2 (vpmaddwd on int16)."""
+    return STEP if vnni else 2
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -106,16 +170,16 @@ def _round_up(n: int, m: int) -> int:
 # -- compile-time weights --------------------------------------------------------------------
 
 def pack_weights(weight: np.ndarray, vnni: bool) -> np.ndarray:
-    """int8 ``[K, N]`` -> zero-padded panels: ``[N/16, K/4, 16, 4]`` for vpdpbusd (4 reduction
-    steps of 16 columns contiguous), else ``[N/16, K, 16]`` (16 columns contiguous)."""
+    """int8 ``[K, N]`` -> zero-padded panels of 16 columns: ``[N/16, K/4, 16, 4]`` int8 for
+    vpdpbusd (4 reduction steps of each column contiguous), else ``[N/16, K/2, 16, 2]``
+    widened to int16 for vpmaddwd (2 steps per column)."""
     depth, cols = weight.shape
+    step = step_for(vnni)
     kp, npad = _round_up(depth, STEP), _round_up(cols, BLOCK)
-    padded = np.zeros((kp, npad), np.int8)
+    padded = np.zeros((kp, npad), np.int8 if vnni else np.int16)
     padded[:depth, :cols] = weight
-    if vnni:
-        return np.ascontiguousarray(
-            padded.reshape(kp // STEP, STEP, npad // BLOCK, BLOCK).transpose(2, 0, 3, 1))
-    return np.ascontiguousarray(padded.reshape(kp, npad // BLOCK, BLOCK).transpose(1, 0, 2))
+    return np.ascontiguousarray(
+        padded.reshape(kp // step, step, npad // BLOCK, BLOCK).transpose(2, 0, 3, 1))
 
 
 def _epilogue_constants(weight: np.ndarray, w_scale: np.ndarray, x_scale: float,
@@ -138,9 +202,8 @@ def _as_u8(value, signed: bool):
 
 def _packed(packed, vnni: bool):
     """``W[k, n]`` read from the packed weights (see :func:`pack_weights`)."""
-    if vnni:
-        return lambda n, kk: packed[n // BLOCK, kk // STEP, n % BLOCK, kk % STEP]
-    return lambda n, kk: packed[n // BLOCK, kk, n % BLOCK]
+    step = step_for(vnni)
+    return lambda n, kk: packed[n // BLOCK, kk // step, n % BLOCK, kk % step]
 
 
 def _scaled(acc, correction, scale, n, *at):
@@ -170,17 +233,17 @@ def _int8_matmul(x, packed, correction, scale, zero: int, signed: bool, vnni: bo
 
 
 def conv_channels(channels: int, vnni: bool) -> int:
-    """Input channels of the staged activation: with VNNI a multiple of 4, so that each
-    ``vpdpbusd`` reads 4 channels of one pixel; without, as many as there are."""
-    return _round_up(channels, STEP) if vnni else channels
+    """Input channels of the staged activation, a multiple of :func:`step_for`: each
+    ``vpdpbusd`` (``vpmaddwd``) reads 4 (2) channels of one pixel."""
+    return _round_up(channels, step_for(vnni))
 
 
 def taps_along_width(channels: int, kernel_width: int, dilation_width: int, vnni: bool) -> int:
     """Kernel columns per row when a ``vpdpbusd`` sums 4 neighbouring columns instead of 4
     channels (a 1-channel input, a spectrogram or grayscale image, which 4 channels would pad
-    4x): the width rounded up to 4; 0 when channels are summed."""
-    if vnni and channels == 1 and dilation_width == 1 and kernel_width > 1:
-        return _round_up(kernel_width, STEP)
+    4x): the width rounded up to :func:`step_for`; 0 when channels are summed."""
+    if channels == 1 and dilation_width == 1 and kernel_width > 1:
+        return _round_up(kernel_width, step_for(vnni))
     return 0
 
 
@@ -218,6 +281,7 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
     cols = int(scale.shape[0])
     fill = tirx.const(zero, "uint8")
     wide = taps_along_width(channels, kw, dw, vnni)
+    step = step_for(vnni)
     if wide:  # 1 channel: stage [B, H, W + extra columns], sum 4 kernel columns at a time
         def stage1(b, h, w):
             y, z = h - top, w - left
@@ -231,8 +295,8 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
             (batch, oh, ow, BLOCK * int(packed.shape[0])),
             lambda b, y, z, n: te.sum(
                 data[b, y * sh + rh * dh, z * sw + rw].astype("int32")
-                * packed[n // BLOCK, rh * (wide // STEP) + rw // STEP, n % BLOCK,
-                         rw % STEP].astype("int32"), axis=[rh, rw]),
+                * packed[n // BLOCK, rh * (wide // step) + rw // step, n % BLOCK,
+                         rw % step].astype("int32"), axis=[rh, rw]),
             name=_ACC)
     else:
         cp = conv_channels(channels, vnni)
@@ -246,12 +310,9 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
                           name=_DATA)
         rh, rw, rc = (te.reduce_axis((0, e), n) for e, n in ((kh, "rh"), (kw, "rw"), (cp, "rc")))
         tap = rh * kw + rw
-        if vnni:
-            def weight(n):
-                return packed[n // BLOCK, tap * (cp // STEP) + rc // STEP, n % BLOCK, rc % STEP]
-        else:
-            def weight(n):
-                return packed[n // BLOCK, tap * cp + rc, n % BLOCK]
+
+        def weight(n):
+            return packed[n // BLOCK, tap * (cp // step) + rc // step, n % BLOCK, rc % step]
         acc = te.compute(
             (batch, oh, ow, BLOCK * int(packed.shape[0])),
             lambda b, y, z, n: te.sum(
@@ -478,6 +539,7 @@ class Int8Contraction(dl.ScheduleRule):
             with contextlib.suppress(Exception):
                 sch.compute_inline(block)
         vnni = has_vnni(target)
+        intrin = VNNI_INTRIN if vnni else AVX2_INTRIN if has_avx2(target) else None
         _stage_loops(sch, data)
         # the sum: [outer spatial..., row, col] x [outer reduction..., channel or k]
         kinds = [int(v.iter_type) for v in sch.get(acc).iter_vars]
@@ -486,32 +548,30 @@ class Int8Contraction(dl.ScheduleRule):
         reduce_ = [lp for lp, kind in zip(loops, kinds) if kind != 0]
         *outer, row, col = spatial
         *reduce_outer, red = reduce_
-        # accumulators: rows x cols vectors of 16 int32, at most 12 (768 bytes: the tile
-        # buffer must stay under TVM's 1 KB stack-alloca limit, see schedule_util; AVX-512
-        # has 32 registers, AVX2 16 of half the width, so 6 there)
+        # accumulators: rows x cols vectors of 16 int32. AVX-512: 32 registers, at most 12
+        # accumulators (768 bytes: the tile buffer must stay under TVM's 1 KB stack-alloca
+        # limit, see schedule_util); AVX2: 16 registers of half the width, at most 4 blocks
+        # (8 registers) beside the weights and the broadcast
         tile_cols = _largest_divisor(extent(sch, col) // BLOCK, 4 if vnni else 2)
-        tile_rows = _largest_divisor(extent(sch, row), (12 if vnni else 6) // tile_cols)
+        tile_rows = _largest_divisor(extent(sch, row), (12 if vnni else 4) // tile_cols)
         io, ii = sch.split(row, [None, tile_rows])
         jo, jj, ji = sch.split(col, [None, tile_cols, BLOCK])
-        step = STEP if vnni else _largest_divisor(extent(sch, red), STEP)
-        ko, ki = sch.split(red, [None, step])
-        if vnni:
-            sch.reorder(*outer, io, jo, *reduce_outer, ko, ii, jj, ji, ki)
-        else:
-            sch.reorder(*outer, io, jo, *reduce_outer, ko, ki, ii, jj, ji)
+        ko, ki = sch.split(red, [None, step_for(vnni)])
+        sch.reorder(*outer, io, jo, *reduce_outer, ko, ii, jj, ji, ki)
         # a tile's accumulators in a small buffer LLVM keeps in registers (schedule_util)
         tile_acc = sch.cache_write(acc, 0, ACCUMULATOR_SCOPE)
         sch.reverse_compute_at(tile_acc, jo)
         sch.vectorize(sch.get_loops(tile_acc)[-1])
         tiles = sch.fuse(*outer, io, jo)
         sch.parallel(tiles)
-        if not vnni:  # (a loop over the update block cannot be vectorized once decomposed)
+        if intrin is None:  # (a loop over the update block cannot be vectorized once decomposed)
+            sch.reorder(ki, ji)
             sch.vectorize(ji)
             sch.unroll(ki)
         init = sch.decompose_reduction(acc, (reduce_outer or [ko])[0])
         sch.vectorize(sch.get_loops(init)[-1])
-        if vnni:
-            sch.tensorize(ji, VNNI_INTRIN)
+        if intrin is not None:
+            sch.tensorize(ji, intrin)
         sch.unroll(ii)
         sch.unroll(jj)
         rest = [b for b in sch.get_child_blocks(get_root_block(sch))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.fuse_pool import FuseConvPool
-from mmcompile.targets.tvm.int8 import QuantizedContractions
+from mmcompile.targets.tvm.int8 import QuantizedContractions, int8_instructions
 from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
 from mmcompile.targets.tvm.rows import RowReductions
 from mmcompile.targets.tvm.schedule_util import lanes_for
@@ -47,9 +47,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     quantized = QuantizedContractions(target)
     mod = quantized(mod)  # QDQ matmul / conv -> int8 kernels; before anything takes them
     if quantized.count and facts is not None:
-        facts["int8"] = {"kernels": quantized.count,
-                         "instructions": "vpdpbusd (AVX512-VNNI)" if quantized.vnni
-                         else "int32 multiply-add (no VNNI)"}
+        facts["int8"] = {"kernels": quantized.count, "instructions": int8_instructions(target)}
     if winograd:
         mod = Winograd()(mod)  # 4-6x fewer multiply-adds; before the packing takes the convs
     mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
