@@ -1,4 +1,4 @@
-"""Int8 kernels of the CPU target (targets/tvm/int8.py): QDQ MatMul / Gemm / Conv become
+"""Int8 kernels of the CPU target (targets/tvm/int8.py, cpu_int8.py): QDQ MatMul / Gemm / Conv become
 u8 x s8 -> i32 kernels whose requantized outputs are bit-exact to onnxruntime's int8 kernels
 on the same QDQ graph, with VNNI (vpdpbusd) and without (AVX2's vpmaddwd on int16)."""
 
@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from mmcompile.targets.tvm import int8
+from mmcompile.targets.tvm.cpu_int8 import Int8Contraction
 from mmcompile.targets.tvm.host import host_cpu
 from onnx import TensorProto, helper, numpy_helper
 
@@ -74,8 +75,8 @@ def _qdq_model(op: str, x_shape, w_shape, *, signed=False, attrs=None, seed=0, b
     graph = helper.make_graph(
         nodes, f"qdq_{op.lower()}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, _out_shape(op, x_shape, w_shape,
-                                                                           attrs or {}))],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8,
+                                       _out_shape(op, x_shape, w_shape, attrs or {}))],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -197,7 +198,7 @@ def test_the_int8_rule_schedules_every_int8_kernel_with_its_epilogue_per_tile(ca
     kernels = [f for gv, f in fuse_cpu(mod, target).functions_items()
                if isinstance(f, tirx.PrimFunc) and "int8_" in gv.name_hint]
     assert len(kernels) == 1
-    sch = int8.Int8Contraction()._schedule(kernels[0], target)
+    sch = Int8Contraction()._schedule(kernels[0], target)
     assert sch is not None
     text = sch.mod["main"].script()
     assert ("vpdpbusd" in text) == (mcpu == VNNI)
@@ -212,3 +213,16 @@ def test_int8_kernels_without_avx2_run_as_vector_int32_and_stay_exact(case, tmp_
     model, feeds = _qdq_model(op, x_shape, w_shape, attrs=attrs)
     got = _compile(model, feeds, "x86-64", tmp_path)(**feeds)  # SSE2 only
     np.testing.assert_array_equal(got, _onnxruntime(model, feeds, optimized=True))
+
+
+def test_the_epilogue_runs_per_tile_only_where_a_tile_is_a_box_of_its_output():
+    """A reshape fused after the sum (heads split off the columns) makes a tile's output a
+    non-box region, which TVM over-approximates: the epilogue would read accumulators of
+    tiles not summed yet. Only the contraction's own layouts qualify."""
+    from mmcompile.targets.tvm.cpu_int8 import tile_box
+    assert tile_box([1, 12, 64], [1, 12, 64]) == 64            # matmul
+    assert tile_box([3, 40], [3, 48]) == 40                    # padded columns
+    assert tile_box([1, 32, 56, 56], [1, 56, 56, 32]) == 32    # conv2d, NCHW
+    assert tile_box([2, 32, 15], [2, 1, 15, 32]) == 32         # conv1d, NCW
+    assert tile_box([1, 12, 4, 16], [1, 12, 64]) is None       # heads split off
+    assert tile_box([12, 64], [1, 12, 64]) is None             # rows reshaped

@@ -180,7 +180,7 @@ def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     """The CPU rules in priority order (first that applies wins)."""
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
     from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
-    from mmcompile.targets.tvm.int8 import Int8Contraction
+    from mmcompile.targets.tvm.cpu_int8 import Int8Contraction
     from mmcompile.targets.tvm.rows import RowReduction
     from mmcompile.targets.tvm.winograd import WinogradTransform
     rules = [Int8Contraction(), WinogradTransform(), RowReduction(), BlockedConv2d(), BlockedMatmul(), MatmulLike(),

@@ -1,0 +1,231 @@
+"""The schedule rule for the int8 kernels of :mod:`.int8`, and the tensor intrinsics it uses.
+
+:class:`Int8Contraction` takes a function holding one int8 contraction (found by its block
+names) and whatever ``FuseOps`` grouped around it: input producers are inlined into the uint8
+staging, the int32 sum is register-blocked (at most 12 accumulators of 16 lanes with VNNI, 4
+with AVX2) and tensorized, and the epilogue runs per tile where a tile is a box of the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.script import tirx as T
+
+from mmcompile.targets.tvm.int8 import (BLOCK, STAGE_BLOCK, SUM_BLOCK, has_avx2, has_vnni,
+                                        step_for)
+from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, extent, lanes_for,
+                                                 parallel_spatial)
+
+VNNI_INTRIN = "mmcompile_dot_16x4_u8i8i32_vnni"
+AVX2_INTRIN = "mmcompile_dot_16x2_u8i16i32_avx2"
+
+
+@T.prim_func(s_tir=True)
+def _dot_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+              B: T.Buffer((16, 4), "int8", offset_factor=1),
+              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
+              B: T.Buffer((16, 4), "int8", offset_factor=1),
+              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    # TVM's own dot_16x4_vnni passes int32x16 operands, which this wheel's LLVM rejects
+    # (vpdpbusd.512 takes <64 x i8> since LLVM 20); the bytes are the same.
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                          dtype="int8x64"),
+            B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+
+
+s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc, _dot_vnni, override=True)
+
+
+@T.prim_func(s_tir=True)
+def _dot2_desc(A: T.Buffer((2,), "uint8", offset_factor=1),
+               B: T.Buffer((16, 2), "int16", offset_factor=1),
+               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot2_avx2(A: T.Buffer((2,), "uint8", offset_factor=1),
+               B: T.Buffer((16, 2), "int16", offset_factor=1),
+               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    # two vpmaddwd: 8 columns x 2 steps each, u8 widened to int16 (exact: no saturation)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        # (the broadcast pair written inline twice: bound to a name, TVMScript makes it a
+        # local buffer, which LLVM left on the stack, a store and reload per instruction)
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
+                                                    dtype="int32"), 8), dtype="int16x16"),
+            B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+        C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
+                                                    dtype="int32"), 8), dtype="int16x16"),
+            B.vload([8, 0], dtype="int16x16"), dtype="int32x8")
+
+
+s_tir.TensorIntrin.register(AVX2_INTRIN, _dot2_desc, _dot2_avx2, override=True)
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return next(t for t in range(min(n, limit), 0, -1) if n % t == 0)
+
+
+def _stage_loops(sch, data) -> None:
+    """The staging block: parallel over all its loops but the innermost."""
+    *outer, _ = sch.get_loops(data)
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def tile_box(out: list[int], acc_shape: list[int]) -> int | None:
+    """The output columns when an epilogue writing ``out`` writes the contraction's own layout, ``[rows..., N]`` (a matmul) or ``[batch, N, rows...]`` (a convolution; a conv1d
+    without its unit row axis), with ``N`` at most the sum's padded width; else None. Then a
+    tile of the sum is a box of the output and the epilogue can run per tile. A reshape
+    fused after the sum (heads split off the columns) would make a tile's output a non-box
+    region, which TVM over-approximates: the extra elements would read accumulators of tiles
+    not summed yet."""
+    *rows, width = acc_shape
+    count = int(np.prod(rows)) if rows else 1
+    total = int(np.prod(out))
+    if total % count or total // count > width:
+        return None
+    cols = total // count
+    layouts = [[*rows, cols], [rows[0], cols, *rows[1:]],
+               [rows[0], cols, *(d for d in rows[1:] if d != 1)]]
+    return cols if out in layouts else None
+
+
+def _computed_once(sch, block, tiles, padding: float) -> bool:
+    """After ``reverse_compute_at(block, tiles)``: whether the tiles together cover no more
+    elements than ``block`` writes, times the column ``padding`` (the last column tile
+    reaches into the padded columns, under a predicate): a second guard against a
+    non-box tile."""
+    loops = sch.get_loops(block)
+    if not loops or not sch.get(loops[0]).same_as(sch.get(tiles)):
+        return False
+    per_tile = 1
+    for loop in loops[1:]:
+        size = extent(sch, loop)
+        if size is None:
+            return False
+        per_tile *= size
+    total = int(np.prod([int(d) for d in sch.get(block).writes[0].source.shape]))
+    return per_tile * extent(sch, tiles) <= total * padding
+
+
+class Int8Contraction(dl.ScheduleRule):
+    """Schedules a function holding one int8 contraction of :mod:`.int8` (and whatever
+    ``FuseOps`` put around it): producers inlined into the uint8 staging block, which runs
+    as its own parallel loop; the int32 sum register-blocked (``rows x cols`` blocks of 16
+    columns, parallel over tiles, one ``vpdpbusd`` per 16 x 4 block with VNNI, two
+    ``vpmaddwd`` per 16 x 2 with AVX2); the epilogue (scale, bias, activation, requantize)
+    inlined into one block computed per tile (:func:`tile_box`), else its own loop."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception:  # not ours, or a shape this rule cannot tile: the next rule tries
+            return None
+
+    @staticmethod
+    def _schedule(func, target, per_tile: bool = True):
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(get_root_block(sch))
+        names = [sch.get(b).name_hint for b in blocks]
+        accs = [i for i, n in enumerate(names) if n.startswith(SUM_BLOCK)]
+        stages = [i for i, n in enumerate(names) if n.startswith(STAGE_BLOCK)]
+        if len(accs) != 1 or len(stages) != 1 or stages[0] > accs[0]:
+            return None
+        acc, data = blocks[accs[0]], blocks[stages[0]]
+        acc_shape = [int(d) for d in sch.get(acc).writes[0].source.shape]
+        for block in blocks[:stages[0]]:
+            sch.compute_inline(block)  # quantize / reshape of the input: into the staging
+        epilogue = blocks[accs[0] + 1:]
+        for block in epilogue[:-1]:
+            with contextlib.suppress(Exception):
+                sch.compute_inline(block)
+        vnni = has_vnni(target)
+        intrin = VNNI_INTRIN if vnni else AVX2_INTRIN if has_avx2(target) else None
+        _stage_loops(sch, data)
+        # the sum: [outer spatial..., row, col] x [outer reduction..., channel or k]
+        kinds = [int(v.iter_type) for v in sch.get(acc).iter_vars]
+        loops = sch.get_loops(acc)
+        spatial = [lp for lp, kind in zip(loops, kinds) if kind == 0]
+        reduce_ = [lp for lp, kind in zip(loops, kinds) if kind != 0]
+        *outer, row, col = spatial
+        *reduce_outer, red = reduce_
+        # accumulators: rows x cols vectors of 16 int32. AVX-512: 32 registers, at most 12
+        # accumulators (768 bytes: the tile buffer must stay under TVM's 1 KB stack-alloca
+        # limit, see schedule_util); AVX2: 16 registers of half the width, at most 4 blocks
+        # (8 registers) beside the weights and the broadcast
+        tile_cols = _largest_divisor(extent(sch, col) // BLOCK, 4 if vnni else 2)
+        tile_rows = _largest_divisor(extent(sch, row), (12 if vnni else 4) // tile_cols)
+        io, ii = sch.split(row, [None, tile_rows])
+        jo, jj, ji = sch.split(col, [None, tile_cols, BLOCK])
+        ko, ki = sch.split(red, [None, step_for(vnni)])
+        sch.reorder(*outer, io, jo, *reduce_outer, ko, ii, jj, ji, ki)
+        # a tile's accumulators in a small buffer LLVM keeps in registers (schedule_util)
+        tile_acc = sch.cache_write(acc, 0, ACCUMULATOR_SCOPE)
+        sch.reverse_compute_at(tile_acc, jo)
+        sch.vectorize(sch.get_loops(tile_acc)[-1])
+        tiles = sch.fuse(*outer, io, jo)
+        sch.parallel(tiles)
+        if intrin is None:  # (a loop over the update block cannot be vectorized once decomposed)
+            sch.reorder(ki, ji)
+            sch.vectorize(ji)
+            sch.unroll(ki)
+        init = sch.decompose_reduction(acc, (reduce_outer or [ko])[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        if intrin is not None:
+            sch.tensorize(ji, intrin)
+        sch.unroll(ii)
+        sch.unroll(jj)
+        rest = [b for b in sch.get_child_blocks(get_root_block(sch))
+                if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
+        if per_tile:  # the epilogue per tile, while its accumulators are in cache
+            try:
+                out = [int(d) for d in sch.get(rest[0]).writes[0].source.shape] if rest else []
+                cols = tile_box(out, acc_shape) if len(rest) == 1 else None
+                if cols:
+                    sch.reverse_compute_at(rest[0], tiles)
+                    if _computed_once(sch, rest[0], tiles, acc_shape[-1] / cols):
+                        return sch
+            except Exception:  # noqa: BLE001 (any schedule error: schedule it apart)
+                pass
+            return Int8Contraction._schedule(func, target, per_tile=False)
+        for block in rest:
+            parallel_spatial(sch, block, lanes_for(target))
+        return sch
