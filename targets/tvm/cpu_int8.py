@@ -16,6 +16,7 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.script import tirx as T
 
+from mmcompile.targets.tvm.cpu_matmul import _largest_divisor
 from mmcompile.targets.tvm.int8 import (BLOCK, STAGE_BLOCK, SUM_BLOCK, has_avx2, has_vnni,
                                         step_for)
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, extent, lanes_for,
@@ -25,18 +26,22 @@ VNNI_INTRIN = "mmcompile_dot_16x4_u8i8i32_vnni"
 AVX2_INTRIN = "mmcompile_dot_16x2_u8i16i32_avx2"
 
 
-@T.prim_func(s_tir=True)
-def _dot_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
-              B: T.Buffer((16, 4), "int8", offset_factor=1),
-              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_desc(step: int, weight_dtype: str):
+    """What a 16-column block computes: ``C[i] += sum_k A[k] * B[i, k]`` over ``step`` uint8
+    activations and ``weight_dtype`` weights (int8 for vpdpbusd, int16 for vpmaddwd)."""
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((step,), "uint8", offset_factor=1),
+             B: T.Buffer((16, step), weight_dtype, offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:step], B[0:16, 0:step])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, step):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    return desc
 
 
 @T.prim_func(s_tir=True)
@@ -56,21 +61,7 @@ def _dot_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
             B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
 
-s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc, _dot_vnni, override=True)
-
-
-@T.prim_func(s_tir=True)
-def _dot2_desc(A: T.Buffer((2,), "uint8", offset_factor=1),
-               B: T.Buffer((16, 2), "int16", offset_factor=1),
-               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc(4, "int8"), _dot_vnni, override=True)
 
 
 @T.prim_func(s_tir=True)
@@ -95,11 +86,7 @@ def _dot2_avx2(A: T.Buffer((2,), "uint8", offset_factor=1),
             B.vload([8, 0], dtype="int16x16"), dtype="int32x8")
 
 
-s_tir.TensorIntrin.register(AVX2_INTRIN, _dot2_desc, _dot2_avx2, override=True)
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    return next(t for t in range(min(n, limit), 0, -1) if n % t == 0)
+s_tir.TensorIntrin.register(AVX2_INTRIN, _dot_desc(2, "int16"), _dot2_avx2, override=True)
 
 
 def _stage_loops(sch, data) -> None:

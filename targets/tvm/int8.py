@@ -41,34 +41,25 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 from tvm.relax import expr_functor
-from tvm.target.codegen import target_has_features
 
 from mmcompile.targets.tvm.rewrite import rewrite_functions
+from mmcompile.targets.tvm.schedule_util import has_features
 
 BLOCK = 16  # output columns per vector of int32 accumulators
 STEP = 4    # reduction steps one vpdpbusd sums per lane
 
 # Names the schedule rule (:mod:`.cpu_int8`) finds its blocks by (FuseTIR keeps block names).
 STAGE_BLOCK, SUM_BLOCK = "int8_data", "int8_acc"
+
+
 def has_vnni(target) -> bool:
     """Whether ``target`` (an LLVM CPU target) has AVX512-VNNI's ``vpdpbusd``."""
-    if target.kind.name != "llvm":
-        return False
-    try:
-        return bool(target_has_features("avx512vnni", target)) \
-            and bool(target_has_features("avx512bw", target))
-    except Exception:  # not an x86 target
-        return False
+    return has_features(target, "avx512vnni", "avx512bw")
 
 
 def has_avx2(target) -> bool:
     """Whether ``target`` has AVX2's ``vpmaddwd`` on 256-bit vectors."""
-    if target.kind.name != "llvm":
-        return False
-    try:
-        return bool(target_has_features("avx2", target))
-    except Exception:  # not an x86 target
-        return False
+    return has_features(target, "avx2")
 
 
 def int8_instructions(target) -> str:

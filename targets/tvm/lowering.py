@@ -20,6 +20,8 @@ CLIP example, 1 thread, vs onnxruntime: 4.9x (old rules) -> 2.7x (blocked matmul
 
 from __future__ import annotations
 
+from tvm import relax
+
 from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.fuse_pool import FuseConvPool
 from mmcompile.targets.tvm.int8 import QuantizedContractions, int8_instructions
@@ -29,7 +31,6 @@ from mmcompile.targets.tvm.schedule_util import lanes_for
 from mmcompile.targets.tvm.schedules import schedule_cpu
 from mmcompile.targets.tvm.unit_reductions import SpatializeUnitReductions
 from mmcompile.targets.tvm.winograd import Winograd
-from tvm import relax
 
 
 def lowering_options(config) -> dict[str, bool]:
@@ -92,8 +93,9 @@ def lower_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, tun
     facts = {}
     mod = fuse_cpu(mod, target, fast_math=fast_math, winograd=winograd, facts=facts)
     if tuning_db:
-        from mmcompile.targets.tvm.tuning import apply_database
         from tvm import tirx
+
+        from mmcompile.targets.tvm.tuning import apply_database
         mod, hits = apply_database(mod, target, tuning_db)  # schedule_cpu skips these kernels
         kernels = sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items())
         facts["tuning"] = {"hits": hits, "kernels": kernels}

@@ -35,15 +35,22 @@ def lanes_for(target) -> int:
     each vector in two and spill the accumulators (AV-MNIST's 16->32 5x5 convolution: 1.76 ms
     with 16 lanes, 1.0 ms with 8, on znver3).
     """
-    if target.kind.name != "llvm":
-        return 4
     for feature, lanes in (("avx512f", 16), ("avx", 8)):
-        try:
-            if target_has_features(feature, target):
-                return lanes
-        except Exception:  # not an x86 target: LLVM knows no such feature
-            break
+        if has_features(target, feature):
+            return lanes
     return 4
+
+
+def has_features(target, *features: str) -> bool:
+    """Whether an LLVM CPU ``target`` has every one of ``features`` (LLVM's names: ``avx2``,
+    ``avx512vnni``); False for other targets and for a CPU whose LLVM backend knows no such
+    feature (not x86)."""
+    if target.kind.name != "llvm":
+        return False
+    try:
+        return all(target_has_features(f, target) for f in features)
+    except Exception:  # not an x86 target: LLVM knows no such feature
+        return False
 
 
 def parallel_spatial(sch, block_rv, lanes: int) -> None:

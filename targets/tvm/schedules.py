@@ -3,6 +3,8 @@
 TVM's ``zero`` pipeline emits serial, unvectorized loops, and TVM 0.27 ships only two dlight
 CPU rules (``GEMV``, ``Reduction``). :func:`cpu_rules` lists, first match wins:
 
+- :class:`~.cpu_int8.Int8Contraction`: the int8 kernels of QDQ matmuls / convolutions
+  (:mod:`.int8`), tensorized with vpdpbusd / vpmaddwd.
 - :class:`~.winograd.WinogradTransform`: the data and output transforms of Winograd
   convolutions (tiles in parallel, channels vectorized).
 - :class:`~.rows.RowReduction`: softmax / layer norm rows with vector partial sums.
@@ -179,12 +181,12 @@ class SerialIfSmall(dl.ScheduleRule):
 def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     """The CPU rules in priority order (first that applies wins)."""
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
-    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
     from mmcompile.targets.tvm.cpu_int8 import Int8Contraction
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
     from mmcompile.targets.tvm.rows import RowReduction
     from mmcompile.targets.tvm.winograd import WinogradTransform
-    rules = [Int8Contraction(), WinogradTransform(), RowReduction(), BlockedConv2d(), BlockedMatmul(), MatmulLike(),
-             dl.cpu.GEMV(), dl.cpu.Reduction(), Fallback()]
+    rules = [Int8Contraction(), WinogradTransform(), RowReduction(), BlockedConv2d(),
+             BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(), dl.cpu.Reduction(), Fallback()]
     return [SerialIfSmall(r, serial_below) for r in rules]  # serial_below=0: never serial
 
 
