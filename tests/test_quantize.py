@@ -22,7 +22,7 @@ IMAGE = ("pixel_values", FLOAT, [1, 3, 8, 8])
 SENSOR = ("sensor", FLOAT, [1, 16])
 
 
-def two_branch_model(seed: int = 0) -> mmcompile.Graph:
+def two_branch_model(seed: int = 0, opset: int = 18) -> mmcompile.Graph:
     """image: conv -> relu -> pool -> flatten; sensor: matmul -> relu; fusion: concat -> gemm."""
     rng = np.random.default_rng(seed)
     nodes = [
@@ -42,7 +42,7 @@ def two_branch_model(seed: int = 0) -> mmcompile.Graph:
                "sw": rng.standard_normal([16, 8]).astype(np.float32) * 0.3,
                "gw": rng.standard_normal([16, 4]).astype(np.float32) * 0.3,
                "gb": rng.standard_normal([4]).astype(np.float32) * 0.1}
-    return make_graph(nodes, [IMAGE, SENSOR], [("logits", FLOAT, [1, 4])], weights)
+    return make_graph(nodes, [IMAGE, SENSOR], [("logits", FLOAT, [1, 4])], weights, opset=opset)
 
 
 def samples(n_image: int, n_sensor: int, seed: int = 1) -> dict[str, np.ndarray]:
@@ -149,6 +149,31 @@ def test_quantized_model_is_qdq_with_per_channel_int8_weights_and_int32_bias():
     assert q.accuracy[0].cosine > 0.99
     feeds = {k: v[0] for k, v in samples(1, 1, seed=5).items()}
     assert run_onnxruntime(proto, feeds, optimize=True)["logits"].shape == (1, 4)
+
+
+def test_an_opset_11_model_is_converted_before_its_per_channel_weights_are_quantized():
+    # per-channel DequantizeLinear (its axis) needs opset 13: written into an opset-11 graph it
+    # is an invalid model onnxruntime refuses (PaddleOCR's exports are opset 11)
+    q = quantize(two_branch_model(opset=11), samples(12, 12), max_drop=None)
+    assert q.graph.opset >= 13
+    proto = q.graph.to_onnx()
+    onnx.checker.check_model(proto, full_check=True)
+    assert sorted(q.layers) == ["fuse_gemm", "img_conv", "sensor_matmul"]
+    feeds = {k: v[0] for k, v in samples(1, 1, seed=5).items()}
+    reference = run_onnxruntime(proto, feeds)["logits"]
+    got = mmcompile.compile(q.graph).run(feeds)["logits"]
+    # int8 kernels against the QDQ graph's float semantics: same integers, float rounding apart
+    np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_an_old_opset_the_converter_cannot_take_is_named(monkeypatch):
+    from onnx import version_converter
+
+    def refuse(model, version):
+        raise RuntimeError("No Adapter For Upsample")
+    monkeypatch.setattr(version_converter, "convert_version", refuse)
+    with pytest.raises(QuantizationError, match="opset 11; int8 QDQ needs opset 13.*Upsample"):
+        quantize(two_branch_model(opset=11), samples(4, 4), max_drop=None)
 
 
 def sensitive_model() -> mmcompile.Graph:

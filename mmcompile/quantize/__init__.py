@@ -55,6 +55,8 @@ _NOTABLE_FLOAT = frozenset({"Softmax", "LayerNormalization", "Gelu", "BatchNorma
                             "LSTM", "GRU", "RNN", "Einsum", "Attention"})
 DEFAULT_MAX_DROP = 0.01
 DEFAULT_HOLDOUT = 0.2
+# Per-channel DequantizeLinear (its ``axis``) is opset 13; older graphs are converted first.
+QDQ_OPSET = 13
 
 
 class QuantizationError(MMCompileError):
@@ -257,7 +259,7 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
     if unknown:
         raise QuantizationError(f"keep_float names {', '.join(map(repr, unknown))}: neither a "
                                 f"node nor an op type of {graph.name}")
-    float_model = graph.to_onnx()
+    float_model = _qdq_opset(graph.to_onnx(), graph.name)
     with _quiet():
         ranges, _ = branch_ranges(graph, float_model, calib, method, OP_TYPES)
     feeds = list(evaluation.feeds())
@@ -293,6 +295,23 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
             calib.counts(), 0), sha256=data.sha256(), accuracy=accuracy, all_int8=all_int8,
         max_drop=max_drop, float_layers=float_layers, float_ops=dict(ops.most_common()),
         sensitivity=sensitivity, layers=[n for n in layers if n not in float_layers])
+
+
+def _qdq_opset(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` at opset :data:`QDQ_OPSET` or later (onnxruntime's quantizer keeps the
+    opset it is given and would write per-channel DequantizeLinear nodes an opset-11 graph
+    cannot hold)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= QDQ_OPSET:
+        return model
+    from onnx import version_converter
+    try:
+        return version_converter.convert_version(model, QDQ_OPSET)
+    except Exception as exc:  # the converter raises plain RuntimeErrors naming the op
+        raise QuantizationError(
+            f"{name} is ONNX opset {opset}; int8 QDQ needs opset {QDQ_OPSET} and onnx's "
+            f"version converter could not convert it ({type(exc).__name__}: {exc}); export "
+            f"it at opset {QDQ_OPSET} or later") from exc
 
 
 def _float_graph(model: Any, calibration: Any, modalities: Mapping[str, str] | None,
