@@ -1,32 +1,108 @@
 """mmcompile: an ahead-of-time compiler for multimodal neural networks.
 
-Entry points: :func:`trace` / :func:`load_graph` (frontends), :func:`optimize` (graph passes);
-the ``mmcompile`` command line mirrors them.
+Entry points: :func:`trace` / :func:`load_graph` (frontends), :func:`optimize` (graph passes),
+:func:`compile`, :func:`quantize`, :func:`tune`, and :func:`load` (a compiled artifact); the
+``mmcompile`` command line mirrors them.
+
+Names are imported on first use (PEP 562): a deployed process that only calls :func:`load`
+imports the runtime (numpy, TVM's runtime, the artifact's targets), not the compiler (onnx,
+onnx-graphsurgeon, networkx, torch, ``tvm.relax``).
 """
 
-from mmcompile.artifact import ArtifactError
-from mmcompile.compiler import compile, load
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from mmcompile.errors import (ExportError, InputError, MMCompileError, ModalityError,
                               ModelLoadError, PassError, PipelineError, RegistryError,
                               UnsupportedOpError, VerificationError)
-from mmcompile.frontend import load_graph, trace
-from mmcompile.ir import Graph
-from mmcompile.modality import MODALITIES, ModalityTag
-from mmcompile.optimize import OptimizeResult, optimize
-from mmcompile.runtime import CompiledModel
-from mmcompile.target import TargetError, get_target, registered_targets
-from mmcompile.transform import (Pass, PassContext, PassManager, PassResult, parse_pipeline,
-                                 register_pass, registered_passes)
-from mmcompile.quantize import QuantizedModel, quantize  # the function, as for tune
-from mmcompile.tune import tune  # the function; the package: ``from mmcompile.tune import ...``
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_LAZY = {
+    "ArtifactError": "mmcompile.artifact",
+    "CompiledModel": "mmcompile.runtime",
+    "load": "mmcompile.runtime",
+    "compile": "mmcompile.compiler",
+    "load_graph": "mmcompile.frontend",
+    "trace": "mmcompile.frontend",
+    "Graph": "mmcompile.ir",
+    "MODALITIES": "mmcompile.modality",
+    "ModalityTag": "mmcompile.modality",
+    "OptimizeResult": "mmcompile.optimize",
+    "TargetError": "mmcompile.target",
+    "get_target": "mmcompile.target",
+    "registered_targets": "mmcompile.target",
+    "Pass": "mmcompile.transform",
+    "PassContext": "mmcompile.transform",
+    "PassManager": "mmcompile.transform",
+    "PassResult": "mmcompile.transform",
+    "parse_pipeline": "mmcompile.transform",
+    "register_pass": "mmcompile.transform",
+    "registered_passes": "mmcompile.transform",
+    "QuantizedModel": "mmcompile.quantize",
+}
+
 __all__ = [
-    "ArtifactError", "CompiledModel", "TargetError", "compile", "get_target", "load",
-    "registered_targets", "ExportError", "Graph", "InputError", "MMCompileError", "MODALITIES", "ModalityError",
-    "ModalityTag", "ModelLoadError", "OptimizeResult", "Pass", "PassContext", "PassError",
-    "PassManager", "PassResult", "PipelineError", "QuantizedModel", "RegistryError", "UnsupportedOpError",
-    "VerificationError", "load_graph", "optimize", "parse_pipeline", "register_pass",
-    "quantize", "registered_passes", "trace", "tune",
+    "ArtifactError", "CompiledModel", "ExportError", "Graph", "InputError", "MMCompileError",
+    "MODALITIES", "ModalityError", "ModalityTag", "ModelLoadError", "OptimizeResult", "Pass",
+    "PassContext", "PassError", "PassManager", "PassResult", "PipelineError", "QuantizedModel",
+    "RegistryError", "TargetError", "UnsupportedOpError", "VerificationError", "compile",
+    "get_target", "load", "load_graph", "optimize", "parse_pipeline", "quantize",
+    "register_pass", "registered_passes", "registered_targets", "trace", "tune",
 ]
+
+if TYPE_CHECKING:
+    from mmcompile.artifact import ArtifactError
+    from mmcompile.compiler import compile
+    from mmcompile.frontend import load_graph, trace
+    from mmcompile.ir import Graph
+    from mmcompile.modality import MODALITIES, ModalityTag
+    from mmcompile.optimize import OptimizeResult, optimize
+    from mmcompile.quantize import QuantizedModel, quantize
+    from mmcompile.runtime import CompiledModel, load
+    from mmcompile.target import TargetError, get_target, registered_targets
+    from mmcompile.transform import (Pass, PassContext, PassManager, PassResult,
+                                     parse_pipeline, register_pass, registered_passes)
+    from mmcompile.tune import tune
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmcompile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, "optimize", "quantize", "tune"})
+
+
+def _function_over_module(module: str, name: str) -> property:
+    def get(self):
+        return getattr(importlib.import_module(module), name)
+
+    def ignore(self, value) -> None:
+        pass
+
+    return property(get, ignore)
+
+
+class _Package(types.ModuleType):
+    """``mmcompile.optimize``, ``mmcompile.quantize`` and ``mmcompile.tune`` are functions,
+    though modules of the same names exist (``from mmcompile.tune import TuningDB``):
+    importing a submodule binds it on its parent, which these properties ignore, whenever it
+    is first imported."""
+
+    optimize = _function_over_module("mmcompile.optimize", "optimize")
+    quantize = _function_over_module("mmcompile.quantize", "quantize")
+    tune = _function_over_module("mmcompile.tune", "tune")
+
+
+sys.modules[__name__].__class__ = _Package

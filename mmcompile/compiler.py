@@ -20,11 +20,9 @@ from mmcompile.frontend import SPECIALIZED
 from mmcompile.ir import Graph
 from mmcompile.planning import Plan, StagePlan, plan
 from mmcompile.planning.auto import choose
-from mmcompile.planning.parallel import replan
 from mmcompile.reference import compare_outputs, random_inputs, run_onnxruntime
-from mmcompile.runtime import CompiledModel, Stage
-from mmcompile.runtime import load as load_artifact
-from mmcompile.schedule import available_cores, check_kind
+from mmcompile.runtime import CompiledModel, Stage, load  # noqa: F401  (load: as before)
+from mmcompile.schedule import available_cores
 from mmcompile.signature import Signature
 from mmcompile.target import CompileOptions, TargetError
 
@@ -221,22 +219,3 @@ def _compile_stages(plans: Sequence[StagePlan], planned: Plan, threads: int,
                             executable, time.perf_counter() - start, info,
                             stage_plan.depends_on, choice.target.device))
     return stages
-
-
-def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None
-         ) -> CompiledModel:
-    """Load an artifact written by :meth:`CompiledModel.save`; no compiler is needed.
-
-    Args:
-        path: the ``.mmc`` folder.
-        threads: threads for stages run on the calling thread (0: all available cores).
-        schedule: ``"sequential"`` or ``"parallel"`` to override the schedule chosen at compile
-            time (``"parallel"`` re-plans from the recorded stage costs).
-
-    Raises:
-        ArtifactError: missing, corrupt, tampered with, or built by an incompatible version.
-    """
-    model = load_artifact(path, threads)
-    if schedule is not None and schedule != model.schedule.kind:
-        model.schedule = replan(model, check_kind(schedule), threads)
-    return model

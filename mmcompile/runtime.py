@@ -30,7 +30,7 @@ from mmcompile.artifact import ArtifactError, read_manifest, write_artifact
 from mmcompile.errors import InputError
 from mmcompile.executor import WorkerPool, run_parallel, run_stages
 from mmcompile.report import format_table, quantization_lines
-from mmcompile.schedule import Schedule
+from mmcompile.schedule import Schedule, check_kind
 from mmcompile.signature import Signature
 from mmcompile.target import Executable, get_target
 
@@ -297,17 +297,22 @@ class CompiledModel:
         return write_artifact(path, manifest, write_stages)
 
 
-def load(path: str | os.PathLike, threads: int = 0) -> CompiledModel:
+def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None
+         ) -> CompiledModel:
     """Load an artifact written by :meth:`CompiledModel.save`, with the schedule it was
-    compiled with; each stage is loaded by its own target. No compiler is needed.
+    compiled with; each stage is loaded by its own target. No compiler is needed (nor
+    imported: see :mod:`mmcompile`).
 
     Args:
         path: the ``.mmc`` folder.
         threads: threads for stages run on the calling thread (0: all available cores).
+        schedule: ``"sequential"`` or ``"parallel"`` to override the schedule chosen at compile
+            time (``"parallel"`` re-plans from the recorded stage costs).
 
     Raises:
         ArtifactError: missing, corrupt, tampered with, or built by an incompatible version.
     """
+
     path = Path(path)
     manifest = read_manifest(path)
     try:
@@ -326,4 +331,8 @@ def load(path: str | os.PathLike, threads: int = 0) -> CompiledModel:
                             target.device))
     metadata = {**manifest.get("metadata", {}), "versions": manifest["versions"]}
     chosen = Schedule.from_dict(manifest.get("schedule", {"kind": "sequential"}))
-    return CompiledModel(signature, stages, manifest["target"], metadata, chosen)
+    model = CompiledModel(signature, stages, manifest["target"], metadata, chosen)
+    if schedule is not None and check_kind(schedule) != model.schedule.kind:
+        from mmcompile.planning.parallel import replan
+        model.schedule = replan(model, schedule, threads)
+    return model

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmcompile.errors import InputError
-from mmcompile.ir import Graph
-from mmcompile.reference import embedding_bound
+
+if TYPE_CHECKING:
+    from mmcompile.ir import Graph
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Signature:
 
     @classmethod
     def from_graph(cls, graph: Graph) -> Signature:
+        from mmcompile.reference import embedding_bound  # onnx-graphsurgeon: compile time only
         inputs = tuple(
             TensorSpec(t.name, _dims(t.shape), str(np.dtype(t.dtype)),
                        graph.modalities[t.name].modality if t.name in graph.modalities else None,

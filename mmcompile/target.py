@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmcompile.errors import MMCompileError, RegistryError
-from mmcompile.ir import Graph
 from mmcompile.spec import Spec
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
+
+    from mmcompile.ir import Graph
 
 
 class TargetError(MMCompileError):

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmcompile.artifact import ArtifactError
-from mmcompile.ir import Graph
 from mmcompile.schedule import available_cores
 from mmcompile.target import (CompileOptions, Executable, Target, TargetError, TargetOption,
                               register_target)
+
+if TYPE_CHECKING:
+    from mmcompile.ir import Graph
 
 
 def _session(model: bytes, threads: int, optimize: bool):

@@ -1,5 +1,6 @@
 """Deployment without the compiler: artifacts load and run in a fresh process that uses TVM's
-runtime-only library (``TVM_USE_RUNTIME_LIB=1``), where ``tvm.relax`` is unavailable."""
+runtime-only library (``TVM_USE_RUNTIME_LIB=1``), where ``tvm.relax`` is unavailable, and a
+process that loads and runs an artifact imports only what running needs."""
 
 import os
 import subprocess
@@ -56,6 +57,59 @@ def deployed(tmp_path_factory):
     np.savez(folder / "inputs.npz", **feeds)
     np.savez(folder / "expected.npz", **run_onnxruntime(graph, feeds))
     return folder, path, folder / "inputs.npz", folder / "expected.npz"
+
+
+# What a deployed process must not import: the compiler side of mmcompile and its dependencies
+# (torch alone costs ~2 s and ~200 MB: apache-tvm-ffi imports it whenever it is installed).
+COMPILER_MODULES = ("torch", "onnx", "onnx_graphsurgeon", "onnxscript", "networkx", "tvm.relax",
+                    "tvm.s_tir", "matplotlib", "mmcompile.compiler", "mmcompile.frontend",
+                    "mmcompile.ir", "mmcompile.transform", "mmcompile.passes",
+                    "mmcompile.planning.plan", "mmcompile.quantize", "mmcompile.tune")
+
+DEPLOYED = """
+import sys
+import numpy as np
+import mmcompile
+
+artifact, inputs, expected, forbidden = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+feeds, expected = dict(np.load(inputs)), dict(np.load(expected))
+model = mmcompile.load(artifact)
+for kind in ("numpy", "numpy again"):
+    got = model.run(feeds)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
+model.close()
+model = mmcompile.load(artifact, schedule="sequential")  # a schedule override re-plans
+model.run(feeds)
+imported = sorted(m for m in sys.modules if sys.modules[m] is not None and any(
+    m == f or m.startswith(f + ".") for f in forbidden))
+print("IMPORTED", ",".join(imported))
+import torch  # the caller turns to torch tensors after loading: DLPack still carries them
+got = model.run({k: torch.from_numpy(v) for k, v in feeds.items()})
+for name in expected:
+    assert isinstance(got[name], torch.Tensor), type(got[name])
+    np.testing.assert_allclose(got[name].numpy(), expected[name], rtol=1e-5, atol=1e-5)
+print("DEPLOYED OK")
+"""
+
+
+@pytest.mark.parametrize("runtime_only", [False, True], ids=["full-tvm", "runtime-only-tvm"])
+def test_a_deployed_process_imports_only_what_running_needs(deployed, runtime_only):
+    folder, path, inputs, expected = deployed
+    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}
+    forbidden = COMPILER_MODULES
+    if runtime_only:
+        env["TVM_USE_RUNTIME_LIB"] = "1"
+    else:  # with its compiler library loaded, ``import tvm`` itself imports these
+        forbidden = tuple(m for m in forbidden if m not in ("tvm.relax", "tvm.s_tir"))
+    proc = subprocess.run([sys.executable, "-c", DEPLOYED, str(path), str(inputs), str(expected),
+                           *forbidden], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "DEPLOYED OK"
+    imported = next(line for line in lines if line.startswith("IMPORTED")).split()[1:]
+    assert not imported, f"a deployed process imported {imported}"
 
 
 def _runtime_only(args, cwd):

@@ -27,6 +27,12 @@ Int8 engines (onnxruntime-int8, mmcompile-int8) run one QDQ file per workload, q
 mmcompile.quantize on 32 random input sets; they are checked against that file's own outputs
 (--int8-tolerance) and their agreement with the float model (cosine, top-1) is reported.
 
+--deploy measures deployment instead: per model, the cold start (a fresh process importing
+its runtime, loading the model, first result) and steady-state RSS of onnxruntime and of
+mmcompile loading its compiled artifact (TVM runtime-only, as deployed; and a full install).
+
+  mmcompile bench --deploy --batch 1 --rounds 3
+
 Suite models (built from code, random weights): """ + ", ".join(suite.SUITES["multimodal"])
 
 
@@ -80,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the mmcompile engines' fallback target for nodes the cpu target "
                         "cannot run; 'none' measures native lowering only (default: "
                         "%(default)s)")
+    p.add_argument("--deploy", action="store_true",
+                   help="the deploy view: cold start and steady-state RSS of a process that "
+                        "only loads and runs the model (engines: onnxruntime, mmcompile)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -148,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr,
                   flush=True)
 
+    if args.deploy:
+        return _run_deploy(args, options, models, progress)
     doc = run_benchmark(options, models=models, model_file=args.model, progress=progress)
     if args.json == "-":
         print(json.dumps(doc, indent=2))
@@ -159,4 +170,20 @@ def run(args: argparse.Namespace) -> int:
         written = plot(doc, args.plot)
         if args.json != "-":
             print(f"wrote {written}")
+    return 0
+
+
+def _run_deploy(args: argparse.Namespace, options, models, progress) -> int:
+    from mmcompile.bench.deploy import deploy_table, run_deploy
+    from mmcompile.bench.report import write_json
+    if args.engines or args.against or args.tuning_db or args.plot:
+        raise BenchError("--deploy runs its own engines (onnxruntime, mmcompile); --engines, "
+                         "--against, --tuning-db and --plot do not apply")
+    doc = run_deploy(options, models=models, model_file=args.model, progress=progress)
+    if args.json == "-":
+        print(json.dumps(doc, indent=2))
+    else:
+        print(deploy_table(doc))
+        if args.json:
+            print(f"wrote {write_json(doc, args.json)}")
     return 0

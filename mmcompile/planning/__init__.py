@@ -22,7 +22,42 @@ not force), measured on znver4, one process, interleaved rounds, medians:
   round-to-round spread there is +-100 us: the figures say "tens of microseconds", no more).
 """
 
-from mmcompile.planning.partition import StagePlan
-from mmcompile.planning.plan import Plan, plan
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmcompile.planning.partition import StagePlan
+    from mmcompile.planning.plan import Plan, plan
+
+# Imported on first use: loading an artifact with a schedule override re-plans with
+# :mod:`.parallel` alone, without the compiler side (onnx, networkx) that :mod:`.plan` needs.
+_LAZY = {"StagePlan": "mmcompile.planning.partition", "Plan": "mmcompile.planning.plan"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mmcompile.planning' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 __all__ = ["Plan", "StagePlan", "plan"]
+
+
+class _Package(types.ModuleType):
+    """``mmcompile.planning.plan`` is the function, though a module of that name exists:
+    importing the module binds it on this package, which the setter ignores."""
+
+    @property
+    def plan(self):
+        from mmcompile.planning.plan import plan
+        return plan
+
+    @plan.setter
+    def plan(self, value) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

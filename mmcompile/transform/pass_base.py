@@ -100,7 +100,9 @@ def _load_builtin_passes() -> None:
     # The built-in passes import the core, so the core loads them lazily, at first lookup,
     # rather than importing them at module level.
     for package in _BUILTIN_PACKAGES:
-        importlib.import_module(package)
+        module = importlib.import_module(package)
+        if hasattr(module, "register_passes"):  # mmcompile.targets: their pass modules
+            module.register_passes()
 
 
 def get_pass(name: str) -> type[Pass]:

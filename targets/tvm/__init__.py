@@ -8,3 +8,6 @@ are imported only when compiling, so loading an artifact works with TVM's runtim
 from mmcompile.targets.tvm.target import TVMCpuTarget, TVMCudaTarget
 
 __all__ = ["TVMCpuTarget", "TVMCudaTarget"]
+
+# the legalize-for-tvm pass (see mmcompile.targets.register_passes)
+PASS_MODULES = ("mmcompile.targets.tvm.legalize",)

@@ -41,12 +41,14 @@ import traceback
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmcompile.targets.tvm.executable import load_executable, native_log_to
 
-from mmcompile.ir import Graph
 from mmcompile.target import CompileOptions, Executable, TargetError
+
+if TYPE_CHECKING:
+    from mmcompile.ir import Graph
 
 DEFAULT_ARCH = "sm_80"
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
@@ -375,6 +377,7 @@ def _build(work: Path) -> None:
     import onnx
 
     from mmcompile.errors import MMCompileError
+    from mmcompile.ir import Graph
     from mmcompile.targets.tvm.target import TVMCudaTarget
     request = json.loads((work / "request.json").read_text())
     try:

@@ -15,18 +15,18 @@ import io
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import onnx
 
-from mmcompile.ir import Graph
 from mmcompile.target import (SUPPORTED, CompileOptions, Executable, Support, Target, TargetError,
                               TargetOption, register_target)
-from mmcompile.targets.tvm import legalize
 from mmcompile.targets.tvm.executable import (TVMExecutable, configure_threads,
                                               configure_worker_thread, load_executable,
                                               native_log_to)
+
+if TYPE_CHECKING:
+    from mmcompile.ir import Graph
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,17 +36,22 @@ def supported_ops() -> frozenset[str]:
     return frozenset(onnx_frontend._get_convert_map())
 
 
-# ONNX element types TVM has no dtype for (its importer fails on them): string, complex,
-# float8, 4-bit integers and float4.
-_NO_DTYPE = {onnx.TensorProto.STRING: "string", onnx.TensorProto.COMPLEX64: "complex64",
+@functools.lru_cache(maxsize=None)
+def _no_dtype() -> dict[int, str]:
+    """ONNX element types TVM has no dtype for (its importer fails on them): string, complex,
+    float8, 4-bit integers and float4."""
+    import onnx
+    kinds = {onnx.TensorProto.STRING: "string", onnx.TensorProto.COMPLEX64: "complex64",
              onnx.TensorProto.COMPLEX128: "complex128"}
-for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "UINT4", "INT4",
-              "FLOAT4E2M1"):
-    if hasattr(onnx.TensorProto, _name):
-        _NO_DTYPE[getattr(onnx.TensorProto, _name)] = _name.lower()
+    for name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "UINT4",
+                 "INT4", "FLOAT4E2M1"):
+        if hasattr(onnx.TensorProto, name):
+            kinds[getattr(onnx.TensorProto, name)] = name.lower()
+    return kinds
 
 
 def _elem_type(tensor) -> int | None:
+    import onnx
     dtype = getattr(tensor, "dtype", None)
     if dtype is None:
         return None
@@ -95,11 +100,12 @@ class _TVMTarget(Target):
         if node.op not in supported_ops():
             return Support(False, f"TVM {_tvm_version()}'s ONNX importer has no converter for "
                                   f"{node.op}")
+        from mmcompile.targets.tvm import legalize
         reason = legalize.refusal(node, graph)
         if reason:
             return Support(False, f"{node.op}: {reason}")
         for tensor in (*node.inputs, *node.outputs):
-            kind = _NO_DTYPE.get(_elem_type(tensor))
+            kind = _no_dtype().get(_elem_type(tensor))
             if kind is not None:
                 return Support(False, f"TVM has no {kind} type (tensor '{tensor.name}')")
         return SUPPORTED
