@@ -75,9 +75,20 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'mmcompile' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = _resolve(module, name)
     globals()[name] = value  # resolved once
     return value
+
+
+def _resolve(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("mmcompile"):
+            raise
+        raise ImportError(f"mmcompile.{name} is part of the compiler, and this is the "
+                          f"mmcompile-runtime install (load and run artifacts only): install "
+                          f"mmcompile to compile") from exc
 
 
 def __dir__() -> list[str]:
@@ -86,7 +97,7 @@ def __dir__() -> list[str]:
 
 def _function_over_module(module: str, name: str) -> property:
     def get(self):
-        return getattr(importlib.import_module(module), name)
+        return _resolve(module, name)
 
     def ignore(self, value) -> None:
         pass

@@ -354,6 +354,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_runtime_wheels(args: argparse.Namespace) -> int:
+    from mmcompile.packaging import build_runtime_wheels
+    for wheel in build_runtime_wheels(args.output):
+        print(f"wrote {wheel} ({wheel.stat().st_size / 2**20:.1f} MiB)")
+    print(f"install on the deployment machine: pip install --find-links {args.output} "
+          f"mmcompile-runtime  (add [onnxruntime] for artifacts with onnxruntime stages)")
+    return EXIT_OK
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     from mmcompile.report import format_table
     from mmcompile.target import registered_targets
@@ -609,6 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the Gantt chart of one run (stages on worker lanes)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("runtime-wheels", help="write the deployment install's wheels",
+                       description="Write the wheels of the deployment install: "
+                                   "mmcompile-runtime (load and run .mmc artifacts) and "
+                                   "apache-tvm-runtime (TVM without its compiler library), "
+                                   "made from this installation.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder for the wheels (created if needed)")
+    p.set_defaults(func=cmd_runtime_wheels)
 
     p = sub.add_parser("targets", help="list registered targets and their options")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
