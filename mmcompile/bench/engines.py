@@ -240,3 +240,32 @@ class TorchCompileEngine(TorchEngine):
     def wrap(self, module: Any) -> Any:
         import torch
         return torch.compile(module)
+
+
+@register_engine
+class TorchCompileMMCompileEngine(TorchCompileEngine):
+    """``torch.compile(module, backend="mmcompile")`` (:mod:`mmcompile.torch_backend`): each
+    graph dynamo captures is compiled by mmcompile for the cpu target with the job's threads,
+    verification off as for the ``mmcompile`` engine (the harness checks outputs). As for
+    ``torch-compile``, the compilation happens in the first call."""
+
+    name = "torch-compile-mmcompile"
+    mode = "mmcompile backend"
+
+    def import_libraries(self, job: Mapping[str, Any]) -> None:
+        TorchEngine.import_libraries(self, job)
+        import torch._dynamo  # noqa: F401
+        import tvm  # noqa: F401  (importing TVM takes seconds; it is not compilation)
+
+        import mmcompile
+        import mmcompile.torch_backend
+        mmcompile.registered_targets()
+
+    def prepare(self, model: Any, job: Mapping[str, Any]) -> tuple[RunFn, dict[str, Any]]:
+        self.options = {"target": "cpu", "threads": job["threads"], "verify": False,
+                        "fallback": job.get("fallback", "onnxruntime")}
+        return super().prepare(model, job)
+
+    def wrap(self, module: Any) -> Any:
+        import torch
+        return torch.compile(module, backend="mmcompile", options=self.options)
