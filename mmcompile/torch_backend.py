@@ -25,7 +25,11 @@ From an FX graph to a compiled model, and why each step is there:
    hands it over; a dynamic one (``dynamic=True``, or dynamo's automatic dynamic shapes after a
    second shape, with SymInt inputs) is compiled at call time, once per concrete input shapes,
    its SymInts fixed to their values; the compiled models are cached per shape signature.
-5. A graph mmcompile cannot compile (an export failure, an unsupported op with no fallback, a
+5. Recurrent layers: dynamo breaks the graph at every ``nn.LSTM`` / ``GRU`` / ``RNN`` and runs
+   them eagerly unless ``torch._dynamo.config.allow_rnn`` is on; mmcompile lowers them
+   natively, so importing this backend (which ``backend="mmcompile"`` does) turns it on for
+   the process (MOSEI-LSTM at batch 1: 3.8 ms with the breaks, 1.3 ms captured whole).
+6. A graph mmcompile cannot compile (an export failure, an unsupported op with no fallback, a
    failed verification) runs eagerly, with a warning on ``mmcompile.torch_backend`` naming why.
 
 The returned callable takes the graph's flat inputs and returns the graph's output structure
@@ -45,6 +49,17 @@ from typing import Any
 from mmcompile.errors import MMCompileError
 
 log = logging.getLogger(__name__)
+
+
+def _capture_recurrent_layers() -> None:
+    import torch._dynamo
+    if not torch._dynamo.config.allow_rnn:
+        torch._dynamo.config.allow_rnn = True
+        log.debug("torch._dynamo.config.allow_rnn turned on: LSTM/GRU/RNN layers are captured "
+                  "and compiled instead of breaking the graph")
+
+
+_capture_recurrent_layers()
 
 _VERSION = operator.attrgetter("_version")  # bumped by every in-place write to a tensor
 

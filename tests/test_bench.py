@@ -285,6 +285,9 @@ def test_runner_reports_an_engine_exception_as_an_error_result(tmp_path):
     (["--against", "tensorrt"], ["unknown engine 'tensorrt'", "torch-compile"]),
     (["--repeat", "0"], ["--repeat must be at least 1"]),
     (["--rounds", "0"], ["--rounds must be at least 1"]),
+    (["--baseline", "/nonexistent"], ["--baseline /nonexistent", "not a checkout of mmcompile"]),
+    (["--engines", "mmcompile-baseline"], ["needs --baseline CHECKOUT"]),
+    (["--deploy", "--engines", "onnxruntime"], ["--deploy runs its own engines"]),
 ])
 def test_bad_suite_arguments_fail_fast_with_one_line(capsys, argv, fragments):
     code, _, err = run_cli(capsys, "bench", *argv)
@@ -306,3 +309,52 @@ def test_bad_model_file_arguments_fail_fast_with_one_line(mlp_file, tmp_path, ca
     code, _, err = run_cli(capsys, "bench", tmp_path / "absent.onnx")
     assert code == 1
     assert_one_line_error(err, "no such model file")
+
+
+def test_the_baseline_engine_imports_mmcompile_from_the_other_checkout(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mmcompile
+    repo = Path(mmcompile.__file__).resolve().parent.parent
+    checkout = tmp_path / "checkout"
+    for package in ("mmcompile", "targets", "passes"):
+        shutil.copytree(repo / package, checkout / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "run").mkdir()
+    shim = harness.baseline_path(checkout, tmp_path / "run")
+    job = {"threads": 1, "inductor_cache": str(tmp_path / "cache"), "baseline": shim}
+    probe = ("import mmcompile, mmcompile.targets.tvm, mmcompile.passes, mmcompile.bench; "
+             "print(mmcompile.__file__); print(mmcompile.targets.tvm.__file__); "
+             "print(mmcompile.passes.__file__)")
+    # (from another folder, as the runner script is: a current directory of this checkout
+    # would come first on sys.path)
+    out = subprocess.run([sys.executable, "-c", probe], env=harness.child_env(job),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    paths = [Path(line).resolve() for line in out.split()]
+    assert all(checkout in p.parents for p in paths), paths  # not this checkout's modules
+    plain = subprocess.run([sys.executable, "-c", probe], env=harness.child_env(
+        {**job, "baseline": None}), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        check=True).stdout
+    assert all(repo in Path(line).resolve().parents for line in plain.split())
+
+
+def test_bench_deploy_measures_cold_start_and_rss_against_onnxruntime(mlp_file, tmp_path,
+                                                                      capsys):
+    out_json = tmp_path / "deploy.json"
+    code, out, err = run_cli(capsys, "bench", mlp_file, "--deploy", "--batch", "1",
+                             "--repeat", "3", "--json", out_json, "-q")
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    rows = {r["engine"]: r for r in doc["results"]}
+    assert list(rows) == ["onnxruntime", "mmcompile", "mmcompile-full-tvm"]
+    assert rows["onnxruntime"]["cold_start_ratio"] == 1.0
+    for row in rows.values():
+        assert 0 < row["cold_start_ms"] < 60_000 and 0 < row["rss_mb"] <= row["peak_rss_mb"]
+    # the runtime-only process imports fewer modules than the full install's
+    assert rows["mmcompile"]["modules"] < rows["mmcompile-full-tvm"]["modules"]
+    assert doc["summary"]["worst_cold_start_ratio"] == rows["mmcompile"]["cold_start_ratio"]
+    assert "cold start" in out and "steady RSS" in out

@@ -82,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuning-db", metavar="DIR",
                    help="also run 'mmcompile-tuned': mmcompile compiled with this database "
                         "from 'mmcompile tune' (next to untuned mmcompile, in the same run)")
+    p.add_argument("--baseline", metavar="CHECKOUT",
+                   help="also run 'mmcompile-baseline': mmcompile imported from another "
+                        "checkout of this repository (e.g. 'git worktree add /tmp/base "
+                        "COMMIT'), in lock-step with this one: an A/B of a change in one run")
     p.add_argument("--fallback", default="onnxruntime", metavar="TARGET|none",
                    help="the mmcompile engines' fallback target for nodes the cpu target "
                         "cannot run; 'none' measures native lowering only (default: "
@@ -124,12 +128,22 @@ def _options(args: argparse.Namespace):
             engines.insert(at, "mmcompile-tuned")
     elif "mmcompile-tuned" in engines:
         raise BenchError("engine 'mmcompile-tuned' needs --tuning-db DIR")
+    if args.baseline:
+        if not (Path(args.baseline) / "mmcompile" / "__init__.py").is_file():
+            raise BenchError(f"--baseline {args.baseline}: not a checkout of mmcompile (no "
+                             f"mmcompile/__init__.py)")
+        if "mmcompile-baseline" not in engines:
+            at = engines.index("mmcompile") if "mmcompile" in engines else len(engines)
+            engines.insert(at, "mmcompile-baseline")
+    elif "mmcompile-baseline" in engines:
+        raise BenchError("engine 'mmcompile-baseline' needs --baseline CHECKOUT")
     return BenchOptions(engines=engines, batches=batches, threads=args.threads,
                         repeat=args.repeat, warmup=args.warmup, warmup_s=args.warmup_time,
                         max_time=args.max_time,
                         timeout=args.timeout, tolerance=args.tolerance, tuning_db=tuning_db,
                         fallback=None if args.fallback.lower() == "none" else args.fallback,
-                        rounds=args.rounds, int8_tolerance=args.int8_tolerance)
+                        rounds=args.rounds, int8_tolerance=args.int8_tolerance,
+                        baseline=str(Path(args.baseline).resolve()) if args.baseline else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,9 +190,9 @@ def run(args: argparse.Namespace) -> int:
 def _run_deploy(args: argparse.Namespace, options, models, progress) -> int:
     from mmcompile.bench.deploy import deploy_table, run_deploy
     from mmcompile.bench.report import write_json
-    if args.engines or args.against or args.tuning_db or args.plot:
+    if args.engines or args.against or args.tuning_db or args.plot or args.baseline:
         raise BenchError("--deploy runs its own engines (onnxruntime, mmcompile); --engines, "
-                         "--against, --tuning-db and --plot do not apply")
+                         "--against, --tuning-db, --baseline and --plot do not apply")
     doc = run_deploy(options, models=models, model_file=args.model, progress=progress)
     if args.json == "-":
         print(json.dumps(doc, indent=2))

@@ -96,10 +96,16 @@ class MMCompileEngine(Engine):
         mmcompile.registered_targets()
 
     def prepare(self, model: Any, job: Mapping[str, Any]) -> tuple[RunFn, dict[str, Any]]:
+        import inspect
+
         import mmcompile
-        compiled = mmcompile.compile(model, target="cpu", verify=False, threads=job["threads"],
-                                     schedule=self.schedule, tuning_db=self.tuning_db(job),
-                                     fallback=job.get("fallback", "onnxruntime"))
+        options = {"target": "cpu", "verify": False, "threads": job["threads"],
+                   "schedule": self.schedule, "tuning_db": self.tuning_db(job),
+                   "fallback": job.get("fallback", "onnxruntime")}
+        # an earlier mmcompile (mmcompile-baseline) may not have every option yet
+        accepted = inspect.signature(mmcompile.compile).parameters
+        compiled = mmcompile.compile(model, **{k: v for k, v in options.items()
+                                               if k in accepted})
 
         def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {k: np.asarray(v) for k, v in compiled.run(feeds).items()}
@@ -111,7 +117,8 @@ class MMCompileEngine(Engine):
                               f"{compiled.metadata.get('nodes_after')}",
                      "schedule": compiled.schedule.to_dict(),
                      "stages": {s.name: s.info.get("cost_ms") for s in compiled.stages},
-                     "fallback_nodes": len(compiled.fallback_nodes())}
+                     "fallback_nodes": len(compiled.fallback_nodes())
+                     if hasattr(compiled, "fallback_nodes") else 0}
 
 
 @register_engine
@@ -138,6 +145,13 @@ class MMCompileTunedEngine(MMCompileEngine):
 
     def tuning_db(self, job: Mapping[str, Any]) -> str | None:
         return job["tuning_db"]
+
+
+@register_engine
+class MMCompileBaselineEngine(MMCompileEngine):
+    """mmcompile from another checkout (``bench --baseline``), in lock-step with this one."""
+
+    name = "mmcompile-baseline"
 
 
 @register_engine

@@ -79,6 +79,9 @@ class BenchOptions:
         rounds: lock-step groups (one process per engine each) per workload; each row is
             the round with the median latency, ``rounds_ms`` lists all.
         int8_tolerance: the int8 engines' tolerance against the QDQ file's own outputs.
+        baseline: another checkout of this repository, whose ``mmcompile`` the
+            ``mmcompile-baseline`` engine imports instead of this one (see
+            :func:`baseline_path`).
     """
 
     engines: Sequence[str]
@@ -95,6 +98,7 @@ class BenchOptions:
     fallback: str | None = "onnxruntime"
     rounds: int = 1
     int8_tolerance: float = 0.05
+    baseline: str | None = None
 
 
 @dataclass
@@ -242,7 +246,8 @@ def prepare_file(path: str | os.PathLike, batches: Sequence[int], folder: Path, 
 # -- children ------------------------------------------------------------------------------------
 
 def make_job(workload: Workload, engine: str, variant: str, options: BenchOptions,
-             threads: int, folder: Path, round_: int = 0) -> dict[str, Any]:
+             threads: int, folder: Path, round_: int = 0,
+             baseline: str | None = None) -> dict[str, Any]:
     """The JSON a child reads (see :mod:`.runner`). Each round gets its own files, so no
     round starts with the inductor cache an earlier one filled."""
     stem = folder / f"{workload.model}-b{workload.batch}-{engine}-{variant}-r{round_}"
@@ -255,7 +260,8 @@ def make_job(workload: Workload, engine: str, variant: str, options: BenchOption
             "repeat": options.repeat, "warmup": options.warmup,
             "warmup_s": options.warmup_s, "max_time": options.max_time,
             "min_runs": options.min_runs, "inductor_cache": f"{stem}.inductor",
-            "tuning_db": options.tuning_db, "fallback": options.fallback}
+            "tuning_db": options.tuning_db, "fallback": options.fallback,
+            "baseline": baseline if engine == "mmcompile-baseline" else None}
 
 
 def child_env(job: dict[str, Any]) -> dict[str, str]:
@@ -265,7 +271,33 @@ def child_env(job: dict[str, Any]) -> dict[str, str]:
     threads = str(job["threads"])
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
                TVM_NUM_THREADS=threads, TORCHINDUCTOR_CACHE_DIR=job["inductor_cache"])
+    if job.get("baseline"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [job["baseline"],
+                                                          env.get("PYTHONPATH")]))
     return env
+
+
+def baseline_path(checkout: str | os.PathLike, folder: Path) -> str:
+    """A folder to put first on ``PYTHONPATH`` so that ``import mmcompile`` is ``checkout``'s
+    (another commit of this repository, e.g. a ``git worktree``): its ``mmcompile/`` package
+    with its ``targets/`` and ``passes/`` linked in, as the install's package-dir mapping does.
+    The baseline engine then runs in lock-step with this one: an A/B of a change in one run.
+
+    Raises:
+        BenchError: ``checkout`` is not a checkout of this repository.
+    """
+    checkout = Path(checkout).resolve()
+    if not (checkout / "mmcompile" / "__init__.py").is_file():
+        raise BenchError(f"--baseline {checkout}: not a checkout of mmcompile (no "
+                         f"mmcompile/__init__.py)")
+    shim = folder / "baseline" / "mmcompile"
+    shim.mkdir(parents=True)
+    for entry in (checkout / "mmcompile").iterdir():
+        (shim / entry.name).symlink_to(entry)
+    for package in ("targets", "passes"):
+        if (checkout / package).is_dir() and not (shim / package).exists():
+            (shim / package).symlink_to(checkout / package)
+    return str(shim.parent)
 
 
 def _kill_group(pid: int) -> None:
@@ -462,6 +494,7 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mmcompile-bench-") as tmp:
         folder = Path(tmp)
+        shim = baseline_path(options.baseline, folder) if options.baseline else None
         if model_file is not None:
             workloads = prepare_file(model_file, options.batches, folder, threads, say)
         else:
@@ -478,7 +511,7 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
                 e: {v: [] for v in get_engine(e).variants} for e in engines}
             for round_ in range(options.rounds):
                 group = [(engine, variant) for engine in engines for variant in tries[engine]]
-                jobs = [make_job(w, engine, variant, options, threads, folder, round_)
+                jobs = [make_job(w, engine, variant, options, threads, folder, round_, shim)
                         for engine, variant in group]
                 for (engine, variant), job, result in zip(group, jobs,
                                                           run_lockstep(jobs, options.timeout)):
