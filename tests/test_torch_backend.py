@@ -107,6 +107,32 @@ def test_encoder_layer_fast_path_is_decomposed(caplog):
     assert len(compiled_shapes(caplog)) == 1
 
 
+class Recurrent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(6, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(torch.tanh(audio))
+        return self.head(out[:, -1])
+
+
+def test_a_recurrent_layer_is_captured_in_one_graph_not_broken_around(caplog):
+    # dynamo breaks the graph at an LSTM unless allow_rnn is on; the backend turns it on
+    torch.manual_seed(0)
+    module = Recurrent().eval()
+    compiled = torch.compile(module, backend="mmcompile")
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        assert_close(compiled(x), module(x))
+    assert torch._dynamo.config.allow_rnn
+    assert not torch._dynamo.utils.counters["graph_break"], \
+        dict(torch._dynamo.utils.counters["graph_break"])
+    assert len(compiled_shapes(caplog)) == 1 and not eager_reasons(caplog)
+
+
 def test_new_shape_recompiles_and_matches(caplog):
     torch.manual_seed(0)
     module = Small().eval()
