@@ -350,11 +350,11 @@ def test_bench_deploy_measures_cold_start_and_rss_against_onnxruntime(mlp_file, 
     assert code == 0, err
     doc = json.loads(out_json.read_text())
     rows = {r["engine"]: r for r in doc["results"]}
-    assert list(rows) == ["onnxruntime", "mmcompile", "mmcompile-full-tvm"]
+    assert list(rows) == ["onnxruntime", "mmcompile"]
     assert rows["onnxruntime"]["cold_start_ratio"] == 1.0
     for row in rows.values():
         assert 0 < row["cold_start_ms"] < 60_000 and 0 < row["rss_mb"] <= row["peak_rss_mb"]
-    # the runtime-only process imports fewer modules than the full install's
-    assert rows["mmcompile"]["modules"] < rows["mmcompile-full-tvm"]["modules"]
+    # numpy, tvm-ffi and the runtime: not the ~1100 modules of a process importing tvm
+    assert rows["mmcompile"]["modules"] < 600
     assert doc["summary"]["worst_cold_start_ratio"] == rows["mmcompile"]["cold_start_ratio"]
     assert "cold start" in out and "steady RSS" in out

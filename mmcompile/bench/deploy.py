@@ -10,10 +10,9 @@ alternating, so no measurement shares the machine with another.
 Engines:
 
 - ``onnxruntime``: an ``InferenceSession`` on the ONNX file (default optimizations);
-- ``mmcompile``: ``mmcompile.load`` + ``run`` with TVM's runtime-only library, as the
-  deployment install has it (``TVM_USE_RUNTIME_LIB=1`` in a full install);
-- ``mmcompile-full-tvm``: the same in a full install without that switch: ``import tvm``
-  then loads TVM's compiler library too (and with it ``tvm.relax``).
+- ``mmcompile``: ``mmcompile.load`` + ``run`` on the artifact, with TVM's runtime-only
+  library as the deployment install has it (``TVM_USE_RUNTIME_LIB=1``; CPU stages do not
+  import the ``tvm`` package at all, so a full install's process is the same).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from typing import Any
 
 from mmcompile.bench import BenchError
 
-ENGINES = ("onnxruntime", "mmcompile", "mmcompile-full-tvm")
+ENGINES = ("onnxruntime", "mmcompile")
 BASELINE = "onnxruntime"
 _CHILD = Path(__file__).resolve().with_name("deploy_child.py")
 
@@ -105,8 +104,7 @@ def run_deploy(options, *, models: Sequence[str] | None = None,
             artifact = _compile(w.onnx, folder / f"{w.onnx.stem}.mmc", threads,
                                 options.fallback)
             say(f"compiled {w.model} at batch {w.batch} ({time.perf_counter() - clock:.1f}s)")
-            models_for = {"onnxruntime": w.onnx, "mmcompile": artifact,
-                          "mmcompile-full-tvm": artifact}
+            models_for = {"onnxruntime": w.onnx, "mmcompile": artifact}
             tries: dict[str, list[dict[str, Any]]] = {e: [] for e in ENGINES}
             for _ in range(rounds):
                 for engine in ENGINES:

@@ -1,7 +1,10 @@
 """A TVM-compiled stage: a Relax VM over an exported library.
 
-Only ``tvm.runtime`` is used here, so executables load and run with TVM's runtime-only library
-(``TVM_USE_RUNTIME_LIB=1``), where ``tvm.relax`` does not exist.
+A loaded CPU stage runs through tvm-ffi and TVM's runtime library alone (:func:`host_runtime`,
+:class:`_HostVM`): a deployed process does not import the ``tvm`` package. Other devices, and
+stages just compiled, use ``tvm.runtime``, which also works with TVM's runtime-only library
+(``TVM_USE_RUNTIME_LIB=1``, or the ``apache-tvm-runtime`` wheel), where ``tvm.relax`` does not
+exist.
 """
 
 from __future__ import annotations
@@ -43,16 +46,22 @@ def runtime_tvm():
     if "tvm" in sys.modules:
         import tvm
         return tvm
+    with _without_torch(), _type_keys_from_registry():
+        import tvm
+    return tvm
+
+
+@contextlib.contextmanager
+def _without_torch():
+    """Imports inside see torch as not installed, unless the caller imported it already."""
     blocked = "torch" not in sys.modules
     if blocked:
         sys.modules["torch"] = None
     try:
-        with _type_keys_from_registry():
-            import tvm
+        yield
     finally:
         if blocked and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
-    return tvm
 
 
 @contextlib.contextmanager
@@ -80,6 +89,57 @@ def _type_keys_from_registry():
         core._object_type_key_to_index = lookup
 
 
+_HOST_LIBRARY_LOADED = False
+_POOLED_ALLOCATOR = 2  # tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
+
+
+def host_runtime() -> None:
+    """Load TVM's runtime library for running CPU stages through tvm-ffi alone, as
+    ``tvm/base.py`` loads it (``RTLD_GLOBAL``: stage libraries call into it), without importing
+    the ``tvm`` Python package: that import (``tvm.ir``, ``tvm.tirx``, ``tvm.script``, ...: ~250
+    modules) was ~60 ms of a deployed process's cold start. If ``tvm`` is imported later (to
+    compile), it loads the same library again, which the dynamic loader shares."""
+    global _HOST_LIBRARY_LOADED
+    if _HOST_LIBRARY_LOADED or "tvm" in sys.modules:
+        _HOST_LIBRARY_LOADED = True
+        return
+    import importlib.util
+    with _without_torch():  # apache-tvm-ffi imports torch when it can (see runtime_tvm)
+        from tvm_ffi.libinfo import load_lib_ctypes
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        raise ArtifactError("TVM is not installed: install mmcompile, or mmcompile-runtime "
+                            "with apache-tvm-runtime")
+    load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL",
+                    extra_lib_paths=[Path(spec.origin).parent / "lib"])
+    _HOST_LIBRARY_LOADED = True
+
+
+def tvm_version() -> str:
+    """The installed TVM's version, read without importing it."""
+    if "tvm" in sys.modules:
+        return sys.modules["tvm"].__version__
+    from importlib import metadata
+    for distribution in ("apache-tvm", "apache-tvm-runtime"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return runtime_tvm().__version__  # a source build
+
+
+class _HostVM:
+    """The Relax VM over a loaded CPU stage library, through tvm-ffi: what
+    ``tvm.runtime.vm.VirtualMachine`` does for one CPU device with the pooled allocator."""
+
+    def __init__(self, library: Any):
+        self.module = library["vm_load_executable"]()
+        self.module["vm_initialization"](1, 0, _POOLED_ALLOCATOR)  # kDLCPU, device 0
+
+    def __getitem__(self, name: str) -> Any:
+        return self.module[name]
+
+
 def configure_threads(threads: int) -> None:
     """Size TVM's thread pool before its first use.
 
@@ -102,9 +162,9 @@ def configure_worker_thread(threads: int) -> None:
     """Size the calling (worker) thread's TVM pool. Affinity mode -3 ("threads share all the
     listed cores") keeps the thread free to run on every core: the default mode pins a
     non-main thread that configures its pool to CPU 0."""
-    import tvm
+    import tvm_ffi
     cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
-    tvm.get_global_func("runtime.config_threadpool")(-3, max(1, threads), cpus)
+    tvm_ffi.get_global_func("runtime.config_threadpool")(-3, max(1, threads), cpus)
 
 
 @contextlib.contextmanager
@@ -144,18 +204,21 @@ def _aligned_copy(array):
 def to_tvm(value: Any):
     """numpy array / torch tensor -> tvm Tensor, sharing memory when the buffer is aligned."""
     import numpy as np
-    import tvm
+    import tvm_ffi
     writable = not isinstance(value, np.ndarray) or value.flags.writeable
     empty = (value.size if isinstance(value, np.ndarray) else value.numel()) == 0
     if writable and not empty and _address(value) % _ALIGNMENT == 0:
-        return tvm.runtime.from_dlpack(value)  # DLPack refuses read-only buffers
+        # DLPack refuses read-only buffers; the alignment TVM's kernels assume (as
+        # tvm.runtime.from_dlpack asks)
+        return tvm_ffi.from_dlpack(value, require_alignment=_ALIGNMENT, require_contiguous=True)
     array = value if isinstance(value, np.ndarray) else value.numpy()
     if empty:  # zero-size buffers come through DLPack with strides TVM rejects
-        return tvm.runtime.tensor(array)
+        return runtime_tvm().runtime.tensor(array)
     # numpy aligns to 16 bytes, so most inputs land here. Copied by numpy and handed over
     # through DLPack: tvm.runtime.tensor's copy took 31 us for AV-MNIST's 50 KB audio input,
     # this ~3 us (MOSEI-TFN has three inputs, the whole model 0.35 ms in the VM).
-    return tvm.runtime.from_dlpack(_aligned_copy(array))
+    return tvm_ffi.from_dlpack(_aligned_copy(array), require_alignment=_ALIGNMENT,
+                               require_contiguous=True)
 
 
 class TVMExecutable(Executable):
@@ -171,14 +234,17 @@ class TVMExecutable(Executable):
 
     def __init__(self, module: Any, inputs: Sequence[str], outputs: Sequence[str],
                  device: str, info: Mapping[str, Any], library: Path | None = None):
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
         self.module = module
         self.inputs, self.outputs = list(inputs), list(outputs)
         self.device = device
         self.info = dict(info)
         self.library = library  # set when loaded: a loaded library cannot be re-exported
-        self.vm = VirtualMachine(module, tvm.device(device, 0))
+        if library is not None and device == "cpu":
+            self.vm = _HostVM(module)
+        else:
+            import tvm
+            from tvm.runtime.vm import VirtualMachine
+            self.vm = VirtualMachine(module, tvm.device(device, 0))
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         result = self.vm["main"](*(to_tvm(inputs[name]) for name in self.inputs))
@@ -210,15 +276,20 @@ def load_executable(directory: Path, files: Mapping[str, str], info: Mapping[str
     Raises:
         ArtifactError: built with an incompatible TVM, or the library does not load.
     """
-    tvm = runtime_tvm()
     built_with = str(info.get("versions", {}).get("tvm", ""))
-    if built_with.split(".")[:2] != tvm.__version__.split(".")[:2]:
+    here = tvm_version()
+    if built_with.split(".")[:2] != here.split(".")[:2]:
         raise ArtifactError(f"{directory} was built with TVM {built_with or 'unknown'}, this is "
-                            f"TVM {tvm.__version__}: recompile the model")
+                            f"TVM {here}: recompile the model")
     configure_threads(threads)
     try:
         with native_log_to([]):
-            module = tvm.runtime.load_module(str(directory / files["library"]))
+            if device == "cpu":
+                host_runtime()
+                import tvm_ffi
+                module = tvm_ffi.load_module(str(directory / files["library"]))
+            else:
+                module = runtime_tvm().runtime.load_module(str(directory / files["library"]))
             return TVMExecutable(module, info["inputs"], info["outputs"], device, info,
                                  library=directory / files["library"])
     except Exception as exc:
