@@ -9,6 +9,7 @@ with AVX2) and tensorized, and the epilogue runs per tile where a tile is a box 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 from tvm import s_tir, tirx
@@ -44,49 +45,54 @@ def _dot_desc(step: int, weight_dtype: str):
     return desc
 
 
-@T.prim_func(s_tir=True)
-def _dot_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
-              B: T.Buffer((16, 4), "int8", offset_factor=1),
-              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    # TVM's own dot_16x4_vnni passes int32x16 operands, which this wheel's LLVM rejects
-    # (vpdpbusd.512 takes <64 x i8> since LLVM 20); the bytes are the same.
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"),
-            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
-                          dtype="int8x64"),
-            B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+@functools.cache
+def register_intrinsics() -> None:
+    """Register both tensor intrinsics, once, when an int8 kernel is first scheduled: parsing
+    their TVMScript took 0.6 s of every compiling process's first compile, float models
+    included."""
+    @T.prim_func(s_tir=True)
+    def _dot_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
+                  B: T.Buffer((16, 4), "int8", offset_factor=1),
+                  C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        # TVM's own dot_16x4_vnni passes int32x16 operands, which this wheel's LLVM rejects
+        # (vpdpbusd.512 takes <64 x i8> since LLVM 20); the bytes are the same.
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                              dtype="int8x64"),
+                B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
 
-s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc(4, "int8"), _dot_vnni, override=True)
+    s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc(4, "int8"), _dot_vnni, override=True)
 
 
-@T.prim_func(s_tir=True)
-def _dot2_avx2(A: T.Buffer((2,), "uint8", offset_factor=1),
-               B: T.Buffer((16, 2), "int16", offset_factor=1),
-               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    # two vpmaddwd: 8 columns x 2 steps each, u8 widened to int16 (exact: no saturation)
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        # (the broadcast pair written inline twice: bound to a name, TVMScript makes it a
-        # local buffer, which LLVM left on the stack, a store and reload per instruction)
-        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
-                                                    dtype="int32"), 8), dtype="int16x16"),
-            B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
-        C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
-                                                    dtype="int32"), 8), dtype="int16x16"),
-            B.vload([8, 0], dtype="int16x16"), dtype="int32x8")
+    @T.prim_func(s_tir=True)
+    def _dot2_avx2(A: T.Buffer((2,), "uint8", offset_factor=1),
+                   B: T.Buffer((16, 2), "int16", offset_factor=1),
+                   C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        # two vpmaddwd: 8 columns x 2 steps each, u8 widened to int16 (exact: no saturation)
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            # (the broadcast pair written inline twice: bound to a name, TVMScript makes it a
+            # local buffer, which LLVM left on the stack, a store and reload per instruction)
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
+                                                        dtype="int32"), 8), dtype="int16x16"),
+                B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+            C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
+                                                        dtype="int32"), 8), dtype="int16x16"),
+                B.vload([8, 0], dtype="int16x16"), dtype="int32x8")
 
 
-s_tir.TensorIntrin.register(AVX2_INTRIN, _dot_desc(2, "int16"), _dot2_avx2, override=True)
+    s_tir.TensorIntrin.register(AVX2_INTRIN, _dot_desc(2, "int16"), _dot2_avx2, override=True)
 
 
 def _stage_loops(sch, data) -> None:
@@ -166,6 +172,8 @@ class Int8Contraction(dl.ScheduleRule):
                 sch.compute_inline(block)
         vnni = has_vnni(target)
         intrin = VNNI_INTRIN if vnni else AVX2_INTRIN if has_avx2(target) else None
+        if intrin is not None:
+            register_intrinsics()
         _stage_loops(sch, data)
         # the sum: [outer spatial..., row, col] x [outer reduction..., channel or k]
         kinds = [int(v.iter_type) for v in sch.get(acc).iter_vars]
