@@ -11,11 +11,9 @@ onnx-graphsurgeon, networkx, torch, ``tvm.relax``).
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mmcompile._lazy import functions_over_modules, lazy_getattr
 from mmcompile.errors import (ExportError, InputError, MMCompileError, ModalityError,
                               ModelLoadError, PassError, PipelineError, RegistryError,
                               UnsupportedOpError, VerificationError)
@@ -71,49 +69,14 @@ if TYPE_CHECKING:
     from mmcompile.tune import tune
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mmcompile' has no attribute {name!r}")
-    value = _resolve(module, name)
-    globals()[name] = value  # resolved once
-    return value
-
-
-def _resolve(module: str, name: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("mmcompile"):
-            raise
-        raise ImportError(f"mmcompile.{name} is part of the compiler, and this is the "
-                          f"mmcompile-runtime install (load and run artifacts only): install "
-                          f"mmcompile to compile") from exc
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, "optimize", "quantize", "tune"})
+    return sorted({*globals(), *_LAZY, *_FUNCTIONS})
 
 
-def _function_over_module(module: str, name: str) -> property:
-    def get(self):
-        return _resolve(module, name)
-
-    def ignore(self, value) -> None:
-        pass
-
-    return property(get, ignore)
-
-
-class _Package(types.ModuleType):
-    """``mmcompile.optimize``, ``mmcompile.quantize`` and ``mmcompile.tune`` are functions,
-    though modules of the same names exist (``from mmcompile.tune import TuningDB``):
-    importing a submodule binds it on its parent, which these properties ignore, whenever it
-    is first imported."""
-
-    optimize = _function_over_module("mmcompile.optimize", "optimize")
-    quantize = _function_over_module("mmcompile.quantize", "quantize")
-    tune = _function_over_module("mmcompile.tune", "tune")
-
-
-sys.modules[__name__].__class__ = _Package
+# functions with modules of the same names (``from mmcompile.tune import TuningDB``)
+_FUNCTIONS = {"optimize": "mmcompile.optimize", "quantize": "mmcompile.quantize",
+              "tune": "mmcompile.tune"}
+functions_over_modules(__name__, _FUNCTIONS)

@@ -36,7 +36,7 @@ TVM_VERSION = "0.27.0.post1"
 TVM_FFI_VERSION = "0.1.14.post1"
 # files of the mmcompile import package the runtime needs (``targets/``: mmcompile.targets)
 RUNTIME_FILES = (
-    "__init__.py", "errors.py", "artifact.py", "runtime.py", "executor.py", "report.py",
+    "__init__.py", "_lazy.py", "errors.py", "artifact.py", "runtime.py", "executor.py", "report.py",
     "schedule.py", "signature.py", "spec.py", "target.py",
     "planning/__init__.py", "planning/parallel.py",  # load(..., schedule=) re-plans
     "targets/__init__.py", "targets/onnxruntime.py", "targets/tvm/__init__.py",

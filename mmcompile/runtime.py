@@ -312,7 +312,6 @@ def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None
     Raises:
         ArtifactError: missing, corrupt, tampered with, or built by an incompatible version.
     """
-
     path = Path(path)
     manifest = read_manifest(path)
     try:

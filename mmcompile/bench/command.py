@@ -29,7 +29,7 @@ mmcompile.quantize on 32 random input sets; they are checked against that file's
 
 --deploy measures deployment instead: per model, the cold start (a fresh process importing
 its runtime, loading the model, first result) and steady-state RSS of onnxruntime and of
-mmcompile loading its compiled artifact (TVM runtime-only, as deployed; and a full install).
+mmcompile loading its compiled artifact.
 
   mmcompile bench --deploy --batch 1 --rounds 3
 

@@ -31,7 +31,6 @@ from typing import Any
 from mmcompile.bench import BenchError
 
 ENGINES = ("onnxruntime", "mmcompile")
-BASELINE = "onnxruntime"
 _CHILD = Path(__file__).resolve().with_name("deploy_child.py")
 
 

@@ -13,13 +13,7 @@ import json
 import sys
 import time
 
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+from runner import status_mb  # the bench child beside this file (its folder is on sys.path)
 
 
 def main() -> None:
@@ -45,8 +39,8 @@ def main() -> None:
     first = time.time()
     for _ in range(runs):
         run(feeds)
-    print(json.dumps({"first_result_at": first, "rss_mb": _status_mb("VmRSS"),
-                      "peak_rss_mb": _status_mb("VmHWM"), "modules": len(sys.modules)}),
+    print(json.dumps({"first_result_at": first, "rss_mb": status_mb("VmRSS"),
+                      "peak_rss_mb": status_mb("VmHWM"), "modules": len(sys.modules)}),
           flush=True)
 
 

@@ -33,6 +33,18 @@ import numpy as np
 _HERE = Path(__file__).resolve().parent
 
 
+def status_mb(key: str) -> float | None:
+    """A ``/proc/self/status`` memory figure (``VmHWM``, ``VmRSS``) in MiB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def _rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB.
 
@@ -40,13 +52,9 @@ def _rss_mb() -> float:
     at the parent's size at fork time (the benchmark's parent holds torch and every exported
     model, ~450 MB), which would be charged to every engine.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    peak = status_mb("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -24,10 +24,9 @@ not force), measured on znver4, one process, interleaved rounds, medians:
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mmcompile._lazy import functions_over_modules, lazy_getattr
 
 if TYPE_CHECKING:
     from mmcompile.planning.partition import StagePlan
@@ -36,28 +35,9 @@ if TYPE_CHECKING:
 # Imported on first use: loading an artifact with a schedule override re-plans with
 # :mod:`.parallel` alone, without the compiler side (onnx, networkx) that :mod:`.plan` needs.
 _LAZY = {"StagePlan": "mmcompile.planning.partition", "Plan": "mmcompile.planning.plan"}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'mmcompile.planning' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 __all__ = ["Plan", "StagePlan", "plan"]
 
-
-class _Package(types.ModuleType):
-    """``mmcompile.planning.plan`` is the function, though a module of that name exists:
-    importing the module binds it on this package, which the setter ignores."""
-
-    @property
-    def plan(self):
-        from mmcompile.planning.plan import plan
-        return plan
-
-    @plan.setter
-    def plan(self, value) -> None:
-        pass
-
-
-sys.modules[__name__].__class__ = _Package
+# ``plan`` is the function, though a module of that name exists
+functions_over_modules(__name__, {"plan": "mmcompile.planning.plan"})
