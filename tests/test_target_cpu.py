@@ -506,3 +506,131 @@ def test_row_reductions_rewrite_softmax_and_layer_norm_over_the_last_axis_only()
     assert not rewritten(module((2, 50, 5), lambda x: relax.op.nn.softmax(x, 1)))
     assert not rewritten(module((2, 5, 50), layer_norm([1, 2])))
     assert not rewritten(module((2, 5, 4), lambda x: relax.op.nn.softmax(x, -1)))  # < 8 lanes
+
+
+@pytest.mark.parametrize("rows, padded", [(59, True), (197, True), (64, False), (65, False),
+                                          (9, False)])
+def test_blocked_matmul_pads_rows_without_a_register_tile_divisor(rows, padded):
+    # 59 rows (a prime) got one-row register tiles: one accumulator streaming the whole
+    # weight panel per row ([59, 5760] x [5760, 200] 3.2 ms, padded to 64 rows 1.1-1.4 ms).
+    # Padding is taken only where it adds at most ROW_PAD_WASTE of the work (9 rows: tiles
+    # of 3 instead of 16 padded rows).
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    func = _matmul_relu_func(rows, 48, 40)
+    sch = BlockedMatmul._schedule(func, lanes=16)
+    assert sch is not None
+    assert any(inst.kind.name == "PadEinsum" for inst in sch.trace.insts) == padded
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, 40)).astype("float32")
+    b = rng.standard_normal((40, 48)).astype("float32")
+    out = _run_prim_func(sch.mod["main"], [a, b, np.zeros((rows, 48), "float32")])
+    np.testing.assert_allclose(out, np.maximum(a @ b, 0), rtol=1e-5, atol=1e-5)  # 40-term sums
+
+
+def test_pack_matmul_weights_leaves_rows_that_need_padding_unpacked():
+    # The panels' indexing is not an einsum the schedule can pad; the rows matter more.
+    from tvm import relax
+
+    from mmcompile.targets.tvm.layout import PackMatmulWeights
+
+    def module(rows: int):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((rows, 24), "float32"))
+        weight = relax.const(np.ones((24, 32), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.matmul(x, weight))
+            bb.emit_func_output(out)
+        return bb.get()
+
+    assert "call_tir" in PackMatmulWeights(16)(module(64)).script()
+    assert "call_tir" not in PackMatmulWeights(16)(module(59)).script()
+
+
+@pytest.mark.parametrize("batch, width, pads, stride, dilation", [
+    (1, 59, (0, 1, 0, 1), 1, 1),    # the iEEG detector's [96, 3] layer
+    (2, 40, (1, 2, 1, 0), 2, 1),    # kernel spanning the height only with its row padding
+    (1, 33, (0, 0, 0, 0), 1, 2),
+])
+def test_spanning_convolutions_become_1d_convolutions_and_match_torch(batch, width, pads,
+                                                                      stride, dilation):
+    import tvm
+    from tvm import relax
+
+    from mmcompile.targets.tvm.spanning_conv import SpanningConvs
+    top, left, bottom, right = pads
+    conv = nn.Conv2d(12, 20, (24 + top + bottom, 3), stride=(1, stride),
+                     dilation=(1, dilation), bias=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            x = nn.functional.pad(x, (left, right, top, bottom))
+            return torch.relu(self.conv(x))
+
+    torch.manual_seed(0)
+    module = Net().eval()
+    _assert_compiled_matches_torch(module, (torch.randn(batch, 12, 24, width),),
+                                   rtol=1e-4, atol=1e-4)  # 12 x 24..27 x 3-term sums
+    # the rewrite itself: a 2-D conv with the same attributes becomes conv1d
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, 12, 24, width), "float32"))
+    weight = relax.const(conv.weight.detach().numpy())
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.conv2d(x, weight, strides=[1, stride],
+                                                    padding=[top, left, bottom, right],
+                                                    dilation=[1, dilation]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    rewritten = SpanningConvs()(mod)
+    assert "conv1d" in rewritten.script() and "conv2d" not in rewritten.script()
+    data = np.random.default_rng(1).standard_normal((batch, 12, 24, width)).astype("float32")
+    results = []
+    for m in (mod, rewritten):
+        vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(m),
+                                              target=tvm.target.Target({"kind": "llvm"})),
+                                  tvm.cpu())
+        results.append(vm["main"](tvm.runtime.tensor(data)).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)
+    shallow = nn.Conv2d(2, 4, (3, 3)).weight.detach().numpy()  # 18-deep: stays 2-D
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 2, 3, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.conv2d(x, relax.const(shallow)))
+        bb.emit_func_output(out)
+    assert "conv1d" not in SpanningConvs()(bb.get()).script()
+
+
+@pytest.mark.parametrize("width, end", [(16, 1), (2, 1), (16, 8), (64, 40), (16, None)])
+def test_blocked_matmul_keeps_a_slice_of_its_product_out_of_the_write_back(width, end):
+    # A slice inlined into the accumulator write-back of a conv1d wrote every column of the
+    # tile into the one it kept ([..., :1] off by the whole range of the output).
+    import tvm
+    from tvm import relax
+
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import lower_cpu
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((120, 48, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 48, width), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv1d(x, relax.const(weights)))
+            if end is not None:
+                y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[end]))
+            out = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(out)
+    target = llvm_target()  # this host's vector width
+    lowered = lower_cpu(bb.get(), target)
+    lowered = lowered[0] if isinstance(lowered, tuple) else lowered
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cpu())
+    data = rng.standard_normal((1, 48, width)).astype("float32")
+    got = vm["main"](tvm.runtime.tensor(data)).numpy()
+    expected = np.maximum(np.einsum("oc,ncw->now", weights[:, :, 0], data), 0)[:, :, :end]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # 48-term sums
