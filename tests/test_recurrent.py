@@ -93,6 +93,8 @@ def test_recurrent_layers_match_the_reference(op, direction, layout, initial):
     dict(op="LSTM", batch=8, direction="bidirectional"),  # batch blocks run in parallel
     dict(op="GRU", batch=6, initial=True),
     dict(op="RNN", batch=8, layout=1),
+    # 1 MB of recurrent weights, one row of states: the product split over the threads per step
+    dict(op="LSTM", hidden=256, steps=6, batch=1, direction="bidirectional", initial=True),
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_recurrent_variants_match_the_reference(case):
     _check(recurrent_model(**case))

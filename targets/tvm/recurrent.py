@@ -14,7 +14,11 @@ TVM 0.27's ONNX importer has no converter for them. Each layer becomes, per dire
 Activations use the polynomial ``exp`` TVM's ``topi.fast_exp`` uses (sigmoid
 ``1 / (1 + e^-x)``, tanh ``1 - 2 / (e^2x + 1)``): LLVM would call libm once per lane for
 ``expf``. Steps run on one thread: a parallel region per step cost ~6.5 us to launch on the
-2-core machines (50 steps of a 64-unit LSTM: 49 us serial, 376 us parallel).
+2-core machines (50 steps of a 64-unit LSTM: 49 us serial, 376 us parallel). Except where
+the recurrent weights outgrow a core's L2 (``SPLIT_WEIGHT_BYTES``) and one row of states
+runs: then each step's product is split over the threads, each reading its half of the
+weights from its own L2 (the g2p encoder's 256-unit LSTM, 24 steps, whole model p10
+0.56 -> 0.43 ms, onnxruntime 0.31; measured on a machine shared with other jobs).
 
 Measured (znver4, one layer, 50 steps, batch 1, 74 inputs; the kernel alone against
 onnxruntime's whole LSTM op at 2 threads): hidden 64 49 us vs 71-80 us, 128 147 vs 177-214
@@ -117,11 +121,41 @@ def recurrent_product(count):
                 gates[task * rows + i, jo * V * NV + jv * V + ji] = acc[task, i, jv * V + ji]
 
 
+@T.macro(hygienic=False)
+def split_recurrent_product(count):
+    """:func:`recurrent_product` with its tiles split over the threads (one parallel region
+    per step; ``tacc`` holds an accumulator tile per output tile)."""
+    for jo in T.parallel(count):
+        for i, jv in T.grid(rows, NV):
+            for ji in T.vectorized(V):
+                tacc[jo, i, jv * V + ji] = T.float32(0.0)
+        for k in range(H):
+            for i in T.unroll(rows):
+                for jv in T.unroll(NV):
+                    for ji in T.vectorized(V):
+                        tacc[jo, i, jv * V + ji] = tacc[jo, i, jv * V + ji] + \
+                            h[task * rows + i, k] * rt[k, jo * V * NV + jv * V + ji]
+        for i, jv in T.grid(rows, NV):
+            for ji in T.vectorized(V):
+                gates[task * rows + i, jo * V * NV + jv * V + ji] = tacc[jo, i, jv * V + ji]
+
+
+# Recurrent weights (R^T, bytes) from which one row of states splits each step's product over
+# the threads: the product then reads half the weights per core, from its own L2, for a
+# parallel launch per step (~6.5 us on the 2-core machines). Below it, one thread.
+SPLIT_WEIGHT_BYTES = 768 * 1024
+
+
+def _split(tasks: int, hidden: int, width: int) -> bool:
+    return tasks == 1 and hidden * width * 4 >= SPLIT_WEIGHT_BYTES
+
+
 def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reverse: bool):
     """LSTM, ONNX gate order i, o, f, c; biases folded into ``xw``."""
     H, V, blocks = hidden, lanes, width // (lanes * NV)
     rows, tasks = _tiling(batch, lanes)
     outer = T.parallel if tasks > 1 else T.serial
+    split = _split(tasks, hidden, width)
 
     @T.prim_func(s_tir=True)
     def lstm(xw: T.Buffer((steps, batch, width), F32), rt: T.Buffer((hidden, width), F32),
@@ -131,12 +165,16 @@ def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, rev
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         gates = T.alloc_buffer((batch, width), F32)
         acc = T.alloc_buffer((tasks, rows, V * NV), F32)
+        tacc = T.alloc_buffer((blocks, rows, V * NV), F32)
         for task in outer(tasks):
             for i, u in T.grid(rows, H):
                 h[task * rows + i, u] = h0[task * rows + i, u]
                 cs[task * rows + i, u] = c0[task * rows + i, u]
             for step in range(steps):
-                recurrent_product(blocks)
+                if split:
+                    split_recurrent_product(blocks)
+                else:
+                    recurrent_product(blocks)
                 for i in range(rows):
                     for u in T.vectorized(H):
                         gates[task * rows + i, u] = gates[task * rows + i, u] + xw[
