@@ -5,8 +5,8 @@
 
 Steps and why they are in this order: convolutions whose kernel spans the input height
 become 1-D convolutions over the rows folded into channels (:mod:`.spanning_conv`: the iEEG
-detector's [96, 3] layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms); 3x3 and 5x5 stride-1 convolutions (with their bias,
-relu and max pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`:
+detector's [96, 3] layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms); 3x3 and 5x5 stride-1
+convolutions (with their bias, relu and max pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`:
 late fusion 0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights
 packed (:mod:`.layout`; matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), then
 each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
