@@ -634,3 +634,37 @@ def test_blocked_matmul_keeps_a_slice_of_its_product_out_of_the_write_back(width
     got = vm["main"](tvm.runtime.tensor(data)).numpy()
     expected = np.maximum(np.einsum("oc,ncw->now", weights[:, :, 0], data), 0)[:, :, :end]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # 48-term sums
+
+
+@pytest.mark.parametrize("batch, cin, cout, k", [(1, 24, 24, 2), (2, 8, 1, 2), (1, 6, 5, 3)])
+def test_transposed_convolutions_with_kernel_equal_to_stride_become_shuffled_1x1_convs(
+        batch, cin, cout, k):
+    # The PaddleOCR detector's 2x2 stride-2 upsampling fell to the generic schedule (~40 of
+    # its 111 ms); as a 1x1 conv + depth-to-space it is register-blocked.
+    from tvm import relax
+
+    from mmcompile.targets.tvm.transposed_conv import ShuffleTransposedConvs
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(cin, cout, k, stride=k)
+
+        def forward(self, x):
+            return torch.sigmoid(self.up(x))
+
+    torch.manual_seed(0)
+    module = Net().eval()
+    _assert_compiled_matches_torch(module, (torch.randn(batch, cin, 7, 10),),
+                                   rtol=1e-5, atol=1e-5)  # cin-term sums
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, cin, 7, 10), "float32"))
+    weight = relax.const(module.up.weight.detach().numpy())
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            taken = bb.emit(relax.op.nn.conv2d_transpose(x, weight, strides=k))
+            kept = bb.emit(relax.op.nn.conv2d_transpose(x, weight, strides=k, padding=1))
+            out = bb.emit_output(relax.Tuple([taken, kept]))
+        bb.emit_func_output(out)
+    text = ShuffleTransposedConvs()(bb.get()).script()
+    assert text.count("conv2d_transpose") == 1 and "R.nn.conv2d(" in text  # padded one stays

@@ -5,8 +5,9 @@
 
 Steps and why they are in this order: convolutions whose kernel spans the input height
 become 1-D convolutions over the rows folded into channels (:mod:`.spanning_conv`: the iEEG
-detector's [96, 3] layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms); 3x3 and 5x5 stride-1
-convolutions (with their bias, relu and max pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`:
+detector's [96, 3] layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms) and transposed
+convolutions whose kernel equals their stride a 1x1 convolution and a depth-to-space shuffle
+(:mod:`.transposed_conv`); 3x3 and 5x5 stride-1 convolutions (with their bias, relu and max pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`:
 late fusion 0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights
 packed (:mod:`.layout`; matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), then
 each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
@@ -27,6 +28,7 @@ from tvm import relax
 from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.fuse_pool import FuseConvPool
 from mmcompile.targets.tvm.spanning_conv import SpanningConvs
+from mmcompile.targets.tvm.transposed_conv import ShuffleTransposedConvs
 from mmcompile.targets.tvm.int8 import QuantizedContractions, int8_instructions
 from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
 from mmcompile.targets.tvm.rows import RowReductions
@@ -53,6 +55,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     if quantized.count and facts is not None:
         facts["int8"] = {"kernels": quantized.count, "instructions": int8_instructions(target)}
     mod = SpanningConvs()(mod)  # kernels spanning the input height: 1-D convolutions
+    mod = ShuffleTransposedConvs()(mod)  # kernel == stride: 1x1 conv + depth-to-space
     if winograd:
         mod = Winograd()(mod)  # 4-6x fewer multiply-adds; before the packing takes the convs
     mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
