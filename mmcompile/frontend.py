@@ -164,6 +164,14 @@ def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
         del dims[:]
         for size in shape:
             dims.add().dim_value = int(size)
+    # Some exporters (Paddle2ONNX) write an unknown dim as dim_value -1; once the inputs are
+    # pinned, shape inference derives the real size and the strict checker refuses the
+    # mismatch ("Inferred shape and existing shape differ: (1) vs (-1)"). -1 means unknown:
+    # say so.
+    for value in (*model.graph.output, *model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
 
 
 def _copied(model: onnx.ModelProto) -> onnx.ModelProto:

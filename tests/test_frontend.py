@@ -234,6 +234,18 @@ def test_input_shapes_fix_a_symbolic_batch(tmp_path):
     assert graph.gs.tensors()["y"].shape == [5, 3]
 
 
+
+def test_input_shapes_clear_outputs_an_exporter_wrote_as_minus_one(tmp_path):
+    # Paddle2ONNX writes unknown dims as -1: once pinned, the inferred 5 and the declared -1
+    # made the optimized file fail onnx.checker's full check (the PaddleOCR classifier).
+    model = _affine_model(batch="n")
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = -1
+    path = tmp_path / "minus.onnx"
+    onnx.save_model(model, path)
+    graph = load_graph(path, input_shapes={"x": [5, 4]})
+    assert graph.gs.tensors()["y"].shape == [5, 3]
+    onnx.checker.check_model(graph.to_onnx(), full_check=True)
+
 def test_input_shapes_wrong_rank_is_an_error(tmp_path):
     with pytest.raises(ModelLoadError, match=r"input 'x' of dyn.onnx has rank 2, but shape \[5\]"):
         load_graph(_save_symbolic(tmp_path), input_shapes={"x": [5]})
