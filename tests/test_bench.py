@@ -155,9 +155,14 @@ def test_bench_int8_engines_run_one_qdq_file_and_report_accuracy_against_float(
         assert row["accuracy_vs_float"]["y"]["cosine"] > 0.99
         assert row["quantization"]["layers_int8"] == 1
         assert row["ratio_vs_onnxruntime_int8"] is not None
+        held = row["quantization"]["held_back"]  # the 200 input sets, apart from calibration
+        assert held["samples"] == 200
+        assert 0.99 < held["outputs"]["y"]["cosine"] <= 1.0
+        assert 0.9 <= held["outputs"]["y"]["top1"] <= 1.0  # 8 classes per row
     assert "ratio_vs_onnxruntime_int8" not in rows["onnxruntime"]
     assert "mmcompile-int8" in doc["summary"]["geomean_ratio_vs_onnxruntime_int8"]
     assert "accuracy against the float model" in out
+    assert "top-1, 200 sets" in out
 
 
 def test_rounds_run_each_engine_in_several_processes_and_report_the_median(mlp_file, tmp_path,

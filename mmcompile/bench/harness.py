@@ -466,6 +466,7 @@ def _row(w: Workload, engine: str, result: dict[str, Any], job: dict[str, Any],
     row["accuracy_vs_float"] = accuracy_vs_float(w.reference, job["outputs"])
     row["quantization"] = {k: w.int8.info[k] for k in ("drop", "layers_int8", "method")}
     row["quantization"]["float_layers"] = len(w.int8.info["float_layers"])
+    row["quantization"]["held_back"] = w.int8.info.get("held_back")
     return row
 
 

@@ -61,13 +61,20 @@ def int8_table(doc: dict[str, Any]) -> str:
         if "quantization" not in r:
             continue
         q = r["quantization"]
+        held = (q.get("held_back") or {}).get("outputs", {})
         for name, acc in (r.get("accuracy_vs_float") or {"-": {}}).items():
+            many = held.get(name, {})
             rows.append((r["model"], r["batch"], r["engine"], name,
                          _fmt(acc.get("cosine"), ".5f"),
                          "-" if acc.get("top1") is None else f"{acc['top1']:.0%}",
+                         _fmt(many.get("cosine"), ".5f"),
+                         "-" if many.get("top1") is None else f"{many['top1']:.1%}",
                          f"{q['layers_int8']}/{q['float_layers']}", f"{q['drop']:.4f}"))
+    samples = next((r["quantization"]["held_back"]["samples"] for r in doc["results"]
+                    if (r.get("quantization") or {}).get("held_back")), "held-back")
     return format_table(["model", "batch", "engine", "output", "cosine vs float",
-                         "top-1 vs float", "int8/float layers", "held-back drop"], rows)
+                         "top-1 vs float", f"cosine, {samples} sets", f"top-1, {samples} sets",
+                         "int8/float layers", "calibration drop"], rows)
 
 
 def print_report(doc: dict[str, Any], out: Callable[[str], None] = print) -> None:
