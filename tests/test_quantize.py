@@ -321,3 +321,17 @@ def test_graph_passes_keep_the_int8_weights_of_a_qdq_graph():
     feeds = {k: v[0] for k, v in samples(1, 1, seed=4).items()}
     np.testing.assert_allclose(run_onnxruntime(optimized, feeds)["logits"],
                                run_onnxruntime(q.graph, feeds)["logits"], atol=1e-6)
+
+
+def test_accuracy_of_a_one_value_output_compares_the_values_across_samples():
+    # CLIP's logits at batch 1 are 1x1: a per-sample cosine is the value's sign, so a logit
+    # near 0 that rounded across it scored -1 (mean cosine 0.975 over 200 samples).
+    from mmcompile.quantize.accuracy import compare
+    values = np.linspace(-1, 1, 200)
+    reference = [{"logit": np.array([[v]], np.float32)} for v in values]
+    quantized = [{"logit": np.array([[v + 0.01]], np.float32)} for v in values]
+    (accuracy,) = compare(reference, quantized)
+    assert accuracy.cosine > 0.999
+    embeddings = compare([{"e": np.array([1.0, 0.0], np.float32)}],
+                         [{"e": np.array([0.0, 1.0], np.float32)}])
+    assert embeddings[0].cosine == 0.0  # per sample where a sample has several values
