@@ -56,6 +56,14 @@ def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
+def _target_config(args: argparse.Namespace) -> dict[str, str]:
+    """--target-option pairs, and --accel-spec as the target's ``spec`` option."""
+    config = _pairs(args.target_option, "--target-option")
+    if getattr(args, "accel_spec", None):
+        config["spec"] = args.accel_spec
+    return config
+
+
 def _fallback(text: str) -> str | None:
     return None if text.strip().lower() == "none" else text
 
@@ -183,11 +191,12 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
         print(f"\nschedule: parallel ({lanes}; the rest on the caller)")
     else:
         print("\nschedule: sequential")
+    _modelled_layers(stages)
     fell_back = {n: r for st in stages
                  for n, r in st.get("info", {}).get("placement", {}).get("fell_back", {}).items()}
     if fell_back:
-        print(f"\nnodes on the fallback target ({len(fell_back)}), with the reason their "
-              f"target gave:")
+        print(f"\nnodes not on the requested target ({len(fell_back)}: on its host or the "
+              f"fallback), with the reason it gave:")
         print(format_table(["node", "reason"], list(fell_back.items())))
     if meta.get("quantization"):
         from mmcompile.report import quantization_lines
@@ -195,6 +204,35 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
     if meta.get("verification"):
         print(f"\nverification at compile time: {meta['verification']}")
     return EXIT_OK
+
+
+def _modelled_layers(stages: list[dict]) -> None:
+    """The layers of stages whose target models its own time (the accelerator): cycles,
+    utilization, DRAM bytes and energy per layer, and each stage's total."""
+    from mmcompile.report import format_table
+    modelled = [st for st in stages if st.get("info", {}).get("modelled_ms") is not None]
+    if not modelled:
+        return
+    rows = []
+    for st in modelled:
+        info = st["info"]
+        for layer in info.get("layers", []):
+            rows.append((st["name"], layer["name"], layer["op"],
+                         "x".join(map(str, layer["gemm"])), "x".join(map(str, layer["tile"])),
+                         f"{layer['cycles']:,}", f"{layer['seconds'] * 1e6:.1f}",
+                         f"{100 * layer['utilization']:.1f}%", f"{layer['dram_bytes']:,}",
+                         f"{layer['energy_uj']:.2f}"))
+        rows.append((st["name"], "(stage)", "", "", "", f"{info.get('cycles', 0):,}",
+                     f"{info['modelled_ms'] * 1e3:.1f}",
+                     f"{100 * info.get('utilization', 0):.1f}%",
+                     f"{sum(x['dram_bytes'] for x in info.get('layers', [])):,}",
+                     f"{info.get('energy_uj', 0):.2f}"))
+    total_ms = sum(st["info"]["modelled_ms"] for st in modelled)
+    total_uj = sum(st["info"].get("energy_uj", 0) for st in modelled)
+    print(f"\nmodelled layers (the accelerator's cycle model; {total_ms * 1e3:.1f} us and "
+          f"{total_uj:.2f} uJ in all):")
+    print(format_table(["stage", "layer", "op", "GEMM MxKxN", "tile", "cycles", "us",
+                        "utilization", "DRAM bytes", "energy uJ"], rows))
 
 
 def _read_npz(path: str) -> dict:
@@ -237,17 +275,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     progress = _progress_lines(args, started)
 
     example = _read_npz(args.inputs) if args.inputs else None
+    # calibration samples are for quantizing: --calibration alone means int8
+    quantize = args.quantize or ("int8" if args.calibration else None)
     compiled = compile_model(
         args.model, example, target=args.target,
         modalities=parse_modality_args(args.modality) if args.modality else None,
         passes=args.passes, verify=not args.no_verify, tolerance=args.tolerance,
         input_shapes=_parse_shapes(args.input_shape), opt_level=args.opt_level,
         disabled_passes=args.disable, threads=args.threads,
-        target_config=_pairs(args.target_option, "--target-option"),
+        target_config=_target_config(args),
         fallback=_fallback(args.fallback), placement=_pairs(args.placement, "--placement"),
         schedule=args.schedule, tuning_db=args.tuning_db, progress=progress,
-        quantize=args.quantize, calibration=args.calibration,
-        quantize_options=_quantize_options(args) if args.quantize else None)
+        quantize=quantize, calibration=args.calibration,
+        quantize_options=_quantize_options(args) if quantize else None)
     compiled.save(args.output)
     if args.json:
         print(json.dumps({"output": str(args.output), "target": compiled.target,
@@ -332,16 +372,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     outputs = {k: np.asarray(v) for k, v in outputs.items()}
     if args.output:
         _write_npz(args.output, outputs)
+    # the accelerator's stages in their modelled time, on their own lane
+    modelled = (model.modelled_timeline(feeds)
+                if any(s.info.get("modelled_ms") is not None for s in model.stages) else None)
     if args.timeline:
         from mmcompile.report import draw_timeline
-        draw_timeline(model.profile(feeds), args.timeline,
-                      f"{Path(args.model).name}: {model.schedule.kind} schedule")
+        title = f"{Path(args.model).name}: {model.schedule.kind} schedule"
+        if modelled:
+            draw_timeline(modelled, args.timeline,
+                          f"{title}, modelled clock (accelerator: cycle model; host: measured)")
+        else:
+            draw_timeline(model.profile(feeds), args.timeline, title)
     summary = {"schedule": model.schedule.kind,
                "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype),
                                "min": float(v.min()) if v.size else None,
                                "max": float(v.max()) if v.size else None}
                            for k, v in outputs.items()},
                "runs": len(times), "median_ms": round(float(np.median(times)) * 1e3, 3)}
+    if modelled:
+        summary["modelled_ms"] = round(max(e["end_ms"] for e in modelled), 4)
+        summary["modelled_accel_ms"] = round(sum(e["end_ms"] - e["start_ms"]
+                                                 for e in modelled if e["modelled"]), 4)
     if args.json:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
@@ -351,6 +402,49 @@ def cmd_run(args: argparse.Namespace) -> int:
                         for k, v in summary["outputs"].items()]))
     print(f"median latency {summary['median_ms']} ms over {len(times)} run(s)"
           + (f"; wrote {args.output}" if args.output else ""))
+    if modelled:
+        print(f"modelled latency {summary['modelled_ms']} ms: the accelerator's stages at their "
+              f"modelled time ({summary['modelled_accel_ms']} ms), the host's as measured "
+              f"(the simulation's own time is not counted)")
+    return EXIT_OK
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from mmcompile.report import format_table
+    from mmcompile.target import TargetError, resolve_target
+    started = time.perf_counter()
+    target, options = resolve_target(args.target, _target_config(args))
+    if not hasattr(target, "explore"):
+        raise TargetError(f"target '{target.name}' has no description to explore; "
+                          f"explore --target accel{{preset=...}}")
+    graph = _load(args)
+    if not args.calibration and not any(n.op == "QuantizeLinear" for n in graph.gs.nodes):
+        raise InputError(f"{args.model} is not quantized: give --calibration FILE.npz "
+                         f"(samples to quantize it with) or a QDQ model")
+    if args.calibration:
+        from mmcompile.quantize import quantize
+        graph = quantize(graph, args.calibration, progress=_progress_lines(args, started),
+                         **_quantize_options(args)).graph
+    rows = target.explore(graph, options, args.sweep, plot=args.plot,
+                          progress=_progress_lines(args, started))
+    if args.json:
+        print(json.dumps({"model": str(args.model), "target": args.target, "sweep": args.sweep,
+                          "points": rows}, indent=2))
+        return EXIT_OK
+    valid = [r for r in rows if not r["error"]]
+    print(format_table(
+        ["point", "latency us", "energy uJ", "utilization", "area proxy", "layers", "host",
+         "pareto"],
+        [(",".join(f"{k}={v}" for k, v in r["overrides"].items()),
+          *((f"{r['latency_ms'] * 1e3:.1f}", f"{r['energy_uj']:.2f}",
+             f"{100 * r['utilization']:.1f}%", f"{r['area_proxy']:g}", r["layers"],
+             r["host_layers"], "*" if r["pareto"] else "") if not r["error"] else
+            (f"invalid: {r['error']}", "", "", "", "", "", "")))
+         for r in rows]))
+    print(f"{len(valid)} point(s) modelled, {len(rows) - len(valid)} invalid, "
+          f"{sum(r['pareto'] for r in valid)} on the Pareto front (latency, energy, area proxy "
+          f"= PEs + SRAM KiB) in {time.perf_counter() - started:.1f}s"
+          + (f"; plot: {args.plot}" if args.plot else ""))
     return EXIT_OK
 
 
@@ -368,11 +462,16 @@ def cmd_targets(args: argparse.Namespace) -> int:
     from mmcompile.target import registered_targets
     targets = registered_targets()
     if args.json:
+        def catalog(cls) -> dict:  # the named configurations a target ships, if any
+            if not hasattr(cls, "catalog"):
+                return {}
+            _, headers, rows = cls.catalog()
+            return {"catalog": [dict(zip(headers, map(str, row))) for row in rows]}
         print(json.dumps({name: {"description": cls.description, "device": cls.device,
                                  "pipeline": cls.pipeline,
                                  "options": [{"name": o.name, "type": o.type.__name__,
                                               "default": o.default, "help": o.help}
-                                             for o in cls.options]}
+                                             for o in cls.options], **catalog(cls)}
                           for name, cls in targets.items()}, indent=2))
         return EXIT_OK
     print(format_table(["target", "device", "pipeline", "description"],
@@ -382,6 +481,11 @@ def cmd_targets(args: argparse.Namespace) -> int:
     rows = [(name, o.name, o.type.__name__, "-" if o.default is None else o.default, o.help)
             for name, cls in targets.items() for o in cls.options]
     print(format_table(["target", "option", "type", "default", "help"], rows))
+    for cls in targets.values():  # targets that ship named configurations list them
+        if hasattr(cls, "catalog"):
+            title, headers, rows = cls.catalog()
+            print(f"\n{title}:")
+            print(format_table(headers, rows))
     return EXIT_OK
 
 
@@ -427,6 +531,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of --target, e.g. winograd=false (repeatable)")
+    p.add_argument("--accel-spec", metavar="FILE.toml",
+                   help="an accelerator description for --target accel (its 'spec' option); "
+                        "'mmcompile targets' lists the presets and their fields")
     p.add_argument("--fallback", default="onnxruntime", metavar="TARGET|none",
                    help="target for the nodes --target cannot run; 'none' refuses such a "
                         "model (default: %(default)s)")
@@ -537,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "artifact records the database's SHA-256)")
     p.add_argument("--quantize", choices=["int8"],
                    help="quantize after the graph passes (post-training, calibrated on "
-                        "--calibration), then compile the QDQ graph")
+                        "--calibration), then compile the QDQ graph (the default when "
+                        "--calibration is given)")
     _add_quantize_args(p, required=False)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print progress even when stderr is not a terminal")
@@ -618,6 +726,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the Gantt chart of one run (stages on worker lanes)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("explore", help="model an accelerator's latency and energy over a sweep",
+                       description="Quantize a model (or take a QDQ one), then cost its layers "
+                                   "with the accelerator's cycle model on every combination of "
+                                   "the --sweep values over the base description (--target "
+                                   "accel{preset=...} or --accel-spec): latency, energy, "
+                                   "utilization and an area proxy (PEs + SRAM KiB) per point, "
+                                   "the Pareto front marked. Nothing is simulated.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--sweep", required=True, metavar="'FIELD=V1,V2 ...'",
+                   help="description fields and their values, e.g. 'rows=8,16,32 cols=8,16,32 "
+                        "sram_kib=128,256,512' (sram_kib: the scratchpad; acc_kib: the "
+                        "accumulator; any other field of 'mmcompile targets' presets)")
+    p.add_argument("--target", default="accel", metavar="TARGET",
+                   help="the base description, e.g. 'accel{preset=edge-32x32}' "
+                        "(default: %(default)s)")
+    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --target (repeatable)")
+    p.add_argument("--accel-spec", metavar="FILE.toml", help="the base description as a file")
+    p.add_argument("--plot", metavar="FILE.png|FILE.svg",
+                   help="draw latency against energy and against the area proxy")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print progress even when stderr is not a terminal")
+    _add_quantize_args(p, required=False)
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("runtime-wheels", help="write the deployment install's wheels",
                        description="Write the wheels of the deployment install: "

@@ -162,7 +162,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     if planned.quantized:
         metadata["quantization"] = planned.quantized.info()
     if planned.placement.fell_back:
-        metadata["fallback"] = {"target": planned.placement.fallback,
+        metadata["fallback"] = {"target": ", ".join(planned.placement.fallback_targets()),
                                 "nodes": planned.fell_back()}
 
     def build(plans: Sequence[StagePlan]) -> CompiledModel:

@@ -192,6 +192,34 @@ class CompiledModel:
                  "lane": lane, "start_ms": (a - start) * 1e3, "end_ms": (b - start) * 1e3}
                 for s, lane, a, b in sorted(timeline, key=lambda t: t[2])]
 
+    def modelled_timeline(self, feeds: Mapping[str, Any], runs: int = 3
+                          ) -> list[dict[str, Any]]:
+        """One run on one modelled clock: each stage whose target models its own time
+        (``modelled_ms`` in its info: the accelerator's cycle model) takes that time, on a
+        lane of its device (``accel lane``), the others their measured time on their lane.
+        Replayed in :meth:`profile`'s order, each measured time the median of ``runs``
+        profiled runs: a stage starts when its lane is free and the stages it reads from have
+        ended, so host work that does not wait for an accelerator stage runs beside it.
+        Entries as :meth:`profile`'s, with ``modelled`` set on the modelled ones."""
+        profiles = [self.profile(feeds) for _ in range(max(1, runs))]
+        measured = {e["stage"]: float(np.median([
+            next(x["end_ms"] - x["start_ms"] for x in p if x["stage"] == e["stage"])
+            for p in profiles])) for e in profiles[0]}
+        ends: dict[str, float] = {}
+        free: dict[str, float] = {}
+        out = []
+        for entry in profiles[0]:
+            stage = self._by_name.get(entry["stage"])
+            modelled = stage.info.get("modelled_ms") if stage is not None else None
+            lane = f"{stage.device} lane" if modelled is not None else entry["lane"]
+            duration = float(modelled) if modelled is not None else measured[entry["stage"]]
+            deps = stage.depends_on if stage is not None else []
+            start = max([free.get(lane, 0.0), *(ends[d] for d in deps if d in ends)])
+            ends[entry["stage"]] = free[lane] = start + duration
+            out.append({**entry, "lane": lane, "start_ms": start, "end_ms": start + duration,
+                        "modelled": modelled is not None})
+        return sorted(out, key=lambda e: e["start_ms"])
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
             if len(args) > len(self.input_names):

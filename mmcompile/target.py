@@ -168,6 +168,16 @@ class Target(ABC):
         """Whether this target can run ``node`` of ``graph`` (default: every node)."""
         return SUPPORTED
 
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Called by placement once with the checked options, before any :meth:`supports`
+        query, for a target whose capability depends on them (an accelerator's description
+        decides which layers fit its buffers). Default: nothing to do."""
+
+    def host(self, options: Mapping[str, Any]) -> str | None:
+        """The target spec that runs the nodes this one cannot (an accelerator's host CPU),
+        or None (default): they go to the fallback."""
+        return None
+
     @classmethod
     def check_options(cls, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """``given`` checked against :attr:`options`, converted to their types, defaults filled.

@@ -1,7 +1,10 @@
 """Stage costs: what the parallel schedule is planned from.
 
 Measured on the example inputs at compile time when possible (the median of profiled runs),
-else estimated from a stage's FLOPs and the bytes it writes, roofline style.
+else estimated from a stage's FLOPs and the bytes it writes, roofline style. A stage whose
+target models its own time (``modelled_ms`` in its info: the accelerator's cycle model)
+costs that, measured or not: on the host it runs as a simulation, whose time says nothing
+about the hardware's.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ def estimate_cost_ms(graph, gflops_per_s: float = 20.0, gbytes_per_s: float = 10
     return 1e3 * (flops / (gflops_per_s * 1e9) + nbytes / (gbytes_per_s * 1e9))
 
 
+def modelled_costs(compiled: CompiledModel) -> dict[str, float]:
+    """Stage name -> the time its target's own model gives (``modelled_ms``), where it has
+    one."""
+    return {s.name: float(s.info["modelled_ms"]) for s in compiled.stages
+            if s.info.get("modelled_ms") is not None}
+
+
 def stage_costs(compiled: CompiledModel, plans: Sequence[StagePlan],
                 feeds: Mapping[str, np.ndarray], measure: bool) -> dict[str, float]:
     """Each stage's time in ms with every core: measured on ``feeds`` (median of 4 profiled
@@ -47,6 +57,7 @@ def stage_costs(compiled: CompiledModel, plans: Sequence[StagePlan],
         costs = {plan.name: estimate_cost_ms(plan.graph) for plan in plans}
     # Planned from the figures the artifact records, so that a load that replans from them
     # places the stages exactly as compiled (unrounded, near-equal branches could swap).
+    costs.update(modelled_costs(compiled))
     costs = {name: round(value, 4) for name, value in costs.items()}
     for stage in compiled.stages:
         stage.info["cost_ms"] = costs[stage.name]

@@ -6,7 +6,10 @@ are grouped into as few stages as keep the stage DAG acyclic:
 
 1. each node gets a level, the most label changes on any path into it (a node whose inputs
    all carry its own label shares their level), and ``(label, level)`` is a group: an edge
-   between two groups raises the level, so the groups form a DAG;
+   between two groups raises the level, so the groups form a DAG. A node that reads only
+   constants (a weight's ``DequantizeLinear``) takes the lowest level of its readers when
+   they all share its label: it joins the stage that uses it, instead of a level-0 stage
+   that would hand its result over (nothing points into it, so no cycle can form);
 2. groups with one label are merged while the DAG stays acyclic, so no boundary remains that
    the dependencies do not force (a fallback node in the middle of a chain splits the chain;
    two fallback nodes side by side share one stage).
@@ -17,7 +20,9 @@ the CPU target, the fusions across it (see :mod:`mmcompile.planning`, where it i
 Each stage becomes a self-contained ONNX subgraph, cut out of the exported model by node
 name: its inputs are the graph inputs and other stages' tensors it reads (outer-scope
 tensors that ``If``/``Loop`` bodies read included), its outputs the tensors other stages or
-the caller read. Constant-only subgraphs are pulled into every stage that needs them.
+the caller read. Constant-only subgraphs (a weight's ``DequantizeLinear``) never cross a
+boundary: they are pulled into every stage that reads them, and are no part of a stage that
+does not (a group of nothing else is no stage).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import onnx
+import onnx_graphsurgeon as gs
 
 from mmcompile.errors import MMCompileError
 from mmcompile.ir import PROTO_LIMIT, Graph, node_inputs
@@ -52,6 +58,19 @@ class StagePlan:
 Label = tuple[str, str]  # (base, target key)
 
 
+def constant_nodes(graph: Graph) -> set[str]:
+    """Nodes that compute from constants alone (a weight's ``DequantizeLinear``, a shape
+    computation), directly or through other such nodes."""
+    found: set[str] = set()
+    made: set[str] = set()
+    for node in graph.gs.nodes:  # graph order is topological
+        if all(isinstance(t, gs.Constant) or not t.name or t.name in made
+               for t in node_inputs(node)):
+            found.add(node.name)
+            made.update(t.name for t in node.outputs)
+    return found
+
+
 def group_nodes(graph: Graph, labels: Mapping[str, Label]) -> list[tuple[Label, list[str]]]:
     """Nodes grouped into acyclic stages by label (see the module docstring), in execution
     order; each group's nodes in graph order."""
@@ -62,6 +81,11 @@ def group_nodes(graph: Graph, labels: Mapping[str, Label]) -> list[tuple[Label, 
     for name in nx.topological_sort(dag):
         level[name] = max((level[p] + (labels[p] != labels[name]) for p in dag.predecessors(name)),
                           default=0)
+    constant = constant_nodes(graph) & set(level)
+    for name in reversed(list(nx.topological_sort(dag))):
+        readers = list(dag.successors(name))
+        if name in constant and readers and all(labels[r] == labels[name] for r in readers):
+            level[name] = min(level[r] for r in readers)  # joins its readers' group
     groups: dict[tuple[Label, int], list[str]] = collections.defaultdict(list)
     for name in order:
         groups[labels[name], level[name]].append(name)
@@ -102,18 +126,21 @@ def _merge_same_label(quotient: nx.DiGraph, groups: dict) -> None:
             quotient.nodes[key].pop("contraction", None)
 
 
-def _stage_io(graph: Graph, stage_of: Mapping[str, str]
+def _stage_io(graph: Graph, stage_of: Mapping[str, str], constants: set[str]
               ) -> dict[str, tuple[list[str], list[str]]]:
     graph_inputs = [t.name for t in graph.gs.inputs]
     graph_outputs = {t.name for t in graph.gs.outputs}
     reads: dict[str, list[str]] = {s: [] for s in set(stage_of.values())}
     writes: dict[str, list[str]] = {s: [] for s in set(stage_of.values())}
     readers: dict[str, set[str]] = collections.defaultdict(set)  # tensor -> reading stages
+    constant = {t.name for n in graph.gs.nodes if n.name in constants for t in n.outputs}
     for node in graph.gs.nodes:
         stage = stage_of.get(node.name)
         if stage is None:
             continue
         for tensor in node_inputs(node):
+            if tensor.name in constant:  # each reading stage computes it (see _extract)
+                continue
             readers[tensor.name].add(stage)
             producer = stage_of.get(tensor.inputs[0].name) if tensor.inputs else None
             is_input = tensor.name in graph_inputs
@@ -214,7 +241,8 @@ def stage_plans(graph: Graph, groups: Sequence[tuple[Label, list[str]]], primary
         (base, key), nodes = groups[0] if groups else (("main", primary), [])
         return [StagePlan(names[0] if names else base, graph, [t.name for t in graph.gs.inputs],
                           [t.name for t in graph.gs.outputs], [], key, nodes, base)]
-    io = _stage_io(graph, stage_of)
+    constants = constant_nodes(graph)
+    io = _stage_io(graph, stage_of, constants)
     written = {t for _, outs in io.values() for t in outs}
     orphans = [t.name for t in graph.gs.outputs if t.name not in written]
     if orphans and len({key for (_, key), _ in groups}) == 1:
@@ -228,17 +256,31 @@ def stage_plans(graph: Graph, groups: Sequence[tuple[Label, list[str]]], primary
     model = graph.to_onnx()
     if model.ByteSize() < PROTO_LIMIT:  # types of the tensors crossing stages
         model = onnx.shape_inference.infer_shapes(model)
+    used_in: dict[str, set[str]] = collections.defaultdict(set)  # constant node -> stages
+    graph_outputs = {t.name for t in graph.gs.outputs}
+    for node in graph.gs.nodes:
+        if node.name in constants:
+            for tensor in node.outputs:
+                used_in[node.name].update(stage_of[r.name] for r in tensor.outputs
+                                          if r.name in stage_of)
+                if tensor.name in graph_outputs:
+                    used_in[node.name].add(stage_of[node.name])
     deps: dict[str, set[str]] = {name: set() for name in names}
     for node in graph.gs.nodes:
         consumer = stage_of.get(node.name)
         for tensor in node_inputs(node) if consumer else ():
             for producer in tensor.inputs:
                 source = stage_of.get(producer.name)
-                if source is not None and source != consumer:
+                if source is not None and source != consumer and producer.name not in constants:
                     deps[consumer].add(source)
     plans = []
     for name, ((base, key), nodes) in zip(names, groups):
         inputs, outputs = io[name]
+        # a constant-only node goes with the stages that read it (see _extract), not with
+        # one that merely shares its target
+        nodes = [n for n in nodes if n not in constants or name in used_in.get(n, ())]
+        if not nodes:
+            continue
         sub = _extract(model, set(nodes), inputs, outputs, f"{graph.name}:{name}")
         sub_graph = Graph.from_onnx(sub, name=f"{graph.name}[{name}]")
         sub_graph.modalities = {k: v for k, v in graph.modalities.items() if k in inputs}

@@ -8,11 +8,16 @@ Per node, first match wins:
    of its sub-branches ``image.0``, ``image.1``; ``fusion`` the nodes that join them);
 3. the requested target.
 
-A node the chosen target cannot run (its ``supports`` says no, with a reason) goes to the
-fallback target, and the reason is kept for the report; without a fallback (``fallback=None``)
-that is an :class:`~mmcompile.errors.UnsupportedOpError`. The capability query is the
-target's; the grouping of placed nodes into stages is :mod:`.partition`'s (as torch.fx keeps
-``OperatorSupport`` apart from its partitioner).
+A node the chosen target cannot run (its ``supports`` says no, with a reason) goes to that
+target's host when it names one (an accelerator's: the ``cpu`` target) and the host runs it,
+else to the fallback target; the reason is kept for the report. Without a fallback
+(``fallback=None``) that is an :class:`~mmcompile.errors.UnsupportedOpError`. The
+capability query is the target's; the grouping of placed nodes into stages is
+:mod:`.partition`'s (as torch.fx keeps ``OperatorSupport`` apart from its partitioner).
+
+Two methods of :class:`~mmcompile.target.Target` take part (their defaults change nothing):
+``configure(options)``, called once with its checked options before any ``supports`` query,
+and ``host(options) -> spec``, the target that runs what it cannot.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Placement:
         choices: key -> :class:`Choice`; ``primary`` and ``fallback`` name two of them.
         fell_back: node name -> the reason its preferred target gave.
         placed_by_user: node name -> the placement key that put it there.
+        hosts: key -> the key of its host target, for the targets that name one.
     """
 
     nodes: dict[str, str]
@@ -57,6 +63,12 @@ class Placement:
     fallback: str | None
     fell_back: dict[str, str] = field(default_factory=dict)
     placed_by_user: dict[str, str] = field(default_factory=dict)
+    hosts: dict[str, str] = field(default_factory=dict)
+
+    def fallback_targets(self) -> list[str]:
+        """The keys the nodes that fell back went to (hosts and the fallback), in use."""
+        used = {self.nodes[n] for n in self.fell_back}
+        return sorted(used)
 
 
 def _text(value: Any) -> str:
@@ -70,8 +82,17 @@ def _choice(spec: str, config: Mapping[str, Any] | None, choices: dict[str, Choi
     defaults = {o.name: o.default for o in target.options}
     changed = tuple((k, _text(v)) for k, v in sorted(options.items()) if v != defaults[k])
     key = str(TargetSpec(target.name, changed))
-    choices.setdefault(key, Choice(key, target, options))
+    if key not in choices:
+        target.configure(options)
+        choices[key] = Choice(key, target, options)
     return key
+
+
+def _host(key: str, choices: dict[str, Choice]) -> str | None:
+    """The key of the target that runs what ``key``'s target cannot, if it names one."""
+    choice = choices[key]
+    spec = choice.target.host(choice.options)
+    return _choice(spec, None, choices) if spec else None
 
 
 def _branch_keys(branch: str) -> tuple[str, ...]:
@@ -111,6 +132,10 @@ def place(graph: Graph, branches: Mapping[str, str], target: str,
                              f"node nor a branch of {graph.name}; its branches: "
                              f"{', '.join(sorted(known)) or 'none'}")
     result = Placement({}, choices, primary, backup)
+    for key in list(choices):
+        host = _host(key, choices)
+        if host is not None:
+            result.hosts[key] = host
     for node in graph.gs.nodes:
         if node.name in user:  # explicit, per node: it runs there or nowhere
             key = user[node.name]
@@ -129,6 +154,11 @@ def place(graph: Graph, branches: Mapping[str, str], target: str,
             result.placed_by_user[node.name] = by_branch
         if support:
             result.nodes[node.name] = key
+            continue
+        host = result.hosts.get(key)
+        if host is not None and choices[host].target.supports(node, graph):
+            result.nodes[node.name] = host
+            result.fell_back[node.name] = f"{choices[key].name}: {support.reason}"
             continue
         if backup is None:
             raise UnsupportedOpError(node.op, node.name, f"target '{key}'", support.reason

@@ -120,7 +120,8 @@ def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     branches = assign_branches(optimized) if placement or schedule != "sequential" else {}
     placed = place(optimized, branches, target, target_config, fallback, placement)
     if placed.fell_back:
-        say(f"{len(placed.fell_back)} node(s) fall back to {placed.fallback}: "
+        say(f"{len(placed.fell_back)} node(s) fall back to "
+            f"{', '.join(placed.fallback_targets())}: "
             + ", ".join(f"{n} ({r})" for n, r in list(placed.fell_back.items())[:3])
             + (", ..." if len(placed.fell_back) > 3 else ""))
     names = {key: choice.name for key, choice in placed.choices.items()}

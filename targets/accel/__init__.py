@@ -15,8 +15,14 @@ Modules, in the order data flows through them (each imports only those before it
 - :mod:`.lowering`: :func:`~.lowering.supports` and :func:`~.lowering.lower`, the tiler;
 - :mod:`.simulator`: :func:`~.simulator.run`, the functional simulator;
 - :mod:`.cost`: :func:`~.cost.estimate`, cycles, utilization, DRAM bytes and energy;
-- :mod:`.scalesim_ref`: runs SCALE-Sim (in its own environment) to record reference counts.
+- :mod:`.scalesim_ref`: runs SCALE-Sim (in its own environment) to record reference counts;
+- :mod:`.importer`: a QDQ graph's layers, node by node (what placement asks);
+- :mod:`.target`: the ``accel`` target (placement, compile, load);
+- :mod:`.explore`: the cost model over a sweep of descriptions (``mmcompile explore``).
 
-This package registers no target yet and imports nothing here: every module in ``targets/``
-is imported whenever targets load, so this file must stay free of numpy, onnx and TVM.
+Only :mod:`.target` is imported here, to register the target: every module in ``targets/`` is
+imported whenever targets load, in deployed processes too, so it imports no numpy, onnx or
+TVM at module level.
 """
+
+from mmcompile.targets.accel import target  # noqa: F401  (registers 'accel')
