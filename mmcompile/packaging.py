@@ -41,6 +41,9 @@ RUNTIME_FILES = (
     "planning/__init__.py", "planning/parallel.py",  # load(..., schedule=) re-plans
     "targets/__init__.py", "targets/onnxruntime.py", "targets/tvm/__init__.py",
     "targets/tvm/target.py", "targets/tvm/executable.py", "targets/tvm/cuda.py",
+    # accelerator stages load their instruction streams and run them in the simulator
+    "targets/accel/__init__.py", "targets/accel/target.py", "targets/accel/spec.py",
+    "targets/accel/isa.py", "targets/accel/simulator.py",
 )
 # what the TVM runtime wheel leaves out (prefixes of paths in the apache-tvm wheel)
 TVM_COMPILER_ONLY = ("tvm/lib/libtvm_compiler.so", "tvm/3rdparty/", "tvm/src/", "tvm/web/")
