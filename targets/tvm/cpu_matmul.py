@@ -195,15 +195,23 @@ def _row_axis(sch, block_rv, spatial, vec) -> int | None:
 
 
 def _covers(sch, main_rv, block_rv) -> bool:
-    """Whether ``block_rv`` writes as many elements as the reduction ``main_rv`` does (an
-    elementwise epilogue, not a slice of the product)."""
-    def size(rv) -> int | None:
-        shape = sch.get(rv).writes[0].source.shape
-        if not all(isinstance(d, tirx.IntImm) for d in shape):
+    """Whether ``block_rv`` can be inlined into the write-back of the reduction ``main_rv``:
+    not when it keeps a single index of an axis the product has several of (a slice down to
+    one column drops that loop, and the inlined write-back then stored every column of the
+    tile into the one kept). Slices that keep several (``pad_einsum``'s un-padding) inline
+    as before."""
+    def shape(rv) -> list[int] | None:
+        dims = sch.get(rv).writes[0].source.shape
+        if not all(isinstance(d, tirx.IntImm) for d in dims):
             return None
-        return int(np.prod([int(d) for d in shape]))
+        return [int(d) for d in dims]
 
-    return size(main_rv) is not None and size(main_rv) == size(block_rv)
+    main, other = shape(main_rv), shape(block_rv)
+    if main is None or other is None:
+        return False
+    if len(main) != len(other):
+        return int(np.prod(main)) == int(np.prod(other))
+    return not any(o == 1 < m for m, o in zip(main, other))
 
 def row_limit(cols: int, lanes: int) -> int:
     """Rows of the register tile at most: ``2 x rows`` accumulators of two vectors where the
