@@ -22,7 +22,7 @@ from tvm import relax
 from tvm.relax import expr_functor
 
 from mmcompile.targets.tvm.cpu_matmul import row_limit, row_padding
-from mmcompile.targets.tvm.rewrite import rewrite_functions
+from mmcompile.targets.tvm.rewrite import rewrite_functions, static_shape
 
 # op -> (layout it packs, packed layout, numpy transpose from the first to the second)
 _PACK = {
@@ -82,11 +82,11 @@ class _MatmulPacker(relax.PyExprMutator):
         (:func:`~.cpu_matmul.row_padding`): it can on the plain matmul, not on the panels'
         indexing, so such a matmul stays unpacked (the rows matter more: [59, 5760] x
         [5760, 224] 2.15 ms packed with one-row tiles, 1.4 ms unpacked with padded rows)."""
-        shape = getattr(data.ty, "shape", None)
-        if data.ty.ndim < 2 or shape is None or not isinstance(shape[-2], tvm.tirx.IntImm):
+        shape = static_shape(data)
+        if shape is None or len(shape) < 2:
             return False
         lanes = self.width // 2
-        return row_padding(int(shape[-2]), row_limit(self.width, lanes)) > 1
+        return row_padding(shape[-2], row_limit(self.width, lanes)) > 1
 
     def visit_call_(self, call):
         call = super().visit_call_(call)

@@ -101,43 +101,26 @@ def _tiling(batch: int, lanes: int) -> tuple[int, int]:
 
 
 @T.macro(hygienic=False)
-def recurrent_product(count):
+def recurrent_product(count, tiles):
     """``gates[rows of this task, first count tiles] = h @ rt``: per tile of ``NV`` vectors,
     ``rows x NV`` accumulators over the hidden units, each R^T vector loaded once for all
-    rows. (A macro expanded inside the kernels: ``acc``, ``gates``, ``h``, ``rt``, ``task``,
-    ``rows``, ``H`` and ``V`` are theirs.)"""
-    for jo in range(count):
+    rows; the tiles one after another (``tiles``: ``T.serial``) or split over the threads
+    (``T.parallel``; each tile has its own accumulator). (A macro expanded inside the
+    kernels: ``acc``, ``gates``, ``h``, ``rt``, ``task``, ``rows``, ``H`` and ``V`` are
+    theirs.)"""
+    for jo in tiles(count):
         for i, jv in T.grid(rows, NV):
             for ji in T.vectorized(V):
-                acc[task, i, jv * V + ji] = T.float32(0.0)
+                acc[task, jo, i, jv * V + ji] = T.float32(0.0)
         for k in range(H):
             for i in T.unroll(rows):
                 for jv in T.unroll(NV):
                     for ji in T.vectorized(V):
-                        acc[task, i, jv * V + ji] = acc[task, i, jv * V + ji] + \
+                        acc[task, jo, i, jv * V + ji] = acc[task, jo, i, jv * V + ji] + \
                             h[task * rows + i, k] * rt[k, jo * V * NV + jv * V + ji]
         for i, jv in T.grid(rows, NV):
             for ji in T.vectorized(V):
-                gates[task * rows + i, jo * V * NV + jv * V + ji] = acc[task, i, jv * V + ji]
-
-
-@T.macro(hygienic=False)
-def split_recurrent_product(count):
-    """:func:`recurrent_product` with its tiles split over the threads (one parallel region
-    per step; ``tacc`` holds an accumulator tile per output tile)."""
-    for jo in T.parallel(count):
-        for i, jv in T.grid(rows, NV):
-            for ji in T.vectorized(V):
-                tacc[jo, i, jv * V + ji] = T.float32(0.0)
-        for k in range(H):
-            for i in T.unroll(rows):
-                for jv in T.unroll(NV):
-                    for ji in T.vectorized(V):
-                        tacc[jo, i, jv * V + ji] = tacc[jo, i, jv * V + ji] + \
-                            h[task * rows + i, k] * rt[k, jo * V * NV + jv * V + ji]
-        for i, jv in T.grid(rows, NV):
-            for ji in T.vectorized(V):
-                gates[task * rows + i, jo * V * NV + jv * V + ji] = tacc[jo, i, jv * V + ji]
+                gates[task * rows + i, jo * V * NV + jv * V + ji] = acc[task, jo, i, jv * V + ji]
 
 
 # Recurrent weights (R^T, bytes) from which one row of states splits each step's product over
@@ -155,7 +138,7 @@ def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, rev
     H, V, blocks = hidden, lanes, width // (lanes * NV)
     rows, tasks = _tiling(batch, lanes)
     outer = T.parallel if tasks > 1 else T.serial
-    split = _split(tasks, hidden, width)
+    tiles = T.parallel if _split(tasks, hidden, width) else T.serial
 
     @T.prim_func(s_tir=True)
     def lstm(xw: T.Buffer((steps, batch, width), F32), rt: T.Buffer((hidden, width), F32),
@@ -164,17 +147,13 @@ def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, rev
              cs: T.Buffer((batch, hidden), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         gates = T.alloc_buffer((batch, width), F32)
-        acc = T.alloc_buffer((tasks, rows, V * NV), F32)
-        tacc = T.alloc_buffer((blocks, rows, V * NV), F32)
+        acc = T.alloc_buffer((tasks, blocks, rows, V * NV), F32)
         for task in outer(tasks):
             for i, u in T.grid(rows, H):
                 h[task * rows + i, u] = h0[task * rows + i, u]
                 cs[task * rows + i, u] = c0[task * rows + i, u]
             for step in range(steps):
-                if split:
-                    split_recurrent_product(blocks)
-                else:
-                    recurrent_product(blocks)
+                recurrent_product(blocks, tiles)
                 for i in range(rows):
                     for u in T.vectorized(H):
                         gates[task * rows + i, u] = gates[task * rows + i, u] + xw[
@@ -213,6 +192,7 @@ def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
     zr_blocks = -(-2 * H // (V * NV))  # tiles covering z and r
     rows, tasks = _tiling(batch, lanes)
     outer = T.parallel if tasks > 1 else T.serial
+    tiles = T.serial
 
     @T.prim_func(s_tir=True)
     def gru(xw: T.Buffer((steps, batch, width), F32), rt: T.Buffer((hidden, width), F32),
@@ -221,12 +201,12 @@ def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         gates = T.alloc_buffer((batch, width), F32)
         rh = T.alloc_buffer((batch, hidden), F32)
-        acc = T.alloc_buffer((tasks, rows, V * NV), F32)
+        acc = T.alloc_buffer((tasks, blocks, rows, V * NV), F32)
         for task in outer(tasks):
             for i, u in T.grid(rows, H):
                 h[task * rows + i, u] = h0[task * rows + i, u]
             for step in range(steps):
-                recurrent_product(blocks if linear_before_reset else zr_blocks)
+                recurrent_product(blocks if linear_before_reset else zr_blocks, tiles)
                 for i in range(rows):
                     if not linear_before_reset:  # r first, then the h gate over r * h
                         for u in T.vectorized(H):
@@ -267,6 +247,7 @@ def rnn_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
     act = ACTIVATIONS[activation]
     rows, tasks = _tiling(batch, lanes)
     outer = T.parallel if tasks > 1 else T.serial
+    tiles = T.serial
 
     @T.prim_func(s_tir=True)
     def rnn(xw: T.Buffer((steps, batch, width), F32), rt: T.Buffer((hidden, width), F32),
@@ -274,12 +255,12 @@ def rnn_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
             h: T.Buffer((batch, hidden), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         gates = T.alloc_buffer((batch, width), F32)
-        acc = T.alloc_buffer((tasks, rows, V * NV), F32)
+        acc = T.alloc_buffer((tasks, blocks, rows, V * NV), F32)
         for task in outer(tasks):
             for i, u in T.grid(rows, H):
                 h[task * rows + i, u] = h0[task * rows + i, u]
             for step in range(steps):
-                recurrent_product(blocks)
+                recurrent_product(blocks, tiles)
                 for i in range(rows):
                     for u in T.vectorized(H):
                         h[task * rows + i, u] = act(gates[task * rows + i, u] + xw[

@@ -16,6 +16,15 @@ def rewrite_functions(mod, mutator):
     return mutator.builder_.get()
 
 
+
+def static_shape(expr) -> list[int] | None:
+    """The shape of a Relax tensor expression as integers, None where any dim is symbolic or
+    the shape is unknown."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
 @expr_functor.mutator
 class _CallRewriter(relax.PyExprMutator):
     def __init__(self, mod, rules):

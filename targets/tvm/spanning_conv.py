@@ -25,7 +25,7 @@ import tvm
 from tvm import relax
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.rewrite import rewrite_functions
+from mmcompile.targets.tvm.rewrite import rewrite_functions, static_shape
 
 # Shallower reductions stay 2-D convolutions: the conv rules handle them.
 MIN_DEPTH = 256
@@ -45,14 +45,12 @@ class _Spanning(relax.PyExprMutator):
                 or attrs.data_layout != "NCHW" or attrs.out_layout != "NCHW"
                 or int(attrs.groups) != 1 or int(attrs.dilation[0]) != 1):
             return call
-        shape = getattr(data.ty, "shape", None)
-        out_shape = getattr(call.ty, "shape", None)
-        if shape is None or out_shape is None or not all(
-                isinstance(d, tvm.tirx.IntImm) for d in (*shape, *out_shape)):
+        shape, out_shape = static_shape(data), static_shape(call)
+        if shape is None or out_shape is None:
             return call
-        batch, channels, height, width = (int(d) for d in shape)
+        batch, channels, height, width = shape
         out_c, _, kh, kw = (int(d) for d in weight.value.shape)
-        oh, ow = int(out_shape[2]), int(out_shape[3])
+        oh, ow = out_shape[2], out_shape[3]
         top, left, bottom, right = (int(p) for p in attrs.padding)
         stride, dilation = int(attrs.strides[1]), int(attrs.dilation[1])
         if (oh != 1 or ow < WIDTH_STEP // 2 or kh != height + top + bottom

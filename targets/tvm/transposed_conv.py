@@ -22,7 +22,7 @@ import tvm
 from tvm import relax
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.rewrite import rewrite_functions
+from mmcompile.targets.tvm.rewrite import rewrite_functions, static_shape
 
 
 @expr_functor.mutator
@@ -39,14 +39,14 @@ class _Shuffle(relax.PyExprMutator):
                 or any(int(p) for p in attrs.padding)
                 or any(int(p) for p in attrs.output_padding)):
             return call
-        shape = getattr(data.ty, "shape", None)
-        if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        shape = static_shape(data)
+        if shape is None:
             return call
         channels, out_c, kh, kw = (int(d) for d in weight.value.shape)
         sh, sw = (int(s) for s in attrs.strides)
         if (kh, kw) != (sh, sw):
             return call
-        batch, _, height, width = (int(d) for d in shape)
+        batch, _, height, width = shape
         # W'[o * kh * kw + i * kw + j, c] = W[c, o, i, j]
         folded = weight.value.numpy().transpose(1, 2, 3, 0).reshape(out_c * kh * kw, channels,
                                                                     1, 1)
