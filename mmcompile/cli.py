@@ -556,7 +556,9 @@ def _add_quantize_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--keep-float", action="append", default=[], metavar="NODE|OP",
                    help="keep this node, or every node of this op type, in float (repeatable)")
     p.add_argument("--metric", action="append", default=[], metavar="OUTPUT=cosine|top1",
-                   help="judge this output by top-1 agreement or cosine (default: cosine)")
+                   help="judge this output by top-1 agreement (with cosine) or by cosine "
+                        "(default: top-1 for class scores written by a linear layer or "
+                        "softmax, cosine for the rest)")
 
 
 def _quantize_options(args: argparse.Namespace) -> dict:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -184,13 +186,37 @@ def _magika_bytes() -> np.ndarray:
                     np.int32)
 
 
-def _letters(word: str, length: int, alphabet: int) -> np.ndarray:
-    ids = [min(ord(c) - ord("a") + 1, alphabet - 1) for c in word.lower() if c.isalpha()]
-    return np.array(ids + [0] * (length - len(ids)), np.int64)
+@lru_cache(maxsize=None)
+def _g2p_vocabulary(model: str = "bert/token2id") -> dict[str, int]:
+    return json.loads(member(G2P, f"g2p_id/models/{model}.json"))
+
+
+def g2p_bert_tokens(word: str) -> np.ndarray:
+    """``word`` tokenized as g2p-id's ``BERT.predict`` does: a letter per token, every ``e``
+    masked (the model predicts whether it is /e/ or a schwa), padded to 32; shape [1, 32]."""
+    vocabulary = _g2p_vocabulary()
+    ids = [vocabulary["[mask]"] if c == "e" else vocabulary.get(c, vocabulary["[UNK]"])
+           for c in word.lower().replace("x", "ks")[:32]]
+    return np.array([ids + [vocabulary[""]] * (32 - len(ids))], np.int64)
+
+
+def g2p_words(count: int, seed: int = 0) -> list[str]:
+    """``count`` Indonesian words with an ``e`` from g2p-id's lexicon, shuffled by ``seed``."""
+    lexicon = member(G2P, "g2p_id/resources/lexicon_id.tsv").decode("utf-8")
+    vocabulary = _g2p_vocabulary()
+    words = [line.split("\t")[0] for line in lexicon.splitlines() if line]
+    words = [w for w in words if "e" in w and len(w) <= 32
+             and all(c in vocabulary or c == "x" for c in w)]
+    random.Random(seed).shuffle(words)
+    return words[:count]
 
 
 def _one_hot_word(word: str) -> np.ndarray:
-    ids = _letters(word, 24, 28)
+    """``word`` as g2p-id's LSTM encoder reads it: a one-hot letter per step (``g2id.json``),
+    padded with spaces to 24 steps; shape [1, 24, 28]."""
+    vocabulary = _g2p_vocabulary("lstm/g2id")
+    ids = [vocabulary[c] for c in word.lower()[:24]]
+    ids += [vocabulary[" "]] * (24 - len(ids))
     out = np.zeros((1, 24, 28), np.float32)
     out[0, np.arange(24), ids] = 1.0
     return out
@@ -275,7 +301,7 @@ CORPUS: list[Model] = [
     Model("g2p_bert", G2P, "g2p_id/models/bert/bert_mlm.onnx",
           "974900eab98a71d44392fd65b4a1ee93be59f9e0c94c4286336d15f3f4309232", "text",
           "tf2onnx 1.9.3 (opset 14)", "Apache-2.0",
-          lambda: {"input_1": _letters("selamat", 32, 31)[None]},
+          lambda: {"input_1": g2p_bert_tokens("selamat")},
           "character masked language model (Einsum attention)"),
     Model("g2p_lstm_encoder", G2P, "g2p_id/models/lstm/encoder_model.onnx",
           "a9ee8658ea099300392f5ef5dbdf9d38658d104ddb21557a38044a06f68d8b22", "text",

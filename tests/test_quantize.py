@@ -335,3 +335,39 @@ def test_accuracy_of_a_one_value_output_compares_the_values_across_samples():
     embeddings = compare([{"e": np.array([1.0, 0.0], np.float32)}],
                          [{"e": np.array([0.0, 1.0], np.float32)}])
     assert embeddings[0].cosine == 0.0  # per sample where a sample has several values
+
+
+def test_class_scores_are_judged_by_top1_and_embeddings_by_cosine():
+    from mmcompile.quantize.accuracy import default_metrics
+    assert default_metrics(sensitive_model()) == {"out": "top1"}  # a MatMul's [1, 8] scores
+    assert default_metrics(two_branch_model()) == {"logits": "top1"}  # a Gemm's
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["sensor", "w"], ["m"], name="proj"),
+             helper.make_node("ReduceL2", ["m"], ["n"], name="norm", keepdims=1, axes=[1]),
+             helper.make_node("Div", ["m", "n"], ["embedding"], name="normalize"),
+             helper.make_node("MatMul", ["sensor", "w"], ["m2"], name="proj2"),
+             helper.make_node("Add", ["m2", "b"], ["logits"], name="bias"),
+             helper.make_node("ReduceMean", ["m2"], ["score"], name="mean", keepdims=1,
+                              axes=[1])]
+    graph = make_graph(nodes, [SENSOR], [("embedding", FLOAT, [1, 8]),
+                                         ("logits", FLOAT, [1, 8]), ("score", FLOAT, [1, 1])],
+                       {"w": rng.standard_normal([16, 8]).astype(np.float32),
+                        "b": rng.standard_normal([8]).astype(np.float32)}, opset=13)
+    assert default_metrics(graph) == {"embedding": "cosine", "logits": "top1",
+                                      "score": "cosine"}
+
+
+def test_a_top1_budget_on_too_few_rows_is_reported_blind():
+    from mmcompile.quantize.accuracy import compare, unresolved
+    rng = np.random.default_rng(0)
+    reference = [{"out": rng.standard_normal([1, 8]).astype(np.float32)} for _ in range(10)]
+    (few,) = compare(reference, reference, {"out": "top1"})
+    assert few.rows == 10 and few.score == pytest.approx(1.0)
+    assert unresolved([few], 0.01) == ["out"] and unresolved([few], 0.1) == []
+    q = quantize(sensitive_model(), {"sensor": samples(1, 40)["sensor"]}, max_drop=0.01)
+    assert q.accuracy[0].metric == "top1" and q.unresolved == ["out"]
+    assert "too few held-back rows" in q.report()
+    # a disagreeing argmax costs top-1 even where cosine barely moves
+    flipped = [{"out": np.array([[1.0, 0.999]], np.float32)}]
+    (one,) = compare(flipped, [{"out": np.array([[0.999, 1.0]], np.float32)}], {"out": "top1"})
+    assert one.cosine > 0.999 and one.score == 0.0

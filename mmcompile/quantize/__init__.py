@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 from collections import Counter
@@ -37,8 +38,10 @@ from mmcompile.quantize.accuracy import (
     METRICS,
     OutputAccuracy,
     compare,
+    default_metrics,
     drop,
     keep_in_float,
+    unresolved,
 )
 from mmcompile.quantize.calibration import CalibrationSet, load_calibration
 from mmcompile.quantize.ranges import METHODS, branch_ranges, ort_method
@@ -81,6 +84,8 @@ class QuantizedModel:
         float_ops: op type -> nodes that are float because the scheme does not quantize them.
         sensitivity: layer -> the drop with that layer alone quantized (when measured).
         layers: the quantized layers.
+        unresolved: outputs judged by top-1 on too few held-back rows to show a
+            ``max_drop`` (see :func:`.accuracy.unresolved`).
     """
 
     graph: Graph
@@ -98,6 +103,7 @@ class QuantizedModel:
     sensitivity: dict[str, float] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
     scheme: str = "int8"
+    unresolved: list[str] = field(default_factory=list)
 
     @property
     def drop(self) -> float:
@@ -110,7 +116,8 @@ class QuantizedModel:
                 "held_back": self.held_back, "calibration_sha256": self.sha256,
                 "layers_int8": len(self.layers), "float_layers": self.float_layers,
                 "max_drop": self.max_drop, "drop": round(self.drop, 6),
-                "accuracy": [a.to_dict() for a in self.accuracy]}
+                "accuracy": [a.to_dict() for a in self.accuracy],
+                **({"unresolved": self.unresolved} if self.unresolved else {})}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the QDQ model (atomically; checked first)."""
@@ -127,6 +134,9 @@ class QuantizedModel:
                  f"layers: {len(self.layers)} int8, {len(self.float_layers)} kept in float",
                  "accuracy against the float model:"]
         lines += [f"  {a}" for a in self.accuracy]
+        if self.unresolved:
+            lines.append(f"  warning: {', '.join(self.unresolved)}: too few held-back rows to "
+                         f"show a top-1 drop of {self.max_drop} (the budget is blind there)")
         if self.float_layers:
             lines.append(f"  with every layer int8, the drop was {drop(self.all_int8):.4f} "
                          f"(budget {self.max_drop}); now {self.drop:.4f}")
@@ -232,7 +242,9 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         max_drop: the accuracy budget (see :mod:`.accuracy`); the most sensitive layers are
             kept in float until it holds. None: quantize every layer and only report.
         holdout: share of each modality's samples held back to measure accuracy.
-        metrics: output name -> ``cosine`` or ``top1`` (default ``cosine``).
+        metrics: output name -> ``cosine`` or ``top1``, over the default: ``top1`` for
+            outputs holding class scores, ``cosine`` for the rest
+            (:func:`.accuracy.default_metrics`).
         keep_float: node names or op types kept in float regardless.
         modalities, passes: as for ``compile``.
         progress: called with one-line status messages.
@@ -244,8 +256,8 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
     say = progress or (lambda message: None)
     graph = _float_graph(model, calibration, modalities, passes)
     outputs = [t.name for t in graph.gs.outputs]
-    metrics = dict(metrics or {})
-    _check_options(scheme, method, activations, max_drop, holdout, metrics, outputs)
+    _check_options(scheme, method, activations, max_drop, holdout, dict(metrics or {}), outputs)
+    metrics = {**default_metrics(graph), **(metrics or {})}
     data = load_calibration(calibration, graph)
     calib, held = data.split(holdout)
     evaluation = held or calib
@@ -278,6 +290,11 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         say(f"quantizing {len(candidates)} layer(s)")
         result = quantizer.build(exclude=list(forced))
         all_int8 = measure(result)
+        blind = unresolved(all_int8, max_drop) if max_drop else []
+        if blind:
+            say(f"warning: top-1 of {', '.join(blind)} is measured on too few held-back rows "
+                f"to show a {max_drop} drop; give at least {math.ceil(1 / max_drop)} rows "
+                f"(more calibration samples, or a larger holdout)")
         accuracy, float_layers, sensitivity = all_int8, dict(forced), {}
         if max_drop is not None and drop(all_int8) > max_drop and candidates:
             say(f"drop {drop(all_int8):.4f} over the budget {max_drop}: measuring each "
@@ -294,7 +311,8 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         samples=calib.counts(), held_back=held.counts() if held else dict.fromkeys(
             calib.counts(), 0), sha256=data.sha256(), accuracy=accuracy, all_int8=all_int8,
         max_drop=max_drop, float_layers=float_layers, float_ops=dict(ops.most_common()),
-        sensitivity=sensitivity, layers=[n for n in layers if n not in float_layers])
+        sensitivity=sensitivity, layers=[n for n in layers if n not in float_layers],
+        unresolved=blind)
 
 
 def _qdq_opset(model: onnx.ModelProto, name: str) -> onnx.ModelProto:

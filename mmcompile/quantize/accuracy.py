@@ -3,19 +3,32 @@
 Without labels, accuracy is agreement with the float model on held-back samples: per output,
 the mean cosine similarity of each sample's values, the largest error relative to
 ``max(1, max|float|)`` (as ``verify`` measures), and for outputs with classes on the last
-axis the top-1 agreement. An output is judged by one of them, its *score*: top-1 agreement
-where the caller says the output is a classifier's, else cosine. The *drop* of a model is
-``1 - score`` of its worst output.
+axis the top-1 agreement. An output is judged by its *score*: cosine, and for a
+classifier's output the lower of cosine and top-1 agreement. The *drop* of a model is ``1 - score`` of its worst
+output.
+
+Which outputs are a classifier's (:func:`default_metrics`) is read from the graph: a class
+axis (the last, of two or more entries) written by a linear layer or a (log-)softmax, through
+shape-only ops. A 1% top-1 loss is invisible to cosine (a random-weight classifier lost 7% of
+its top-1 at cosine 0.99998), and embeddings (CLIP's, written by a normalization) have no
+classes, hence the two metrics. A top-1 budget needs rows to resolve it: ``max_drop`` 0.01
+means one disagreement in 100 rows (:func:`unresolved`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 METRICS = ("cosine", "top1")
+# Ops that write class scores, and the shape-only or (de)quantizing ops between one and an
+# output.
+_CLASS_SCORES = frozenset({"Gemm", "MatMul", "Softmax", "LogSoftmax"})
+_PASS_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast",
+                           "QuantizeLinear", "DequantizeLinear"})
 
 
 @dataclass
@@ -28,19 +41,25 @@ class OutputAccuracy:
     max_err: float
     top1: float | None
     samples: int
+    rows: int = 0  # the rows top-1 agreement was counted over (samples x rows per sample)
 
     @property
     def score(self) -> float:
-        return self.top1 if self.metric == "top1" and self.top1 is not None else self.cosine
+        """Cosine; for an output judged by top-1, the lower of top-1 agreement and cosine
+        (on few rows top-1 sees little, and a classifier's scores are still vectors)."""
+        if self.metric == "top1" and self.top1 is not None:
+            return min(self.top1, self.cosine)
+        return self.cosine
 
     def to_dict(self) -> dict:
         return {"output": self.name, "metric": self.metric, "cosine": round(self.cosine, 6),
                 "max_err": float(f"{self.max_err:.4g}"),
                 "top1": None if self.top1 is None else round(self.top1, 4),
-                "samples": self.samples}
+                "samples": self.samples, "rows": self.rows}
 
     def __str__(self) -> str:
-        top1 = "" if self.top1 is None else f", top-1 agreement {self.top1:.1%}"
+        top1 = ("" if self.top1 is None else
+                f", top-1 agreement {self.top1:.1%} over {self.rows} row(s)")
         return (f"{self.name}: cosine {self.cosine:.5f}, max error {self.max_err:.3g}{top1} "
                 f"({self.samples} samples, judged by {self.metric})")
 
@@ -65,7 +84,7 @@ def compare(reference: Sequence[Mapping[str, np.ndarray]],
         if not np.issubdtype(refs[0].dtype, np.floating):
             same = float(np.mean([np.array_equal(r, g) for r, g in zip(refs, gots)]))
             result.append(OutputAccuracy(name, "top1", same, 0.0 if same == 1 else 1.0, same,
-                                         len(refs)))
+                                         len(refs), len(refs)))
             continue
         scale = max(1.0, max(float(np.abs(r).max(initial=0.0)) for r in refs))
         err = max(float(np.abs(r.astype(np.float64) - g).max(initial=0.0)) for r, g in
@@ -76,13 +95,43 @@ def compare(reference: Sequence[Mapping[str, np.ndarray]],
             # -1 for a logit near 0 that rounds across it; compare the values over the samples
             cosine = _cosine(np.concatenate([r.ravel() for r in refs]),
                              np.concatenate([g.ravel() for g in gots]))
-        top1 = None
+        top1, rows = None, 0
         if refs[0].ndim >= 1 and refs[0].shape[-1] >= 2:
-            top1 = float(np.mean(np.concatenate([
-                (np.argmax(r, -1) == np.argmax(g, -1)).ravel() for r, g in zip(refs, gots)])))
+            agree = np.concatenate([(np.argmax(r, -1) == np.argmax(g, -1)).ravel()
+                                    for r, g in zip(refs, gots)])
+            top1, rows = float(np.mean(agree)), int(agree.size)
         result.append(OutputAccuracy(name, metrics.get(name, "cosine"), cosine, err, top1,
-                                     len(refs)))
+                                     len(refs), rows))
     return result
+
+
+def _writes_class_scores(tensor: Any) -> bool:
+    while tensor.inputs and tensor.inputs[0].op in _PASS_THROUGH:
+        tensor = tensor.inputs[0].inputs[0]
+    if not tensor.inputs:
+        return False
+    node = tensor.inputs[0]
+    if node.op == "Add":  # a MatMul's bias
+        return any(t.inputs and t.inputs[0].op == "MatMul" for t in node.inputs)
+    return node.op in _CLASS_SCORES
+
+
+def default_metrics(graph: Any) -> dict[str, str]:
+    """Output name -> ``top1`` for the outputs of ``graph`` (a :class:`~mmcompile.ir.Graph`)
+    that hold class scores (see the module docstring), ``cosine`` for the rest."""
+    metrics = {}
+    for tensor in graph.gs.outputs:
+        shape = tensor.shape or []
+        classes = shape[-1] if shape else None
+        scores = isinstance(classes, int) and classes >= 2 and _writes_class_scores(tensor)
+        metrics[tensor.name] = "top1" if scores else "cosine"
+    return metrics
+
+
+def unresolved(accuracy: Sequence[OutputAccuracy], max_drop: float) -> list[str]:
+    """The outputs judged by top-1 compared on too few rows to show a drop of ``max_drop``
+    (fewer than ``1 / max_drop``)."""
+    return [a.name for a in accuracy if a.metric == "top1" and a.rows * max_drop < 1]
 
 
 def drop(accuracy: Sequence[OutputAccuracy]) -> float:
