@@ -29,7 +29,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, all_downstream,
-                                                 extent, parallel_spatial, within_reduction)
+                                                 extent, schedule_producer, within_reduction)
 
 
 def _index_vars(region) -> set:
@@ -157,7 +157,7 @@ class BlockedMatmul(VectorRule):
         if not within_reduction(sch, main.block_rv, epilogues):
             return None
         for block_rv in producers:
-            parallel_spatial(sch, block_rv, lanes)
+            schedule_producer(sch, block_rv, lanes)
         # Short chains (bias, relu) go into the accumulator write-back: no full-size temporaries.
         # Longer ones (fast_exp's stages) are computed per tile instead: inlining them copies
         # the producer expression into every use (quick_gelu: 0.25 -> 6 ms). So are chains that

@@ -65,6 +65,43 @@ def parallel_spatial(sch, block_rv, lanes: int) -> None:
         sch.parallel(fused)
 
 
+def parallel_rows(sch, block_rv, lanes: int) -> None:
+    """A spatial block whose innermost extent is not a multiple of ``lanes``: the outer loops
+    fused and parallel, the innermost left to LLVM's loop vectorizer (a plain copy or fill,
+    which it vectorizes with a scalar tail), or vectorized whole when it fits in a vector.
+    Fusing it too would vectorize across rows, and each lane's indices would then be divided
+    and reduced modulo the row length: LLVM scalarizes that into a gather."""
+    loops = sch.get_loops(block_rv)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    n = extent(sch, loops[-1])
+    if n and n < lanes and n % 4 == 0:
+        sch.vectorize(loops[-1])
+
+
+def schedule_producer(sch, block_rv, lanes: int) -> None:
+    """A reduction's injective producer in its own parallel pass: a zero padding
+    (``if_then_else`` on the indices, what TVM legalizes ``Pad`` and a convolution's padding
+    to) is split into a fill of the border value and a copy of the input without a
+    condition (``decompose_padding``), so both vectorize; a lane-dependent condition
+    scalarizes the whole loop, with a division per index per element (PaddleOCR's depthwise
+    5x5 convolutions spent ~80% of their time padding).
+    """
+    blocks = [block_rv]
+    loops = sch.get_loops(block_rv)
+    try:
+        if loops and sch.can_decompose_padding(block_rv, loops[0]):
+            blocks.insert(0, sch.decompose_padding(block_rv, loops[0]))
+    except Exception:  # not a padding pattern TVM recognises: schedule it as it is
+        pass
+    for rv in blocks:
+        inner = extent(sch, sch.get_loops(rv)[-1])
+        if inner is not None and inner % lanes:
+            parallel_rows(sch, rv, lanes)
+        else:
+            parallel_spatial(sch, rv, lanes)
+
+
 def _write_shape(sch, block_rv) -> list[int | None]:
     written = sch.get(block_rv).writes[0].source  # TVM 0.27: a TensorRegion's buffer is .source
     return [int(d) if isinstance(d, tirx.IntImm) else None for d in written.shape]
