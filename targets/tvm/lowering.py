@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from tvm import relax
 
+from mmcompile.targets.tvm.column_softmax import ColumnSoftmaxes
 from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.fuse_pool import FuseConvPool
 from mmcompile.targets.tvm.spanning_conv import SpanningConvs
@@ -62,6 +63,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     mod = PackMatmulWeights(2 * lanes_for(target))(mod)  # a register tile's weights contiguous
     mod = FuseConvPool()(mod)  # after packing: it groups only packed convolutions
     mod = RowReductions(fast_math, lanes_for(target))(mod)  # vector partial sums; before FastMath
+    mod = ColumnSoftmaxes(fast_math)(mod)  # softmax over another axis: vectorized across it
     if fast_math:
         mod = FastMath()(mod)  # before LegalizeOps, so FuseOps sees ordinary call_tir kernels
     return legalize_and_fuse(mod, target)
