@@ -668,3 +668,90 @@ def test_transposed_convolutions_with_kernel_equal_to_stride_become_shuffled_1x1
         bb.emit_func_output(out)
     text = ShuffleTransposedConvs()(bb.get()).script()
     assert text.count("conv2d_transpose") == 1 and "R.nn.conv2d(" in text  # padded one stays
+
+
+@pytest.mark.parametrize("shape, axis", [((1, 16, 4, 2100), 1), ((2, 16, 60), 1),
+                                         ((3, 10, 7, 24), 2), ((5, 12, 8), 0)])
+def test_column_softmax_reduces_down_the_columns_in_parallel_tasks_and_matches_numpy(shape,
+                                                                                      axis):
+    # YOLOv8's box head: softmax over the 16 bins of [1, 16, 4, anchors]; TVM's kernel
+    # recomputed every column set in each of the 16 x 4 output rows' tasks
+    import tvm
+    from tvm import te
+
+    from mmcompile.targets.tvm.column_softmax import ColumnSoftmax, column_softmax
+    x = te.placeholder(shape, name="x")
+    sch = ColumnSoftmax._schedule(te.create_prim_func([x, column_softmax(x, axis)]), lanes=8)
+    assert sch is not None
+    task = sch.get_loops(sch.get_sblock("softmax"))[0]
+    columns = int(np.prod(shape)) // shape[axis]
+    assert sch.get(task).kind == tvm.tirx.ForKind.PARALLEL
+    chunk = columns // int(sch.get(task).extent)  # every task: a chunk of whole columns
+    assert chunk >= 4 and shape[-1] % chunk == 0
+    for block in ("column_max_update", "column_sum_update"):  # the axis outside, chunk inside
+        inner = sch.get_loops(sch.get_sblock(block))[-1]
+        assert sch.get(inner).kind == tvm.tirx.ForKind.VECTORIZED
+    data = (np.random.default_rng(0).standard_normal(shape) * 3).astype("float32")
+    e = np.exp(data - data.max(axis, keepdims=True))
+    expected = e / e.sum(axis, keepdims=True)
+    lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"),
+                      target=tvm.target.Target({"kind": "llvm"}))
+    out = tvm.runtime.tensor(np.zeros(shape, "float32"))
+    lib["main"](tvm.runtime.tensor(data), out)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)  # fast exp
+
+
+def test_column_softmax_takes_softmax_over_other_axes_only_and_matches_torch():
+    from tvm import relax
+
+    from mmcompile.targets.tvm.column_softmax import ColumnSoftmaxes
+
+    def rewritten(shape, axis):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(shape, "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.nn.softmax(x, axis))
+            bb.emit_func_output(out)
+        return "column_max" in ColumnSoftmaxes()(bb.get()).script()
+    assert rewritten((1, 16, 4, 2100), 1)
+    assert not rewritten((1, 16, 4, 2100), -1)  # the last axis: RowReductions' case
+    assert not rewritten((2, 16, 4), 1)  # columns too short to vectorize
+
+    class DistributionFocal(nn.Module):  # YOLOv8's DFL: softmax over 16 bins, then expectation
+        def __init__(self):
+            super().__init__()
+            self.project = nn.Conv2d(16, 1, 1, bias=False)
+            self.project.weight.data[:] = torch.arange(16.0).view(1, 16, 1, 1)
+
+        def forward(self, x):
+            b, _, a = x.shape
+            return self.project(x.view(b, 4, 16, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+    _assert_compiled_matches_torch(DistributionFocal().eval(), (torch.randn(1, 64, 420) * 3,),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, kernel, width", [(2, 5, 96), (7, 3, 14), (9, 5, 33)])
+def test_padded_depthwise_convolutions_pad_with_a_fill_and_a_plain_copy(size, kernel, width):
+    # PaddleOCR's MobileNetV3 (depthwise 5x5 + HardSwish on 2 x 96 maps): the padding loop
+    # was one fused loop with a bounds test per element, scalarized with a division per
+    # index (~70% of the model's time); now a fill of the border and a vectorizable copy
+    from tvm import s_tir, te, topi
+
+    from mmcompile.targets.tvm.schedule_util import schedule_producer
+    x = te.placeholder((1, 24, size, width), name="x")
+    padded = topi.nn.pad(x, [0, 0, kernel // 2, kernel // 2], name="pad_temp")
+    sch = s_tir.Schedule(te.create_prim_func([x, padded]))
+    schedule_producer(sch, sch.get_sblock("pad_temp"), 16)
+    text = sch.mod["main"].script()
+    assert "pad_temp_pad_const" in text
+    copy = sch.get(sch.get_sblock("pad_temp"))
+    assert "if_then_else" not in str(copy.body)  # the copy has no bounds test left
+    data = np.random.default_rng(0).standard_normal((1, 24, size, width)).astype("float32")
+    got = _run_prim_func(sch.mod["main"], [data, np.full(
+        [int(d) for d in padded.shape], np.nan, "float32")])
+    pad = kernel // 2
+    np.testing.assert_array_equal(got, np.pad(data, [(0, 0), (0, 0), (pad, pad), (pad, pad)]))
+    module = nn.Sequential(nn.Conv2d(24, 24, kernel, padding=pad, groups=24), nn.Hardswish())
+    _assert_compiled_matches_torch(module.eval(), (torch.randn(1, 24, size, width),),
+                                   rtol=1e-4, atol=1e-5)
