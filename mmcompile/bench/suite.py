@@ -1,22 +1,28 @@
-"""The ``multimodal`` benchmark suite: seven small models modelled on the MMBench workloads.
+"""The ``multimodal`` benchmark suite: nine small models, seven modelled on the MMBench
+workloads, two on deployed vision architectures.
 
 Every model is built from code and configs with seeded random weights (nothing is downloaded)
 and is small enough that the whole suite at batch 1 and 8 against four engines runs in minutes
 on two cores. ``build(name, batch)`` gives the same module and inputs in any process, which is
 how the torch engines rebuild a model in their own process.
 
-| name         | workload        | branches -> fusion                                          |
-|--------------|-----------------|-------------------------------------------------------------|
-| av_mnist     | AV-MNIST        | LeNet image CNN + audio-spectrogram CNN -> concat, MLP      |
-| mm_imdb      | MM-IMDb         | image CNN + BERT encoder (BertConfig) -> concat, MLP        |
-| mosei_tfn    | CMU-MOSEI (TFN) | text/audio/vision encoders over [B, T, F] -> tensor fusion  |
-| mosei_lstm   | CMU-MOSEI (TFN) | the same with LSTM sub-networks, as the original TFN        |
-| clip         | CLIP            | ViT + text transformer (CLIPConfig), examples/clip          |
-| whisper_text | Whisper + text  | Whisper encoder + text transformer -> pool, concat, MLP     |
-| late_fusion  | late fusion     | image CNN + text transformer + audio CNN, examples/         |
+| name           | workload        | branches -> fusion                                         |
+|----------------|-----------------|------------------------------------------------------------|
+| av_mnist       | AV-MNIST        | LeNet image CNN + audio-spectrogram CNN -> concat, MLP     |
+| mm_imdb        | MM-IMDb         | image CNN + BERT encoder (BertConfig) -> concat, MLP       |
+| mosei_tfn      | CMU-MOSEI (TFN) | text/audio/vision encoders over [B, T, F] -> tensor fusion |
+| mosei_lstm     | CMU-MOSEI (TFN) | the same with LSTM sub-networks, as the original TFN       |
+| clip           | CLIP            | ViT + text transformer (CLIPConfig), examples/clip         |
+| whisper_text   | Whisper + text  | Whisper encoder + text transformer -> pool, concat, MLP    |
+| late_fusion    | late fusion     | image CNN + text transformer + audio CNN, examples/        |
+| mobilenet_text | mobile VQA      | MobileNetV3-Small + text transformer -> concat, MLP        |
+| yolo_audio     | AV events       | YOLOv8-style detector + audio LSTM -> detections, events   |
 
 ``mosei_tfn`` gives each modality a transformer encoder, ``mosei_lstm`` the LSTMs of the
 original TFN (the CPU target lowers LSTMs itself: :mod:`mmcompile.targets.tvm.recurrent`).
+``mobilenet_text`` and ``yolo_audio`` carry the layer kinds of deployed vision models that the
+MMBench-style ones lack (depthwise convolutions, squeeze-excitation, hard activations, SiLU,
+upsampling, YOLOv8's DFL head), so that the suite does not flatter the compiler.
 """
 
 from __future__ import annotations
@@ -209,3 +215,18 @@ register(SuiteModel(
     {"pixel_values": "image", "input_ids": "text", "input_features": "audio"},
     lambda: _example("late_fusion").build_model(),
     lambda batch: _example("late_fusion").example_inputs(batch)))
+
+register(SuiteModel(
+    "mobilenet_text", "MobileNetV3-Small [3x160x160] (depthwise, SE, HardSwish) + text "
+    "transformer over 16 tokens, concat, 100 answers",
+    {"pixel_values": "image", "input_ids": "text"},
+    lambda: _randomize_batchnorm(_models().MobileNetText()),
+    _inputs({"pixel_values": ((3, 160, 160), None), "input_ids": ((16,), 2000)}, salt=60)))
+
+register(SuiteModel(
+    "yolo_audio", "YOLOv8-style detector [3x160x160] (C2f, SiLU, upsample neck, DFL head) + "
+    "audio LSTM over 50 frames, event classifier",
+    {"pixel_values": "image", "input_features": "audio"},
+    lambda: _randomize_batchnorm(_models().YoloAudio()),
+    _inputs({"pixel_values": ((3, 160, 160), None), "input_features": ((50, 64), None)},
+            salt=70)))
