@@ -10,7 +10,9 @@ depthwise convolutions, 1x1 to 7x7 windows, strides 1 and 2, dilation, symmetric
 and no padding, odd spatial sizes, channel counts that do not divide the vector width, batch
 norm, ReLU / LeakyReLU / sigmoid / tanh / HardSigmoid / HardSwish / clip (ReLU6) / SiLU / GELU,
 squeeze-excitation, residual adds, max and average pools (ceil mode, padding), nearest and
-linear ``Resize``, transposed convolutions (dense and depthwise) and channel concatenation.
+linear ``Resize``, transposed convolutions (dense and depthwise), channel concatenation and
+slices of a convolution's last axis (drawn from a second generator of the seed: the first
+one draws what it drew before they were added).
 A model's outputs include the last feature map itself, not only pooled features, so a wrong
 pixel cannot average away.
 
@@ -59,8 +61,11 @@ class Outcome:
 class _Builder:
     """ONNX nodes and initializers under construction, with fresh names."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, extra: np.random.Generator | None = None):
         self.rng = rng
+        # draws for layer kinds added later, apart from ``rng``, so that they do not change
+        # what ``rng`` draws for the layers seeds already had
+        self.extra = extra if extra is not None else np.random.default_rng(0)
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self.layers: list[str] = []
@@ -274,6 +279,20 @@ _BLOCK_WEIGHTS = {"conv": 6, "pool": 1, "upsample": 1, "conv_transpose": 1, "res
                   "concat": 1}
 
 
+def _maybe_slice(b: _Builder, x: str, shape: list[int]) -> tuple[str, list[int]]:
+    """Sometimes a slice of the last axis after a convolution: down to its first index (the
+    last step a sequence model keeps) or its second half. A slice inlined into a blocked
+    convolution's write-back once stored every column of a tile into the one kept."""
+    if b.extra.random() >= 0.15 or shape[-1] < 2:
+        return x, shape
+    start, end = (0, 1) if b.extra.random() < 0.5 else (shape[-1] // 2, shape[-1])
+    b.layers.append(f"Slice[{start}:{end}]")
+    sliced = b.node("Slice", [x, b.const(np.array([start], np.int64), "starts"),
+                              b.const(np.array([end], np.int64), "ends"),
+                              b.const(np.array([len(shape) - 1], np.int64), "axes")])
+    return sliced, [*shape[:-1], end - start]
+
+
 def _image_branch(b: _Builder, x: str, shape: list[int]) -> tuple[str, list[int]]:
     names = list(_BLOCK_WEIGHTS)
     p = np.array([_BLOCK_WEIGHTS[k] for k in names], float)
@@ -288,13 +307,14 @@ def _image_branch(b: _Builder, x: str, shape: list[int]) -> tuple[str, list[int]
             x = _activation(b, x)
             if b.rng.random() < 0.2 and min(shape[2:]) > 1:
                 x = _squeeze_excite(b, x, shape)
+            x, shape = _maybe_slice(b, x, shape)
     return x, shape
 
 
 def _sequence_branch(b: _Builder, x: str, shape: list[int]) -> tuple[str, list[int]]:
     for _ in range(int(b.rng.integers(1, 4))):
         x, shape = _conv(b, x, shape, 1)
-        x = _activation(b, x)
+        x, shape = _maybe_slice(b, _activation(b, x), shape)
     return x, shape
 
 
@@ -312,7 +332,7 @@ def random_model(seed: int):
     import onnx
     from onnx import TensorProto, helper
     rng = np.random.default_rng(seed)
-    b = _Builder(rng)
+    b = _Builder(rng, np.random.default_rng([seed, 1]))
     batch = int(b.choice((1, 1, 2)))
     image_shape = [batch, int(b.choice((1, 3, 4))), int(rng.integers(7, 41)),
                    int(rng.integers(7, 41))]

@@ -636,6 +636,24 @@ def test_blocked_matmul_keeps_a_slice_of_its_product_out_of_the_write_back(width
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # 48-term sums
 
 
+@pytest.mark.parametrize("cin, k, end", [(32, 1, 1), (16, 3, 1), (6, 3, 1), (16, 3, 9),
+                                         (32, 1, None)])
+def test_convolutions_whose_epilogue_keeps_one_column_compute_it_after_their_tiles(cin, k, end):
+    # Found by the fuzz test once it drew slices: conv + bias + ReLU6 (a chain too long to
+    # inline) + a slice to the first column. Computed per tile, each tile wrote the kept
+    # column from a buffer only the first column's tile fills (1x1 conv: off by 1.9 of a
+    # range of 6); BlockedConv2d inlined the slice into its write-back.
+    class SlicedConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(cin, 40, k, padding=k // 2)
+
+        def forward(self, x):
+            return torch.clamp(self.conv(x), 0, 6)[..., :end]
+    _assert_compiled_matches_torch(SlicedConv().eval(), (torch.randn(2, cin, 15, 19),),
+                                   rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch, cin, cout, k", [(1, 24, 24, 2), (2, 8, 1, 2), (1, 6, 5, 3)])
 def test_transposed_convolutions_with_kernel_equal_to_stride_become_shuffled_1x1_convs(
         batch, cin, cout, k):
@@ -738,11 +756,11 @@ def test_padded_depthwise_convolutions_pad_with_a_fill_and_a_plain_copy(size, ke
     # index (~70% of the model's time); now a fill of the border and a vectorizable copy
     from tvm import s_tir, te, topi
 
-    from mmcompile.targets.tvm.schedule_util import schedule_producer
+    from mmcompile.targets.tvm.schedule_util import parallel_pass
     x = te.placeholder((1, 24, size, width), name="x")
     padded = topi.nn.pad(x, [0, 0, kernel // 2, kernel // 2], name="pad_temp")
     sch = s_tir.Schedule(te.create_prim_func([x, padded]))
-    schedule_producer(sch, sch.get_sblock("pad_temp"), 16)
+    parallel_pass(sch, sch.get_sblock("pad_temp"), 16)
     text = sch.mod["main"].script()
     assert "pad_temp_pad_const" in text
     copy = sch.get(sch.get_sblock("pad_temp"))

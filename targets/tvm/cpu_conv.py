@@ -62,7 +62,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _coefficient,
+from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _coefficient, _covers,
                                               _index_vars, _largest_divisor, _neighbours,
                                               _reduction, _vector_dim_last,
                                               _vectorize_innermost, pool_pass)
@@ -252,6 +252,8 @@ class BlockedConv2d(VectorRule):
         if neighbours is None:
             return None
         producers, epilogues = neighbours
+        if not all(_covers(sch, main.block_rv, b) for b in epilogues):
+            return None  # a slice of the output: BlockedMatmul computes it per tile
         # several input channels (or a large window): vectorize the channels (see the module
         # docstring); a single input channel: the columns where the width allows
         by_channels = channels % lanes == 0 and (

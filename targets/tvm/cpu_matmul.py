@@ -29,7 +29,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, all_downstream,
-                                                 extent, schedule_producer, within_reduction)
+                                                 extent, parallel_pass, within_reduction)
 
 
 def _index_vars(region) -> set:
@@ -157,20 +157,26 @@ class BlockedMatmul(VectorRule):
         if not within_reduction(sch, main.block_rv, epilogues):
             return None
         for block_rv in producers:
-            schedule_producer(sch, block_rv, lanes)
+            parallel_pass(sch, block_rv, lanes)
         # Short chains (bias, relu) go into the accumulator write-back: no full-size temporaries.
         # Longer ones (fast_exp's stages) are computed per tile instead: inlining them copies
-        # the producer expression into every use (quick_gelu: 0.25 -> 6 ms). So are chains that
-        # keep only part of the product (a slice): inlined, a slice down to one column wrote
-        # every column of the tile into that one (a conv1d sliced to [..., :1] was off by the
-        # whole range of its output).
-        if len(epilogues) <= 3 and all(_covers(sch, main.block_rv, b) for b in epilogues):
-            for block_rv in reversed(epilogues):
+        # the producer expression into every use (quick_gelu: 0.25 -> 6 ms). A block that keeps
+        # only part of the product (a slice down to one column), and what follows it, runs
+        # after the tiles: inlined, it wrote every column of a tile into the one kept (a conv1d
+        # sliced to [..., :1] was off by the whole range of its output); computed per tile, every
+        # tile wrote the kept column from the one tile that computes it, before that tile ran.
+        cut = next((i for i, b in enumerate(epilogues) if not _covers(sch, main.block_rv, b)),
+                   len(epilogues))
+        per_tile, after = epilogues[:cut], epilogues[cut:]
+        if len(epilogues) <= 3 and not after:
+            for block_rv in reversed(per_tile):
                 sch.reverse_compute_inline(block_rv)
         else:
-            for block_rv in epilogues:  # producers first, or each tile recomputes the chain
+            for block_rv in per_tile:  # producers first, or each tile recomputes the chain
                 sch.reverse_compute_at(block_rv, outer)
                 _vectorize_innermost(sch, block_rv, lanes)
+        for block_rv in after:
+            parallel_pass(sch, block_rv, lanes)
         _vectorize_innermost(sch, acc, lanes)
         if pool is not None:
             pool_pass(sch, pool.block_rv)

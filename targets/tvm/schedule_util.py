@@ -79,13 +79,13 @@ def parallel_rows(sch, block_rv, lanes: int) -> None:
         sch.vectorize(loops[-1])
 
 
-def schedule_producer(sch, block_rv, lanes: int) -> None:
-    """A reduction's injective producer in its own parallel pass: a zero padding
-    (``if_then_else`` on the indices, what TVM legalizes ``Pad`` and a convolution's padding
-    to) is split into a fill of the border value and a copy of the input without a
-    condition (``decompose_padding``), so both vectorize; a lane-dependent condition
-    scalarizes the whole loop, with a division per index per element (PaddleOCR's depthwise
-    5x5 convolutions spent ~80% of their time padding).
+def parallel_pass(sch, block_rv, lanes: int) -> None:
+    """A spatial block (a reduction's producer, or an epilogue left out of its tiles) in its
+    own parallel pass. A zero padding (``if_then_else`` on the indices, what TVM legalizes
+    ``Pad`` and a convolution's padding to) is split into a fill of the border value and a
+    copy of the input without a condition (``decompose_padding``), so both vectorize; a
+    lane-dependent condition scalarizes the whole loop, with a division per index per element
+    (PaddleOCR's depthwise 5x5 convolutions spent ~80% of their time padding).
     """
     blocks = [block_rv]
     loops = sch.get_loops(block_rv)
