@@ -16,7 +16,10 @@ What a target declares, so that the planner can place work on it without knowing
 - ``pipeline``: the graph passes its stages need in front of it (TVM: ``legalize-for-tvm``),
   run on its own stages only, so the ``default`` pipeline stays target-independent;
 - ``device``: where its stages run (``cpu``, ``cuda``): the lane a parallel schedule gives them,
-  and whether a tensor crossing from another stage must be copied.
+  and whether a tensor crossing from another stage must be copied;
+- ``configured(options)``, ``host(options)``, ``branch_moves(options)``: for a target whose
+  capability depends on its options, whose unsupported nodes go to a host target, and whose
+  branches the planner may move to that host (an accelerator).
 
 A target is written ``name`` or ``name{key=value,...}`` (:func:`parse_target_spec`), the same
 text in the API, the CLI and the manifest.
@@ -168,15 +171,28 @@ class Target(ABC):
         """Whether this target can run ``node`` of ``graph`` (default: every node)."""
         return SUPPORTED
 
-    def configure(self, options: Mapping[str, Any]) -> None:
-        """Called by placement once with the checked options, before any :meth:`supports`
-        query, for a target whose capability depends on them (an accelerator's description
-        decides which layers fit its buffers). Default: nothing to do."""
+    def configured(self, options: Mapping[str, Any]) -> Target:
+        """This target set up for its checked ``options``: what placement asks
+        :meth:`supports`, for a target whose capability depends on them (an accelerator's
+        description decides which layers fit its buffers). A target with such state returns
+        a new instance holding it, so two configurations in one process never share one
+        (placement keeps one instance per configuration). Default: ``self``.
+
+        Raises:
+            MMCompileError: options the target cannot set up from (an invalid description).
+        """
+        return self
 
     def host(self, options: Mapping[str, Any]) -> str | None:
         """The target spec that runs the nodes this one cannot (an accelerator's host CPU),
         or None (default): they go to the fallback."""
         return None
+
+    def branch_moves(self, options: Mapping[str, Any]) -> bool:
+        """Whether the planner may move a whole branch (a modality's, or the fusion) from
+        this target to its :meth:`host` when its cost model says the model then runs faster
+        (:mod:`mmcompile.planning.moves`). Default: False."""
+        return False
 
     @classmethod
     def check_options(cls, given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -252,7 +268,7 @@ def registered_targets() -> dict[str, type[Target]]:
 TargetSpec = Spec  # a target and its options as written: cpu{mcpu=znver4,winograd=false}
 
 
-_SPEC = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\{(.*)\})?\s*$", re.S)
+_SPEC = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\{(.*)\})?\s*$", re.DOTALL)
 
 
 def parse_target_spec(text: str) -> TargetSpec:

@@ -44,7 +44,7 @@ def test_targets_lists_the_presets_and_their_parameters(capsys):
     accel = json.loads(out)["accel"]
     assert [p["preset"] for p in accel["catalog"]] == ["vta-16x16", "gemmini-16x16",
                                                        "edge-32x32"]
-    assert {o["name"] for o in accel["options"]} == {"preset", "spec", "host"}
+    assert {o["name"] for o in accel["options"]} == {"preset", "spec", "host", "branch_moves"}
 
 
 def test_compile_for_a_preset_then_inspect_and_run(files, capsys, monkeypatch):

@@ -37,8 +37,7 @@ def av_mnist_files() -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def av_mnist():
+def load_av_mnist():
     """AV-MNIST: the float graph, its QDQ graph, the calibration samples and one input."""
     from mmcompile.quantize import quantize
     folder = av_mnist_files()
@@ -47,6 +46,12 @@ def av_mnist():
     feeds = dict(np.load(folder / "x.npz"))
     qdq = quantize(graph, calibration, max_drop=None).graph
     return graph, qdq, calibration, feeds
+
+
+@pytest.fixture(scope="module")
+def av_mnist():
+    """AV-MNIST: the float graph, its QDQ graph, the calibration samples and one input."""
+    return load_av_mnist()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +133,8 @@ def test_accelerator_stages_cost_their_modelled_time(compiled):
 
 def test_the_modelled_timeline_puts_accelerator_stages_on_their_lane(av_mnist, compiled):
     _, _, _, feeds = av_mnist
-    entries = {e["stage"]: e for e in compiled.modelled_timeline(feeds, runs=1)}
+    from mmcompile.planning.timeline import modelled_timeline
+    entries = {e["stage"]: e for e in modelled_timeline(compiled, feeds, runs=1)}
     for stage in compiled.stages:
         entry = entries[stage.name]
         assert entry["modelled"] == (stage.target == "accel")

@@ -6,7 +6,10 @@
 - :mod:`.partition`: the placed graph cut into acyclic stages, one target each;
 - :mod:`.costs`: stage costs, estimated from FLOPs and bytes or measured;
 - :mod:`.parallel`: the parallel schedule of the stages on cpu and device lanes;
-- :mod:`.auto`: ``schedule="auto"``, choosing between the whole graph and the branch stages.
+- :mod:`.auto`: ``schedule="auto"``, choosing between the whole graph and the branch stages;
+- :mod:`.moves`: whole branches moved from an accelerator to its host when the modelled
+  latency drops;
+- :mod:`.timeline`: the modelled clock (accelerator stages modelled, host stages measured).
 
 The runtime (:mod:`mmcompile.runtime`) executes the :class:`~mmcompile.schedule.Schedule` it is
 given and plans nothing; targets compile the stages they are given.

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from mmcompile.planning.costs import estimate_cost_ms, stage_costs
+from mmcompile.planning.moves import choose_moves
 from mmcompile.planning.parallel import plan_parallel
 from mmcompile.planning.partition import StagePlan
 from mmcompile.planning.plan import Plan
@@ -178,7 +179,19 @@ def choose(plan: Plan, build: Build, kind: str, feeds: Mapping[str, np.ndarray],
     could be faster (:func:`parallel_prospect`); then the faster of the two. A model that
     placement already cut into stages (a fallback stage, branches on other targets) is
     scheduled on its own stages instead: sequential, or parallel where that measures faster.
+
+    A model whose target may lose branches to its host (an accelerator, see :mod:`.moves`)
+    is placed first: its branch stages under the placement with the lowest modelled latency,
+    sequential on the host (``auto``: the accelerator's stages are simulated there, so the
+    host's wall time cannot rank schedules) or on the parallel schedule (``parallel``).
     """
+    if kind != "sequential" and measure:
+        moved = choose_moves(plan, build, feeds, say)
+        if moved is not None:
+            model, plans = moved
+            if kind == "parallel":
+                model.schedule = parallel_schedule(model, feeds, plans, cores, measure)
+            return model
     if kind == "parallel" and plan.staged is not plan.whole:
         staged = build(plan.staged)
         say(f"scheduling {len(plan.staged)} stages (parallel)")

@@ -9,6 +9,7 @@ about the hardware's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -37,6 +38,34 @@ def modelled_costs(compiled: CompiledModel) -> dict[str, float]:
     one."""
     return {s.name: float(s.info["modelled_ms"]) for s in compiled.stages
             if s.info.get("modelled_ms") is not None}
+
+
+def best_stage_times(compiled: CompiledModel, feeds: Mapping[str, np.ndarray],
+                     blocks: int = 5, runs: int = 3, warm_s: float = 0.25) -> dict[str, float]:
+    """Each stage's time in ms run one after another with every core: the best of
+    ``blocks`` medians of ``runs`` profiled runs, after ``warm_s`` of warm-up (a freshly
+    compiled stage runs slower for its first calls; a burst of load on a shared machine
+    spoils a block, not the figure). For decisions between placements, where one noisy
+    stage time could flip the choice."""
+    schedule, compiled.schedule = compiled.schedule, Schedule("sequential")
+    try:
+        deadline = time.perf_counter() + warm_s
+        for _ in range(100):
+            compiled.run(feeds)
+            if time.perf_counter() > deadline:
+                break
+        best = {s.name: float("inf") for s in compiled.stages}
+        for _ in range(blocks):
+            samples: dict[str, list[float]] = {name: [] for name in best}
+            for _ in range(runs):
+                for entry in compiled.profile(feeds):
+                    if entry["stage"] in samples:  # not the copies between memories
+                        samples[entry["stage"]].append(entry["end_ms"] - entry["start_ms"])
+            for name, values in samples.items():
+                best[name] = min(best[name], float(np.median(values)))
+    finally:
+        compiled.schedule = schedule
+    return best
 
 
 def stage_costs(compiled: CompiledModel, plans: Sequence[StagePlan],

@@ -6,7 +6,9 @@ Per node, first match wins:
    there or compiling fails, naming the node and the target's reason;
 2. the user's placement by branch (``{"text": "cpu", "image": "cuda"}``; a modality names all
    of its sub-branches ``image.0``, ``image.1``; ``fusion`` the nodes that join them);
-3. the requested target.
+3. a branch the planner moved to its target's host (``moves``, chosen by :mod:`.moves` from
+   the cost model; never a branch or modality the user placed);
+4. the requested target.
 
 A node the chosen target cannot run (its ``supports`` says no, with a reason) goes to that
 target's host when it names one (an accelerator's: the ``cpu`` target) and the host runs it,
@@ -16,8 +18,10 @@ capability query is the target's; the grouping of placed nodes into stages is
 :mod:`.partition`'s (as torch.fx keeps ``OperatorSupport`` apart from its partitioner).
 
 Two methods of :class:`~mmcompile.target.Target` take part (their defaults change nothing):
-``configure(options)``, called once with its checked options before any ``supports`` query,
-and ``host(options) -> spec``, the target that runs what it cannot.
+``configured(options)``, the instance set up for its checked options that every ``supports``
+query of that configuration goes to (one per configuration, so two descriptions of one
+accelerator never share state), and ``host(options) -> spec``, the target that runs what it
+cannot.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Placement:
         fell_back: node name -> the reason its preferred target gave.
         placed_by_user: node name -> the placement key that put it there.
         hosts: key -> the key of its host target, for the targets that name one.
+        moved: node name -> the branch the planner moved to a host (see :mod:`.moves`).
     """
 
     nodes: dict[str, str]
@@ -64,6 +69,7 @@ class Placement:
     fell_back: dict[str, str] = field(default_factory=dict)
     placed_by_user: dict[str, str] = field(default_factory=dict)
     hosts: dict[str, str] = field(default_factory=dict)
+    moved: dict[str, str] = field(default_factory=dict)
 
     def fallback_targets(self) -> list[str]:
         """The keys the nodes that fell back went to (hosts and the fallback), in use."""
@@ -83,8 +89,7 @@ def _choice(spec: str, config: Mapping[str, Any] | None, choices: dict[str, Choi
     changed = tuple((k, _text(v)) for k, v in sorted(options.items()) if v != defaults[k])
     key = str(TargetSpec(target.name, changed))
     if key not in choices:
-        target.configure(options)
-        choices[key] = Choice(key, target, options)
+        choices[key] = Choice(key, target.configured(options), options)
     return key
 
 
@@ -103,7 +108,8 @@ def _branch_keys(branch: str) -> tuple[str, ...]:
 
 def place(graph: Graph, branches: Mapping[str, str], target: str,
           target_config: Mapping[str, Any] | None = None, fallback: str | None = "onnxruntime",
-          placement: Mapping[str, str] | None = None) -> Placement:
+          placement: Mapping[str, str] | None = None,
+          moves: Mapping[str, str] | None = None) -> Placement:
     """Give every node of ``graph`` a target.
 
     Args:
@@ -114,6 +120,8 @@ def place(graph: Graph, branches: Mapping[str, str], target: str,
         target_config: options of the requested target, over those in ``target``.
         fallback: where nodes go that their target cannot run (None: refuse them).
         placement: branch, modality or node name -> target spec, over ``target``.
+        moves: branch -> target spec, the planner's choice (:mod:`.moves`), under
+            ``placement``.
 
     Raises:
         TargetError: an unknown target or option.
@@ -124,6 +132,7 @@ def place(graph: Graph, branches: Mapping[str, str], target: str,
     primary = _choice(target, target_config, choices)
     backup = _choice(fallback, None, choices) if fallback else None
     user = {k: _choice(v, None, choices) for k, v in (placement or {}).items()}
+    planner = {k: _choice(v, None, choices) for k, v in (moves or {}).items()}
     names = {node.name for node in graph.gs.nodes}
     known = set(branches.values()) | {b.split(".")[0] for b in branches.values()}
     unknown = sorted(k for k in user if k not in names and k not in known)
@@ -148,10 +157,12 @@ def place(graph: Graph, branches: Mapping[str, str], target: str,
             continue
         branch = branches.get(node.name)
         by_branch = next((k for k in _branch_keys(branch) if k in user), None) if branch else None
-        key = user[by_branch] if by_branch else primary
+        key = user[by_branch] if by_branch else planner.get(branch, primary)
         support = choices[key].target.supports(node, graph)
         if by_branch:
             result.placed_by_user[node.name] = by_branch
+        elif branch in planner:
+            result.moved[node.name] = branch
         if support:
             result.nodes[node.name] = key
             continue

@@ -15,10 +15,14 @@ In order, each step with why it sits there:
    and target (the branch-parallel candidate, for ``schedule`` ``auto`` / ``parallel``);
 5. each stage's target pipeline (``Target.pipeline``: TVM's ``legalize-for-tvm``), on that
    target's stages only, last, so that nothing before it depends on one target.
+
+:func:`with_moves` redoes steps 3-5 with branches moved to other targets (what
+:mod:`.moves` weighs when the cost model may move a branch to an accelerator's host).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +38,18 @@ from mmcompile.schedule import check_kind
 from mmcompile.transform import PassContext
 
 
+@dataclass(frozen=True)
+class Request:
+    """What placement was asked for (the arguments of :func:`plan` it reads), kept so that
+    :func:`with_moves` can place the same graph again."""
+
+    target: str
+    target_config: Mapping[str, Any] | None
+    fallback: str | None
+    placement: Mapping[str, str] | None
+    schedule: str
+
+
 @dataclass
 class Plan:
     """What :func:`plan` decided.
@@ -47,6 +63,9 @@ class Plan:
             the requested target).
         staged: the stages cut by branch and target; the same list as ``whole`` when the
             schedule is ``sequential`` or the model has one branch.
+        branches: node -> modality branch (empty when no branch was needed).
+        request: what placement was asked for.
+        moves: branch -> target spec, the branches the planner moved (:func:`with_moves`).
     """
 
     source: Graph
@@ -56,6 +75,9 @@ class Plan:
     whole: list[StagePlan]
     staged: list[StagePlan] = field(default_factory=list)
     quantized: Any = None  # the QuantizedModel, when quantized
+    branches: dict[str, str] = field(default_factory=dict)
+    request: Request | None = None
+    moves: dict[str, str] = field(default_factory=dict)
 
     def stages(self) -> list[StagePlan]:
         """Every distinct stage of both candidates, the branch stages first (what ``tune``
@@ -118,26 +140,58 @@ def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         say(f"quantized {len(quantized.layers)} layer(s) to {quantize}, "
             f"{len(quantized.float_layers)} kept in float (drop {quantized.drop:.4f})")
     branches = assign_branches(optimized) if placement or schedule != "sequential" else {}
+    request = Request(target, target_config, fallback, placement, schedule)
     placed = place(optimized, branches, target, target_config, fallback, placement)
     if placed.fell_back:
         say(f"{len(placed.fell_back)} node(s) fall back to "
             f"{', '.join(placed.fallback_targets())}: "
             + ", ".join(f"{n} ({r})" for n, r in list(placed.fell_back.items())[:3])
             + (", ..." if len(placed.fell_back) > 3 else ""))
+    whole, staged = _cut(optimized, branches, placed, schedule)
+    return Plan(source, optimized, optimization, placed, whole, staged, quantized, branches,
+                request)
+
+
+def with_moves(planned: Plan, moves: Mapping[str, str]) -> Plan:
+    """``planned`` placed again with the branches in ``moves`` (branch -> target spec) on
+    those targets, under the user's placement (:func:`~.placement.place`), and cut into
+    stages again; the graph passes and quantization are not redone.
+
+    Raises:
+        TargetError: a move names an unknown target.
+        UnsupportedOpError: a node neither the move's target nor the fallback runs.
+    """
+    request = planned.request
+    if request is None:
+        raise ValueError("with_moves needs a plan made by plan()")
+    # a copy: a target pipeline runs in place on a stage that is the whole graph
+    graph = planned.optimized.copy()
+    placed = place(graph, planned.branches, request.target, request.target_config,
+                   request.fallback, request.placement, moves)
+    whole, staged = _cut(graph, planned.branches, placed, request.schedule)
+    return dataclasses.replace(planned, placement=placed, whole=whole, staged=staged,
+                               moves=dict(moves))
+
+
+def _cut(graph: Graph, branches: Mapping[str, str], placed: Placement, schedule: str
+         ) -> tuple[list[StagePlan], list[StagePlan]]:
+    """Steps 4 and 5: the ``whole`` and ``staged`` stage lists of the placed ``graph``, each
+    stage through its target's pipeline."""
     names = {key: choice.name for key, choice in placed.choices.items()}
     staged: list[StagePlan] = []
     if schedule != "sequential" and len(set(branches.values())) > 1:
         labels = {n: (b, placed.nodes[n]) for n, b in branches.items()}
-        staged = stage_plans(optimized, group_nodes(optimized, labels), placed.primary, names)
-    whole = stage_plans(optimized, group_nodes(optimized, {n: ("main", k) for n, k in
-                                                           placed.nodes.items()}),
+        staged = stage_plans(graph, group_nodes(graph, labels), placed.primary, names)
+    whole = stage_plans(graph, group_nodes(graph, {n: ("main", k) for n, k in
+                                                   placed.nodes.items()}),
                         placed.primary, names)
-    result = Plan(source, optimized, optimization, placed, whole, staged or whole, quantized)
-    for stage in result.stages():  # last: a target's pipeline sees only its own stages
+    staged = staged or whole
+    for stage in staged + [s for s in whole if s not in staged]:
+        # last: a target's pipeline sees only its own stages
         pipeline = placed.choices[stage.target].target.pipeline
         if pipeline:
             optimize(stage.graph, pipeline, inplace=True)
-    return result
+    return whole, staged
 
 
 def _quantize_options(options: Mapping[str, Any] | None) -> dict[str, Any]:

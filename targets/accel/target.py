@@ -1,10 +1,13 @@
 """The ``accel`` target: quantized layers on the FPGA-like accelerator, the rest on its host.
 
-Placement asks :meth:`AccelTarget.supports` node by node; the answer comes from
-:func:`~.importer.analyse` (cached per graph): the nodes of each QDQ Conv / MatMul / Gemm
-layer the description runs go to the accelerator, everything else to the host target
-(``host``, default ``cpu``), each with the reason kept for the report. A graph with no
-quantization is refused: the accelerator is an int8 machine, and the message says how to
+Placement asks :meth:`AccelTarget.supports` node by node, of the instance
+:meth:`AccelTarget.configured` made for the options (one per description, holding it); the
+answer comes from :func:`~.importer.analyse` (cached per graph): the nodes of each QDQ Conv /
+MatMul / Gemm layer the description runs go to the accelerator, everything else to the host
+target (``host``, default ``cpu``), each with the reason kept for the report. The planner may
+also move whole branches to the host when the modelled latency drops
+(:mod:`mmcompile.planning.moves`; option ``branch_moves=false`` turns that off). A graph
+with no quantization is refused: the accelerator is an int8 machine, and the message says how to
 quantize (``quantize="int8", calibration=...``; CLI ``--quantize int8 --calibration``).
 
 A stage compiles to one instruction stream per layer (:func:`~.lowering.lower`), run in graph
@@ -121,20 +124,23 @@ class AccelTarget(Target):
                      "(CLI: --accel-spec FILE)"),
         TargetOption("host", str, "cpu", "the target for the nodes the accelerator does not "
                      "run (cpu, or onnxruntime for a quick build)"),
+        TargetOption("branch_moves", bool, True, "let the planner move whole branches "
+                     "(modality or fusion) to the host when that lowers the modelled latency "
+                     "(schedule auto/parallel; false keeps every supported layer here)"),
     )
 
-    def __init__(self) -> None:
-        self.spec: AccelSpec | None = None
+    def __init__(self, spec: AccelSpec | None = None) -> None:
+        self.spec = spec  # None: the default preset
         self._analysis: tuple[int, str, int, Any] | None = None
 
-    def configure(self, options: Mapping[str, Any]) -> None:
-        """Read the description the options name (placement calls this once, before asking
-        :meth:`supports`).
+    def configured(self, options: Mapping[str, Any]) -> AccelTarget:
+        """A new instance holding the description the options name (placement asks it
+        :meth:`supports`; two descriptions in one process are two instances).
 
         Raises:
             AccelSpecError: an invalid description.
         """
-        self.spec = spec_from_options(options)
+        return AccelTarget(spec_from_options(options))
 
     def host(self, options: Mapping[str, Any]) -> str:
         """The target that runs what the accelerator does not."""
@@ -143,6 +149,11 @@ class AccelTarget(Target):
             raise TargetError("target 'accel': option 'host' must name another target "
                               "(cpu, onnxruntime)")
         return host
+
+    def branch_moves(self, options: Mapping[str, Any]) -> bool:
+        """Whether the planner may move a whole branch to the host when the modelled latency
+        drops (option ``branch_moves``, default true; see :mod:`mmcompile.planning.moves`)."""
+        return bool(options.get("branch_moves", True))
 
     def analysis(self, graph: Graph) -> Any:
         """:func:`~.importer.analyse` of ``graph``, computed once per graph.
@@ -188,12 +199,12 @@ class AccelTarget(Target):
             MMCompileError: ``graph`` is not quantized.
         """
         from mmcompile.targets.accel import explore as space
-        self.configure(options)
-        self.analysis(graph)  # a graph that is not quantized is refused here, with the hint
-        points = space.explore(graph, self.spec, space.parse_sweep(sweep),
+        target = self.configured(options)
+        target.analysis(graph)  # a graph that is not quantized is refused here, with the hint
+        points = space.explore(graph, target.spec, space.parse_sweep(sweep),
                                progress or (lambda message: None))
         if plot:
-            space.plot(points, plot, f"{graph.name} on {self.spec.name} variants")
+            space.plot(points, plot, f"{graph.name} on {target.spec.name} variants")
         return [p.to_dict() for p in points]
 
     def supports(self, node: Any, graph: Graph) -> Support:
