@@ -23,6 +23,8 @@ from mmcompile.errors import MMCompileError
 
 FORMAT = "mmcompile-artifact"
 FORMAT_VERSION = 1
+# 2: several builds serving declared dim ranges (``profiles``); a reader of 1 must refuse it
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -44,7 +46,8 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any],
 
     Args:
         path: destination folder (replaced if it exists and is an artifact).
-        manifest: everything but ``format``, ``format_version`` and ``stages``.
+        manifest: everything but ``format`` and ``stages`` (``format_version`` only to
+            write a later version than :data:`FORMAT_VERSION`).
         write_stages: called with the temporary folder; writes the stage files there and
             returns one dict per stage with a ``files`` mapping (role -> relative file name).
 
@@ -105,9 +108,10 @@ def read_manifest(path: str | os.PathLike, verify_hashes: bool = True) -> dict[s
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path} is not an mmcompile manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(f"{path} has artifact format version {version}; this mmcompile "
-                            f"reads version {FORMAT_VERSION}: recompile the model")
+                            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}: "
+                            f"recompile the model")
     for key in ("signature", "stages", "target", "versions"):
         if key not in manifest:
             raise ArtifactError(f"{manifest_path} lacks '{key}'")

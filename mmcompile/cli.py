@@ -173,6 +173,11 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
     stages = manifest["stages"]
     costs = [st.get("info", {}).get("cost_ms") for st in stages]
     total = sum(costs) if None not in costs else 0.0
+    if manifest.get("profiles"):  # several builds: name each stage's build, shares per build
+        labels = [", ".join(f"{k}={'*' if v is None else v}" for k, v in p["sizes"].items())
+                  for p in manifest["profiles"]]
+        stages = [{**st, "name": f"{st['name']} [{labels[st['profile']]}]"} for st in stages]
+        total = 0.0
     print("\nstages (placement: where each runs and why):")
     print(format_table(
         ["stage", "target", "nodes", "time", "files", "compile s", "why", "detail"],
@@ -182,6 +187,8 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
           ", ".join(st["files"].values()), f"{st.get('compile_seconds', 0):.2f}",
           st.get("info", {}).get("placement", {}).get("reason", ""),
           st.get("info", {}).get("detail", "")) for st, c in zip(stages, costs)]))
+    if manifest.get("profiles"):
+        _dynamic_builds(manifest)
     schedule = manifest.get("schedule", {})
     if schedule.get("kind") == "parallel":
         lanes = ", ".join(f"{d} lane: {' + '.join(w)} ({t} thread{'s' if t > 1 else ''})"
@@ -204,6 +211,21 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
     if meta.get("verification"):
         print(f"\nverification at compile time: {meta['verification']}")
     return EXIT_OK
+
+
+def _dynamic_builds(manifest: dict) -> None:
+    """The declared dim ranges of an artifact with several builds, and its builds."""
+    from mmcompile.profiles import DynamicDim
+    from mmcompile.report import format_table
+    print("\ndynamic dims (one artifact, a build per size listed; calls dispatched by shape):")
+    for dim in manifest.get("dynamic", []):
+        print(f"  {DynamicDim.from_dict(dim).describe()}")
+    print(format_table(["build", "stages", "ms/call", "schedule"], [
+        (", ".join(f"{k}={'*' if v is None else v}" for k, v in p["sizes"].items()),
+         sum(1 for st in manifest["stages"] if st.get("profile") == i),
+         f"{p['cost_ms']:.3f}" if p.get("cost_ms") is not None else "-",
+         p.get("schedule", {}).get("kind", "sequential"))
+        for i, p in enumerate(manifest["profiles"])]))
 
 
 def _modelled_layers(stages: list[dict]) -> None:
@@ -275,6 +297,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     progress = _progress_lines(args, started)
 
     example = _read_npz(args.inputs) if args.inputs else None
+    dynamic = None
+    if args.dynamic:
+        from mmcompile.dynamic import parse_dynamic_flags
+        dynamic = parse_dynamic_flags(args.dynamic)  # bad syntax fails before any work
     # calibration samples are for quantizing: --calibration alone means int8
     quantize = args.quantize or ("int8" if args.calibration else None)
     compiled = compile_model(
@@ -287,7 +313,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         fallback=_fallback(args.fallback), placement=_pairs(args.placement, "--placement"),
         schedule=args.schedule, tuning_db=args.tuning_db, progress=progress,
         quantize=quantize, calibration=args.calibration,
-        quantize_options=_quantize_options(args) if quantize else None)
+        quantize_options=_quantize_options(args) if quantize else None,
+        dynamic=dynamic)
     compiled.save(args.output)
     if args.json:
         print(json.dumps({"output": str(args.output), "target": compiled.target,
@@ -373,8 +400,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.output:
         _write_npz(args.output, outputs)
     # the accelerator's stages in their modelled time, on their own lane
-    modelled = (model.modelled_timeline(feeds)
-                if any(s.info.get("modelled_ms") is not None for s in model.stages) else None)
+    modelled = None
+    if any(s.info.get("modelled_ms") is not None for s in model.stages):
+        from mmcompile.planning.timeline import modelled_timeline
+        modelled = modelled_timeline(model, feeds)
     if args.timeline:
         from mmcompile.report import draw_timeline
         title = f"{Path(args.model).name}: {model.schedule.kind} schedule"
@@ -631,6 +660,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p)
     p.add_argument("--inputs", metavar="FILE.npz", help="example inputs (one array per input "
                                                         "name) used for verification")
+    p.add_argument("--dynamic", action="append", default=[], metavar="DIM=LOW:HIGH",
+                   help="serve a range of a named symbolic dim with one artifact instead of "
+                        "fixing it to the example's size, e.g. batch=1:32; sizes between the "
+                        "ends get builds of their own (batch=1:8:32); repeatable or "
+                        "comma-separated (batch=1:32,sequence=1:512)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the comparison with onnxruntime")
     p.add_argument("--tolerance", type=float, default=1e-4,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmcompile.errors import VerificationError
+from mmcompile.errors import InputError, VerificationError
 from mmcompile.frontend import SPECIALIZED
 from mmcompile.ir import Graph
 from mmcompile.planning import Plan, StagePlan, plan
@@ -25,6 +25,9 @@ from mmcompile.runtime import CompiledModel, Stage, load  # noqa: F401  (load: a
 from mmcompile.schedule import available_cores
 from mmcompile.signature import Signature
 from mmcompile.target import CompileOptions, TargetError
+
+if TYPE_CHECKING:
+    from mmcompile.profiles import ProfiledModel
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -71,7 +74,8 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             schedule: str = "auto", measure: bool = True,
             tuning_db: str | os.PathLike | None = None, quantize: str | None = None,
             calibration: Any = None, quantize_options: Mapping[str, Any] | None = None,
-            progress: Callable[[str], None] | None = None) -> CompiledModel:
+            dynamic: Mapping[str, Sequence[int]] | None = None,
+            progress: Callable[[str], None] | None = None) -> CompiledModel | ProfiledModel:
     """Compile a multimodal model: plan its stages (:func:`mmcompile.planning.plan`), compile
     each with its target, choose the schedule, verify.
 
@@ -113,10 +117,15 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             name -> stacked samples, or a list of feed dicts; a modality may have fewer.
         quantize_options: further options of :func:`mmcompile.quantize` (``method``,
             ``activations``, ``max_drop``, ``holdout``, ``metrics``, ``keep_float``).
+        dynamic: serve ranges of named symbolic dims with one artifact instead of fixing them
+            to the example's sizes: dim -> ``(low, high)`` or ``(low, size, ..., high)``
+            (sizes between the ends get builds of their own), e.g. ``{"batch": (1, 8, 32)}``;
+            see :mod:`mmcompile.dynamic`. A torch module can declare only ``batch``.
         progress: called with one-line status messages.
 
     Returns:
-        The :class:`CompiledModel`.
+        The :class:`CompiledModel`; with ``dynamic``, a
+        :class:`~mmcompile.profiles.ProfiledModel` over several builds.
 
     Raises:
         ModelLoadError, ExportError, ModalityError: the model cannot be read.
@@ -125,8 +134,11 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         UnsupportedOpError: a node no allowed target can run (named, with the reasons).
         VerificationError: outputs differ from onnxruntime beyond ``tolerance``.
         TuningDBError: ``tuning_db`` is missing, corrupt or for another target.
-        InputError, QuantizationError: bad calibration data or quantization options.
+        InputError, QuantizationError: bad calibration data or quantization options; with
+            ``dynamic``: a bad range, a dim no input has, an example outside its range.
     """
+    if dynamic is not None:
+        return _compile_dynamic(model, example_inputs, dynamic, locals())
     say = progress or (lambda message: None)
     config = dict(target_config or {})
     db_info = None
@@ -183,6 +195,36 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
         say("verifying against onnxruntime")
         compiled.metadata["verification"] = verify_compiled(compiled, source, feeds, tolerance)
     return compiled
+
+
+def _compile_dynamic(model: Any, example_inputs: Any, dynamic: Mapping[str, Sequence[int]],
+                     args: Mapping[str, Any]) -> ProfiledModel:
+    """:func:`compile` with ``dynamic``: the same options for every build."""
+    from mmcompile.dynamic import compile_dynamic
+    from mmcompile.target import resolve_target
+    if args["quantize"]:
+        raise InputError("quantize= together with dynamic= is not supported: quantize a model "
+                         "at one size, or compile the float model for the range")
+    if args["verify"] or args["measure"]:
+        target, _ = resolve_target(args["target"], args["target_config"])
+        why = target.why_not_runnable()
+        if why and args["verify"]:
+            raise TargetError(f"cannot verify a model compiled for '{args['target']}' here: "
+                              f"{why}; compile with verify=False (CLI: --no-verify)")
+        measure = args["measure"] and not why
+    else:
+        measure = False
+    config = dict(args["target_config"] or {})
+    if args["tuning_db"] is not None:
+        config["tuning_db"] = str(args["tuning_db"])
+    options = {k: args[k] for k in ("target", "modalities", "passes", "opt_level",
+                                    "disabled_passes", "threads", "fallback", "placement",
+                                    "schedule")}
+    options["target_config"] = config
+    return compile_dynamic(model, example_inputs, dynamic, options=options,
+                           modalities=args["modalities"], input_shapes=args["input_shapes"],
+                           verify=args["verify"], tolerance=args["tolerance"], measure=measure,
+                           progress=args["progress"])
 
 
 def _placement_facts(stage: StagePlan, planned: Plan) -> dict[str, Any]:

@@ -38,6 +38,7 @@ TVM_FFI_VERSION = "0.1.14.post1"
 RUNTIME_FILES = (
     "__init__.py", "_lazy.py", "errors.py", "artifact.py", "runtime.py", "executor.py", "report.py",
     "schedule.py", "signature.py", "spec.py", "target.py",
+    "profiles.py",  # artifacts compiled for dim ranges (dynamic=) dispatch over their builds
     "planning/__init__.py", "planning/parallel.py",  # load(..., schedule=) re-plans
     "targets/__init__.py", "targets/onnxruntime.py", "targets/tvm/__init__.py",
     "targets/tvm/target.py", "targets/tvm/executable.py", "targets/tvm/cuda.py",

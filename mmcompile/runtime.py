@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from mmcompile.report import format_table, quantization_lines
 from mmcompile.schedule import Schedule, check_kind
 from mmcompile.signature import Signature
 from mmcompile.target import Executable, get_target
+
+if TYPE_CHECKING:
+    from mmcompile.profiles import ProfiledModel
 
 
 @dataclass
@@ -172,8 +175,11 @@ class CompiledModel:
             InputError: a missing/unknown input, wrong rank, shape or dtype, or an index
                 outside the table it indexes.
         """
-        torch_out = _wants_torch(feeds)
-        env: dict[str, Any] = dict(self.signature.validate(feeds))
+        return self._run_ready(self.signature.validate(feeds), _wants_torch(feeds))
+
+    def _run_ready(self, ready: Mapping[str, Any], torch_out: bool) -> dict[str, Any]:
+        """:meth:`run` on inputs already validated (a dispatcher over builds validates once)."""
+        env: dict[str, Any] = dict(ready)
         with self._lock:
             self._execute(env)
         return {name: _to_caller(env[name], torch_out) for name in self.output_names}
@@ -191,34 +197,6 @@ class CompiledModel:
         return [{"stage": s, "target": self._by_name[s].target if s in self._by_name else "copy",
                  "lane": lane, "start_ms": (a - start) * 1e3, "end_ms": (b - start) * 1e3}
                 for s, lane, a, b in sorted(timeline, key=lambda t: t[2])]
-
-    def modelled_timeline(self, feeds: Mapping[str, Any], runs: int = 3
-                          ) -> list[dict[str, Any]]:
-        """One run on one modelled clock: each stage whose target models its own time
-        (``modelled_ms`` in its info: the accelerator's cycle model) takes that time, on a
-        lane of its device (``accel lane``), the others their measured time on their lane.
-        Replayed in :meth:`profile`'s order, each measured time the median of ``runs``
-        profiled runs: a stage starts when its lane is free and the stages it reads from have
-        ended, so host work that does not wait for an accelerator stage runs beside it.
-        Entries as :meth:`profile`'s, with ``modelled`` set on the modelled ones."""
-        profiles = [self.profile(feeds) for _ in range(max(1, runs))]
-        measured = {e["stage"]: float(np.median([
-            next(x["end_ms"] - x["start_ms"] for x in p if x["stage"] == e["stage"])
-            for p in profiles])) for e in profiles[0]}
-        ends: dict[str, float] = {}
-        free: dict[str, float] = {}
-        out = []
-        for entry in profiles[0]:
-            stage = self._by_name.get(entry["stage"])
-            modelled = stage.info.get("modelled_ms") if stage is not None else None
-            lane = f"{stage.device} lane" if modelled is not None else entry["lane"]
-            duration = float(modelled) if modelled is not None else measured[entry["stage"]]
-            deps = stage.depends_on if stage is not None else []
-            start = max([free.get(lane, 0.0), *(ends[d] for d in deps if d in ends)])
-            ends[entry["stage"]] = free[lane] = start + duration
-            out.append({**entry, "lane": lane, "start_ms": start, "end_ms": start + duration,
-                        "modelled": modelled is not None})
-        return sorted(out, key=lambda e: e["start_ms"])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -305,15 +283,7 @@ class CompiledModel:
         from mmcompile import __version__
 
         def write_stages(folder: Path) -> list[dict[str, Any]]:
-            entries = []
-            for stage in self.stages:
-                files = stage.executable.save(folder, stage.name)
-                entries.append({"name": stage.name, "target": stage.target,
-                                "inputs": stage.inputs, "outputs": stage.outputs,
-                                "depends_on": stage.depends_on,
-                                "files": files, "compile_seconds": stage.compile_seconds,
-                                "info": {**stage.info, **stage.executable.describe()}})
-            return entries
+            return self._stage_entries(folder)
 
         versions = {k: v for s in self.stages for k, v in s.info.get("versions", {}).items()}
         manifest = {"versions": {"mmcompile": __version__, **versions,
@@ -324,12 +294,26 @@ class CompiledModel:
                     "metadata": {k: v for k, v in self.metadata.items() if k != "versions"}}
         return write_artifact(path, manifest, write_stages)
 
+    def _stage_entries(self, folder: Path, prefix: str = "") -> list[dict[str, Any]]:
+        """Write each stage's files into ``folder`` (names start with ``prefix``: an artifact
+        with several builds) and return their manifest entries."""
+        entries = []
+        for stage in self.stages:
+            files = stage.executable.save(folder, prefix + stage.name)
+            entries.append({"name": stage.name, "target": stage.target,
+                            "inputs": stage.inputs, "outputs": stage.outputs,
+                            "depends_on": stage.depends_on,
+                            "files": files, "compile_seconds": stage.compile_seconds,
+                            "info": {**stage.info, **stage.executable.describe()}})
+        return entries
+
 
 def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None
-         ) -> CompiledModel:
+         ) -> CompiledModel | ProfiledModel:
     """Load an artifact written by :meth:`CompiledModel.save`, with the schedule it was
     compiled with; each stage is loaded by its own target. No compiler is needed (nor
-    imported: see :mod:`mmcompile`).
+    imported: see :mod:`mmcompile`). An artifact compiled for dim ranges (``dynamic=``) gives
+    a :class:`~mmcompile.profiles.ProfiledModel` that dispatches over its builds.
 
     Args:
         path: the ``.mmc`` folder.
@@ -342,12 +326,27 @@ def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None
     """
     path = Path(path)
     manifest = read_manifest(path)
+    if "profiles" in manifest:  # several builds serving declared dim ranges
+        from mmcompile.profiles import load_profiled
+        return load_profiled(path, manifest, threads, schedule)
+    return model_from_entries(path, manifest, manifest["stages"], threads, schedule)
+
+
+def model_from_entries(path: Path, manifest: Mapping[str, Any], entries: list[dict[str, Any]],
+                       threads: int = 0, schedule: str | None = None) -> CompiledModel:
+    """A :class:`CompiledModel` from manifest stage ``entries`` (checked by
+    :func:`~mmcompile.artifact.read_manifest`) and the manifest's signature, schedule and
+    metadata; ``load`` for one build.
+
+    Raises:
+        ArtifactError: a malformed signature.
+    """
     try:
         signature = Signature.from_dict(manifest["signature"])
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{path}: malformed signature in the manifest: {exc}") from exc
     stages = []
-    for entry in manifest["stages"]:
+    for entry in entries:
         target = get_target(entry["target"])
         executable = target.load(path, entry["files"], {**entry.get("info", {}),
                                                         "versions": manifest["versions"]},
