@@ -23,7 +23,6 @@ call's batch (see the README). This module needs numpy only, as the rest of the 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,8 +359,8 @@ class ProfiledModel:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one artifact folder holding every build (atomically). Returns its path."""
-        from mmcompile import __version__
         from mmcompile.artifact import write_artifact
+        from mmcompile.runtime import manifest_head
 
         def write_stages(folder: Path) -> list[dict[str, Any]]:
             entries = []
@@ -370,19 +369,14 @@ class ProfiledModel:
                     entries.append({**entry, "profile": index})
             return entries
 
-        versions = {k: v for s in self.stages for k, v in s.info.get("versions", {}).items()}
         profiles = [{"sizes": p.sizes, "cost_ms": p.cost_ms,
                      "signature": p.model.signature.to_dict(),
                      "schedule": p.model.schedule.to_dict(),
                      "metadata": {k: v for k, v in p.model.metadata.items() if k != "versions"}}
                     for p in self.profiles]
         manifest = {"format_version": PROFILES_FORMAT_VERSION,
-                    "versions": {"mmcompile": __version__, **versions,
-                                 **self.metadata.get("versions", {})},
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "target": self.target, "signature": self.signature.to_dict(),
-                    "schedule": self.schedule.to_dict(),
-                    "metadata": {k: v for k, v in self.metadata.items() if k != "versions"},
+                    **manifest_head(self.stages, self.metadata, self.target, self.signature,
+                                    self.schedule),
                     "dynamic": [d.to_dict() for d in self.dims], "profiles": profiles}
         return write_artifact(path, manifest, write_stages)
 

@@ -280,19 +280,9 @@ class CompiledModel:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact folder (atomically). Returns its path."""
-        from mmcompile import __version__
-
-        def write_stages(folder: Path) -> list[dict[str, Any]]:
-            return self._stage_entries(folder)
-
-        versions = {k: v for s in self.stages for k, v in s.info.get("versions", {}).items()}
-        manifest = {"versions": {"mmcompile": __version__, **versions,
-                                 **self.metadata.get("versions", {})},
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "target": self.target, "signature": self.signature.to_dict(),
-                    "schedule": self._schedule.to_dict(),
-                    "metadata": {k: v for k, v in self.metadata.items() if k != "versions"}}
-        return write_artifact(path, manifest, write_stages)
+        manifest = manifest_head(self.stages, self.metadata, self.target, self.signature,
+                                 self._schedule)
+        return write_artifact(path, manifest, self._stage_entries)
 
     def _stage_entries(self, folder: Path, prefix: str = "") -> list[dict[str, Any]]:
         """Write each stage's files into ``folder`` (names start with ``prefix``: an artifact
@@ -306,6 +296,18 @@ class CompiledModel:
                             "files": files, "compile_seconds": stage.compile_seconds,
                             "info": {**stage.info, **stage.executable.describe()}})
         return entries
+
+
+def manifest_head(stages, metadata: Mapping[str, Any], target: str, signature: Signature,
+                  schedule: Schedule) -> dict[str, Any]:
+    """The manifest fields every artifact has: versions (mmcompile's, the stages', the
+    metadata's), creation time, target, signature, schedule and metadata."""
+    from mmcompile import __version__
+    versions = {k: v for s in stages for k, v in s.info.get("versions", {}).items()}
+    return {"versions": {"mmcompile": __version__, **versions, **metadata.get("versions", {})},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "target": target, "signature": signature.to_dict(), "schedule": schedule.to_dict(),
+            "metadata": {k: v for k, v in metadata.items() if k != "versions"}}
 
 
 def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None

@@ -439,6 +439,18 @@ def test_pack_matmul_weights_reads_constant_weights_as_column_panels():
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)  # 24-term sums
 
 
+def _one_op_module(shape, op):
+    """A Relax module whose ``main`` applies ``op`` to one float32 input of ``shape``."""
+    from tvm import relax
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(op(x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 @pytest.mark.parametrize("shape", [(3, 50), (2, 4, 16), (5, 13), (4, 65)])
 @pytest.mark.parametrize("kind", ["softmax", "layer_norm"])
 def test_row_reductions_vectorize_their_partial_sums_and_match_numpy(shape, kind):
@@ -482,14 +494,7 @@ def test_row_reductions_rewrite_softmax_and_layer_norm_over_the_last_axis_only()
 
     from mmcompile.targets.tvm.rows import RowReductions
 
-    def module(shape, op):
-        bb = relax.BlockBuilder()
-        x = relax.Var("x", relax.TensorType(shape, "float32"))
-        with bb.function("main", [x]):
-            with bb.dataflow():
-                out = bb.emit_output(op(x))
-            bb.emit_func_output(out)
-        return bb.get()
+    module = _one_op_module
 
     def layer_norm(axes):
         def op(x):
@@ -725,13 +730,8 @@ def test_column_softmax_takes_softmax_over_other_axes_only_and_matches_torch():
     from mmcompile.targets.tvm.column_softmax import ColumnSoftmaxes
 
     def rewritten(shape, axis):
-        bb = relax.BlockBuilder()
-        x = relax.Var("x", relax.TensorType(shape, "float32"))
-        with bb.function("main", [x]):
-            with bb.dataflow():
-                out = bb.emit_output(relax.op.nn.softmax(x, axis))
-            bb.emit_func_output(out)
-        return "column_max" in ColumnSoftmaxes()(bb.get()).script()
+        module = _one_op_module(shape, lambda x: relax.op.nn.softmax(x, axis))
+        return "column_max" in ColumnSoftmaxes()(module).script()
     assert rewritten((1, 16, 4, 2100), 1)
     assert not rewritten((1, 16, 4, 2100), -1)  # the last axis: RowReductions' case
     assert not rewritten((2, 16, 4), 1)  # columns too short to vectorize

@@ -20,10 +20,10 @@ from functools import partial
 
 import tvm
 from tvm import s_tir, te, tirx, topi
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from mmcompile.targets.tvm.rewrite import rewrite_calls
-from mmcompile.targets.tvm.schedule_util import VectorRule, extent
+from mmcompile.targets.tvm.schedule_util import (VectorRule, extent, injective_tail,
+                                                 vectorize_reduction)
 
 MAX_CHUNK = 64  # widest chunk of the last axis per task
 MIN_COLUMNS = 8  # last axes shorter than this are left to the other rules
@@ -84,10 +84,10 @@ class ColumnSoftmax(VectorRule):
     @staticmethod
     def _schedule(func, lanes):
         sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or not infos[-1].is_injective():
+        found = injective_tail(sch)
+        if found is None:
             return None
-        names = [sch.get(b.block_rv).name_hint for b in infos]
+        infos, names = found
         columns = [info for info, name in zip(infos, names) if name.startswith(COLUMN)]
         if len(columns) != 2:
             return None
@@ -115,11 +115,7 @@ class ColumnSoftmax(VectorRule):
             if info.is_injective():
                 sch.vectorize(block_loops[-1])
                 continue
-            spatial, k = block_loops[-2], block_loops[-1]  # [chunk, axis] -> [axis, chunk]
-            sch.reorder(k, spatial)
-            sch.vectorize(spatial)  # before decompose_reduction, which otherwise rejects it
-            init = sch.decompose_reduction(info.block_rv, k)
-            sch.vectorize(sch.get_loops(init)[-1])
+            vectorize_reduction(sch, info.block_rv, *block_loops[-2:])  # [chunk, axis]
         return sch
 
 

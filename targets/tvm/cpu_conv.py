@@ -253,7 +253,7 @@ class BlockedConv2d(VectorRule):
             return None
         producers, epilogues = neighbours
         if not all(_covers(sch, main.block_rv, b) for b in epilogues):
-            return None  # a slice of the output: BlockedMatmul computes it per tile
+            return None  # a slice of the output: BlockedMatmul runs it after its tiles
         # several input channels (or a large window): vectorize the channels (see the module
         # docstring); a single input channel: the columns where the width allows
         by_channels = channels % lanes == 0 and (

@@ -29,10 +29,10 @@ from functools import partial
 
 import tvm
 from tvm import s_tir, te, tirx, topi
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from mmcompile.targets.tvm.rewrite import rewrite_calls
-from mmcompile.targets.tvm.schedule_util import VectorRule, extent
+from mmcompile.targets.tvm.schedule_util import (VectorRule, extent, injective_tail,
+                                                 vectorize_reduction)
 
 LANES = 8  # partials per row by default: one AVX2 vector of float32
 PARTIAL = "lane_"  # name prefix of the partial-reduction blocks
@@ -139,10 +139,10 @@ class RowReduction(VectorRule):
     @staticmethod
     def _schedule(func, lanes):
         sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or not infos[-1].is_injective():
+        found = injective_tail(sch)
+        if found is None:
             return None
-        names = [sch.get(b.block_rv).name_hint for b in infos]
+        infos, names = found
         if not any(name.startswith(PARTIAL) for name in names):
             return None
         last = infos[-1].block_rv
@@ -154,11 +154,7 @@ class RowReduction(VectorRule):
             sch.compute_at(info.block_rv, rows, preserve_unit_loops=True)
         for info, name in zip(infos[:-1], names):
             if name.startswith(PARTIAL):  # [.., lane, chunk] -> [.., chunk, lane], lanes vector
-                lane, chunk = sch.get_loops(info.block_rv)[-2:]
-                sch.reorder(chunk, lane)
-                sch.vectorize(lane)  # before decompose_reduction, which otherwise rejects it
-                init = sch.decompose_reduction(info.block_rv, chunk)
-                sch.vectorize(sch.get_loops(init)[-1])
+                vectorize_reduction(sch, info.block_rv, *sch.get_loops(info.block_rv)[-2:])
             elif info.is_injective():
                 _vectorize(sch, info.block_rv, lanes)
             else:  # the reduction over the lanes: short, unrolled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import tirx
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target.codegen import target_has_features
 
 
@@ -85,7 +86,8 @@ def parallel_pass(sch, block_rv, lanes: int) -> None:
     ``Pad`` and a convolution's padding to) is split into a fill of the border value and a
     copy of the input without a condition (``decompose_padding``), so both vectorize; a
     lane-dependent condition scalarizes the whole loop, with a division per index per element
-    (PaddleOCR's depthwise 5x5 convolutions spent ~80% of their time padding).
+    (PaddleOCR's classifier spent ~70% of its time padding for its depthwise 5x5
+    convolutions).
     """
     blocks = [block_rv]
     loops = sch.get_loops(block_rv)
@@ -100,6 +102,25 @@ def parallel_pass(sch, block_rv, lanes: int) -> None:
             parallel_rows(sch, rv, lanes)
         else:
             parallel_spatial(sch, rv, lanes)
+
+
+def injective_tail(sch):
+    """``(blocks, names)`` of a function whose last block is injective (a reduction kernel
+    with its elementwise ops), normalized; None for any other function."""
+    infos = normalize_prim_func(sch)
+    if infos is None or not infos[-1].is_injective():
+        return None
+    return infos, [sch.get(b.block_rv).name_hint for b in infos]
+
+
+def vectorize_reduction(sch, block_rv, spatial, reduce_loop) -> None:
+    """A reduction block's loops ``[spatial, reduce_loop]`` turned to ``[reduce_loop,
+    spatial]`` with ``spatial`` vectorized: a vector of partial results, each step one vector
+    operation; the initialization split off and vectorized too."""
+    sch.reorder(reduce_loop, spatial)
+    sch.vectorize(spatial)  # before decompose_reduction, which otherwise rejects it
+    init = sch.decompose_reduction(block_rv, reduce_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _write_shape(sch, block_rv) -> list[int | None]:
