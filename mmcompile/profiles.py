@@ -32,6 +32,7 @@ import numpy as np
 
 from mmcompile.errors import InputError
 from mmcompile.report import format_table
+from mmcompile.runtime import host_array, wants_torch
 from mmcompile.signature import Signature, TensorSpec
 
 MODES = ("split", "pad", "exact")
@@ -165,12 +166,6 @@ def _take_rows(value: np.ndarray, axis: int, start: int, rows: int, size: int) -
     return np.take(value, index, axis=axis)
 
 
-def _as_host(value: Any) -> np.ndarray:
-    if type(value).__module__.startswith("torch"):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 class ProfiledModel:
     """A compiled model for declared dim ranges: several builds and a dispatcher. Called and
     saved like a :class:`~mmcompile.runtime.CompiledModel` (``mmcompile.load`` returns one for
@@ -270,7 +265,7 @@ class ProfiledModel:
             InputError: a missing/unknown input, wrong rank, shape or dtype, an index outside
                 its table, or a dim outside its declared range (named, with the range).
         """
-        torch_out = any(type(v).__module__.startswith("torch") for v in feeds.values())
+        torch_out = wants_torch(feeds)
         ready = self.signature.validate(feeds)
         sizes = self.signature.sizes(ready)
         key = tuple(sizes.values())
@@ -283,7 +278,7 @@ class ProfiledModel:
         if exact:  # exactly a build's sizes: no copies
             return calls[0][0].model._run_ready(ready, torch_out)
         split = next((d for d in self.dims if d.mode == "split"), None)
-        host = {k: _as_host(v) for k, v in ready.items()}
+        host = {k: host_array(v) for k, v in ready.items()}
         pieces: list[dict[str, np.ndarray]] = []
         for profile, start, rows in calls:
             chunk = {}

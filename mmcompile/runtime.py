@@ -70,8 +70,18 @@ def _thread_setup(targets: list[str], threads: int) -> Callable[[], None]:
     return setup
 
 
-def _wants_torch(feeds: Mapping[str, Any]) -> bool:
+def wants_torch(feeds: Mapping[str, Any]) -> bool:
+    """Whether the caller passed torch tensors (and so gets torch tensors back)."""
     return any(type(v).__module__.startswith("torch") for v in feeds.values())
+
+
+def host_array(value: Any) -> np.ndarray:
+    """``value`` (numpy, torch, or anything with DLPack on the host) as a numpy array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__module__.startswith("torch"):
+        return value.detach().cpu().numpy()
+    return np.from_dlpack(value) if hasattr(value, "__dlpack_device__") else np.asarray(value)
 
 
 def _to_caller(value: Any, torch_out: bool) -> Any:
@@ -175,7 +185,7 @@ class CompiledModel:
             InputError: a missing/unknown input, wrong rank, shape or dtype, or an index
                 outside the table it indexes.
         """
-        return self._run_ready(self.signature.validate(feeds), _wants_torch(feeds))
+        return self._run_ready(self.signature.validate(feeds), wants_torch(feeds))
 
     def _run_ready(self, ready: Mapping[str, Any], torch_out: bool) -> dict[str, Any]:
         """:meth:`run` on inputs already validated (a dispatcher over builds validates once)."""

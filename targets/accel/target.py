@@ -62,15 +62,6 @@ def spec_from_options(options: Mapping[str, Any]) -> AccelSpec:
     return load_spec(options.get("spec") or options.get("preset") or DEFAULT_PRESET)
 
 
-def _host_array(value: Any):
-    import numpy as np
-    if isinstance(value, np.ndarray):
-        return value
-    if type(value).__module__.startswith("torch"):
-        return value.detach().cpu().numpy()
-    return np.from_dlpack(value) if hasattr(value, "__dlpack_device__") else np.asarray(value)
-
-
 class AccelExecutable(Executable):
     """A stage of accelerator layers: their streams, run one after another by the simulator.
 
@@ -84,7 +75,8 @@ class AccelExecutable(Executable):
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         from mmcompile.targets.accel.simulator import run as simulate
-        env = {name: _host_array(value) for name, value in inputs.items()}
+        from mmcompile.runtime import host_array
+        env = {name: host_array(value) for name, value in inputs.items()}
         for stream, layer in zip(self.streams, self.layers):
             x = env[layer["input"]].reshape(stream.tensors["x"].logical_shape)
             env[layer["output"]] = simulate(stream, {"x": x})["y"].reshape(
