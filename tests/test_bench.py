@@ -293,11 +293,34 @@ def test_runner_reports_an_engine_exception_as_an_error_result(tmp_path):
     (["--baseline", "/nonexistent"], ["--baseline /nonexistent", "not a checkout of mmcompile"]),
     (["--engines", "mmcompile-baseline"], ["needs --baseline CHECKOUT"]),
     (["--deploy", "--engines", "onnxruntime"], ["--deploy runs its own engines"]),
+    (["--suite", "corpus", "--models", "nope"], ["unknown corpus model 'nope'", "ppocr_det"]),
+    (["--suite", "corpus", "--batch", "8"], ["real inputs", "--batch does not apply"]),
+    (["--suite", "corpus", "--against", "torch"], ["engine 'torch' runs the torch module"]),
 ])
 def test_bad_suite_arguments_fail_fast_with_one_line(capsys, argv, fragments):
     code, _, err = run_cli(capsys, "bench", *argv)
     assert code == 1
     assert_one_line_error(err, *fragments)
+
+
+def test_bench_corpus_runs_a_real_model_at_its_real_inputs(tmp_path, capsys):
+    from mmcompile.bench.corpus import Unavailable, by_name, fetch
+    try:
+        fetch(by_name("g2p_lstm_encoder"))
+    except Unavailable as exc:
+        pytest.skip(f"corpus unavailable: {exc}")
+    out_json = tmp_path / "corpus.json"
+    code, out, err = run_cli(capsys, "bench", "--suite", "corpus", "--models", "g2p_lstm_encoder",
+                          "--repeat", "3", "--json", out_json, "-q")
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    # the default engines for real model files: mmcompile against onnxruntime, both matching
+    # onnxruntime's unoptimized run of the graph within 1e-3 of max(1, max|ref|)
+    assert [(r["model"], r["engine"], r["match"]) for r in doc["results"]] == [
+        ("g2p_lstm_encoder", "mmcompile", True), ("g2p_lstm_encoder", "onnxruntime", True)]
+    assert "graph optimizations off" in doc["settings"]["reference"]
+    assert doc["models"][0]["params"] > 100_000  # the pretrained encoder, not a stand-in
+    assert "g2p_lstm_encoder" in out and "geometric mean" in out
 
 
 def test_bad_model_file_arguments_fail_fast_with_one_line(mlp_file, tmp_path, capsys):

