@@ -76,6 +76,28 @@ def node_inputs(node: gs.Node) -> list[gs.Tensor]:
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
+def _loop_state_shapes(graph: gs.Graph) -> None:
+    """Shapes of ``Loop`` / ``Scan`` state outputs that ONNX's inference leaves unknown (a
+    ``Loop`` that computes its own condition gets none): a state whose body output is
+    declared with its initial value's static shape keeps that shape through every
+    iteration. (A stage boundary at such an output needs it: TVM imports no unknown rank.)"""
+    for node in graph.nodes:
+        body = node.attrs.get("body") if node.op in ("Loop", "Scan") else None
+        if not isinstance(body, gs.Graph):
+            continue
+        if node.op == "Loop":
+            pairs = zip(node.inputs[2:], body.outputs[1:], node.outputs)
+        else:
+            states = len(node.inputs) - int(node.attrs.get("num_scan_inputs", 0))
+            pairs = zip(node.inputs[:states], body.outputs[:states], node.outputs[:states])
+        for initial, carried, out in pairs:
+            shape = initial.shape
+            if out.shape is None and shape is not None and carried.shape is not None \
+                    and all(isinstance(d, int) for d in shape) \
+                    and list(carried.shape) == list(shape):
+                out.shape, out.dtype = list(shape), out.dtype or initial.dtype
+
+
 class Graph:
     """A model being compiled: an ``onnx_graphsurgeon.Graph`` plus modality tags and annotations.
 
@@ -143,6 +165,7 @@ class Graph:
         if model.ByteSize() < PROTO_LIMIT:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         self.gs = Graph.from_onnx(model, name=self.name).gs
+        _loop_state_shapes(self.gs)
         return self
 
     # -- queries ---------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Measured on TVM 0.27 (transformers CLIP/BLIP/Whisper exports):
 - ``LayerNormalization`` with its Mean / InvStdDev outputs: TVM returns scalar 0.0 placeholders
   for them, so a graph that reads them imports but computes wrong results. Unused extra
   outputs are dropped; used ones are computed explicitly (ReduceMean/Sub/Mul/Sqrt/Reciprocal).
+- ``Loop`` / ``Scan``: TVM has no converter; those whose iteration counts are compile-time
+  constants are unrolled (:mod:`.unroll`, which also says what it refuses).
 - ``Constant`` nodes holding ``value_int(s)``/``value_float(s)``: TVM reads only ``value``
   ("no value in Constant"); rewritten to ``value``.
 
@@ -25,6 +27,7 @@ import onnx_graphsurgeon as gs
 from mmcompile.errors import UnsupportedOpError
 from mmcompile.ir import Graph
 from mmcompile.transform import Pass, PassContext, PassResult, register_pass
+from mmcompile.targets.tvm.unroll import unroll_loop, unroll_scan
 from mmcompile.transform.rewrite import (Match, RewriteRule, apply_rules, fresh_name,
                                          make_constant, op, var)
 
@@ -211,17 +214,21 @@ _RULES = (
     RewriteRule("layernorm_outputs", op("LayerNormalization", var("x"), var("scale"),
                                         allow_extra_inputs=True), _legalize_layernorm),
     RewriteRule("constant_attr", op("Constant"), _constant_to_value),
+    RewriteRule("loop", op("Loop", allow_extra_inputs=True), unroll_loop),
+    RewriteRule("scan", op("Scan", allow_extra_inputs=True), unroll_scan),
 )
 
 
 @register_pass
 class LegalizeForTVM(Pass):
     name = "legalize-for-tvm"
-    description = "rewrite ops TVM's ONNX importer rejects (opset-23 Attention, LayerNorm extra outputs)"
+    description = ("rewrite ops TVM's ONNX importer rejects (opset-23 Attention, LayerNorm extra "
+                   "outputs, Loop / Scan with constant iteration counts)")
     opt_level = 0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         counts = apply_rules(graph, _RULES)
         return PassResult.from_stats(attention_decomposed=counts["attention"],
                                      layernorm_legalized=counts["layernorm_outputs"],
-                                     constants_rewritten=counts["constant_attr"])
+                                     constants_rewritten=counts["constant_attr"],
+                                     loops_unrolled=counts["loop"] + counts["scan"])

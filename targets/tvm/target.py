@@ -130,6 +130,13 @@ class _TVMTarget(Target):
         import tvm
         configure_threads(options.threads)
         target = self._tvm_target(options)
+        unknown = [t.name for t in graph.gs.inputs if t.shape is None]
+        if unknown:  # TVM imports no tensor of unknown rank (an assertion deep in lowering)
+            raise TargetError(
+                f"{self.name}: the input(s) {', '.join(repr(n) for n in unknown)} of stage "
+                f"{graph.name} have no known shape: another target computes them and shape "
+                f"inference cannot tell their shape; place their producers on '{self.name}' "
+                f"too, or fix the shapes they depend on")
         options.progress(f"importing {graph.name} into Relax")
         mod = import_relax(graph, self.name, self._converters(target))
         options.progress("lowering and scheduling")
@@ -179,21 +186,37 @@ def _recurrent_refusal(node, graph) -> str | None:
     return refusal(node, graph)
 
 
+def _body_refusal(body, graph, what: str = "body") -> str | None:
+    """Why the CPU target cannot run a node of a control-flow body (or branch), or None."""
+    target = TVMCpuTarget()
+    for inner in body.nodes:
+        support = target.supports(inner, graph)
+        if not support:
+            return f"its {what} node '{inner.name}' ({inner.op}): {support.reason}"
+    return None
+
+
+def _loop_refusal(node, graph) -> str | None:
+    """A ``Loop`` / ``Scan`` is unrolled by legalize-for-tvm (:mod:`.unroll`) when its
+    iteration count is a compile-time constant and every node of its body runs here."""
+    from mmcompile.targets.tvm import unroll
+    check = unroll.loop_refusal if node.op == "Loop" else unroll.scan_refusal
+    return check(node, graph) or _body_refusal(node.attrs["body"], graph)
+
+
 def _if_refusal(node, graph) -> str | None:
     """An ``If`` whose condition is only known at run time: TVM's importer turns it into Relax
     control flow (``relax.If``, both branches compiled, one run) when every node of both
     branches is one the CPU target supports and the branches give outputs of one rank and
     type. (An ``If`` on a constant condition never gets here: fold-constants inlines the
     branch taken.)"""
-    target = TVMCpuTarget()
     branches = [node.attrs.get("then_branch"), node.attrs.get("else_branch")]
     if any(b is None for b in branches):
         return "a branch is missing"
     for branch in branches:
-        for inner in branch.nodes:
-            support = target.supports(inner, graph)
-            if not support:
-                return f"its branch node '{inner.name}' ({inner.op}): {support.reason}"
+        reason = _body_refusal(branch, graph, "branch")
+        if reason:
+            return reason
     then_out, else_out = (b.outputs for b in branches)
     for a, b in zip(then_out, else_out):
         if a.dtype != b.dtype or (a.shape is not None and b.shape is not None
@@ -210,7 +233,7 @@ class TVMCpuTarget(_TVMTarget):
     name = "cpu"
     description = "CPU via TVM + LLVM (host CPU detected, parallel + vectorized schedules)"
     native = {"LSTM": _recurrent_refusal, "GRU": _recurrent_refusal, "RNN": _recurrent_refusal,
-              "If": _if_refusal}
+              "If": _if_refusal, "Loop": _loop_refusal, "Scan": _loop_refusal}
     options = (
         TargetOption("mcpu", str, None, "LLVM CPU name instead of the detected host CPU "
                                         "(e.g. skylake-avx512, znver4)"),
