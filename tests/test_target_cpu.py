@@ -40,6 +40,22 @@ def test_blocked_matmul_rule_schedules_a_matmul_with_epilogue():
     assert any(inst.kind.name == "Parallel" for inst in sch.trace.insts)
 
 
+def test_small_kernels_run_serially_and_large_ones_in_parallel():
+    # Waking the thread pool costs more than a small kernel saves. The work count read
+    # dlight's extents as IntImm only; TVM 0.27 gives ints, so no kernel ever ran serially.
+    import tvm
+
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    from mmcompile.targets.tvm.schedules import SERIAL_BELOW, SerialIfSmall, _work
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    rule = SerialIfSmall(BlockedMatmul())
+    small, large = _matmul_relu_func(8, 16, 8), _matmul_relu_func(64, 128, 96)
+    assert _work(small) == 8 * 16 * 8 + 8 * 16 < SERIAL_BELOW < _work(large)
+    for func, parallel in ((small, False), (large, True)):
+        sch = rule.apply(func, target, False)
+        assert any(i.kind.name == "Parallel" for i in sch.trace.insts) is parallel
+
+
 @pytest.mark.parametrize("mcpu, lanes", [("znver3", 8), ("haswell", 8), ("skylake-avx512", 16),
                                          ("sapphirerapids", 16), ("x86-64", 4)])
 def test_vector_lanes_follow_the_cpu_features(mcpu, lanes):
@@ -51,13 +67,11 @@ def test_vector_lanes_follow_the_cpu_features(mcpu, lanes):
     assert lanes_for(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})) == lanes
 
 
-def test_blocked_rule_declines_epilogues_that_do_not_read_the_reduction():
-    # Expanded LayerNorm after fusion: mean(x) and y * y (another input) feed one subtract.
-    # Tiled over rows, y * y would cover every row inside each tile and the subtract would
-    # read rows other tiles had not written (NaN).
+def _side_operand_funcs():
+    """Fused kernels whose epilogues also read a chain over another input: the expanded
+    LayerNorm (``mean(x) - y * y``) and a residual join (``relu(a @ b) + relu(y + c)``, as
+    in CenterFace's neck)."""
     from tvm import te
-
-    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
     x = te.placeholder((24, 5), name="x")
     y = te.placeholder((24, 1), name="y")
     r = te.reduce_axis((0, 5), "r")
@@ -67,8 +81,42 @@ def test_blocked_rule_declines_epilogues_that_do_not_read_the_reduction():
     var = te.compute((24, 1), lambda i, j: mean[i, j] - square[i, j], name="var")
     eps = te.compute((24, 1), lambda i, j: var[i, j] + 1e-5, name="eps")
     std = te.compute((24, 1), lambda i, j: te.sqrt(eps[i, j]), name="std")
-    func = te.create_prim_func([x, y, std])
-    assert BlockedMatmul._schedule(func, lanes=8) is None
+    layernorm = te.create_prim_func([x, y, std])
+    a = te.placeholder((40, 24), name="a")
+    b = te.placeholder((24, 32), name="b")
+    other = te.placeholder((40, 32), name="other")
+    k = te.reduce_axis((0, 24), "k")
+    prod = te.compute((40, 32), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="prod")
+    left = te.compute((40, 32), lambda i, j: te.max(prod[i, j], 0.0), name="left")
+    shifted = te.compute((40, 32), lambda i, j: other[i, j] + 0.5, name="square")
+    right = te.compute((40, 32), lambda i, j: te.max(shifted[i, j], 0.0), name="right")
+    joined = te.compute((40, 32), lambda i, j: left[i, j] + right[i, j], name="joined")
+    return {"layernorm": layernorm, "residual": te.create_prim_func([a, b, other, joined])}
+
+
+@pytest.mark.parametrize("case", ["layernorm", "residual"])
+def test_blocked_rule_inlines_epilogue_operands_that_do_not_read_the_reduction(case):
+    # Computed per row tile, y * y covered every row inside each tile and the subtract read
+    # rows other tiles had not written (NaN): the rule declined, and dlight's generic
+    # reduction rule then computed one output element per task (CenterFace's residual 1x1
+    # convolutions). Inlined into their reader, such chains are recomputed per element.
+    import re
+
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    func = _side_operand_funcs()[case]
+    sch = BlockedMatmul._schedule(func, lanes=8)
+    assert sch is not None
+    scheduled = sch.mod["main"]
+    assert "square" not in re.findall(r'T\.sblock\("(\w+)"\)', scheduled.script())
+    rng = np.random.default_rng(0)
+    arrays = [rng.uniform(1.0, 2.0, [int(d) for d in p.shape]).astype("float32")
+              for p in func.params]
+    if case == "layernorm":  # mean(x) - y * y stays positive: sqrt of a real number
+        arrays[1] *= 0.5
+    expected = _run_prim_func(func, arrays)
+    assert np.isfinite(expected).all() and np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(_run_prim_func(scheduled, arrays), expected, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_pad_after_linear_is_not_left_uninitialised():

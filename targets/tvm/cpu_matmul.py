@@ -29,7 +29,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, all_downstream,
-                                                 extent, parallel_pass, within_reduction)
+                                                 extent, inline_side_blocks, parallel_pass,
+                                                 within_reduction)
 
 
 def _index_vars(region) -> set:
@@ -67,13 +68,14 @@ def pool_pass(sch, pool_rv) -> None:
 
 
 def _neighbours(sch, infos, main_rv):
-    """The reduction's ``(producers, epilogues)`` among ``infos``, in the function's order, or
-    None when an epilogue does not read the reduction (see ``all_downstream``)."""
+    """The reduction's ``(producers, epilogues)`` among ``infos``, in the function's order,
+    blocks over other inputs inlined into the epilogues that read them
+    (:func:`~.schedule_util.inline_side_blocks`), or None when that fails."""
     block = sch.get(main_rv)
     others = [b.block_rv for b in infos if not sch.get(b.block_rv).same_as(block)]
     producers = [rv for rv in others if _is_producer(sch, rv, main_rv)]
-    epilogues = [rv for rv in others if rv not in producers]
-    if not all_downstream(sch, main_rv, epilogues):
+    epilogues = inline_side_blocks(sch, main_rv, [rv for rv in others if rv not in producers])
+    if epilogues is None or not all_downstream(sch, main_rv, epilogues):
         return None
     return producers, epilogues
 

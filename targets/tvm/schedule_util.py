@@ -141,6 +141,33 @@ def within_reduction(sch, main_rv, others) -> bool:
     return limit is not None and all((s := size(rv)) is not None and s <= limit for rv in others)
 
 
+def inline_side_blocks(sch, main_rv, epilogues) -> list | None:
+    """The ``epilogues`` that read the reduction's result (through the ones before them),
+    after inlining the others into the blocks that read them; None when one cannot be
+    inlined.
+
+    Those others are injective chains over other inputs that FuseOps put into the same
+    kernel, the second operand of a residual add (``relu(conv(x) + b) + relu(y + b2)``:
+    CenterFace's neck). Left as they were, no blocked rule took the kernel and dlight's
+    generic reduction rule computed one output element per task (24 MACs each); inlined,
+    each is recomputed where its consumer reads it, an elementwise expression."""
+    downstream = [w.source for w in sch.get(main_rv).writes]
+    kept, side = [], []
+    for block_rv in epilogues:  # in the function's (topological) order
+        block = sch.get(block_rv)
+        if any(r.source.same_as(b) for r in block.reads for b in downstream):
+            downstream.extend(w.source for w in block.writes)
+            kept.append(block_rv)
+        else:
+            side.append(block_rv)
+    for block_rv in reversed(side):  # consumers first: a chain folds into its reader
+        try:
+            sch.compute_inline(block_rv)
+        except Exception:  # a side block that writes a function output, say
+            return None
+    return kept
+
+
 def all_downstream(sch, main_rv, epilogues) -> bool:
     """Whether every epilogue reads (through the ones before it) the reduction's result.
 
