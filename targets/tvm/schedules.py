@@ -147,9 +147,12 @@ def _work(func) -> int | None:
     for info in infos:
         n = 1
         for it in info.iters:
-            if not isinstance(it.dom, tirx.IntImm):
+            # TVM 0.27's dlight gives extents as ints (older ones: IntImm); reading only
+            # IntImm made every kernel "unknown" and none ran serially
+            dom = int(it.dom.value) if isinstance(it.dom, tirx.IntImm) else it.dom
+            if not isinstance(dom, int):
                 return None
-            n *= int(it.dom)
+            n *= dom
         total += n
     return total
 
