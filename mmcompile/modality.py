@@ -54,7 +54,10 @@ def _infer_from_shape(shape: Sequence[int | str | None] | None,
     if shape is None:
         return "other", "no rule matched (unknown rank)"
     rank = len(shape)
-    is_int = dtype is not None and np.issubdtype(dtype, np.integer)
+    try:
+        is_int = dtype is not None and np.issubdtype(dtype, np.integer)
+    except TypeError:  # a type numpy lacks (bfloat16: onnx-graphsurgeon keeps the ONNX enum)
+        is_int = False
     channels = shape[1] if rank >= 2 else None
     if is_int and rank in (1, 2):
         return "text", f"integer tensor of rank {rank} (token ids)"

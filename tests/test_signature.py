@@ -185,3 +185,22 @@ def test_unnamed_dynamic_dims_are_independent():
                        [("y", FLOAT, [None, None])])
     sig = Signature.from_graph(graph)
     assert sig.validate({"x": np.zeros((2, 3), np.float32)})["x"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_boundary_type_numpy_lacks_is_a_clear_error_before_compiling(where):
+    # bfloat16 at the model's inputs or outputs: the signature's np.dtype(16) raised a bare
+    # TypeError after the target had compiled the model (19 of onnx's node tests)
+    import mmcompile
+    from mmcompile.errors import ModelLoadError
+    bf16 = helper.TensorProto.BFLOAT16
+    if where == "input":
+        nodes = [helper.make_node("Cast", ["x"], ["y"], to=helper.TensorProto.FLOAT)]
+        io = ([("x", bf16, [2, 3])], [("y", FLOAT, [2, 3])])
+    else:
+        nodes = [helper.make_node("Cast", ["x"], ["y"], to=bf16)]
+        io = ([("x", FLOAT, [2, 3])], [("y", bf16, [2, 3])])
+    graph = make_graph(nodes, *io)
+    with pytest.raises(ModelLoadError, match=f"model {where} '{io[0 if where == 'input' else 1][0][0]}'"
+                                             f" is BFLOAT16: .*numpy"):
+        mmcompile.compile(graph, verify=False, fallback=None)
