@@ -244,7 +244,8 @@ def _conv_transpose(b: _Builder, x: str, shape: list[int]) -> tuple[str, list[in
 
 
 def _residual(b: _Builder, x: str, shape: list[int]) -> tuple[str, list[int]]:
-    """x + conv(act(conv(x))) with shape-keeping 3x3 / depthwise convolutions."""
+    """x + conv(act(conv(x))) with shape-keeping 3x3 / depthwise convolutions; sometimes
+    act(x + bias) as the shortcut."""
     c = shape[1]
     b.layers.append(f"Residual({c})")
     groups = b.choice((1, c))
@@ -252,7 +253,16 @@ def _residual(b: _Builder, x: str, shape: list[int]) -> tuple[str, list[int]]:
     h = _activation(b, b.node("Conv", [x, w1], kernel_shape=[3, 3], pads=[1] * 4,
                               group=groups))
     w2 = b.weights(c, c, 1, 1, fan_in=c)
-    return b.node("Add", [x, b.node("Conv", [h, w2], kernel_shape=[1, 1])]), shape
+    shortcut = x
+    if b.extra.random() < 0.4:
+        # a pre-activated shortcut, act(x + bias): an elementwise chain over another input
+        # that FuseOps puts into the convolution's kernel (CenterFace's neck). The blocked
+        # rules declined such kernels, and dlight's generic rule took them.
+        bias = b.const((0.1 * b.extra.standard_normal((1, c, 1, 1))).astype(np.float32), "b")
+        kind = ("Relu", "Relu6", "SiLU", "Tanh")[int(b.extra.integers(4))]
+        b.layers.append("PreactShortcut")
+        shortcut = _activation(b, b.node("Add", [x, bias]), kind)
+    return b.node("Add", [shortcut, b.node("Conv", [h, w2], kernel_shape=[1, 1])]), shape
 
 
 def _concat(b: _Builder, x: str, shape: list[int]) -> tuple[str, list[int]]:
