@@ -174,8 +174,8 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
     costs = [st.get("info", {}).get("cost_ms") for st in stages]
     total = sum(costs) if None not in costs else 0.0
     if manifest.get("profiles"):  # several builds: name each stage's build, shares per build
-        labels = [", ".join(f"{k}={'*' if v is None else v}" for k, v in p["sizes"].items())
-                  for p in manifest["profiles"]]
+        from mmcompile.profiles import build_label
+        labels = [build_label(p["sizes"]) for p in manifest["profiles"]]
         stages = [{**st, "name": f"{st['name']} [{labels[st['profile']]}]"} for st in stages]
         total = 0.0
     print("\nstages (placement: where each runs and why):")
@@ -215,13 +215,13 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
 
 def _dynamic_builds(manifest: dict) -> None:
     """The declared dim ranges of an artifact with several builds, and its builds."""
-    from mmcompile.profiles import DynamicDim
+    from mmcompile.profiles import DynamicDim, build_label
     from mmcompile.report import format_table
     print("\ndynamic dims (one artifact, a build per size listed; calls dispatched by shape):")
     for dim in manifest.get("dynamic", []):
         print(f"  {DynamicDim.from_dict(dim).describe()}")
     print(format_table(["build", "stages", "ms/call", "schedule"], [
-        (", ".join(f"{k}={'*' if v is None else v}" for k, v in p["sizes"].items()),
+        (build_label(p["sizes"]),
          sum(1 for st in manifest["stages"] if st.get("profile") == i),
          f"{p['cost_ms']:.3f}" if p.get("cost_ms") is not None else "-",
          p.get("schedule", {}).get("kind", "sequential"))

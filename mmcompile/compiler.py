@@ -21,7 +21,7 @@ from mmcompile.ir import Graph
 from mmcompile.planning import Plan, StagePlan, plan
 from mmcompile.planning.auto import choose
 from mmcompile.reference import compare_outputs, random_inputs, run_onnxruntime
-from mmcompile.runtime import CompiledModel, Stage, load  # noqa: F401  (load: as before)
+from mmcompile.runtime import CompiledModel, Stage, host_array, load  # noqa: F401  (load: as before)
 from mmcompile.schedule import available_cores
 from mmcompile.signature import Signature
 from mmcompile.target import CompileOptions, TargetError
@@ -35,12 +35,7 @@ DEFAULT_TOLERANCE = 1e-4
 def _as_numpy(inputs: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping):
         inputs = dict(zip(names, inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
-    out = {}
-    for name, value in inputs.items():
-        if type(value).__module__.startswith("torch"):
-            value = value.detach().cpu().numpy()
-        out[name] = np.asarray(value)
-    return out
+    return {name: host_array(value) for name, value in inputs.items()}
 
 
 def verify_compiled(compiled: CompiledModel, reference: Graph, inputs: Mapping[str, np.ndarray],
@@ -48,6 +43,17 @@ def verify_compiled(compiled: CompiledModel, reference: Graph, inputs: Mapping[s
     """Compare the compiled model with onnxruntime on ``reference``; returns a one-line summary.
 
     The check is ``max|got - ref| <= tolerance * max(1, max|ref|)`` per output.
+
+    Raises:
+        VerificationError: with one line per output (max abs/rel error and where).
+    """
+    worst, outputs = reference_error(compiled, reference, inputs, tolerance)
+    return f"ok, max abs err {worst:.3g} vs onnxruntime over {outputs} output(s)"
+
+
+def reference_error(compiled: Any, reference: Graph, inputs: Mapping[str, np.ndarray],
+                    tolerance: float = DEFAULT_TOLERANCE) -> tuple[float, int]:
+    """:func:`verify_compiled`'s check: (largest absolute error, number of outputs).
 
     Raises:
         VerificationError: with one line per output (max abs/rel error and where).
@@ -60,8 +66,7 @@ def verify_compiled(compiled: CompiledModel, reference: Graph, inputs: Mapping[s
     if failed:
         raise VerificationError("compiled model differs from onnxruntime beyond tolerance "
                                 f"{tolerance:g}:\n  " + "\n  ".join(lines))
-    worst = max((d.max_abs for d in diffs), default=0.0)
-    return f"ok, max abs err {worst:.3g} vs onnxruntime over {len(diffs)} output(s)"
+    return max((d.max_abs for d in diffs), default=0.0), len(diffs)
 
 
 def _check_boundary_types(graph: Graph) -> None:
@@ -177,9 +182,7 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     cannot_run = {k: planned.placement.choices[k].target.why_not_runnable() for k in used}
     cannot_run = {k: why for k, why in cannot_run.items() if why}
     if verify and cannot_run:
-        key, why = next(iter(cannot_run.items()))
-        raise TargetError(f"cannot verify a model compiled for '{key}' here: {why}; compile "
-                          f"with verify=False (CLI: --no-verify) to build and save it")
+        raise _cannot_verify(*next(iter(cannot_run.items())))
     measure = measure and not cannot_run
     # The reference: the model's own semantics; a quantized model's are its QDQ graph's.
     source = planned.quantized.graph if planned.quantized else planned.source
@@ -219,6 +222,11 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
     return compiled
 
 
+def _cannot_verify(target: str, why: str) -> TargetError:
+    return TargetError(f"cannot verify a model compiled for '{target}' here: {why}; compile "
+                       f"with verify=False (CLI: --no-verify) to build and save it")
+
+
 def _compile_dynamic(model: Any, example_inputs: Any, dynamic: Mapping[str, Sequence[int]],
                      args: Mapping[str, Any]) -> ProfiledModel:
     """:func:`compile` with ``dynamic``: the same options for every build."""
@@ -231,8 +239,7 @@ def _compile_dynamic(model: Any, example_inputs: Any, dynamic: Mapping[str, Sequ
         target, _ = resolve_target(args["target"], args["target_config"])
         why = target.why_not_runnable()
         if why and args["verify"]:
-            raise TargetError(f"cannot verify a model compiled for '{args['target']}' here: "
-                              f"{why}; compile with verify=False (CLI: --no-verify)")
+            raise _cannot_verify(args["target"], why)
         measure = args["measure"] and not why
     else:
         measure = False

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from mmcompile.dynamic_builds import compile_builds, in_case, spare_cores
+from mmcompile.dynamic_builds import (compile_builds, graph_inputs, in_case, pin,
+                                      spare_cores)
 from mmcompile.errors import InputError, MMCompileError
 from mmcompile.profiles import DynamicDim, Profile, ProfiledModel, RangedSignature
 
@@ -112,38 +113,14 @@ def default_points(low: int, high: int) -> tuple[int, ...]:
 
 # -- the model's dims ---------------------------------------------------------------------------
 
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in initializers]
-
-
 def symbolic_dims(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     """Named symbolic dims of ``model``'s inputs: dim name -> {input: axis}."""
     found: dict[str, dict[str, int]] = {}
-    for info in _graph_inputs(model):
+    for info in graph_inputs(model):
         for axis, dim in enumerate(info.type.tensor_type.shape.dim):
             if dim.dim_param and not dim.HasField("dim_value"):
                 found.setdefault(dim.dim_param, {})[info.name] = axis
     return found
-
-
-def pin(model: onnx.ModelProto, sizes: Mapping[str, Mapping[int, int]]) -> onnx.ModelProto:
-    """A copy of ``model`` with input dims fixed: input -> {axis: size}; others left as they are.
-    Output and intermediate shapes are dropped (shape inference derives them again)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for info in _graph_inputs(copy):
-        for axis, size in sizes.get(info.name, {}).items():
-            dim = info.type.tensor_type.shape.dim[axis]
-            dim.Clear()
-            dim.dim_value = int(size)
-    # Stale symbolic value_info would contradict the pinned dims under the strict checker.
-    del copy.graph.value_info[:]
-    for out in copy.graph.output:
-        for dim in out.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value") or dim.dim_value < 0:
-                dim.Clear()
-    return copy
 
 
 def resize(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int], size: int
@@ -326,7 +303,7 @@ def compile_dynamic(model: Any, example_inputs: Any, dynamic: Mapping[str, Any],
             builds.
         MMCompileError: as :func:`mmcompile.compile` for any build (named).
     """
-    from mmcompile.compiler import _as_numpy, verify_compiled
+    from mmcompile.compiler import _as_numpy
     from mmcompile.frontend import from_onnx_model
     from mmcompile.reference import random_inputs
     from mmcompile.signature import Signature
@@ -335,7 +312,7 @@ def compile_dynamic(model: Any, example_inputs: Any, dynamic: Mapping[str, Any],
     ranges = parse_dynamic(dynamic)
     proto, name = _source(model, example_inputs, ranges, modalities, input_shapes)
     found = symbolic_dims(proto)
-    names = [i.name for i in _graph_inputs(proto)]
+    names = [i.name for i in graph_inputs(proto)]
     feeds = _as_numpy(example_inputs, names) if example_inputs is not None else None
     declared_axes = {(i, a) for d in ranges if d in found for i, a in found[d].items()}
     fixed, specialized = _fix_others(proto, feeds, declared_axes, name)
@@ -399,7 +376,7 @@ def compile_dynamic(model: Any, example_inputs: Any, dynamic: Mapping[str, Any],
     weakref.finalize(compiled, shutil.rmtree, str(folder), True)
     if verify:
         compiled.metadata["verification"] = _verify(compiled, source, feeds, dims, tolerance,
-                                                    random_at, say, verify_compiled)
+                                                    random_at, say)
     compiled.metadata["compile_seconds"] = time.perf_counter() - started
     return compiled
 
@@ -414,7 +391,7 @@ def _fix_others(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None,
     shapes = example_shapes(proto, feeds, None, name) if feeds is not None else {}
     fixed: dict[str, dict[int, int]] = {}
     report: dict[str, dict[str, list]] = {}
-    for info in _graph_inputs(proto):
+    for info in graph_inputs(proto):
         dims = info.type.tensor_type.shape.dim
         for axis, dim in enumerate(dims):
             if (info.name, axis) in declared or (dim.HasField("dim_value") and dim.dim_value > 0):
@@ -432,7 +409,7 @@ def _fix_others(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None,
 
 def _verify(compiled: ProfiledModel, source: Any, feeds: Mapping[str, np.ndarray] | None,
             dims: Sequence[DynamicDim], tolerance: float, random_at: Callable,
-            say: Callable[[str], None], verify_compiled: Callable) -> str:
+            say: Callable[[str], None]) -> str:
     """Compare the dispatcher with onnxruntime at every build's sizes and one size between
     builds per dim; the inputs are the example's, cut or repeated to each size."""
     base = feeds if feeds is not None else random_at(dims[0].name, dims[0].low)
@@ -449,6 +426,7 @@ def _verify(compiled: ProfiledModel, source: Any, feeds: Mapping[str, np.ndarray
         between = [s for s in range(dim.low, dim.high + 1) if s not in dim.points]
         if between and dim.mode != "exact":
             cases.append({**cases[0], dim.name: between[-1]})
+    from mmcompile.compiler import reference_error
     worst, checked = [], []
     for case in cases:
         inputs = dict(base)
@@ -457,10 +435,9 @@ def _verify(compiled: ProfiledModel, source: Any, feeds: Mapping[str, np.ndarray
         label = ", ".join(f"{k}={v}" for k, v in case.items())
         say(f"verifying against onnxruntime at {label}")
         try:
-            line = verify_compiled(compiled, source, inputs, tolerance)
+            worst.append(reference_error(compiled, source, inputs, tolerance)[0])
         except MMCompileError as exc:
             raise in_case(exc, f"at {label}") from exc
-        worst.append(float(line.split("max abs err ")[1].split()[0]))
         checked.append(label)
     return (f"ok at {len(checked)} sizes ({'; '.join(checked)}), max abs err {max(worst):.3g} "
             f"vs onnxruntime")

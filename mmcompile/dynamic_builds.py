@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 
 from mmcompile.errors import MMCompileError
-from mmcompile.profiles import DynamicDim
+from mmcompile.profiles import DynamicDim, build_label
 
 
 def build_profile(task: Mapping[str, Any]) -> tuple[bool, str, float]:
@@ -63,9 +63,28 @@ def pins(sizes: Mapping[str, int | None], dims: Sequence[DynamicDim]
     return pins
 
 
-def build_label(sizes: Mapping[str, int | None]) -> str:
-    """``batch=8, tokens=*`` (``*``: symbolic)."""
-    return ", ".join(f"{k}={'*' if v is None else v}" for k, v in sizes.items())
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def pin(model: onnx.ModelProto, sizes: Mapping[str, Mapping[int, int]]) -> onnx.ModelProto:
+    """A copy of ``model`` with input dims fixed: input -> {axis: size}; others left as they are.
+    Output and intermediate shapes are dropped (shape inference derives them again)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for info in graph_inputs(copy):
+        for axis, size in sizes.get(info.name, {}).items():
+            dim = info.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_value = int(size)
+    # Stale symbolic value_info would contradict the pinned dims under the strict checker.
+    del copy.graph.value_info[:]
+    for out in copy.graph.output:
+        for dim in out.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value") or dim.dim_value < 0:
+                dim.Clear()
+    return copy
 
 
 def _start_worker(tasks: list[dict[str, Any]], folder: Path, index: int) -> subprocess.Popen:
@@ -105,7 +124,6 @@ def compile_builds(builds: list[dict[str, int | None]], dims: Sequence[DynamicDi
         MMCompileError: a build failed (naming its sizes and the error).
     """
     from mmcompile.compiler import compile as compile_model
-    from mmcompile.dynamic import pin  # the module that imports this one
     from mmcompile.frontend import from_onnx_model
     from mmcompile.ir import PROTO_LIMIT
     from mmcompile.runtime import load

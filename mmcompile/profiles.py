@@ -32,7 +32,7 @@ import numpy as np
 
 from mmcompile.errors import InputError
 from mmcompile.report import format_table
-from mmcompile.runtime import host_array, wants_torch
+from mmcompile.runtime import ModelCalls, host_array, wants_torch
 from mmcompile.signature import Signature, TensorSpec
 
 MODES = ("split", "pad", "exact")
@@ -136,7 +136,12 @@ class Profile:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={'*' if v is None else v}" for k, v in self.sizes.items())
+        return build_label(self.sizes)
+
+
+def build_label(sizes: Mapping[str, int | None]) -> str:
+    """``batch=8, tokens=*`` (``*``: the build with that dim symbolic)."""
+    return ", ".join(f"{k}={'*' if v is None else v}" for k, v in sizes.items())
 
 
 def plan_chunks(rows: int, costs: Mapping[int, float]) -> list[tuple[int, int]]:
@@ -166,7 +171,7 @@ def _take_rows(value: np.ndarray, axis: int, start: int, rows: int, size: int) -
     return np.take(value, index, axis=axis)
 
 
-class ProfiledModel:
+class ProfiledModel(ModelCalls):
     """A compiled model for declared dim ranges: several builds and a dispatcher. Called and
     saved like a :class:`~mmcompile.runtime.CompiledModel` (``mmcompile.load`` returns one for
     an artifact with profiles)."""
@@ -180,17 +185,10 @@ class ProfiledModel:
         self.target = target
         self.metadata = dict(metadata or {})
         self._by_key = {tuple(p.sizes[d.name] for d in self.dims): p for p in self.profiles}
+        self._split = next((d for d in self.dims if d.mode == "split"), None)
         self._chunk_plans: dict[tuple, list[tuple[int, int]]] = {}  # per instance, bounded
         # sizes -> (calls, whether one call at exactly a build's sizes): dispatch is a lookup
         self._dispatch: dict[tuple, tuple[list[tuple[Profile, int, int]], bool]] = {}
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.signature.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.signature.outputs]
 
     @property
     def stages(self) -> list:
@@ -206,12 +204,6 @@ class ProfiledModel:
         """Stop every build's worker threads."""
         for profile in self.profiles:
             profile.model.close()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if args:
-            kwargs.update(dict(zip(self.input_names, args)))
-        outputs = list(self.run(kwargs).values())
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -243,7 +235,7 @@ class ProfiledModel:
     def _calls(self, sizes: Mapping[str, int]) -> list[tuple[Profile, int, int]]:
         """(build, first row, rows) per call; rows along the split dim (one call without one)."""
         key = self._target_sizes(sizes)
-        split = next((d for d in self.dims if d.mode == "split"), None)
+        split = self._split
         if split is None:
             return [(self._by_key[tuple(key[d.name] for d in self.dims)], 0, 0)]
         calls, start = [], 0
@@ -277,7 +269,7 @@ class ProfiledModel:
         calls, exact = self._dispatch[key]
         if exact:  # exactly a build's sizes: no copies
             return calls[0][0].model._run_ready(ready, torch_out)
-        split = next((d for d in self.dims if d.mode == "split"), None)
+        split = self._split
         host = {k: host_array(v) for k, v in ready.items()}
         pieces: list[dict[str, np.ndarray]] = []
         for profile, start, rows in calls:

@@ -96,7 +96,35 @@ def _to_caller(value: Any, torch_out: bool) -> Any:
     return np.from_dlpack(value)
 
 
-class CompiledModel:
+class ModelCalls:
+    """How a model with a ``signature`` and ``run`` is called: what
+    :class:`CompiledModel` and the dispatcher over builds
+    (:class:`~mmcompile.profiles.ProfiledModel`) share."""
+
+    signature: Signature
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.signature.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.signature.outputs]
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            if len(args) > len(self.input_names):
+                raise InputError(f"{len(args)} positional inputs given, the model takes "
+                                 f"{len(self.input_names)}: {self.input_names}")
+            kwargs = {**dict(zip(self.input_names, args)), **kwargs}
+        outputs = list(self.run(kwargs).values())
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+class CompiledModel(ModelCalls):
     """A compiled multimodal model. Call it with keyword inputs (numpy arrays or torch tensors).
 
     ``cm(**inputs)`` returns one array for single-output models and a tuple otherwise;
@@ -170,14 +198,6 @@ class CompiledModel:
         else:
             run_stages([s.name for s in self.stages], run_one, "caller", timeline)
 
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.signature.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.signature.outputs]
-
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run on input name -> array; returns output name -> array (same kind as the inputs).
 
@@ -207,15 +227,6 @@ class CompiledModel:
         return [{"stage": s, "target": self._by_name[s].target if s in self._by_name else "copy",
                  "lane": lane, "start_ms": (a - start) * 1e3, "end_ms": (b - start) * 1e3}
                 for s, lane, a, b in sorted(timeline, key=lambda t: t[2])]
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if args:
-            if len(args) > len(self.input_names):
-                raise InputError(f"{len(args)} positional inputs given, the model takes "
-                                 f"{len(self.input_names)}: {self.input_names}")
-            kwargs = {**dict(zip(self.input_names, args)), **kwargs}
-        outputs = list(self.run(kwargs).values())
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def time_shares(self) -> dict[str, float] | None:
         """Each stage's share of one run's time, from the costs measured at compile time

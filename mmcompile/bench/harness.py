@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,7 +224,7 @@ def prepare_file(path: str | os.PathLike, batches: Sequence[int], folder: Path, 
     import copy
 
     from mmcompile.frontend import from_onnx_model, load_onnx
-    from mmcompile.reference import random_inputs, run_onnxruntime
+    from mmcompile.reference import random_inputs
     path = Path(path)
     proto = load_onnx(path)
     original = from_onnx_model(copy.deepcopy(proto), name=path.name)
@@ -232,15 +232,24 @@ def prepare_file(path: str | os.PathLike, batches: Sequence[int], folder: Path, 
     workloads = []
     for batch, shapes in plans:
         graph = from_onnx_model(copy.deepcopy(proto), name=path.name, input_shapes=shapes)
-        fixed = graph.save(folder / f"{path.stem}-b{batch}.onnx")
-        feeds = random_inputs(graph, seed=0, batch=batch)
-        np.savez(folder / f"{path.stem}-b{batch}.npz", **feeds)
-        reference = run_onnxruntime(graph, feeds, optimize=False, threads=threads)
-        workloads.append(Workload(path.name, batch, fixed, folder / f"{path.stem}-b{batch}.npz",
-                                  reference, graph.num_parameters(), count_flops(graph).total,
-                                  input_shapes={k: list(v.shape) for k, v in feeds.items()}))
+        workloads.append(_file_workload(graph, path.name, batch, random_inputs(
+            graph, seed=0, batch=batch), folder / f"{path.stem}-b{batch}", threads))
         say(f"prepared {path.name} at batch {batch}")
     return workloads
+
+
+def _file_workload(graph, model: str, batch: int, feeds: Mapping[str, np.ndarray], stem: Path,
+                   threads: int) -> Workload:
+    """A static-shape ``graph`` as a workload: saved at ``stem``.onnx with ``feeds`` at
+    ``stem``.npz, and onnxruntime's outputs on it as written (optimizations off) as the
+    reference."""
+    from mmcompile.reference import run_onnxruntime
+    fixed = graph.save(f"{stem}.onnx")  # (not with_suffix: a stem may hold dots)
+    np.savez(f"{stem}.npz", **feeds)
+    reference = run_onnxruntime(graph, feeds, optimize=False, threads=threads)
+    return Workload(model, batch, fixed, Path(f"{stem}.npz"), reference,
+                    graph.num_parameters(), count_flops(graph).total,
+                    input_shapes={k: list(v.shape) for k, v in feeds.items()})
 
 
 def prepare_corpus(names: Sequence[str], folder: Path, threads: int,
@@ -257,7 +266,7 @@ def prepare_corpus(names: Sequence[str], folder: Path, threads: int,
 
     from mmcompile.bench import corpus
     from mmcompile.frontend import load_onnx, to_graph
-    from mmcompile.reference import run_onnxruntime
+
     entries = [corpus.by_name(name) for name in names]
     paths = {}
     for entry in entries:
@@ -269,12 +278,8 @@ def prepare_corpus(names: Sequence[str], folder: Path, threads: int,
     for entry in entries:
         feeds = entry.inputs()
         graph = to_graph(copy.deepcopy(load_onnx(paths[entry.name])), feeds)
-        fixed = graph.save(folder / f"{entry.name}.onnx")
-        np.savez(folder / f"{entry.name}.npz", **feeds)
-        reference = run_onnxruntime(graph, feeds, optimize=False, threads=threads)
-        workloads.append(Workload(entry.name, 1, fixed, folder / f"{entry.name}.npz",
-                                  reference, graph.num_parameters(), count_flops(graph).total,
-                                  input_shapes={k: list(v.shape) for k, v in feeds.items()}))
+        workloads.append(_file_workload(graph, entry.name, 1, feeds, folder / entry.name,
+                                        threads))
         say(f"prepared {entry.name} ({entry.modality}, {entry.exporter})")
     return workloads
 

@@ -104,6 +104,31 @@ def make_constant(base: str, value: np.ndarray) -> gs.Constant:
     return gs.Constant(fresh_name(base), value if value.flags.c_contiguous else value.copy())
 
 
+def has_input(node: gs.Node, index: int) -> bool:
+    """Whether ``node``'s optional input ``index`` is given (present and not the empty name)."""
+    return len(node.inputs) > index and bool(node.inputs[index].name)
+
+
+class NodeBuilder:
+    """Appends replacement nodes (to ``nodes``) with fresh names under ``prefix`` and fresh
+    output tensors of ``dtype`` (None: left to shape inference); the last one may write a
+    given tensor (``out``: the replaced node's output)."""
+
+    def __init__(self, prefix: str, dtype: np.dtype | None = None):
+        self.prefix, self.dtype, self.nodes = prefix, dtype, []
+
+    def __call__(self, op_type: str, inputs: list, attrs: dict | None = None,
+                 out: gs.Tensor | None = None, dtype: np.dtype | None = None) -> gs.Tensor:
+        out = out if out is not None else gs.Variable(fresh_name(f"{self.prefix}/{op_type}"),
+                                                      dtype=dtype or self.dtype)
+        self.nodes.append(gs.Node(op_type, name=fresh_name(f"{self.prefix}/{op_type}"),
+                                  inputs=inputs, outputs=[out], attrs=attrs or {}))
+        return out
+
+    def const(self, tag: str, value) -> gs.Constant:
+        return make_constant(f"{self.prefix}/{tag}", np.asarray(value))
+
+
 # -- patterns -----------------------------------------------------------------------------------
 
 class Pattern:

@@ -28,8 +28,8 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, all_downstream,
-                                                 extent, inline_side_blocks, parallel_pass,
+from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, extent,
+                                                 inline_side_blocks, parallel_pass,
                                                  within_reduction)
 
 
@@ -75,9 +75,7 @@ def _neighbours(sch, infos, main_rv):
     others = [b.block_rv for b in infos if not sch.get(b.block_rv).same_as(block)]
     producers = [rv for rv in others if _is_producer(sch, rv, main_rv)]
     epilogues = inline_side_blocks(sch, main_rv, [rv for rv in others if rv not in producers])
-    if epilogues is None or not all_downstream(sch, main_rv, epilogues):
-        return None
-    return producers, epilogues
+    return None if epilogues is None else (producers, epilogues)
 
 
 class BlockedMatmul(VectorRule):

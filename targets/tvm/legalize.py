@@ -28,33 +28,11 @@ from mmcompile.errors import UnsupportedOpError
 from mmcompile.ir import Graph
 from mmcompile.transform import Pass, PassContext, PassResult, register_pass
 from mmcompile.targets.tvm.unroll import unroll_loop, unroll_scan
-from mmcompile.transform.rewrite import (Match, RewriteRule, apply_rules, fresh_name,
-                                         make_constant, op, var)
+from mmcompile.transform.rewrite import (Match, NodeBuilder, RewriteRule, apply_rules,
+                                         fresh_name, has_input, make_constant, op, var)
 
 
-class _Builder:
-    """Appends nodes with fresh output tensors; the last one may write a given tensor."""
-
-    def __init__(self, prefix: str, dtype: np.dtype):
-        self.prefix, self.dtype, self.nodes = prefix, dtype, []
-
-    def __call__(self, op_type: str, inputs: list, attrs: dict | None = None,
-                 out: gs.Tensor | None = None, dtype: np.dtype | None = None) -> gs.Tensor:
-        out = out if out is not None else gs.Variable(fresh_name(f"{self.prefix}/{op_type}"),
-                                                      dtype=dtype or self.dtype)
-        self.nodes.append(gs.Node(op_type, name=fresh_name(f"{self.prefix}/{op_type}"),
-                                  inputs=inputs, outputs=[out], attrs=attrs or {}))
-        return out
-
-    def const(self, tag: str, value) -> gs.Constant:
-        return make_constant(f"{self.prefix}/{tag}", np.asarray(value))
-
-
-def _present(node: gs.Node, index: int) -> bool:
-    return len(node.inputs) > index and bool(node.inputs[index].name)
-
-
-def _to_heads(b: _Builder, t: gs.Tensor, heads: int, tag: str) -> gs.Tensor:
+def _to_heads(b: NodeBuilder, t: gs.Tensor, heads: int, tag: str) -> gs.Tensor:
     """(B, L, H*E) -> (B, H, L, E)."""
     batch, length, width = t.shape
     r = b("Reshape", [t, b.const(f"{tag}_shape", np.array([batch, length, heads, width // heads],
@@ -62,7 +40,7 @@ def _to_heads(b: _Builder, t: gs.Tensor, heads: int, tag: str) -> gs.Tensor:
     return b("Transpose", [r], {"perm": [0, 2, 1, 3]})
 
 
-def _repeat_kv(b: _Builder, t: gs.Tensor, batch: int, kv_heads: int, rep: int, length: int,
+def _repeat_kv(b: NodeBuilder, t: gs.Tensor, batch: int, kv_heads: int, rep: int, length: int,
                width: int, tag: str) -> gs.Tensor:
     u = b("Unsqueeze", [t, b.const(f"{tag}_axes", np.array([2], np.int64))])
     e = b("Expand", [u, b.const(f"{tag}_expand",
@@ -73,7 +51,7 @@ def _repeat_kv(b: _Builder, t: gs.Tensor, batch: int, kv_heads: int, rep: int, l
 
 def attention_refusal(node: gs.Node, graph: Graph) -> str | None:
     """Why an opset-23 ``Attention`` node cannot be decomposed for TVM, or None."""
-    if _present(node, 4) or _present(node, 5):
+    if has_input(node, 4) or has_input(node, 5):
         return "past key/value inputs are not supported"
     if any(o.outputs or o in graph.gs.outputs for o in node.outputs[1:]):
         return "present key/value or qk outputs are read"
@@ -81,7 +59,7 @@ def attention_refusal(node: gs.Node, graph: Graph) -> str | None:
         return "qk_matmul_output_mode != 0"
     windowed = [k for k in ("left_window_size", "right_window_size")
                 if node.attrs.get(k, -1) != -1]
-    if windowed or _present(node, 6):
+    if windowed or has_input(node, 6):
         return f"{', '.join(windowed or ['nonpad_kv_seqlen input'])} not supported"
     if any(t.shape is None or not all(isinstance(d, int) for d in t.shape)
            for t in node.inputs[:3]):
@@ -114,7 +92,7 @@ def _decompose_attention(m: Match, graph: Graph) -> list[gs.Node]:
     if reason:
         raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm", reason)
     dtype = np.dtype(q.dtype or np.float32)
-    b = _Builder(node.name, dtype)
+    b = NodeBuilder(node.name, dtype)
     three_d = len(q.shape) == 3
     if three_d:
         q_heads, kv_heads = node.attrs["q_num_heads"], node.attrs["kv_num_heads"]
@@ -143,7 +121,7 @@ def _decompose_attention(m: Match, graph: Graph) -> list[gs.Node]:
         # Without a KV cache ONNX aligns the causal mask top-left (query i sees keys <= i).
         causal = np.tril(np.ones((length, kv_len), bool), k=0)
         scores = b("Where", [b.const("causal", causal), scores, lowest])
-    if _present(node, 3):
+    if has_input(node, 3):
         mask = node.inputs[3]
         scores = b("Where", [mask, scores, lowest]) if mask.dtype == np.bool_ \
             else b("Add", [scores, mask])
@@ -174,7 +152,7 @@ def _legalize_layernorm(m: Match, graph: Graph) -> list[gs.Node] | None:
         raise UnsupportedOpError("LayerNormalization", node.name, "legalize-for-tvm", reason)
     rank = len(x.shape)
     axes = np.arange(int(node.attrs.get("axis", -1)) % rank, rank, dtype=np.int64)
-    b = _Builder(node.name, np.dtype(x.dtype or np.float32))
+    b = NodeBuilder(node.name, np.dtype(x.dtype or np.float32))
     def reduce_mean(t: gs.Tensor, out: gs.Tensor | None = None) -> gs.Tensor:
         if graph.opset >= 18:  # axes became an input in opset 18
             return b("ReduceMean", [t, b.const("axes", axes)], {"keepdims": 1}, out=out)
@@ -187,7 +165,7 @@ def _legalize_layernorm(m: Match, graph: Graph) -> list[gs.Node] | None:
     inv_std = b("Reciprocal", [b("Sqrt", [b("Add", [var_, eps])])],
                 out=outs[2] if len(outs) > 2 else None)
     y = b("Mul", [b("Mul", [centered, inv_std]), scale])
-    if _present(node, 2):
+    if has_input(node, 2):
         b("Add", [y, node.inputs[2]], out=outs[0])
     else:
         b("Identity", [y], out=outs[0])

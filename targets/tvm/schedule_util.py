@@ -151,21 +151,28 @@ def inline_side_blocks(sch, main_rv, epilogues) -> list | None:
     CenterFace's neck). Left as they were, no blocked rule took the kernel and dlight's
     generic reduction rule computed one output element per task (24 MACs each); inlined,
     each is recomputed where its consumer reads it, an elementwise expression."""
-    downstream = [w.source for w in sch.get(main_rv).writes]
-    kept, side = [], []
-    for block_rv in epilogues:  # in the function's (topological) order
-        block = sch.get(block_rv)
-        if any(r.source.same_as(b) for r in block.reads for b in downstream):
-            downstream.extend(w.source for w in block.writes)
-            kept.append(block_rv)
-        else:
-            side.append(block_rv)
+    kept, side = _downstream_split(sch, main_rv, epilogues)
     for block_rv in reversed(side):  # consumers first: a chain folds into its reader
         try:
             sch.compute_inline(block_rv)
         except Exception:  # a side block that writes a function output, say
             return None
     return kept
+
+
+def _downstream_split(sch, main_rv, epilogues) -> tuple[list, list]:
+    """``epilogues`` (in the function's topological order) split into those that read the
+    reduction's result, directly or through the ones before them, and the others."""
+    downstream = [w.source for w in sch.get(main_rv).writes]
+    kept, side = [], []
+    for block_rv in epilogues:
+        block = sch.get(block_rv)
+        if any(r.source.same_as(b) for r in block.reads for b in downstream):
+            downstream.extend(w.source for w in block.writes)
+            kept.append(block_rv)
+        else:
+            side.append(block_rv)
+    return kept, side
 
 
 def all_downstream(sch, main_rv, epilogues) -> bool:
@@ -176,13 +183,7 @@ def all_downstream(sch, main_rv, epilogues) -> bool:
     covers every row, and the blocks after it read rows that other tiles have not written
     yet (NaN in onnx's layer_normalization_*_expanded tests once AVX2 tiles split the rows).
     """
-    downstream = [w.source for w in sch.get(main_rv).writes]
-    for block_rv in epilogues:  # in the function's (topological) order
-        block = sch.get(block_rv)
-        if not any(r.source.same_as(b) for r in block.reads for b in downstream):
-            return False
-        downstream.extend(w.source for w in block.writes)
-    return True
+    return not _downstream_split(sch, main_rv, epilogues)[1]
 
 
 class VectorRule(dl.ScheduleRule):

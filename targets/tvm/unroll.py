@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from mmcompile.ir import Graph
-from mmcompile.transform.rewrite import Match, fresh_name, make_constant
+from mmcompile.transform.rewrite import Match, NodeBuilder, fresh_name, has_input
 
 MAX_UNROLLED_NODES = 20_000  # iterations x body nodes
 
@@ -34,10 +34,6 @@ def _scalar(tensor: gs.Tensor):
     if isinstance(tensor, gs.Constant) and np.asarray(tensor.values).size == 1:
         return np.asarray(tensor.values).item()
     return None
-
-
-def _present(node: gs.Node, index: int) -> bool:
-    return len(node.inputs) > index and bool(node.inputs[index].name)
 
 
 def _through_identities(tensor: gs.Tensor) -> gs.Tensor:
@@ -59,7 +55,7 @@ def _common_refusal(node: gs.Node, body: gs.Graph | None, iterations: int) -> st
 
 def trip_count(node: gs.Node) -> int | None:
     """A ``Loop``'s iteration count when it is known at compile time, else None."""
-    if not _present(node, 0):
+    if not has_input(node, 0):
         return None
     count = _scalar(node.inputs[0])
     return None if count is None else int(count)
@@ -72,7 +68,7 @@ def loop_refusal(node: gs.Node, graph: Graph) -> str | None:
     if count is None:
         return ("its trip count is not a compile-time constant (fix the input shapes it "
                 "depends on, e.g. with example inputs or --input-shape)")
-    if _present(node, 1) and _scalar(node.inputs[1]) != 1:
+    if has_input(node, 1) and _scalar(node.inputs[1]) != 1:
         return "its initial condition is not a constant true"
     if body is not None:
         cond = _through_identities(body.outputs[0])
@@ -120,32 +116,29 @@ def _scan_layout(node: gs.Node, graph: Graph):
     return states, scanned, in_axes, in_dirs, out_axes, out_dirs, lengths.pop()
 
 
-def scan_refusal(node: gs.Node, graph: Graph) -> str | None:
-    """Why a ``Scan`` cannot be unrolled, or None."""
+def _scan_plan(node: gs.Node, graph: Graph):
+    """:func:`_scan_layout`, or why the ``Scan`` cannot be unrolled (a string)."""
     layout = _scan_layout(node, graph)
     if isinstance(layout, str):
         return layout
     length = layout[-1]
     if length < 1 and len(node.outputs) > len(layout[0]):
         return "its scan inputs are empty and it has scan outputs (empty tensors)"
-    return _common_refusal(node, node.attrs.get("body"), length)
+    return _common_refusal(node, node.attrs.get("body"), length) or layout
 
 
-class _Unroller:
+def scan_refusal(node: gs.Node, graph: Graph) -> str | None:
+    """Why a ``Scan`` cannot be unrolled, or None."""
+    plan = _scan_plan(node, graph)
+    return plan if isinstance(plan, str) else None
+
+
+class _Unroller(NodeBuilder):
     """Appends the nodes of an unrolled loop: body copies, slices and stacks."""
 
     def __init__(self, node: gs.Node, opset: int):
-        self.node, self.opset, self.nodes = node, opset, []
-
-    def emit(self, op_type: str, inputs: list, attrs: dict | None = None,
-             out: gs.Tensor | None = None) -> gs.Tensor:
-        out = out if out is not None else gs.Variable(fresh_name(f"{self.node.name}/{op_type}"))
-        self.nodes.append(gs.Node(op_type, name=fresh_name(f"{self.node.name}/{op_type}"),
-                                  inputs=inputs, outputs=[out], attrs=attrs or {}))
-        return out
-
-    def const(self, tag: str, value) -> gs.Constant:
-        return make_constant(f"{self.node.name}/{tag}", np.asarray(value))
+        super().__init__(node.name)
+        self.node, self.opset = node, opset
 
     def body(self, body: gs.Graph, bound: list[gs.Tensor], tag: str) -> list[gs.Tensor]:
         """One copy of ``body`` with its inputs bound to ``bound``: its output tensors.
@@ -174,14 +167,14 @@ class _Unroller:
     def stack(self, values: list[gs.Tensor], axis: int, out: gs.Tensor) -> None:
         """``out`` = ``values`` stacked along a new ``axis`` (>= 0)."""
         if self.opset >= 13:
-            expanded = [self.emit("Unsqueeze", [v, self.const("axes", np.array([axis]))])
+            expanded = [self("Unsqueeze", [v, self.const("axes", np.array([axis]))])
                         for v in values]
         else:
-            expanded = [self.emit("Unsqueeze", [v], {"axes": [axis]}) for v in values]
-        self.emit("Concat", expanded, {"axis": axis}, out=out)
+            expanded = [self("Unsqueeze", [v], {"axes": [axis]}) for v in values]
+        self("Concat", expanded, {"axis": axis}, out=out)
 
     def forward(self, value: gs.Tensor, out: gs.Tensor) -> None:
-        self.emit("Identity", [value], out=out)
+        self("Identity", [value], out=out)
 
 
 def unroll_loop(m: Match, graph: Graph) -> list[gs.Node] | None:
@@ -211,15 +204,16 @@ def unroll_loop(m: Match, graph: Graph) -> list[gs.Node] | None:
 def unroll_scan(m: Match, graph: Graph) -> list[gs.Node] | None:
     """The ``Scan`` at ``m.root`` as straight-line nodes (None: it cannot be unrolled)."""
     node = m.root
-    if scan_refusal(node, graph):
+    plan = _scan_plan(node, graph)
+    if isinstance(plan, str):
         return None
-    states, scanned, in_axes, in_dirs, out_axes, out_dirs, length = _scan_layout(node, graph)
+    states, scanned, in_axes, in_dirs, out_axes, out_dirs, length = plan
     body = node.attrs["body"]
     unroller = _Unroller(node, graph.gs.opset)
     states = list(states)
     steps: list[list[gs.Tensor]] = [[] for _ in range(len(node.outputs) - len(states))]
     for t in range(length):
-        slices = [unroller.emit("Gather", [x, unroller.const(
+        slices = [unroller("Gather", [x, unroller.const(
             f"step{t}", np.array(length - 1 - t if direction else t, np.int64))], {"axis": axis})
             for x, axis, direction in zip(scanned, in_axes, in_dirs, strict=True)]
         outs = unroller.body(body, [*states, *slices], f"step{t}")
