@@ -4,15 +4,20 @@ equivalent forms it accepts.
 Measured on TVM 0.27 (transformers CLIP/BLIP/Whisper exports):
 
 - opset-23 ``Attention``: TVM keys converters by op name only, so the standard op lands in the
-  ``com.microsoft`` Attention converter and fails with ``KeyError: 'num_heads'``. Decomposed here
-  into Transpose/MatMul/Mul/(Add|Where)/Softmax/MatMul, 3-D (B, L, H*E) and 4-D (B, H, L, E)
-  layouts, grouped KV heads, ``scale``, ``softcap``, ``is_causal`` and float or boolean masks.
-  Past key/value inputs and the extra outputs are refused with a clear error.
+  ``com.microsoft`` Attention converter and fails with ``KeyError: 'num_heads'``. Decomposed
+  into plain ops (:mod:`.attention`: every input, output and attribute of the op).
 - ``LayerNormalization`` with its Mean / InvStdDev outputs: TVM returns scalar 0.0 placeholders
   for them, so a graph that reads them imports but computes wrong results. Unused extra
   outputs are dropped; used ones are computed explicitly (ReduceMean/Sub/Mul/Sqrt/Reciprocal).
 - ``Loop`` / ``Scan``: TVM has no converter; those whose iteration counts are compile-time
   constants are unrolled (:mod:`.unroll`, which also says what it refuses).
+- float16 ops that accumulate (MatMul, Conv, Softmax, reductions, ...): TVM accumulates in
+  float16; computed in float32 between Casts (:mod:`.float16`).
+- ``Resize`` with ``axes`` or ``keep_aspect_ratio_policy`` (ignored by TVM's importer), and
+  those TVM computes differently from ONNX (scales that are not the ratio of the sizes,
+  antialias, ...): :mod:`.resize`.
+- ``ReduceMax`` / ``ReduceMin`` over an empty axis: TVM returns the lowest / highest finite
+  value, ONNX -inf / +inf; the (constant) result is written out.
 - ``Constant`` nodes holding ``value_int(s)``/``value_float(s)``: TVM reads only ``value``
   ("no value in Constant"); rewritten to ``value``.
 
@@ -27,44 +32,10 @@ import onnx_graphsurgeon as gs
 from mmcompile.errors import UnsupportedOpError
 from mmcompile.ir import Graph
 from mmcompile.transform import Pass, PassContext, PassResult, register_pass
+from mmcompile.targets.tvm import attention, float16, resize
 from mmcompile.targets.tvm.unroll import unroll_loop, unroll_scan
 from mmcompile.transform.rewrite import (Match, NodeBuilder, RewriteRule, apply_rules,
                                          fresh_name, has_input, make_constant, op, var)
-
-
-def _to_heads(b: NodeBuilder, t: gs.Tensor, heads: int, tag: str) -> gs.Tensor:
-    """(B, L, H*E) -> (B, H, L, E)."""
-    batch, length, width = t.shape
-    r = b("Reshape", [t, b.const(f"{tag}_shape", np.array([batch, length, heads, width // heads],
-                                                           np.int64))])
-    return b("Transpose", [r], {"perm": [0, 2, 1, 3]})
-
-
-def _repeat_kv(b: NodeBuilder, t: gs.Tensor, batch: int, kv_heads: int, rep: int, length: int,
-               width: int, tag: str) -> gs.Tensor:
-    u = b("Unsqueeze", [t, b.const(f"{tag}_axes", np.array([2], np.int64))])
-    e = b("Expand", [u, b.const(f"{tag}_expand",
-                                np.array([batch, kv_heads, rep, length, width], np.int64))])
-    return b("Reshape", [e, b.const(f"{tag}_shape",
-                                    np.array([batch, kv_heads * rep, length, width], np.int64))])
-
-
-def attention_refusal(node: gs.Node, graph: Graph) -> str | None:
-    """Why an opset-23 ``Attention`` node cannot be decomposed for TVM, or None."""
-    if has_input(node, 4) or has_input(node, 5):
-        return "past key/value inputs are not supported"
-    if any(o.outputs or o in graph.gs.outputs for o in node.outputs[1:]):
-        return "present key/value or qk outputs are read"
-    if node.attrs.get("qk_matmul_output_mode", 0) != 0:
-        return "qk_matmul_output_mode != 0"
-    windowed = [k for k in ("left_window_size", "right_window_size")
-                if node.attrs.get(k, -1) != -1]
-    if windowed or has_input(node, 6):
-        return f"{', '.join(windowed or ['nonpad_kv_seqlen input'])} not supported"
-    if any(t.shape is None or not all(isinstance(d, int) for d in t.shape)
-           for t in node.inputs[:3]):
-        return "needs static shapes (fix input shapes, e.g. --input-shape)"
-    return None
 
 
 def layernorm_refusal(node: gs.Node, graph: Graph) -> str | None:
@@ -75,7 +46,7 @@ def layernorm_refusal(node: gs.Node, graph: Graph) -> str | None:
     return None
 
 
-REFUSALS = {"Attention": attention_refusal, "LayerNormalization": layernorm_refusal}
+REFUSALS = {"Attention": attention.refusal, "LayerNormalization": layernorm_refusal}
 
 
 def refusal(node: gs.Node, graph: Graph) -> str | None:
@@ -83,58 +54,6 @@ def refusal(node: gs.Node, graph: Graph) -> str | None:
     ``supports`` asks before placing the node on them)."""
     check = REFUSALS.get(node.op)
     return check(node, graph) if check is not None and (node.domain or "") in ("", "ai.onnx") else None
-
-
-def _decompose_attention(m: Match, graph: Graph) -> list[gs.Node]:
-    node = m.root
-    q, k, v = m["q"], m["k"], m["v"]
-    reason = attention_refusal(node, graph)
-    if reason:
-        raise UnsupportedOpError("Attention", node.name, "legalize-for-tvm", reason)
-    dtype = np.dtype(q.dtype or np.float32)
-    b = NodeBuilder(node.name, dtype)
-    three_d = len(q.shape) == 3
-    if three_d:
-        q_heads, kv_heads = node.attrs["q_num_heads"], node.attrs["kv_num_heads"]
-        q, k, v = (_to_heads(b, q, q_heads, "q"), _to_heads(b, k, kv_heads, "k"),
-                   _to_heads(b, v, kv_heads, "v"))
-        batch, length = m["q"].shape[:2]
-        head_dim, kv_len = m["q"].shape[2] // q_heads, m["k"].shape[1]
-        v_dim = m["v"].shape[2] // kv_heads
-    else:
-        batch, q_heads, length, head_dim = q.shape
-        kv_heads, kv_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
-    if kv_heads != q_heads:  # grouped-query attention: repeat each KV head
-        rep = q_heads // kv_heads
-        k = _repeat_kv(b, k, batch, kv_heads, rep, kv_len, head_dim, "k_rep")
-        v = _repeat_kv(b, v, batch, kv_heads, rep, kv_len, v_dim, "v_rep")
-    scale = node.attrs.get("scale") or 1.0 / np.sqrt(head_dim)
-    scores = b("MatMul", [q, b("Transpose", [k], {"perm": [0, 1, 3, 2]})])
-    scores = b("Mul", [scores, b.const("scale", np.array(scale, dtype))])
-    softcap = node.attrs.get("softcap", 0.0)
-    if softcap and softcap > 0:
-        capped = b("Tanh", [b("Div", [scores, b.const("softcap", np.array(softcap, dtype))])])
-        scores = b("Mul", [capped, b.const("softcap_mul", np.array(softcap, dtype))])
-    # A finite minimum rather than -inf: a fully masked row then averages instead of giving NaN.
-    lowest = b.const("masked", np.array(np.finfo(dtype).min, dtype))
-    if node.attrs.get("is_causal", 0):
-        # Without a KV cache ONNX aligns the causal mask top-left (query i sees keys <= i).
-        causal = np.tril(np.ones((length, kv_len), bool), k=0)
-        scores = b("Where", [b.const("causal", causal), scores, lowest])
-    if has_input(node, 3):
-        mask = node.inputs[3]
-        scores = b("Where", [mask, scores, lowest]) if mask.dtype == np.bool_ \
-            else b("Add", [scores, mask])
-    probs = b("Softmax", [scores], {"axis": -1})
-    out = node.outputs[0]
-    if three_d:
-        heads = b("MatMul", [probs, v])
-        merged = b("Transpose", [heads], {"perm": [0, 2, 1, 3]})
-        b("Reshape", [merged, b.const("out_shape", np.array([batch, length, q_heads * v_dim],
-                                                            np.int64))], out=out)
-    else:
-        b("MatMul", [probs, v], out=out)
-    return b.nodes
 
 
 def _legalize_layernorm(m: Match, graph: Graph) -> list[gs.Node] | None:
@@ -172,6 +91,42 @@ def _legalize_layernorm(m: Match, graph: Graph) -> list[gs.Node] | None:
     return b.nodes
 
 
+def _identity_element(op_type: str, dtype: np.dtype):
+    if dtype.kind == "b":
+        return op_type == "ReduceMin"  # all() of nothing is True, any() False
+    if dtype.kind == "f":
+        return np.inf if op_type == "ReduceMin" else -np.inf
+    return np.iinfo(dtype).max if op_type == "ReduceMin" else np.iinfo(dtype).min
+
+
+def _empty_reduction(m: Match, graph: Graph) -> list[gs.Node] | None:
+    """ReduceMax / ReduceMin over an axis of length 0 -> a constant of -inf / +inf (the lowest
+    / highest integer, False / True); TVM starts its reductions from the lowest / highest
+    finite value and returns that."""
+    node = m.root
+    x = node.inputs[0]
+    if x.shape is None or not all(isinstance(d, int) for d in x.shape) or x.dtype is None:
+        return None
+    rank = len(x.shape)
+    if has_input(node, 1):
+        if not isinstance(node.inputs[1], gs.Constant):
+            return None
+        axes = [int(a) for a in np.asarray(node.inputs[1].values).ravel()]
+    else:
+        axes = list(node.attrs.get("axes", []))
+    if not axes:
+        axes = [] if node.attrs.get("noop_with_empty_axes", 0) else list(range(rank))
+    axes = [a % rank for a in axes]
+    if not any(x.shape[a] == 0 for a in axes):
+        return None
+    keep = node.attrs.get("keepdims", 1)
+    shape = [1 if a in axes else d for a, d in enumerate(x.shape) if keep or a not in axes]
+    dtype = np.dtype(x.dtype)
+    value = np.full(shape, _identity_element(node.op, dtype), dtype)
+    return [gs.Node("Identity", name=fresh_name(node.name), outputs=m.outputs,
+                    inputs=[make_constant(f"{node.name}/empty", value)])]
+
+
 _CONSTANT_ATTRS = {"value_int": np.int64, "value_ints": np.int64,
                    "value_float": np.float32, "value_floats": np.float32}
 
@@ -188,10 +143,13 @@ def _constant_to_value(m: Match, graph: Graph) -> list[gs.Node] | None:
 
 _RULES = (
     RewriteRule("attention", op("Attention", var("q"), var("k"), var("v"),
-                                allow_extra_inputs=True), _decompose_attention),
+                                allow_extra_inputs=True), attention.decompose),
     RewriteRule("layernorm_outputs", op("LayerNormalization", var("x"), var("scale"),
                                         allow_extra_inputs=True), _legalize_layernorm),
     RewriteRule("constant_attr", op("Constant"), _constant_to_value),
+    RewriteRule("empty_max", op("ReduceMax", allow_extra_inputs=True), _empty_reduction),
+    RewriteRule("empty_min", op("ReduceMin", allow_extra_inputs=True), _empty_reduction),
+    RewriteRule("resize", op("Resize", allow_extra_inputs=True), resize.legalize),
     RewriteRule("loop", op("Loop", allow_extra_inputs=True), unroll_loop),
     RewriteRule("scan", op("Scan", allow_extra_inputs=True), unroll_scan),
 )
@@ -201,12 +159,18 @@ _RULES = (
 class LegalizeForTVM(Pass):
     name = "legalize-for-tvm"
     description = ("rewrite ops TVM's ONNX importer rejects (opset-23 Attention, LayerNorm extra "
-                   "outputs, Loop / Scan with constant iteration counts)")
+                   "outputs, Loop / Scan with constant iteration counts, float16 accumulation)")
     opt_level = 0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         counts = apply_rules(graph, _RULES)
+        # after the rules above: the Attention decomposition makes float16 MatMuls and Softmax
+        counts += apply_rules(graph, float16.RULES)
         return PassResult.from_stats(attention_decomposed=counts["attention"],
                                      layernorm_legalized=counts["layernorm_outputs"],
                                      constants_rewritten=counts["constant_attr"],
-                                     loops_unrolled=counts["loop"] + counts["scan"])
+                                     resizes_legalized=counts["resize"],
+                                     empty_reductions=counts["empty_max"] + counts["empty_min"],
+                                     loops_unrolled=counts["loop"] + counts["scan"],
+                                     float16_widened=sum(n for rule, n in counts.items()
+                                                         if rule.startswith("float16_")))

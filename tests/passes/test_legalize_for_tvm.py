@@ -8,6 +8,8 @@ from onnx import TensorProto, helper
 import mmcompile
 
 BOOL = TensorProto.BOOL
+FLOAT16 = TensorProto.FLOAT16
+INT64 = TensorProto.INT64
 
 
 def tvm_imports(graph: mmcompile.Graph) -> bool:
@@ -46,15 +48,156 @@ def test_attention_3d_grouped_query_causal():
     assert tvm_imports(result.graph)
 
 
-def test_attention_with_past_key_value_is_refused_naming_the_node():
-    node = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"],
+def _compiled_against_reference(g: mmcompile.Graph, feeds: dict, atol: float) -> None:
+    """Compile through the CPU target; every output within ``atol`` of onnx's reference
+    implementation (what onnx's node tests hold the op to)."""
+    from onnx.reference import ReferenceEvaluator
+    model = g.to_onnx()
+    ref = ReferenceEvaluator(model).run(None, feeds)
+    compiled = mmcompile.compile(model, feeds, target="cpu", verify=False, fallback=None)
+    got = compiled.run(feeds)
+    for out, want in zip(model.graph.output, ref):
+        np.testing.assert_allclose(got[out.name], want, atol=atol, rtol=0, err_msg=out.name)
+
+
+def _qkv(rng, *shapes):
+    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+def test_attention_with_kv_cache_returns_present_and_scores():
+    # 4-D, grouped heads, a past of 3 keys: present = past ++ new; mode 2 scores keep -inf
+    node = helper.make_node("Attention", ["q", "k", "v", "mask", "pk", "pv"],
+                            ["y", "present_k", "present_v", "qk"], is_causal=1,
+                            qk_matmul_output_mode=2)
+    q, k, v, pk, pv = _qkv(np.random.default_rng(0), (1, 4, 2, 8), (1, 2, 2, 8), (1, 2, 2, 8),
+                           (1, 2, 3, 8), (1, 2, 3, 8))
+    mask = np.ones((2, 5), bool)
+    mask[:, 1] = False
+    g = make_graph([node], [("q", FLOAT, list(q.shape)), ("k", FLOAT, list(k.shape)),
+                            ("v", FLOAT, list(v.shape)), ("mask", BOOL, [2, 5]),
+                            ("pk", FLOAT, [1, 2, 3, 8]), ("pv", FLOAT, [1, 2, 3, 8])],
+                   [("y", FLOAT, [1, 4, 2, 8]), ("present_k", FLOAT, [1, 2, 5, 8]),
+                    ("present_v", FLOAT, [1, 2, 5, 8]), ("qk", FLOAT, [1, 4, 2, 5])], opset=23)
+    result = mmcompile.optimize(g, "legalize-for-tvm")
+    assert "Attention" not in result.graph.op_counts()
+    assert tvm_imports(result.graph)
+    _compiled_against_reference(g, {"q": q, "k": k, "v": v, "mask": mask, "pk": pk, "pv": pv},
+                                atol=1e-5)
+
+
+def test_attention_external_cache_with_causal_sliding_window():
+    # per-batch valid lengths: the causal frontier and the window end at each batch's last key
+    node = helper.make_node("Attention", ["q", "k", "v", "", "", "", "nonpad"], ["y"],
+                            is_causal=1, left_window_size=2)
+    q, k, v = _qkv(np.random.default_rng(1), (2, 2, 3, 8), (2, 2, 6, 8), (2, 2, 6, 8))
+    g = make_graph([node], [("q", FLOAT, [2, 2, 3, 8]), ("k", FLOAT, [2, 2, 6, 8]),
+                            ("v", FLOAT, [2, 2, 6, 8]), ("nonpad", INT64, [2])],
+                   [("y", FLOAT, [2, 2, 3, 8])], opset=25)
+    _compiled_against_reference(g, {"q": q, "k": k, "v": v,
+                                    "nonpad": np.array([4, 6], np.int64)}, atol=1e-5)
+
+
+def test_attention_row_with_every_key_masked_gives_zeros():
+    # ONNX: a query with no key left attends to nothing (0), not to the average of all keys
+    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"])
+    q, k, v = _qkv(np.random.default_rng(2), (1, 2, 3, 8), (1, 2, 4, 8), (1, 2, 4, 8))
+    mask = np.ones((3, 4), bool)
+    mask[1] = False
+    g = make_graph([node], [("q", FLOAT, [1, 2, 3, 8]), ("k", FLOAT, [1, 2, 4, 8]),
+                            ("v", FLOAT, [1, 2, 4, 8]), ("mask", BOOL, [3, 4])],
+                   [("y", FLOAT, [1, 2, 3, 8])], opset=23)
+    _compiled_against_reference(g, {"q": q, "k": k, "v": v, "mask": mask}, atol=1e-5)
+
+
+def test_attention_past_key_without_past_value_is_refused_naming_the_node():
+    node = helper.make_node("Attention", ["q", "k", "v", "", "pk"], ["y"],
                             name="attn_with_cache")
     shape = [1, 2, 4, 8]
     g = make_graph([node], [("q", FLOAT, shape), ("k", FLOAT, shape), ("v", FLOAT, shape),
-                            ("pk", FLOAT, [1, 2, 3, 8]), ("pv", FLOAT, [1, 2, 3, 8])],
-                   [("y", FLOAT, shape)], opset=23)
-    with pytest.raises(mmcompile.PassError, match="attn_with_cache.*past key/value"):
+                            ("pk", FLOAT, [1, 2, 3, 8])], [("y", FLOAT, shape)], opset=23)
+    with pytest.raises(mmcompile.PassError, match="attn_with_cache.*past_key and past_value"):
         mmcompile.optimize(g, "legalize-for-tvm")
+
+
+def test_float16_matmul_accumulates_in_float32():
+    node = helper.make_node("MatMul", ["a", "b"], ["y"])
+    g = make_graph([node], [("a", FLOAT16, [16, 2048]), ("b", FLOAT16, [2048, 16])],
+                   [("y", FLOAT16, [16, 16])])
+
+    def structure(g):
+        (matmul,) = [n for n in g.gs.nodes if n.op == "MatMul"]
+        assert all(np.dtype(t.dtype) == np.float32 for t in matmul.inputs + matmul.outputs)
+        assert g.op_counts()["Cast"] == 3
+
+    check_pass(g, "legalize-for-tvm", expect_changed=True, structure=structure, atol=1e-2)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(s).astype(np.float16) for s in ((16, 2048), (2048, 16)))
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    got = mmcompile.compile(g.to_onnx(), {"a": a, "b": b}, target="cpu", verify=False).run(
+        {"a": a, "b": b})["y"]
+    # float32 accumulation: the float16 rounding of the result (2^-11 of it); a float16
+    # accumulator was off by 1.3e-2 of the range here
+    assert np.abs(got - exact).max() / np.abs(exact).max() < 2e-3
+
+
+def _resize_graph(attrs: dict, x_shape, y_shape, scales=None, sizes=None, roi=None):
+    init = {}
+    names = ["x", "", "", ""]
+    for i, (name, value) in enumerate((("roi", roi), ("scales", scales), ("sizes", sizes)), 1):
+        if value is not None:
+            init[name], names[i] = value, name
+    while not names[-1]:
+        names.pop()
+    node = helper.make_node("Resize", names, ["y"], **attrs)
+    return make_graph([node], [("x", FLOAT, x_shape)], [("y", FLOAT, y_shape)], init, opset=19)
+
+
+@pytest.mark.parametrize("attrs,scales,out", [
+    ({"mode": "linear"}, [1, 1, 0.6, 0.6], [3, 4]),  # scale is not the ratio of the sizes
+    ({"mode": "cubic", "antialias": 1}, [1, 1, 0.6, 0.6], [3, 4]),  # antialias filter
+    ({"mode": "linear", "coordinate_transformation_mode": "half_pixel_symmetric"},
+     [1, 1, 1.7, 0.8], [8, 5]),
+])
+def test_resize_tvm_computes_differently_becomes_matmuls_with_reference_weights(attrs, scales,
+                                                                                 out):
+    g = _resize_graph(attrs, [1, 2, 5, 7], [1, 2, *out], scales=np.array(scales, np.float32))
+    result = mmcompile.optimize(g, "legalize-for-tvm")
+    assert "Resize" not in result.graph.op_counts()
+    assert result.graph.op_counts()["MatMul"] == 2
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 7)).astype(np.float32)
+    _compiled_against_reference(g, {"x": x}, atol=1e-5)
+
+
+def test_resize_with_axes_and_aspect_policy_is_spelled_over_every_axis():
+    g = _resize_graph({"mode": "nearest", "axes": [2, 3], "keep_aspect_ratio_policy": "not_larger"},
+                      [1, 1, 2, 4], [1, 1, 1, 2], sizes=np.array([1, 3], np.int64))
+    assert not tvm_imports(g)
+
+    def structure(g):
+        (node,) = [n for n in g.gs.nodes if n.op == "Resize"]
+        assert "axes" not in node.attrs
+        assert list(node.inputs[3].values) == [1, 1, 1, 2]
+
+    result = check_pass(g, "legalize-for-tvm", expect_changed=True, structure=structure)
+    assert tvm_imports(result.graph)
+
+
+def test_resize_tvm_computes_right_is_left_to_tvm():
+    g = _resize_graph({"mode": "nearest"}, [1, 2, 4, 4], [1, 2, 8, 8],
+                      scales=np.array([1, 1, 2, 2], np.float32))
+    check_pass(g, "legalize-for-tvm", expect_changed=False)
+
+
+@pytest.mark.parametrize("op_type,expected", [("ReduceMax", -np.inf), ("ReduceMin", np.inf)])
+def test_reduction_over_an_empty_axis_is_its_identity_element(op_type, expected):
+    node = helper.make_node(op_type, ["x", "axes"], ["y"], keepdims=1)
+    g = make_graph([node], [("x", FLOAT, [2, 0, 4])], [("y", FLOAT, [2, 1, 4])],
+                   {"axes": np.array([1], np.int64)})
+    result = mmcompile.optimize(g, "legalize-for-tvm")
+    assert op_type not in result.graph.op_counts()
+    x = np.zeros((2, 0, 4), np.float32)
+    got = mmcompile.compile(g.to_onnx(), {"x": x}, target="cpu", verify=False).run({"x": x})["y"]
+    assert got.shape == (2, 1, 4) and np.all(got == expected)
 
 
 def _layernorm_graph(read_extras: bool):
