@@ -7,8 +7,9 @@ whole op list against TVM's importer alone and onnxruntime.
 TVM needs static shapes, and constant values for shape-like operands (Reshape's shape, Slice's
 starts, Expand's shape, ...), which onnx's node tests pass as graph *inputs*. So compilation
 waits for the first :meth:`MMCompileRep.run`: integer and boolean inputs are frozen to
-initializers holding the values given, the other inputs' shapes are fixed to the arrays given,
-and the compiled model is cached under those values and shapes. Other dtypes pass through. The
+initializers holding the values given, and so are inputs of any dtype whose values decide a
+shape (float ``Resize`` scales, ``Range`` bounds); the other inputs' shapes are fixed to the
+arrays given, and the compiled model is cached under those values and shapes. Other dtypes pass through. The
 conformance report's TVM-alone baseline freezes the same way, so the two compare like for like;
 a frozen test still checks the compiled graph, but mmcompile's constant folding may then
 compute all of it ahead of time (through onnxruntime) when every input is frozen. The
@@ -40,8 +41,30 @@ def _freezable(value: Any, dtypes: tuple[str, ...]) -> bool:
     return isinstance(value, np.ndarray) and value.dtype.kind in dtypes
 
 
+# Operands whose values decide an output's shape, whatever their dtype: (op, input indices).
+_SHAPE_OPERANDS = {"Resize": (1, 2, 3), "Upsample": (1,), "Range": (0, 1, 2), "Loop": (0,)}
+
+
+def shape_inputs(model: onnx.ModelProto) -> set[str]:
+    """Names of the graph inputs whose values reach a shape operand (Resize's scales, sizes
+    and roi, Range's bounds, Loop's trip count), directly or through other nodes."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    pending = [node.input[i] for node in model.graph.node
+               for i in _SHAPE_OPERANDS.get(node.op_type, ()) if i < len(node.input)]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        if name in producer:
+            pending.extend(producer[name].input)
+    return seen & {i.name for i in model.graph.input}
+
+
 def freeze_inputs(model: onnx.ModelProto, feeds: Mapping[str, Any],
-                  kinds: tuple[str, ...] = ("i", "u", "b")) -> onnx.ModelProto:
+                  kinds: tuple[str, ...] = ("i", "u", "b"),
+                  shapes: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` specialised to ``feeds``.
 
     Args:
@@ -49,6 +72,8 @@ def freeze_inputs(model: onnx.ModelProto, feeds: Mapping[str, Any],
         feeds: graph input name -> numpy array.
         kinds: numpy dtype kinds (``"i"`` signed, ``"u"`` unsigned, ``"b"`` bool) whose inputs
             become initializers with the given values.
+        shapes: also freeze the inputs that decide output shapes (:func:`shape_inputs`), of
+            any dtype (float Resize scales, Range bounds).
 
     Returns:
         The specialised model: frozen inputs removed from ``graph.input``, every other input's
@@ -57,9 +82,11 @@ def freeze_inputs(model: onnx.ModelProto, feeds: Mapping[str, Any],
     out = onnx.ModelProto()
     out.CopyFrom(model)
     kept = []
+    frozen_by_use = shape_inputs(model) if shapes else set()
     for value_info in out.graph.input:
         value = feeds.get(value_info.name)
-        if _freezable(value, kinds):
+        if _freezable(value, kinds) or (value_info.name in frozen_by_use
+                                        and isinstance(value, np.ndarray)):
             out.graph.initializer.append(onnx.numpy_helper.from_array(value, value_info.name))
             continue
         if isinstance(value, np.ndarray) and value_info.type.HasField("tensor_type"):
@@ -74,7 +101,7 @@ def freeze_inputs(model: onnx.ModelProto, feeds: Mapping[str, Any],
     return out
 
 
-def _cache_key(feeds: Mapping[str, Any], kinds: tuple[str, ...]) -> str:
+def _cache_key(feeds: Mapping[str, Any], kinds: tuple[str, ...], by_value: set[str]) -> str:
     digest = hashlib.sha256()
     for name in sorted(feeds):
         value = feeds[name]
@@ -82,7 +109,7 @@ def _cache_key(feeds: Mapping[str, Any], kinds: tuple[str, ...]) -> str:
             digest.update(f"{name}:{type(value).__name__};".encode())
             continue
         digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
-        if _freezable(value, kinds):
+        if _freezable(value, kinds) or name in by_value:
             digest.update(np.ascontiguousarray(value).tobytes())
     return digest.hexdigest()
 
@@ -122,6 +149,7 @@ class MMCompileRep(BackendRep):
         self.input_names = [i.name for i in model.graph.input if i.name not in inits]
         self.output_names = [o.name for o in model.graph.output]
         self._compiled: dict[str, CompiledModel] = {}
+        self._shape_inputs = shape_inputs(self.model)
 
     def _feeds(self, inputs: Any) -> dict[str, Any]:
         if isinstance(inputs, Mapping):
@@ -141,7 +169,7 @@ class MMCompileRep(BackendRep):
         Raises:
             BackendFailure: an input is not a tensor, or mmcompile (or TVM under it) failed.
         """
-        key = _cache_key(feeds, self.freeze_kinds)
+        key = _cache_key(feeds, self.freeze_kinds, self._shape_inputs)
         if key not in self._compiled:
             import mmcompile
             bad = [n for n, v in feeds.items() if not isinstance(v, np.ndarray)]

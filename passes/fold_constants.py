@@ -71,6 +71,12 @@ def quiet_folding():
         ort.set_default_logger_severity(2)
 
 
+# DequantizeLinear marks a weight as int8 for the target (see above). Loop / Scan: gs extracts
+# their bodies in a form onnxruntime rejects ("Size mismatch validating subgraph inputs", a
+# Range's function body), and one failed evaluation leaves *every* constant unfolded, the
+# loop's trip count included; the CPU target unrolls loops with constant trip counts instead.
+_NOT_FOLDED = frozenset({"DequantizeLinear", "Loop", "Scan"})
+
 # Identity(constant) is then folded by gs into a plain constant.
 _RULES = (
     RewriteRule("shape", op("Shape", var("x")), _fold_shape),
@@ -78,8 +84,8 @@ _RULES = (
 )
 
 
-def _keeps_quantization(node: gs.Node) -> bool:
-    return node.op == "DequantizeLinear"
+def _excluded(node: gs.Node) -> bool:
+    return node.op in _NOT_FOLDED
 
 
 def flatten_ifs(graph: gs.Graph) -> int:
@@ -140,7 +146,7 @@ class FoldConstants(Pass):
             graph.gs.fold_constants(fold_shapes=self.config["fold_shapes"], error_ok=True,
                                     size_threshold=self.config["size_threshold"],
                                     flatten_subgraphs=False,
-                                    should_exclude_node=_keeps_quantization)
+                                    should_exclude_node=_excluded)
         flattened = flatten_ifs(graph.gs)
         graph.gs.cleanup(remove_unused_node_outputs=False).toposort()
         extra = {"ifs_flattened": flattened} if flattened else {}

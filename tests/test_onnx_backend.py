@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 from mmcompile.conformance import ops_by_test, run_conformance, select, summarize
 from mmcompile.process_pool import run_pool
-from mmcompile.onnx_backend import BackendFailure, MMCompileBackend, freeze_inputs
+from mmcompile.onnx_backend import BackendFailure, MMCompileBackend, freeze_inputs, shape_inputs
 
 # Chosen to pass, and to exercise TVM rather than only constant folding: float data inputs,
 # expanded (function-body) variants where mmcompile's passes matter (LayerNorm, Softmax, Gelu,
@@ -230,3 +230,22 @@ def test_conformance_run_and_table():
         ("test_relu", "onnxruntime", True)}
     table = summarize(outcomes)
     assert "Relu" in table and table.splitlines()[-1].split() == ["TOTAL", "1", "1", "1", "1"]
+
+
+def test_inputs_that_decide_a_shape_are_frozen_whatever_their_dtype():
+    # Resize's float scales decide the output's shape: TVM needs them as constants
+    nodes = [helper.make_node("Mul", ["s", "two"], ["scales"]),
+             helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest")]
+    graph = helper.make_graph(nodes, "resize", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2]),
+        helper.make_tensor_value_info("s", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    assert shape_inputs(model) == {"s"}
+    x = np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)
+    rep = MMCompileBackend.prepare(model)
+    for scale in (1.0, 1.5):  # a new value is a new compilation, not a stale cache hit
+        (got,) = rep.run([x, np.array([0.5, 0.5, scale, scale], np.float32)])
+        assert got.shape == (1, 1, int(4 * scale), int(4 * scale))
+    assert len(rep._compiled) == 2

@@ -81,3 +81,28 @@ def test_an_if_on_a_constant_condition_becomes_the_branch_it_takes(cond):
 def test_an_if_on_a_run_time_condition_is_left_alone():
     check_pass(_if_on(None), "fold-constants", expect_changed=False,
                structure=lambda g: g.op_counts()["If"] == 1)
+
+
+def test_constants_around_a_loop_fold_and_the_loop_stays():
+    # Range's function body: the trip count is Ceil((limit - start) / delta) of constants,
+    # the Loop adds delta. gs hands onnxruntime a Loop body it rejects, and that one failed
+    # evaluation used to leave every constant of the graph unfolded, the trip count included.
+    import onnx
+
+    import mmcompile
+    body = onnx.defs.get_schema("Range", 11).function_body
+    init = {"start": np.array(1.0, np.float32), "limit": np.array(5.0, np.float32),
+            "delta": np.array(2.0, np.float32)}
+    nodes = list(body.node) + [helper.make_node("Add", ["output", "x"], ["y"])]
+    g = make_graph(nodes, [("x", FLOAT, [2])], [("y", FLOAT, [2])], init)
+
+    def structure(g):
+        assert set(g.op_counts()) == {"Loop", "Add"}
+        (loop,) = [n for n in g.gs.nodes if n.op == "Loop"]
+        assert int(loop.inputs[0].values) == 2  # the trip count, folded
+
+    check_pass(g, "fold-constants", expect_changed=True, structure=structure)
+    x = np.array([10, 20], np.float32)
+    got = mmcompile.compile(g.to_onnx(), {"x": x}, target="cpu", verify=False,
+                            fallback=None).run({"x": x})["y"]
+    np.testing.assert_array_equal(got, np.arange(1, 5, 2, dtype=np.float32) + x)
