@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmcompile.errors import InputError, ModelLoadError, VerificationError
+from mmcompile.errors import InputError, VerificationError
 from mmcompile.frontend import SPECIALIZED
 from mmcompile.ir import Graph
 from mmcompile.planning import Plan, StagePlan, plan
@@ -67,27 +67,6 @@ def reference_error(compiled: Any, reference: Graph, inputs: Mapping[str, np.nda
         raise VerificationError("compiled model differs from onnxruntime beyond tolerance "
                                 f"{tolerance:g}:\n  " + "\n  ".join(lines))
     return max((d.max_abs for d in diffs), default=0.0), len(diffs)
-
-
-def _check_boundary_types(graph: Graph) -> None:
-    """Inputs and outputs cross into and out of a compiled model as numpy arrays: a type
-    numpy lacks there (bfloat16, float8, 4-bit) fails before any target compiles.
-
-    Raises:
-        ModelLoadError: naming the tensor and its type.
-    """
-    import onnx
-    for kind, tensors in (("input", graph.gs.inputs), ("output", graph.gs.outputs)):
-        for tensor in tensors:
-            try:
-                np.dtype(tensor.dtype)
-            except TypeError:
-                name = (onnx.helper.tensor_dtype_to_string(tensor.dtype)
-                        if isinstance(tensor.dtype, int) else str(tensor.dtype))
-                raise ModelLoadError(
-                    f"model {kind} '{tensor.name}' is {name.removeprefix('TensorProto.')}: "
-                    f"a compiled model takes and returns numpy arrays, which have no such "
-                    f"type; cast it at the model's boundary (to float32, say)") from None
 
 
 def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
@@ -177,7 +156,6 @@ def compile(model: Any, example_inputs: Any = None, *, target: str = "cpu",
                    disabled_passes=disabled_passes, modalities=modalities,
                    input_shapes=input_shapes, schedule=schedule, quantize=quantize,
                    calibration=calibration, quantize_options=quantize_options, progress=say)
-    _check_boundary_types(planned.source)
     used = {s.target for s in planned.stages()}
     cannot_run = {k: planned.placement.choices[k].target.why_not_runnable() for k in used}
     cannot_run = {k: why for k, why in cannot_run.items() if why}

@@ -27,7 +27,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmcompile.errors import InputError
+import numpy as np
+import onnx
+
+from mmcompile.errors import InputError, ModelLoadError
 from mmcompile.frontend import to_graph
 from mmcompile.ir import Graph
 from mmcompile.optimize import OptimizeResult, optimize
@@ -89,6 +92,26 @@ class Plan:
         return dict(self.placement.fell_back)
 
 
+def check_boundary_types(graph: Graph) -> None:
+    """Inputs and outputs cross into and out of a compiled model as numpy arrays: a type
+    numpy lacks there (bfloat16, float8, 4-bit) fails before any pass or target runs.
+
+    Raises:
+        ModelLoadError: naming the tensor and its type.
+    """
+    for kind, tensors in (("input", graph.gs.inputs), ("output", graph.gs.outputs)):
+        for tensor in tensors:
+            try:
+                np.dtype(tensor.dtype)
+            except TypeError:
+                name = (onnx.helper.tensor_dtype_to_string(tensor.dtype)
+                        if isinstance(tensor.dtype, int) else str(tensor.dtype))
+                raise ModelLoadError(
+                    f"model {kind} '{tensor.name}' is {name.removeprefix('TensorProto.')}: "
+                    f"a compiled model takes and returns numpy arrays, which have no such "
+                    f"type; cast it at the model's boundary (to float32, say)") from None
+
+
 def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
          target_config: Mapping[str, Any] | None = None, fallback: str | None = "onnxruntime",
          placement: Mapping[str, str] | None = None, passes: str = "default",
@@ -126,6 +149,7 @@ def plan(model: Any, example_inputs: Any = None, *, target: str = "cpu",
             "calibration data was given but no quantize scheme (e.g. quantize='int8')"))
     say("loading model")
     source = to_graph(model, example_inputs, modalities=modalities, input_shapes=input_shapes)
+    check_boundary_types(source)
     say(f"optimizing graph ({source.num_nodes} nodes)")
     ctx = PassContext(opt_level=opt_level, disabled_passes=frozenset(disabled_passes))
     optimization = optimize(source, passes, ctx=ctx)
