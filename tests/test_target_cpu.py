@@ -133,6 +133,42 @@ def test_pad_after_linear_is_not_left_uninitialised():
     _assert_compiled_matches_torch(module, (x,), atol=1e-5)
 
 
+def _gate_times_feature_map():
+    # a squeeze-excitation expand step as FuseOps hands it over: the gate (1, 96) of a
+    # 24 -> 96 product, HardSigmoid, multiplied into a (96, 100) feature map
+    from tvm import te
+    x, w = te.placeholder((1, 24), name="x"), te.placeholder((24, 96), name="w")
+    feat = te.placeholder((96, 100), name="feat")
+    k = te.reduce_axis((0, 24), name="k")
+    mm = te.compute((1, 96), lambda i, j: te.sum(x[i, k] * w[k, j], axis=k), name="mm")
+    gate = te.compute((1, 96), lambda i, j: te.max(te.min(mm[i, j] * 0.2 + 0.5, 1.0), 0.0),
+                      name="gate")
+    out = te.compute((96, 100), lambda c, p: feat[c, p] * gate[0, c], name="scaled")
+    return te.create_prim_func([x, w, feat, out])
+
+
+def test_blocked_rule_runs_an_epilogue_that_grows_the_product_after_its_tiles():
+    # Under the tiles the (96, 100) product would be written only where the (1, 96) tiles
+    # reach: the rule declined and dlight's generic Reduction rule took every MobileNetV3
+    # squeeze-excitation expand kernel. Now the growing block runs after the tiles.
+    import re
+
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    func = _gate_times_feature_map()
+    sch = BlockedMatmul._schedule(func, lanes=16)
+    assert sch is not None
+    assert "Vectorize" in {inst.kind.name for inst in sch.trace.insts}
+    scheduled = sch.mod["main"]
+    assert "scaled" in re.findall(r'T\.sblock\("(\w+)"\)', scheduled.script())
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal([int(d) for d in p.shape]).astype("float32")
+              for p in func.params]
+    expected = _run_prim_func(func, arrays)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(_run_prim_func(scheduled, arrays), expected, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_blocked_matmul_rule_schedules_a_matrix_vector_product():
     # Batch-1 linear layers: normalization drops the unit row loop; without this the big
     # tensor-fusion layer of the MOSEI model fell to a column-strided GEMV (1.0 -> 0.08 ms).

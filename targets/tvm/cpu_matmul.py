@@ -29,8 +29,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, extent,
-                                                 inline_side_blocks, parallel_pass,
-                                                 within_reduction)
+                                                 first_growing, inline_side_blocks,
+                                                 parallel_pass)
 
 
 def _index_vars(region) -> set:
@@ -154,8 +154,6 @@ class BlockedMatmul(VectorRule):
         if ii is not None:
             sch.unroll(ii)
         sch.decompose_reduction(main.block_rv, reduce_loops[0])
-        if not within_reduction(sch, main.block_rv, epilogues):
-            return None
         for block_rv in producers:
             parallel_pass(sch, block_rv, lanes)
         # Short chains (bias, relu) go into the accumulator write-back: no full-size temporaries.
@@ -165,8 +163,13 @@ class BlockedMatmul(VectorRule):
         # after the tiles: inlined, it wrote every column of a tile into the one kept (a conv1d
         # sliced to [..., :1] was off by the whole range of its output); computed per tile, every
         # tile wrote the kept column from the one tile that computes it, before that tile ran.
+        # So does an epilogue that writes more than the product (a squeeze-excitation gate
+        # times its feature map): under the tiles it would be written only where they reach.
+        # Before, such kernels fell to dlight's generic Reduction rule (MobileNetV3's SE
+        # expand convolutions, with the broadcast Mul fused in).
         cut = next((i for i, b in enumerate(epilogues) if not _covers(sch, main.block_rv, b)),
                    len(epilogues))
+        cut = min(cut, first_growing(sch, main.block_rv, epilogues))
         per_tile, after = epilogues[:cut], epilogues[cut:]
         if len(epilogues) <= 3 and not after:
             for block_rv in reversed(per_tile):

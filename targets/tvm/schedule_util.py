@@ -141,6 +141,16 @@ def within_reduction(sch, main_rv, others) -> bool:
     return limit is not None and all((s := size(rv)) is not None and s <= limit for rv in others)
 
 
+def first_growing(sch, main_rv, epilogues) -> int:
+    """The index of the first of ``epilogues`` that writes more elements than the reduction
+    (a squeeze-excitation gate, (1, C, 1, 1), multiplied into its (1, C, H, W) feature map);
+    ``len(epilogues)`` when none does. Those from it on cannot run under the reduction's tiles
+    (:func:`within_reduction`) but can after them."""
+    return next((i for i in range(len(epilogues) + 1)
+                 if i == len(epilogues) or not within_reduction(sch, main_rv, [epilogues[i]])),
+                len(epilogues))
+
+
 def inline_side_blocks(sch, main_rv, epilogues) -> list | None:
     """The ``epilogues`` that read the reduction's result (through the ones before them),
     after inlining the others into the blocks that read them; None when one cannot be
