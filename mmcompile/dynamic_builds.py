@@ -96,8 +96,11 @@ def _start_worker(tasks: list[dict[str, Any]], folder: Path, index: int) -> subp
     log = open(folder / f"worker{index}.log", "wb")  # noqa: SIM115  (closed when it ends)
     # One thread each: the caller's own build uses the other cores.
     env = {**os.environ, "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    entry = ("import sys; from mmcompile.dynamic_builds import worker_main; "
-             "worker_main(sys.argv[1])")
+    # torch blocked: the worker compiles an ONNX file, and apache-tvm-ffi would import torch
+    # (~2 s) only to offer DLPack exchange with it; the worker's start-up is on the critical
+    # path of a two-build compile (it finishes last).
+    entry = ("import sys; sys.modules['torch'] = None; "
+             "from mmcompile.dynamic_builds import worker_main; worker_main(sys.argv[1])")
     proc = subprocess.Popen([sys.executable, "-c", entry, str(task_file)],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env)
