@@ -25,6 +25,7 @@ import onnx
 
 from mmcompile.errors import ExportError, MMCompileError, ModelLoadError
 from mmcompile.ir import PROTO_LIMIT, Graph
+from mmcompile.transform.rewrite import has_static_shape
 
 DEFAULT_OPSET = 18
 
@@ -295,7 +296,8 @@ def to_graph(model: Any, example_inputs: Any = None, *,
     With ``specialize`` (the default) and example inputs, symbolic input dims (``batch``,
     ``sequence``, ``-1``) of an ONNX model, a Graph or a ``.pt2`` program are fixed to the
     examples' shapes, as ``input_shapes`` would (which wins where both name an input): shapes
-    then fold and TVM compiles static kernels. What was fixed is recorded in ``graph.annotations["specialized_inputs"]``.
+    then fold and TVM compiles static kernels. What was fixed is recorded in
+    ``graph.annotations["specialized_inputs"]``.
 
     Raises:
         ModelLoadError, ExportError, ModalityError: the model cannot be read.
@@ -307,8 +309,7 @@ def to_graph(model: Any, example_inputs: Any = None, *,
     if isinstance(model, Graph):
         # a traced graph with a symbolic batch (trace(dynamic_batch=True)) is specialised like
         # an ONNX file: left symbolic, av_mnist at batch 8 ran 258 ms against 2.2 ms pinned
-        symbolic = any(t.shape is None or not all(isinstance(d, int) and d >= 0 for d in t.shape)
-                       for t in model.gs.inputs)
+        symbolic = not all(has_static_shape(t) for t in model.gs.inputs)
         if not input_shapes and (not specialize or example_inputs is None or not symbolic):
             return model
         onnx_model, name = model.to_onnx(), model.name

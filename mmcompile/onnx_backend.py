@@ -9,12 +9,12 @@ starts, Expand's shape, ...), which onnx's node tests pass as graph *inputs*. So
 waits for the first :meth:`MMCompileRep.run`: integer and boolean inputs are frozen to
 initializers holding the values given, and so are inputs of any dtype whose values decide a
 shape (float ``Resize`` scales, ``Range`` bounds); the other inputs' shapes are fixed to the
-arrays given, and the compiled model is cached under those values and shapes. Other dtypes pass through. The
-conformance report's TVM-alone baseline freezes the same way, so the two compare like for like;
-a frozen test still checks the compiled graph, but mmcompile's constant folding may then
-compute all of it ahead of time (through onnxruntime) when every input is frozen. The
-fallback target is off (``fallback=None``): a node TVM cannot lower fails its test rather
-than passing through onnxruntime, so the counts measure native lowering.
+arrays given, and the compiled model is cached under those values and shapes. Other dtypes
+pass through. The conformance report's TVM-alone baseline freezes the same way, so the two
+compare like for like; a frozen test still checks the compiled graph, but mmcompile's constant
+folding may then compute all of it ahead of time (through onnxruntime) when every input is
+frozen. The fallback target is off (``fallback=None``): a node TVM cannot lower fails its test
+rather than passing through onnxruntime, so the counts measure native lowering.
 """
 
 from __future__ import annotations

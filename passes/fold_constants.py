@@ -32,16 +32,13 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from mmcompile.ir import Graph
 from mmcompile.transform import Pass, PassContext, PassResult, register_pass
-from mmcompile.transform.rewrite import RewriteRule, apply_rules, const, make_constant, op, var
-
-
-def _static(tensor: gs.Tensor) -> bool:
-    return tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape)
+from mmcompile.transform.rewrite import (RewriteRule, apply_rules, const, has_static_shape,
+                                         make_constant, op, var)
 
 
 def _fold_shape(m, graph):
     x = m["x"]
-    if not _static(x):
+    if not has_static_shape(x):
         return None
     node = m.root
     value = np.array(x.shape, np.int64)[node.attrs.get("start", 0):node.attrs.get("end", None)]

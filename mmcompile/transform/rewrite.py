@@ -109,6 +109,16 @@ def has_input(node: gs.Node, index: int) -> bool:
     return len(node.inputs) > index and bool(node.inputs[index].name)
 
 
+def has_static_shape(tensor: gs.Tensor) -> bool:
+    """Whether every dim of ``tensor`` is a known non-negative integer."""
+    return tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape)
+
+
+def is_read(graph: Graph, tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` (a node output) is given, and read by a node or as a graph output."""
+    return bool(tensor.name) and (bool(tensor.outputs) or tensor in graph.gs.outputs)
+
+
 class NodeBuilder:
     """Appends replacement nodes (to ``nodes``) with fresh names under ``prefix`` and fresh
     output tensors of ``dtype`` (None: left to shape inference); the last one may write a

@@ -34,17 +34,9 @@ import onnx_graphsurgeon as gs
 
 from mmcompile.errors import UnsupportedOpError
 from mmcompile.ir import Graph
-from mmcompile.transform.rewrite import Match, NodeBuilder, has_input
+from mmcompile.transform.rewrite import Match, NodeBuilder, has_input, has_static_shape, is_read
 
 _MASK, _PAST_KEY, _PAST_VALUE, _NONPAD = 3, 4, 5, 6
-
-
-def _read(graph: Graph, t: gs.Tensor) -> bool:
-    return bool(t.name) and (bool(t.outputs) or t in graph.gs.outputs)
-
-
-def _static(t: gs.Tensor) -> bool:
-    return t.shape is not None and all(isinstance(d, int) for d in t.shape)
 
 
 def refusal(node: gs.Node, graph: Graph) -> str | None:
@@ -59,7 +51,7 @@ def refusal(node: gs.Node, graph: Graph) -> str | None:
     if node.attrs.get("qk_matmul_output_mode", 0) not in (0, 1, 2, 3):
         return f"qk_matmul_output_mode={node.attrs['qk_matmul_output_mode']} is not defined"
     given = [t for i, t in enumerate(node.inputs) if has_input(node, i)]
-    if not all(_static(t) for t in given):
+    if not all(has_static_shape(t) for t in given):
         return "needs static shapes (fix input shapes, e.g. --input-shape)"
     return None
 
@@ -204,7 +196,7 @@ def decompose(m: Match, graph: Graph) -> list[gs.Node]:
     kv_len = m["k"].shape[-2 if not three_d else 1] + past
     outs = list(node.outputs) + [gs.Variable("")] * (4 - len(node.outputs))
     for present, t in ((outs[1], k), (outs[2], v)):
-        if _read(graph, present):
+        if is_read(graph, present):
             b("Identity", [t], out=present)
     if kv_heads != q_heads:  # grouped-query attention
         rep = q_heads // kv_heads
@@ -255,7 +247,7 @@ def decompose(m: Match, graph: Graph) -> list[gs.Node]:
         probs = b("Cast", [probs], {"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)})
 
     mode = node.attrs.get("qk_matmul_output_mode", 0)
-    if _read(graph, outs[3]):
+    if is_read(graph, outs[3]):
         if mode == 3:
             b("Identity", [probs], out=outs[3])
         elif mode == 2:

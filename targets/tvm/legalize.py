@@ -35,12 +35,13 @@ from mmcompile.transform import Pass, PassContext, PassResult, register_pass
 from mmcompile.targets.tvm import attention, float16, resize
 from mmcompile.targets.tvm.unroll import unroll_loop, unroll_scan
 from mmcompile.transform.rewrite import (Match, NodeBuilder, RewriteRule, apply_rules,
-                                         fresh_name, has_input, make_constant, op, var)
+                                         fresh_name, has_input, has_static_shape, is_read,
+                                         make_constant, op, var)
 
 
 def layernorm_refusal(node: gs.Node, graph: Graph) -> str | None:
     """Why a ``LayerNormalization`` node cannot be legalized for TVM, or None."""
-    used = [o for o in node.outputs[1:] if o.outputs or o in graph.gs.outputs]
+    used = [o for o in node.outputs[1:] if is_read(graph, o)]
     if used and node.inputs[0].shape is None:
         return "Mean/InvStdDev outputs are read and the input rank is unknown"
     return None
@@ -53,7 +54,9 @@ def refusal(node: gs.Node, graph: Graph) -> str | None:
     """Why this pass cannot make ``node`` importable by TVM, or None (the TVM targets'
     ``supports`` asks before placing the node on them)."""
     check = REFUSALS.get(node.op)
-    return check(node, graph) if check is not None and (node.domain or "") in ("", "ai.onnx") else None
+    if check is None or (node.domain or "") not in ("", "ai.onnx"):
+        return None
+    return check(node, graph)
 
 
 def _legalize_layernorm(m: Match, graph: Graph) -> list[gs.Node] | None:
@@ -61,7 +64,7 @@ def _legalize_layernorm(m: Match, graph: Graph) -> list[gs.Node] | None:
     if len(node.outputs) < 2:
         return None
     outs = node.outputs
-    used = [o for o in outs[1:] if o.outputs or o in graph.gs.outputs]
+    used = [o for o in outs[1:] if is_read(graph, o)]
     if not used:  # same op, first output only
         return [gs.Node("LayerNormalization", name=fresh_name(node.name), inputs=list(node.inputs),
                         outputs=[outs[0]], attrs=dict(node.attrs))]
@@ -105,7 +108,7 @@ def _empty_reduction(m: Match, graph: Graph) -> list[gs.Node] | None:
     finite value and returns that."""
     node = m.root
     x = node.inputs[0]
-    if x.shape is None or not all(isinstance(d, int) for d in x.shape) or x.dtype is None:
+    if not has_static_shape(x) or x.dtype is None:
         return None
     rank = len(x.shape)
     if has_input(node, 1):

@@ -24,7 +24,8 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from mmcompile.ir import Graph
-from mmcompile.transform.rewrite import Match, NodeBuilder, fresh_name, has_input
+from mmcompile.transform.rewrite import (Match, NodeBuilder, fresh_name, has_input,
+                                         has_static_shape)
 
 _ROI, _SCALES, _SIZES = 1, 2, 3
 _MAX_MATRIX = 1 << 22  # entries of one axis's matrix; larger Resizes stay with TVM
@@ -35,7 +36,7 @@ def _canonical(node: gs.Node) -> tuple[np.ndarray | None, ...] | None:
     rank is unknown."""
     x = node.inputs[0]
     given = [node.inputs[i] if has_input(node, i) else None for i in (_ROI, _SCALES, _SIZES)]
-    if x.shape is None or not all(isinstance(d, int) for d in x.shape) \
+    if not has_static_shape(x) \
             or any(t is not None and not isinstance(t, gs.Constant) for t in given):
         return None
     rank, shape = len(x.shape), np.array(x.shape, np.int64)
@@ -129,9 +130,9 @@ def legalize(m: Match, graph: Graph) -> list[gs.Node] | None:
         return None
     roi, scales, sizes = canonical
     shape = np.array(node.inputs[0].shape, np.int64)
-    out = sizes if sizes is not None else \
-        np.floor(shape * scales.astype(np.float64)).astype(np.int64) if scales is not None \
-        else None
+    out = sizes
+    if out is None and scales is not None:
+        out = np.floor(shape * scales.astype(np.float64)).astype(np.int64)
     dtype = node.inputs[0].dtype
     linear_map = (out is not None and node.attrs.get("coordinate_transformation_mode")
                   != "tf_crop_and_resize" and dtype is not None

@@ -146,8 +146,7 @@ def first_growing(sch, main_rv, epilogues) -> int:
     (a squeeze-excitation gate, (1, C, 1, 1), multiplied into its (1, C, H, W) feature map);
     ``len(epilogues)`` when none does. Those from it on cannot run under the reduction's tiles
     (:func:`within_reduction`) but can after them."""
-    return next((i for i in range(len(epilogues) + 1)
-                 if i == len(epilogues) or not within_reduction(sch, main_rv, [epilogues[i]])),
+    return next((i for i, rv in enumerate(epilogues) if not within_reduction(sch, main_rv, [rv])),
                 len(epilogues))
 
 
