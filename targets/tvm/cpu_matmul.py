@@ -134,15 +134,24 @@ class BlockedMatmul(VectorRule):
             if width < 4:
                 return None
             jo, jn, ji = sch.split(loops[vec], [None, 1, width])
-        others = [loops[i] for i in rest if i != row]
         reduce_loops = [loops[i] for i in reduce_]
         if row is None:
             ii = None
+            others = [loops[i] for i in rest]
             sch.reorder(*others, jo, *reduce_loops, jn, ji)
             outer = sch.fuse(*others, jo) if others else jo
         else:
-            mi = _largest_divisor(rows, row_limit(cols, lanes))
-            io, ii = sch.split(loops[row], [None, mi])
+            limit = row_limit(cols, lanes)
+            group = _row_group(sch, main.block_rv, loops, spatial, vec, row, limit)
+            others = [loops[i] for i in rest if i not in group]
+            if len(group) > 1:  # [n, o, h, w] -> [o, n * h * w]: the rows are every pixel
+                mi = _box_rows([extent(sch, loops[i]) for i in group], limit)
+                sch.reorder(*others, *[loops[i] for i in group], jo, jn, ji)
+                row_loop = sch.fuse(*[loops[i] for i in group])
+            else:
+                row_loop = loops[row]
+                mi = _largest_divisor(rows, limit)
+            io, ii = sch.split(row_loop, [None, mi])
             sch.reorder(*others, io, jo, *reduce_loops, ii, jn, ji)
             outer = sch.fuse(*others, io, jo)
         sch.parallel(outer)  # before decompose_reduction, which otherwise rejects the schedule
@@ -186,21 +195,57 @@ class BlockedMatmul(VectorRule):
         return sch
 
 
-def _row_axis(sch, block_rv, spatial, vec) -> int | None:
-    """The row axis of the register tile: the innermost spatial loop that only the broadcast
-    operands index (``i`` of a matmul, the output channel of an NCHW convolution), else the
-    innermost spatial loop but the vector one; None for a matrix-vector product (batch 1: its
-    unit row loop is normalized away), whose tiles are columns only."""
+def _broadcast_axes(sch, block_rv, spatial, vec) -> list[int]:
+    """The spatial axes, but ``vec``, that only the broadcast operands index (those that do
+    not vary along the vector axis), outermost first."""
     block = sch.get(block_rv)
     ivars = [iv.var for iv in block.iter_vars]
     accesses = [_index_vars(r.region) for r in block.reads]
     broadcast = [vs for vs in accesses if ivars[vec] not in vs]
     vector = [vs for vs in accesses if ivars[vec] in vs]
+    return [i for i in spatial if i != vec
+            and any(ivars[i] in vs for vs in broadcast)
+            and not any(ivars[i] in vs for vs in vector)]
+
+
+def _row_axis(sch, block_rv, spatial, vec) -> int | None:
+    """The row axis of the register tile: the innermost spatial loop that only the broadcast
+    operands index (``i`` of a matmul, the output channel of an NCHW convolution), else the
+    innermost spatial loop but the vector one; None for a matrix-vector product (batch 1: its
+    unit row loop is normalized away), whose tiles are columns only."""
+    axes = _broadcast_axes(sch, block_rv, spatial, vec)
     rest = [i for i in spatial if i != vec]
-    return next((i for i in reversed(rest)
-                 if any(ivars[i] in vs for vs in broadcast)
-                 and not any(ivars[i] in vs for vs in vector)),
-                rest[-1] if rest else None)
+    return axes[-1] if axes else (rest[-1] if rest else None)
+
+
+def _row_group(sch, block_rv, loops, spatial, vec, row, limit) -> list[int]:
+    """The spatial axes fused into the register tile's rows: ``[row]`` alone when its extent
+    has a divisor of at least half the tile (``limit``), else every spatial axis that only
+    the broadcast operands index (a convolution's batch, height and width: a 1x1
+    convolution on 2x2 maps otherwise gets tiles of 2 rows, one vector load per FMA).
+    ``loops``: the block's loops as normalized, one per iteration variable."""
+    group = _broadcast_axes(sch, block_rv, spatial, vec)
+    sizes = [extent(sch, loops[i]) for i in group]
+    if (row not in group or len(group) < 2 or None in sizes
+            or _largest_divisor(extent(sch, loops[row]), limit) >= limit // 2
+            or _box_rows(sizes, limit) <= _largest_divisor(extent(sch, loops[row]), limit)):
+        return [row]
+    return group
+
+
+def _box_rows(sizes: list[int], limit: int) -> int:
+    """The most rows, up to ``limit``, of a tile of the fused loop over ``sizes`` (outermost
+    first) that is a box of the unfused ones: a whole number of the inner axes times a divisor
+    of the next. Any other tile spans a ragged region that TVM over-approximates, and the
+    write-back would then store accumulators the tile never computed."""
+    best, inner = 1, 1
+    for size in reversed(sizes):
+        best = max([best] + [inner * d for d in range(1, size + 1)
+                             if size % d == 0 and inner * d <= limit])
+        inner *= size
+        if inner > limit:
+            break
+    return best
 
 
 def _covers(sch, main_rv, block_rv) -> bool:

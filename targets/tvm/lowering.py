@@ -7,9 +7,11 @@ Steps and why they are in this order: convolutions whose kernel spans the input 
 become 1-D convolutions over the rows folded into channels (:mod:`.spanning_conv`: the iEEG
 detector's [96, 3] layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms) and transposed
 convolutions whose kernel equals their stride a 1x1 convolution and a depth-to-space shuffle
-(:mod:`.transposed_conv`); 3x3 and 5x5 stride-1 convolutions (with their bias, relu and max pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`:
-late fusion 0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights
-packed (:mod:`.layout`; matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), then
+(:mod:`.transposed_conv`); 3x3 and 5x5 stride-1 convolutions (with their bias, relu and max
+pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`: late fusion
+0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights packed
+(:mod:`.layout`; matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), depthwise
+convolutions on maps under 4 pixels wide read channels-last copies (:mod:`.depthwise`), then
 each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
 packed layout); softmax and layer norm over the last axis become kernels with vector
 partial sums (:mod:`.rows`; whole models 0.82-0.97x, MOSEI-TFN batch 8 0.82x);
@@ -26,6 +28,7 @@ from __future__ import annotations
 from tvm import relax
 
 from mmcompile.targets.tvm.column_softmax import ColumnSoftmaxes
+from mmcompile.targets.tvm.depthwise import ChannelsLastDepthwise
 from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.fuse_pool import FuseConvPool
 from mmcompile.targets.tvm.spanning_conv import SpanningConvs
@@ -61,6 +64,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
         mod = Winograd()(mod)  # 4-6x fewer multiply-adds; before the packing takes the convs
     mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
     mod = PackMatmulWeights(2 * lanes_for(target))(mod)  # a register tile's weights contiguous
+    mod = ChannelsLastDepthwise()(mod)  # depthwise on narrow maps: vectors across channels
     mod = FuseConvPool()(mod)  # after packing: it groups only packed convolutions
     mod = RowReductions(fast_math, lanes_for(target))(mod)  # vector partial sums; before FastMath
     mod = ColumnSoftmaxes(fast_math)(mod)  # softmax over another axis: vectorized across it
