@@ -936,3 +936,21 @@ def test_blocked_matmul_tiles_the_pixels_of_narrow_maps_together(batch, size, ke
     windows = np.lib.stride_tricks.sliding_window_view(data, (kernel, kernel), axis=(2, 3))
     expected = np.einsum("nchwij,ijco->nohw", windows, weights)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)  # 288-term sums
+
+
+@pytest.mark.parametrize("depth, tasks", [(1280, 8), (128, 16)])
+def test_blocked_matmul_sweeps_rows_under_each_panel_of_weights_larger_than_l2(depth, tasks):
+    # magika's [5, 1] convolution (2.6 MB of weights, rows in tiles of 4) streamed every
+    # column panel once per row tile from L3: panels now go outermost, 4 vectors wide
+    # (2.7 -> 2.1-2.3 ms, AVX-512). Small weights keep 2-vector tiles, rows outermost.
+    import re
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    sch = BlockedMatmul._schedule(_matmul_relu_func(4, 512, depth), lanes=16)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert re.search(r"T\.parallel\((\d+)\)", text).group(1) == str(tasks)  # 512 / (16 x nj)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, depth)).astype("float32")
+    b = rng.standard_normal((depth, 512)).astype("float32")
+    out = _run_prim_func(sch.mod["main"], [a, b, np.zeros((4, 512), "float32")])
+    np.testing.assert_allclose(out, np.maximum(a @ b, 0), rtol=1e-4, atol=1e-3)  # 1280-term sums
