@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ArtifactError": "mmcompile.artifact",
     "CompiledModel": "mmcompile.runtime",
-    "load": "mmcompile.runtime",
+    "load": "mmcompile.loading",
     "compile": "mmcompile.compiler",
     "load_graph": "mmcompile.frontend",
     "trace": "mmcompile.frontend",
@@ -62,7 +62,8 @@ if TYPE_CHECKING:
     from mmcompile.modality import MODALITIES, ModalityTag
     from mmcompile.optimize import OptimizeResult, optimize
     from mmcompile.quantize import QuantizedModel, quantize
-    from mmcompile.runtime import CompiledModel, load
+    from mmcompile.loading import load
+    from mmcompile.runtime import CompiledModel
     from mmcompile.target import TargetError, get_target, registered_targets
     from mmcompile.transform import (Pass, PassContext, PassManager, PassResult,
                                      parse_pipeline, register_pass, registered_passes)

@@ -383,7 +383,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     import numpy as np
 
-    from mmcompile.runtime import load
+    from mmcompile.loading import load
     model = load(args.model, threads=args.threads, schedule=args.schedule)
     if args.inputs and args.random:
         raise InputError("give either --inputs or --random, not both")

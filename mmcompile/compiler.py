@@ -21,7 +21,8 @@ from mmcompile.ir import Graph
 from mmcompile.planning import Plan, StagePlan, plan
 from mmcompile.planning.auto import choose
 from mmcompile.reference import compare_outputs, random_inputs, run_onnxruntime
-from mmcompile.runtime import CompiledModel, Stage, host_array, load  # noqa: F401  (load: as before)
+from mmcompile.loading import load  # noqa: F401  (as before)
+from mmcompile.runtime import CompiledModel, Stage, host_array
 from mmcompile.schedule import available_cores
 from mmcompile.signature import Signature
 from mmcompile.target import CompileOptions, TargetError

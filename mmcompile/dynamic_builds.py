@@ -129,7 +129,7 @@ def compile_builds(builds: list[dict[str, int | None]], dims: Sequence[DynamicDi
     from mmcompile.compiler import compile as compile_model
     from mmcompile.frontend import from_onnx_model
     from mmcompile.ir import PROTO_LIMIT
-    from mmcompile.runtime import load
+    from mmcompile.loading import load
     workers = max(0, min(workers, len(builds) - 1))
     remote = (len(builds) * workers) // (workers + 1) if workers else 0
     here = len(builds) - remote

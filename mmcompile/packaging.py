@@ -36,8 +36,8 @@ TVM_VERSION = "0.27.0.post1"
 TVM_FFI_VERSION = "0.1.14.post1"
 # files of the mmcompile import package the runtime needs (``targets/``: mmcompile.targets)
 RUNTIME_FILES = (
-    "__init__.py", "_lazy.py", "errors.py", "artifact.py", "runtime.py", "executor.py", "report.py",
-    "schedule.py", "signature.py", "spec.py", "target.py",
+    "__init__.py", "_lazy.py", "errors.py", "artifact.py", "loading.py", "runtime.py",
+    "executor.py", "report.py", "schedule.py", "signature.py", "spec.py", "target.py",
     "profiles.py",  # artifacts compiled for dim ranges (dynamic=) dispatch over their builds
     "planning/__init__.py", "planning/parallel.py",  # load(..., schedule=) re-plans
     "targets/__init__.py", "targets/onnxruntime.py", "targets/tvm/__init__.py",

@@ -22,21 +22,17 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from mmcompile.artifact import ArtifactError, read_manifest, write_artifact
+from mmcompile.artifact import ArtifactError, write_artifact
 from mmcompile.errors import InputError
 from mmcompile.executor import WorkerPool, run_parallel, run_stages
 from mmcompile.report import format_table, quantization_lines
 from mmcompile.schedule import Schedule, check_kind
 from mmcompile.signature import Signature
 from mmcompile.target import Executable, get_target
-
-if TYPE_CHECKING:
-    from mmcompile.profiles import ProfiledModel
-
 
 @dataclass
 class Stage:
@@ -329,30 +325,6 @@ def manifest_head(stages, metadata: Mapping[str, Any], target: str, signature: S
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": target, "signature": signature.to_dict(), "schedule": schedule.to_dict(),
             "metadata": {k: v for k, v in metadata.items() if k != "versions"}}
-
-
-def load(path: str | os.PathLike, threads: int = 0, schedule: str | None = None
-         ) -> CompiledModel | ProfiledModel:
-    """Load an artifact written by :meth:`CompiledModel.save`, with the schedule it was
-    compiled with; each stage is loaded by its own target. No compiler is needed (nor
-    imported: see :mod:`mmcompile`). An artifact compiled for dim ranges (``dynamic=``) gives
-    a :class:`~mmcompile.profiles.ProfiledModel` that dispatches over its builds.
-
-    Args:
-        path: the ``.mmc`` folder.
-        threads: threads for stages run on the calling thread (0: all available cores).
-        schedule: ``"sequential"`` or ``"parallel"`` to override the schedule chosen at compile
-            time (``"parallel"`` re-plans from the recorded stage costs).
-
-    Raises:
-        ArtifactError: missing, corrupt, tampered with, or built by an incompatible version.
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    if "profiles" in manifest:  # several builds serving declared dim ranges
-        from mmcompile.profiles import load_profiled
-        return load_profiled(path, manifest, threads, schedule)
-    return model_from_entries(path, manifest, manifest["stages"], threads, schedule)
 
 
 def model_from_entries(path: Path, manifest: Mapping[str, Any], entries: list[dict[str, Any]],
