@@ -303,7 +303,7 @@ def compile_dynamic(model: Any, example_inputs: Any, dynamic: Mapping[str, Any],
             builds.
         MMCompileError: as :func:`mmcompile.compile` for any build (named).
     """
-    from mmcompile.compiler import _as_numpy
+    from mmcompile.build import as_numpy
     from mmcompile.frontend import from_onnx_model
     from mmcompile.reference import random_inputs
     from mmcompile.signature import Signature
@@ -313,7 +313,7 @@ def compile_dynamic(model: Any, example_inputs: Any, dynamic: Mapping[str, Any],
     proto, name = _source(model, example_inputs, ranges, modalities, input_shapes)
     found = symbolic_dims(proto)
     names = [i.name for i in graph_inputs(proto)]
-    feeds = _as_numpy(example_inputs, names) if example_inputs is not None else None
+    feeds = as_numpy(example_inputs, names) if example_inputs is not None else None
     declared_axes = {(i, a) for d in ranges if d in found for i, a in found[d].items()}
     fixed, specialized = _fix_others(proto, feeds, declared_axes, name)
     ranged = pin(proto, fixed)
@@ -426,7 +426,7 @@ def _verify(compiled: ProfiledModel, source: Any, feeds: Mapping[str, np.ndarray
         between = [s for s in range(dim.low, dim.high + 1) if s not in dim.points]
         if between and dim.mode != "exact":
             cases.append({**cases[0], dim.name: between[-1]})
-    from mmcompile.compiler import reference_error
+    from mmcompile.build import reference_error
     worst, checked = [], []
     for case in cases:
         inputs = dict(base)

@@ -28,7 +28,7 @@ def build_profile(task: Mapping[str, Any]) -> tuple[bool, str, float]:
     Returns:
         (ok, error message, seconds).
     """
-    from mmcompile.compiler import compile as compile_model
+    from mmcompile.build import compile_static as compile_model
     start = time.perf_counter()
     try:
         compile_model(task["model"], None, verify=False, **task["options"]).save(task["out"])
@@ -126,7 +126,7 @@ def compile_builds(builds: list[dict[str, int | None]], dims: Sequence[DynamicDi
     Raises:
         MMCompileError: a build failed (naming its sizes and the error).
     """
-    from mmcompile.compiler import compile as compile_model
+    from mmcompile.build import compile_static as compile_model
     from mmcompile.frontend import from_onnx_model
     from mmcompile.ir import PROTO_LIMIT
     from mmcompile.loading import load

@@ -15,7 +15,7 @@ from mmcompile.targets.tvm.executable import TVMExecutable
 from onnx import helper
 
 import mmcompile
-from mmcompile.compiler import verify_compiled
+from mmcompile.build import verify_compiled
 from mmcompile.errors import InputError, UnsupportedOpError, VerificationError
 from mmcompile.reference import run_onnxruntime
 from mmcompile.planning.parallel import replan

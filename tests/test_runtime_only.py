@@ -62,8 +62,8 @@ def deployed(tmp_path_factory):
 # What a deployed process must not import: the compiler side of mmcompile and its dependencies
 # (torch alone costs ~2 s and ~200 MB: apache-tvm-ffi imports it whenever it is installed).
 COMPILER_MODULES = ("torch", "onnx", "onnx_graphsurgeon", "onnxscript", "networkx", "tvm.relax",
-                    "tvm.s_tir", "matplotlib", "mmcompile.compiler", "mmcompile.frontend",
-                    "mmcompile.ir", "mmcompile.transform", "mmcompile.passes",
+                    "tvm.s_tir", "matplotlib", "mmcompile.compiler", "mmcompile.build",
+                    "mmcompile.frontend", "mmcompile.ir", "mmcompile.transform", "mmcompile.passes",
                     "mmcompile.planning.plan", "mmcompile.quantize", "mmcompile.tune")
 
 DEPLOYED = """

@@ -56,8 +56,9 @@ def test_the_runtime_wheel_holds_the_runtime_files_and_a_valid_record(wheels):
         names = set(archive.namelist())
         metadata = archive.read("mmcompile_runtime-0.1.0.dist-info/METADATA").decode()
     assert {f"mmcompile/{f}" for f in RUNTIME_FILES} <= names
-    assert not any(n.startswith(("mmcompile/compiler", "mmcompile/frontend", "mmcompile/passes",
-                                 "mmcompile/targets/tvm/lowering")) for n in names)
+    assert not any(n.startswith(("mmcompile/compiler", "mmcompile/build", "mmcompile/frontend",
+                                 "mmcompile/passes", "mmcompile/targets/tvm/lowering"))
+                   for n in names)
     assert "Requires-Dist: apache-tvm-runtime==0.27.0.post1" in metadata
     assert "torch" not in metadata and "onnx>" not in metadata
     assert _records_match(runtime) == []
