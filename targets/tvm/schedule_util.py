@@ -80,6 +80,18 @@ def parallel_rows(sch, block_rv, lanes: int) -> None:
         sch.vectorize(loops[-1])
 
 
+def fill_and_copy(sch, block_rv) -> list:
+    """A zero padding block split into a fill of the border value and a copy of the input
+    (``decompose_padding``): ``[fill, copy]``; ``[block_rv]`` for any other block."""
+    loops = sch.get_loops(block_rv)
+    try:
+        if loops and sch.can_decompose_padding(block_rv, loops[0]):
+            return [sch.decompose_padding(block_rv, loops[0]), block_rv]
+    except Exception:  # not a padding pattern TVM recognises: schedule it as it is
+        pass
+    return [block_rv]
+
+
 def parallel_pass(sch, block_rv, lanes: int) -> None:
     """A spatial block (a reduction's producer, or an epilogue left out of its tiles) in its
     own parallel pass. A zero padding (``if_then_else`` on the indices, what TVM legalizes
@@ -89,14 +101,7 @@ def parallel_pass(sch, block_rv, lanes: int) -> None:
     (PaddleOCR's classifier spent ~70% of its time padding for its depthwise 5x5
     convolutions).
     """
-    blocks = [block_rv]
-    loops = sch.get_loops(block_rv)
-    try:
-        if loops and sch.can_decompose_padding(block_rv, loops[0]):
-            blocks.insert(0, sch.decompose_padding(block_rv, loops[0]))
-    except Exception:  # not a padding pattern TVM recognises: schedule it as it is
-        pass
-    for rv in blocks:
+    for rv in fill_and_copy(sch, block_rv):
         inner = extent(sch, sch.get_loops(rv)[-1])
         if inner is not None and inner % lanes:
             parallel_rows(sch, rv, lanes)
