@@ -125,7 +125,9 @@ class BlockedMatmul(VectorRule):
         rows = extent(sch, loops[row]) if row is not None else 1
         if rows is None:
             return None
-        if cols % lanes and (cols if cols <= 2 * lanes else _largest_divisor(cols, lanes)) < 4:
+        # A width that is not whole vectors is one partial vector (up to two) or a divisor.
+        width = cols if cols <= 2 * lanes else _largest_divisor(cols, lanes)
+        if cols % lanes and width < 4:
             return None  # no predicated tail: LLVM scalarizes it, the accumulator leaves registers
         reduce_loops = [loops[i] for i in reduce_]
         ii = mi = None
@@ -155,7 +157,6 @@ class BlockedMatmul(VectorRule):
                 nj = 4
             jo, jn, ji = sch.split(loops[vec], [None, nj, lanes])
         else:
-            width = cols if cols <= 2 * lanes else _largest_divisor(cols, lanes)
             jo, jn, ji = sch.split(loops[vec], [None, 1, width])
         if row is None:
             sch.reorder(*others, jo, *reduce_loops, jn, ji)
@@ -175,7 +176,7 @@ class BlockedMatmul(VectorRule):
         sch.decompose_reduction(main.block_rv, reduce_loops[0])
         for block_rv in producers:
             if _deinterleave(sch, main.block_rv, block_rv, ivars[vec]):
-                deinterleaved_pass(sch, block_rv)  # stride 2 along the vector
+                _deinterleaved_pass(sch, block_rv)  # stride 2 along the vector
             else:
                 parallel_pass(sch, block_rv, lanes)
         # Short chains (bias, relu) go into the accumulator write-back: no full-size temporaries.
@@ -225,7 +226,7 @@ def _deinterleave(sch, main_rv, producer_rv, var) -> bool:
     return False
 
 
-def deinterleaved_pass(sch, block_rv) -> None:
+def _deinterleaved_pass(sch, block_rv) -> None:
     """A producer stored even / odd columns apart (:func:`_deinterleave`), in its own parallel
     pass: the padding split into a fill and a copy (as :func:`~.schedule_util.parallel_pass`),
     each over rows in parallel, the columns in unrolled pairs and left to LLVM's vectorizer,
@@ -295,9 +296,10 @@ def _row_group(sch, block_rv, loops, spatial, vec, row, limit) -> list[int]:
     ``loops``: the block's loops as normalized, one per iteration variable."""
     group = _broadcast_axes(sch, block_rv, spatial, vec)
     sizes = [extent(sch, loops[i]) for i in group]
-    if (row not in group or len(group) < 2 or None in sizes
-            or _largest_divisor(extent(sch, loops[row]), limit) >= limit // 2
-            or _box_rows(sizes, limit) <= _largest_divisor(extent(sch, loops[row]), limit)):
+    if row not in group or len(group) < 2 or None in sizes:
+        return [row]
+    alone = _largest_divisor(extent(sch, loops[row]), limit)
+    if alone >= limit // 2 or _box_rows(sizes, limit) <= alone:
         return [row]
     return group
 

@@ -28,7 +28,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.rewrite import rewrite_functions, static_shape
+from mmcompile.targets.tvm.rewrite import constant_nchw_call, rewrite_functions, static_shape
 
 # Channels must fill whole vectors of at least this many lanes (AVX2's 8 floats).
 MIN_LANES = 8
@@ -67,15 +67,13 @@ def _depthwise_channels_last(data, weights, strides, padding, dilation):
 class _ChannelsLast(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        matched = constant_nchw_call(call, "relax.nn.conv2d", "OIHW")
+        if matched is None:
             return call
-        data, weight = call.args
-        attrs = call.attrs
+        data, weight, attrs = matched
         shape = static_shape(data)
         out = static_shape(call)
-        if (shape is None or out is None or not isinstance(weight, tvm.ir.expr.Constant)
-                or attrs.data_layout != "NCHW" or attrs.out_layout != "NCHW"
-                or attrs.kernel_layout != "OIHW" or str(weight.value.dtype) != "float32"
+        if (shape is None or out is None or str(weight.value.dtype) != "float32"
                 or str(data.ty.dtype) != "float32" or str(call.ty.dtype) != "float32"):
             return call
         channels = shape[1]
@@ -97,8 +95,8 @@ class _ChannelsLast(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.ChannelsLastDepthwise")
 class ChannelsLastDepthwise:
-    """Depthwise NCHW convolutions on narrow or strided maps read channels-last copies of
-    their inputs and ``[KH, KW, C]`` weights (see the module docstring)."""
+    """Depthwise NCHW convolutions on narrow maps read channels-last copies of their inputs
+    and ``[KH, KW, C]`` weights (see the module docstring)."""
 
     def transform_module(self, mod, _ctx):
         return rewrite_functions(mod, _ChannelsLast(mod))

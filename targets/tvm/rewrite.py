@@ -1,5 +1,5 @@
 """Relax module rewrites shared by the CPU lowering passes (:mod:`.layout`, :mod:`.fast_math`,
-:mod:`.rows`)."""
+:mod:`.rows`, :mod:`.depthwise`, :mod:`.spanning_conv`, :mod:`.transposed_conv`)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ def static_shape(expr) -> list[int] | None:
     if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
         return None
     return [int(d) for d in shape]
+
+
+def constant_nchw_call(call, op_name: str, kernel_layout: str):
+    """``(data, weight, attrs)`` of ``call`` when it calls ``op_name`` (a convolution) on
+    NCHW data with an NCHW output and constant weights in ``kernel_layout``, else None."""
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != op_name:
+        return None
+    data, weight = call.args
+    attrs = call.attrs
+    if (not isinstance(weight, tvm.ir.expr.Constant) or attrs.kernel_layout != kernel_layout
+            or attrs.data_layout != "NCHW" or attrs.out_layout != "NCHW"):
+        return None
+    return data, weight, attrs
+
 
 @expr_functor.mutator
 class _CallRewriter(relax.PyExprMutator):

@@ -25,7 +25,7 @@ import tvm
 from tvm import relax
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.rewrite import rewrite_functions, static_shape
+from mmcompile.targets.tvm.rewrite import constant_nchw_call, rewrite_functions, static_shape
 
 # Shallower reductions stay 2-D convolutions: the conv rules handle them.
 MIN_DEPTH = 256
@@ -37,13 +37,11 @@ WIDTH_STEP = 16
 class _Spanning(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        matched = constant_nchw_call(call, "relax.nn.conv2d", "OIHW")
+        if matched is None:
             return call
-        data, weight = call.args
-        attrs = call.attrs
-        if (not isinstance(weight, tvm.ir.expr.Constant) or attrs.kernel_layout != "OIHW"
-                or attrs.data_layout != "NCHW" or attrs.out_layout != "NCHW"
-                or int(attrs.groups) != 1 or int(attrs.dilation[0]) != 1):
+        data, weight, attrs = matched
+        if int(attrs.groups) != 1 or int(attrs.dilation[0]) != 1:
             return call
         shape, out_shape = static_shape(data), static_shape(call)
         if shape is None or out_shape is None:

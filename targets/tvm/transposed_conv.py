@@ -22,20 +22,18 @@ import tvm
 from tvm import relax
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.rewrite import rewrite_functions, static_shape
+from mmcompile.targets.tvm.rewrite import constant_nchw_call, rewrite_functions, static_shape
 
 
 @expr_functor.mutator
 class _Shuffle(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d_transpose":
+        matched = constant_nchw_call(call, "relax.nn.conv2d_transpose", "IOHW")
+        if matched is None:
             return call
-        data, weight = call.args
-        attrs = call.attrs
-        if (not isinstance(weight, tvm.ir.expr.Constant) or attrs.kernel_layout != "IOHW"
-                or attrs.data_layout != "NCHW" or attrs.out_layout != "NCHW"
-                or int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation)
+        data, weight, attrs = matched
+        if (int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation)
                 or any(int(p) for p in attrs.padding)
                 or any(int(p) for p in attrs.output_padding)):
             return call
