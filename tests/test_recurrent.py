@@ -93,11 +93,28 @@ def test_recurrent_layers_match_the_reference(op, direction, layout, initial):
     dict(op="LSTM", batch=8, direction="bidirectional"),  # batch blocks run in parallel
     dict(op="GRU", batch=6, initial=True),
     dict(op="RNN", batch=8, layout=1),
-    # 1 MB of recurrent weights, one row of states: the product split over the threads per step
+    # 1 MB of recurrent weights, one row of states: each thread owns chunks of hidden units
     dict(op="LSTM", hidden=256, steps=6, batch=1, direction="bidirectional", initial=True),
+    dict(op="LSTM", hidden=256, steps=5, batch=3, layout=1),  # three rows in one tile
+    # ... units that are not whole chunks: the product split over the threads per step
+    dict(op="LSTM", hidden=232, steps=5, batch=1, initial=True),
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_recurrent_variants_match_the_reference(case):
     _check(recurrent_model(**case))
+
+
+def test_large_lstms_split_their_hidden_units_into_thread_chunks():
+    from mmcompile.targets.tvm.recurrent import _unit_chunk, split_columns
+    # one row of states, 1 MB of R^T: chunks of one register tile (8 vectors)
+    assert _unit_chunk(1, 256, 1024, 16) == 128 and _unit_chunk(1, 256, 1024, 8) == 64
+    assert _unit_chunk(2, 256, 1024, 16) == 64  # several rows: 4-vector tiles
+    assert _unit_chunk(1, 128, 512, 16) is None  # 256 KB: one thread, no region
+    assert _unit_chunk(1, 232, 1024, 16) is None  # not whole chunks
+    assert _unit_chunk(8, 256, 1024, 16) is None  # batch blocks run in parallel instead
+    order = split_columns(256, 128)
+    assert sorted(order) == list(range(1024))
+    # chunk 1, gate f (2): units 128..255 of ONNX's f columns
+    assert list(order[6 * 128:7 * 128]) == list(range(2 * 256 + 128, 3 * 256))
 
 
 @pytest.mark.parametrize("activation", ["Relu", "Sigmoid"])

@@ -6,19 +6,24 @@ TVM 0.27's ONNX importer has no converter for them. Each layer becomes, per dire
    :class:`~.cpu_matmul.BlockedMatmul` register-blocks, like any dense layer);
 2. one recurrent kernel (a hand-written TIR function, scheduled here and marked so, opaque to
    ``FuseOps``) that walks the time steps: per step, the matrix-vector product of the hidden
-   state with the recurrent weights ``R^T`` (packed ``[hidden, gates]``, padded to whole
-   register tiles of 4 or 8 vectors, accumulated in registers over the hidden units) and the
-   gate activations, fused: one kernel for the whole sequence, not a dozen per step;
+   state with the recurrent weights ``R^T`` (padded to whole register tiles of 4 or 8
+   vectors and packed tile by tile, ``[tiles, hidden, tile]``, so each tile's weights are one
+   contiguous stream; accumulated in registers over the hidden units) and the gate
+   activations, fused: one kernel for the whole sequence, not a dozen per step;
 3. the directions' outputs stacked into ONNX's layouts.
 
 Activations use the polynomial ``exp`` TVM's ``topi.fast_exp`` uses (sigmoid
 ``1 / (1 + e^-x)``, tanh ``1 - 2 / (e^2x + 1)``): LLVM would call libm once per lane for
 ``expf``. Steps run on one thread: a parallel region per step cost ~6.5 us to launch on the
 2-core machines (50 steps of a 64-unit LSTM: 49 us serial, 376 us parallel). Except where
-the recurrent weights outgrow a core's L2 (``SPLIT_WEIGHT_BYTES``) and one row of states
-runs: then each step's product is split over the threads, each reading its half of the
-weights from its own L2 (the g2p encoder's 256-unit LSTM, 24 steps, whole model p10
-0.56 -> 0.43 ms, onnxruntime 0.31; measured on a machine shared with other jobs).
+the recurrent weights outgrow a core's L2 (``SPLIT_WEIGHT_BYTES``) and one batch block runs:
+then the threads share each step, each reading its part of the weights from its own L2.
+An LSTM whose hidden units are whole tiles does it in one parallel region for the whole
+sequence (:func:`lstm_split_kernel`): each thread owns chunks of units, computes their four
+gates, activations and states, and a barrier ends the step; others split each step's
+product in a region of its own, the activations on one thread. One 256-unit LSTM, 24 steps,
+batch 1 (the g2p encoder's), 2 threads, znver5, same process: 162 us with unpacked weights
+and a region per step, 146 packed, 126 in one region (onnxruntime 133-140 us alone).
 
 Measured (znver4, one layer, 50 steps, batch 1, 74 inputs; the kernel alone against
 onnxruntime's whole LSTM op at 2 threads): hidden 64 49 us vs 71-80 us, 128 147 vs 177-214
@@ -127,7 +132,7 @@ def recurrent_product(count, tiles):
                 for jv in T.unroll(NV):
                     for ji in T.vectorized(V):
                         acc[task, jo, i, jv * V + ji] = acc[task, jo, i, jv * V + ji] + \
-                            h[task * rows + i, k] * rt[k, jo * V * NV + jv * V + ji]
+                            h[task * rows + i, k] * rt[jo, k, jv * V + ji]
         for i, jv in T.grid(rows, NV):
             for ji in T.vectorized(V):
                 gates[task * rows + i, jo * V * NV + jv * V + ji] = acc[task, jo, i, jv * V + ji]
@@ -143,6 +148,17 @@ def _split(tasks: int, hidden: int, width: int) -> bool:
     return tasks == 1 and hidden * width * 4 >= SPLIT_WEIGHT_BYTES
 
 
+def _unit_chunk(batch: int, hidden: int, width: int, lanes: int) -> int | None:
+    """Units per thread chunk of :func:`lstm_split_kernel` (a register tile's columns), or
+    None where it does not apply: several batch blocks, weights within one L2, or hidden
+    units that are not whole chunks."""
+    _, tasks = _tiling(batch, lanes)
+    chunk = lanes * tile_vectors(batch, width, lanes)
+    if not _split(tasks, hidden, width) or hidden % chunk or width != 4 * hidden:
+        return None
+    return chunk
+
+
 def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reverse: bool):
     """LSTM, ONNX gate order i, o, f, c; biases folded into ``xw``."""
     NV = tile_vectors(batch, width, lanes)  # noqa: N806 - the product macro reads it
@@ -152,7 +168,8 @@ def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, rev
     tiles = T.parallel if _split(tasks, hidden, width) else T.serial
 
     @T.prim_func(s_tir=True)
-    def lstm(xw: T.Buffer((steps, batch, width), F32), rt: T.Buffer((hidden, width), F32),
+    def lstm(xw: T.Buffer((steps, batch, width), F32),
+             rt: T.Buffer((blocks, hidden, V * NV), F32),
              h0: T.Buffer((batch, hidden), F32), c0: T.Buffer((batch, hidden), F32),
              y: T.Buffer((steps, batch, hidden), F32), h: T.Buffer((batch, hidden), F32),
              cs: T.Buffer((batch, hidden), F32)):
@@ -190,6 +207,70 @@ def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, rev
     return lstm
 
 
+def lstm_split_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int,
+                      reverse: bool):
+    """LSTM whose threads each own whole chunks of hidden units: ``xw`` and ``rt`` hold the
+    gate columns chunk by chunk (:func:`split_columns`), so a chunk's four gate tiles, its
+    activations and its part of the new state are one thread's work. One parallel region
+    for the whole sequence; a barrier ends each step (the state is double-buffered: a step
+    reads one buffer whole and writes its units into the other)."""
+    NV = tile_vectors(batch, width, lanes)  # noqa: N806
+    H, V = hidden, lanes
+    C = V * NV  # noqa: N806 - units per chunk
+    chunks = H // C
+    rows = batch
+
+    @T.prim_func(s_tir=True)
+    def lstm(xw: T.Buffer((steps, batch, width), F32),
+             rt: T.Buffer((4 * chunks, hidden, C), F32),
+             h0: T.Buffer((batch, hidden), F32), c0: T.Buffer((batch, hidden), F32),
+             y: T.Buffer((steps, batch, hidden), F32), h: T.Buffer((batch, hidden), F32),
+             cs: T.Buffer((batch, hidden), F32)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        hb = T.alloc_buffer((2, batch, hidden), F32)
+        g = T.alloc_buffer((chunks, 4, rows, C), F32)
+        for i, u in T.grid(rows, H):
+            hb[0, i, u] = h0[i, u]
+            cs[i, u] = c0[i, u]
+        for _launch in T.serial(1, annotations={"pragma_parallel_launch_point": 1}):
+            for step in range(steps):
+                for c in T.parallel(chunks, annotations={
+                        "pragma_parallel_barrier_when_finish": 1}):
+                    for gate in range(4):
+                        for i, jv in T.grid(rows, NV):
+                            for ji in T.vectorized(V):
+                                g[c, gate, i, jv * V + ji] = xw[
+                                    steps - 1 - step if reverse else step, i,
+                                    (c * 4 + gate) * C + jv * V + ji]
+                        for k in range(H):
+                            for i in T.unroll(rows):
+                                for jv in T.unroll(NV):
+                                    for ji in T.vectorized(V):
+                                        g[c, gate, i, jv * V + ji] = g[c, gate, i, jv * V + ji] \
+                                            + hb[step % 2, i, k] * rt[c * 4 + gate, k, jv * V + ji]
+                    for i in range(rows):
+                        for u in T.vectorized(C):
+                            cs[i, c * C + u] = sigmoid(g[c, 2, i, u]) * cs[i, c * C + u] + \
+                                sigmoid(g[c, 0, i, u]) * tanh(g[c, 3, i, u])
+                        for u in T.vectorized(C):
+                            hb[(step + 1) % 2, i, c * C + u] = sigmoid(g[c, 1, i, u]) * \
+                                tanh(cs[i, c * C + u])
+                        for u in T.vectorized(C):
+                            y[steps - 1 - step if reverse else step, i, c * C + u] = \
+                                hb[(step + 1) % 2, i, c * C + u]
+        for i, u in T.grid(rows, H):
+            h[i, u] = hb[steps % 2, i, u]
+
+    return lstm
+
+
+def split_columns(hidden: int, chunk: int) -> np.ndarray:
+    """The gate columns of :func:`lstm_split_kernel`: chunk by chunk of units, in each the
+    four gates' columns (i, o, f, c) of those units; ``order[new] = old``."""
+    return np.array([gate * hidden + c * chunk + j for c in range(hidden // chunk)
+                     for gate in range(4) for j in range(chunk)])
+
+
 def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reverse: bool,
                linear_before_reset: bool):
     """GRU, gate order z, r, h. ``xw`` holds ``X W^T + Wb`` (and ``Rb`` for z and r); ``rb``
@@ -207,8 +288,9 @@ def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
     tiles = T.serial
 
     @T.prim_func(s_tir=True)
-    def gru(xw: T.Buffer((steps, batch, width), F32), rt: T.Buffer((hidden, width), F32),
-            rb: T.Buffer((width,), F32), h0: T.Buffer((batch, hidden), F32),
+    def gru(xw: T.Buffer((steps, batch, width), F32),
+            rt: T.Buffer((blocks, hidden, V * NV), F32), rb: T.Buffer((width,), F32),
+            rth: T.Buffer((hidden, hidden), F32), h0: T.Buffer((batch, hidden), F32),
             y: T.Buffer((steps, batch, hidden), F32), h: T.Buffer((batch, hidden), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         gates = T.alloc_buffer((batch, width), F32)
@@ -231,7 +313,7 @@ def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
                             for u in T.vectorized(H):
                                 gates[task * rows + i, 2 * H + u] = \
                                     gates[task * rows + i, 2 * H + u] + \
-                                    rh[task * rows + i, k] * rt[k, 2 * H + u]
+                                    rh[task * rows + i, k] * rth[k, u]
                     for u in T.vectorized(H):
                         rh[task * rows + i, u] = tanh(
                             xw[steps - 1 - step if reverse else step, task * rows + i, 2 * H + u]
@@ -263,7 +345,8 @@ def rnn_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reve
     tiles = T.serial
 
     @T.prim_func(s_tir=True)
-    def rnn(xw: T.Buffer((steps, batch, width), F32), rt: T.Buffer((hidden, width), F32),
+    def rnn(xw: T.Buffer((steps, batch, width), F32),
+            rt: T.Buffer((blocks, hidden, V * NV), F32),
             h0: T.Buffer((batch, hidden), F32), y: T.Buffer((steps, batch, hidden), F32),
             h: T.Buffer((batch, hidden), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
@@ -398,13 +481,20 @@ class _Recurrent:
             rt = np.zeros((hidden, width), np.float32)
             rt[:, :gates_h] = r[d].T
             xb, rb = cls.biases(bias[d, :gates_h], bias[d, gates_h:], hidden, width)
+            extra = cls.extra_args(rb, rt, hidden)
+            order = cls.columns(batch, hidden, width, lanes)
+            if order is not None:
+                wt, rt, xb = wt[:, order], rt[:, order], xb[order]
+            tile = lanes * tile_vectors(batch, width, lanes)
+            # R^T in tiles of columns, each contiguous: [width / tile, hidden, tile]
+            rt = np.ascontiguousarray(rt.reshape(hidden, width // tile, tile).transpose(1, 0, 2))
             xw = bb.emit(relax.op.add(relax.op.matmul(flat, relax.const(wt)), relax.const(xb)))
             xw = bb.emit(relax.op.reshape(xw, [steps, batch, width]))
             kernel = cls.kernel(steps, batch, hidden, width, lanes, reverse, attr)
             # named by the module, not by TVMScript (several layers: one symbol each)
             gv = bb.add_func(kernel.without_attr("global_symbol"),
                              f"{cls.op.lower()}_{'reverse' if reverse else 'forward'}")
-            args = [xw, relax.const(rt)] + cls.extra_args(rb) + [s[d] for s in states]
+            args = [xw, relax.const(rt)] + extra + [s[d] for s in states]
             out_ty = [relax.TensorType((steps, batch, hidden), F32)] + \
                 [relax.TensorType((batch, hidden), F32)] * cls.states
             out = bb.emit(relax.call_tir(gv, args, out_ty))
@@ -427,15 +517,29 @@ class _Recurrent:
         return xb, None
 
     @classmethod
-    def extra_args(cls, rb) -> list:
+    def extra_args(cls, rb, rt, hidden) -> list:
+        """Constants the kernel reads after R^T (``rt``: ``[hidden, width]``, unpacked)."""
         return []
+
+    @classmethod
+    def columns(cls, batch, hidden, width, lanes) -> np.ndarray | None:
+        """The order of the gate columns in the kernel's ``xw`` and R^T (``order[new] =
+        old``), None for ONNX's own."""
+        return None
 
 
 class _LSTM(_Recurrent):
     op, gates, states = "LSTM", 4, 2
 
     @classmethod
+    def columns(cls, batch, hidden, width, lanes):
+        chunk = _unit_chunk(batch, hidden, width, lanes)
+        return None if chunk is None else split_columns(hidden, chunk)
+
+    @classmethod
     def kernel(cls, steps, batch, hidden, width, lanes, reverse, attr):
+        if _unit_chunk(batch, hidden, width, lanes) is not None:
+            return lstm_split_kernel(steps, batch, hidden, width, lanes, reverse)
         return lstm_kernel(steps, batch, hidden, width, lanes, reverse)
 
 
@@ -452,8 +556,9 @@ class _GRU(_Recurrent):
         return xb, rbias
 
     @classmethod
-    def extra_args(cls, rb) -> list:
-        return [relax.const(rb)]
+    def extra_args(cls, rb, rt, hidden) -> list:
+        # the h gate's R^T on its own: without linear_before_reset it multiplies r * h
+        return [relax.const(rb), relax.const(np.ascontiguousarray(rt[:, 2 * hidden:3 * hidden]))]
 
     @classmethod
     def kernel(cls, steps, batch, hidden, width, lanes, reverse, attr):
