@@ -155,7 +155,7 @@ def test_one_fused_kernel_per_direction():
     target = llvm_target(None, 2)
     mod, _ = lower_cpu(import_relax(graph, "cpu", converters(16)), target)
     names = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert sorted(n for n in names if n.startswith("lstm")) == ["lstm_forward", "lstm_reverse"]
+    assert [n for n in names if n.startswith("lstm")] == ["lstm_bidirectional"]
 
 
 def test_a_multimodal_model_with_an_lstm_audio_branch_compiles_natively():

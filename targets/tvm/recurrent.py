@@ -1,8 +1,9 @@
 """ONNX ``LSTM``, ``GRU`` and ``RNN`` lowered natively for the CPU target.
 
-TVM 0.27's ONNX importer has no converter for them. Each layer becomes, per direction:
+TVM 0.27's ONNX importer has no converter for them. Each layer becomes:
 
-1. the input projection of every time step at once, ``xw = X W^T + b`` (a Relax matmul that
+1. the input projection of every time step and direction at once, ``xw = X W^T + b`` (one
+   Relax matmul that
    :class:`~.cpu_matmul.BlockedMatmul` register-blocks, like any dense layer);
 2. one recurrent kernel (a hand-written TIR function, scheduled here and marked so, opaque to
    ``FuseOps``) that walks the time steps: per step, the matrix-vector product of the hidden
@@ -10,7 +11,9 @@ TVM 0.27's ONNX importer has no converter for them. Each layer becomes, per dire
    vectors and packed tile by tile, ``[tiles, hidden, tile]``, so each tile's weights are one
    contiguous stream; accumulated in registers over the hidden units) and the gate
    activations, fused: one kernel for the whole sequence, not a dozen per step;
-3. the directions' outputs stacked into ONNX's layouts.
+3. every direction in that one kernel, which writes ONNX's layouts directly; the directions
+   (and blocks of the batch) run in parallel: eeg_seizure's two bidirectional 100-unit
+   LSTMs over 59 steps at batch 1, whole model 1.21 -> 1.04 ms (znver5, 2 threads).
 
 Activations use the polynomial ``exp`` TVM's ``topi.fast_exp`` uses (sigmoid
 ``1 / (1 + e^-x)``, tanh ``1 - 2 / (e^2x + 1)``): LLVM would call libm once per lane for
@@ -86,14 +89,16 @@ ACTIVATIONS = {"Sigmoid": sigmoid, "Tanh": tanh, "Relu": relu}
 
 
 # -- kernels -----------------------------------------------------------------------------------
-# Shared shape: xw [steps, batch, width] (the input projections, width = gates padded to whole
-# tiles), rt [hidden, width] (R^T, padded the same way), states [batch, hidden] in and out,
-# y [steps, batch, hidden]. The state buffers double as the running state.
+# Shared shape (D directions, width = gates padded to whole tiles): xw [steps, batch, D * width]
+# (the input projections of every direction, from one matmul), rt [D, tiles, hidden, tile]
+# (R^T packed tile by tile), states [D, batch, hidden] in and out, y [steps, D, batch, hidden]
+# (ONNX's own layouts). The state buffers double as the running state.
 #
-# The batch rows of a recurrence never meet, so the kernel splits the batch into blocks of
-# ``rows`` (the register tile's rows: each R^T vector loaded once serves them all) and runs
-# the blocks in parallel, each over the whole sequence: one parallel launch per call, not per
-# step. One block (batch 1) runs serially.
+# The batch rows of a recurrence never meet, and neither do its directions, so the kernel
+# splits the batch into blocks of ``rows`` (the register tile's rows: each R^T vector loaded
+# once serves them all) and runs every (direction, block) pair in parallel, each over the
+# whole sequence: one parallel launch per call, not per step. A bidirectional layer at batch
+# 1 runs its two directions side by side (onnxruntime does too); one pair runs serially.
 
 
 def _tiling(batch: int, lanes: int) -> tuple[int, int]:
@@ -115,32 +120,40 @@ def tile_vectors(batch: int, width: int, lanes: int) -> int:
     return max(1, min(8 if rows == 1 else 4, -(-width // lanes)))
 
 
+def _time(step, d, steps: int, directions: int, reverse: bool):
+    """The time index direction ``d`` reads and writes at ``step``: the second of two
+    directions, or the only one of a reverse layer, walks the sequence backwards."""
+    if directions == 2:
+        return step + d * (steps - 1 - 2 * step)
+    return steps - 1 - step if reverse else step
+
+
 @T.macro(hygienic=False)
 def recurrent_product(count, tiles):
-    """``gates[rows of this task, first count tiles] = h @ rt``: per tile of ``NV`` vectors,
-    ``rows x NV`` accumulators over the hidden units, each R^T vector loaded once for all
-    rows; the tiles one after another (``tiles``: ``T.serial``) or split over the threads
+    """``gates[d, rows of this task, first count tiles] = h[d] @ rt[d]``: per tile of ``NV``
+    vectors, ``rows x NV`` accumulators over the hidden units, each R^T vector loaded once for
+    all rows; the tiles one after another (``tiles``: ``T.serial``) or split over the threads
     (``T.parallel``; each tile has its own accumulator). (A macro expanded inside the
-    kernels: ``acc``, ``gates``, ``h``, ``rt``, ``task``, ``rows``, ``H``, ``V`` and ``NV``
-    are theirs.)"""
+    kernels: ``acc``, ``gates``, ``h``, ``rt``, ``t``, ``d``, ``task``, ``rows``, ``H``, ``V``
+    and ``NV`` are theirs.)"""
     for jo in tiles(count):
         for i, jv in T.grid(rows, NV):
             for ji in T.vectorized(V):
-                acc[task, jo, i, jv * V + ji] = T.float32(0.0)
+                acc[t, jo, i, jv * V + ji] = T.float32(0.0)
         for k in range(H):
             for i in T.unroll(rows):
                 for jv in T.unroll(NV):
                     for ji in T.vectorized(V):
-                        acc[task, jo, i, jv * V + ji] = acc[task, jo, i, jv * V + ji] + \
-                            h[task * rows + i, k] * rt[jo, k, jv * V + ji]
+                        acc[t, jo, i, jv * V + ji] = acc[t, jo, i, jv * V + ji] + \
+                            h[d, task * rows + i, k] * rt[d, jo, k, jv * V + ji]
         for i, jv in T.grid(rows, NV):
             for ji in T.vectorized(V):
-                gates[task * rows + i, jo * V * NV + jv * V + ji] = acc[task, jo, i, jv * V + ji]
+                gates[d, task * rows + i, jo * V * NV + jv * V + ji] = acc[t, jo, i, jv * V + ji]
 
 
-# Recurrent weights (R^T, bytes) from which one row of states splits each step's product over
-# the threads: the product then reads half the weights per core, from its own L2, for a
-# parallel launch per step (~6.5 us on the 2-core machines). Below it, one thread.
+# Recurrent weights (R^T of one direction, bytes) from which one batch block shares each step
+# over the threads, each reading its part of the weights from its own L2. Below it, one
+# thread per (direction, batch block).
 SPLIT_WEIGHT_BYTES = 768 * 1024
 
 
@@ -159,107 +172,118 @@ def _unit_chunk(batch: int, hidden: int, width: int, lanes: int) -> int | None:
     return chunk
 
 
-def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reverse: bool):
-    """LSTM, ONNX gate order i, o, f, c; biases folded into ``xw``."""
-    NV = tile_vectors(batch, width, lanes)  # noqa: N806 - the product macro reads it
-    H, V, blocks = hidden, lanes, width // (lanes * NV)
+def _loops(batch: int, width: int, hidden: int, lanes: int, directions: int,
+           may_split: bool = False):
+    """(NV, blocks, rows, tasks, outer loop kind, tile loop kind) of a kernel: (direction,
+    batch block) pairs in parallel, or (``may_split``: an LSTM) one block's tiles split over
+    the threads per step."""
+    nv = tile_vectors(batch, width, lanes)
     rows, tasks = _tiling(batch, lanes)
-    outer = T.parallel if tasks > 1 else T.serial
-    tiles = T.parallel if _split(tasks, hidden, width) else T.serial
+    split = may_split and _split(tasks, hidden, width)
+    outer = T.parallel if directions * tasks > 1 and not split else T.serial
+    return nv, width // (lanes * nv), rows, tasks, outer, T.parallel if split else T.serial
+
+
+def lstm_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, directions: int,
+                reverse: bool):
+    """LSTM, ONNX gate order i, o, f, c; biases folded into ``xw``."""
+    NV, blocks, rows, tasks, outer, tiles = _loops(  # noqa: N806
+        batch, width, hidden, lanes, directions, may_split=True)
+    H, V, D = hidden, lanes, directions  # noqa: N806
 
     @T.prim_func(s_tir=True)
-    def lstm(xw: T.Buffer((steps, batch, width), F32),
-             rt: T.Buffer((blocks, hidden, V * NV), F32),
-             h0: T.Buffer((batch, hidden), F32), c0: T.Buffer((batch, hidden), F32),
-             y: T.Buffer((steps, batch, hidden), F32), h: T.Buffer((batch, hidden), F32),
-             cs: T.Buffer((batch, hidden), F32)):
+    def lstm(xw: T.Buffer((steps, batch, D * width), F32),
+             rt: T.Buffer((D, blocks, hidden, V * NV), F32),
+             h0: T.Buffer((D, batch, hidden), F32), c0: T.Buffer((D, batch, hidden), F32),
+             y: T.Buffer((steps, D, batch, hidden), F32), h: T.Buffer((D, batch, hidden), F32),
+             cs: T.Buffer((D, batch, hidden), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        gates = T.alloc_buffer((batch, width), F32)
-        acc = T.alloc_buffer((tasks, blocks, rows, V * NV), F32)
-        for task in outer(tasks):
+        gates = T.alloc_buffer((D, batch, width), F32)
+        acc = T.alloc_buffer((D * tasks, blocks, rows, V * NV), F32)  # noqa: F841
+        for t in outer(D * tasks):
+            d = T.bind(t // tasks)
+            task = T.bind(t % tasks)
             for i, u in T.grid(rows, H):
-                h[task * rows + i, u] = h0[task * rows + i, u]
-                cs[task * rows + i, u] = c0[task * rows + i, u]
+                h[d, task * rows + i, u] = h0[d, task * rows + i, u]
+                cs[d, task * rows + i, u] = c0[d, task * rows + i, u]
             for step in range(steps):
+                at = T.bind(_time(step, d, steps, D, reverse))
                 recurrent_product(blocks, tiles)
                 for i in range(rows):
+                    r = T.bind(task * rows + i)
                     for u in T.vectorized(H):
-                        gates[task * rows + i, u] = gates[task * rows + i, u] + xw[
-                            steps - 1 - step if reverse else step, task * rows + i, u]
-                        gates[task * rows + i, H + u] = gates[task * rows + i, H + u] + xw[
-                            steps - 1 - step if reverse else step, task * rows + i, H + u]
-                        gates[task * rows + i, 2 * H + u] = gates[task * rows + i, 2 * H + u] \
-                            + xw[steps - 1 - step if reverse else step, task * rows + i, 2 * H + u]
-                        gates[task * rows + i, 3 * H + u] = gates[task * rows + i, 3 * H + u] \
-                            + xw[steps - 1 - step if reverse else step, task * rows + i, 3 * H + u]
+                        gates[d, r, u] = gates[d, r, u] + xw[at, r, d * width + u]
+                        gates[d, r, H + u] = gates[d, r, H + u] + xw[at, r, d * width + H + u]
+                        gates[d, r, 2 * H + u] = gates[d, r, 2 * H + u] + \
+                            xw[at, r, d * width + 2 * H + u]
+                        gates[d, r, 3 * H + u] = gates[d, r, 3 * H + u] + \
+                            xw[at, r, d * width + 3 * H + u]
                     for u in T.vectorized(H):
-                        cs[task * rows + i, u] = \
-                            sigmoid(gates[task * rows + i, 2 * H + u]) * cs[task * rows + i, u] + \
-                            sigmoid(gates[task * rows + i, u]) * \
-                            tanh(gates[task * rows + i, 3 * H + u])
+                        cs[d, r, u] = sigmoid(gates[d, r, 2 * H + u]) * cs[d, r, u] + \
+                            sigmoid(gates[d, r, u]) * tanh(gates[d, r, 3 * H + u])
                     for u in T.vectorized(H):
-                        h[task * rows + i, u] = sigmoid(gates[task * rows + i, H + u]) * \
-                            tanh(cs[task * rows + i, u])
+                        h[d, r, u] = sigmoid(gates[d, r, H + u]) * tanh(cs[d, r, u])
                     for u in T.vectorized(H):
-                        y[steps - 1 - step if reverse else step, task * rows + i, u] = \
-                            h[task * rows + i, u]
+                        y[at, d, r, u] = h[d, r, u]
 
     return lstm
 
 
 def lstm_split_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int,
-                      reverse: bool):
+                      directions: int, reverse: bool):
     """LSTM whose threads each own whole chunks of hidden units: ``xw`` and ``rt`` hold the
     gate columns chunk by chunk (:func:`split_columns`), so a chunk's four gate tiles, its
     activations and its part of the new state are one thread's work. One parallel region
-    for the whole sequence; a barrier ends each step (the state is double-buffered: a step
-    reads one buffer whole and writes its units into the other)."""
+    per direction for the whole sequence; a barrier ends each step (the state is
+    double-buffered: a step reads one buffer whole and writes its units into the other)."""
     NV = tile_vectors(batch, width, lanes)  # noqa: N806
-    H, V = hidden, lanes
+    H, V, D = hidden, lanes, directions  # noqa: N806
     C = V * NV  # noqa: N806 - units per chunk
     chunks = H // C
     rows = batch
 
     @T.prim_func(s_tir=True)
-    def lstm(xw: T.Buffer((steps, batch, width), F32),
-             rt: T.Buffer((4 * chunks, hidden, C), F32),
-             h0: T.Buffer((batch, hidden), F32), c0: T.Buffer((batch, hidden), F32),
-             y: T.Buffer((steps, batch, hidden), F32), h: T.Buffer((batch, hidden), F32),
-             cs: T.Buffer((batch, hidden), F32)):
+    def lstm(xw: T.Buffer((steps, batch, D * width), F32),
+             rt: T.Buffer((D, 4 * chunks, hidden, C), F32),
+             h0: T.Buffer((D, batch, hidden), F32), c0: T.Buffer((D, batch, hidden), F32),
+             y: T.Buffer((steps, D, batch, hidden), F32), h: T.Buffer((D, batch, hidden), F32),
+             cs: T.Buffer((D, batch, hidden), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         hb = T.alloc_buffer((2, batch, hidden), F32)
         g = T.alloc_buffer((chunks, 4, rows, C), F32)
-        for i, u in T.grid(rows, H):
-            hb[0, i, u] = h0[i, u]
-            cs[i, u] = c0[i, u]
-        for _launch in T.serial(1, annotations={"pragma_parallel_launch_point": 1}):
-            for step in range(steps):
-                for c in T.parallel(chunks, annotations={
-                        "pragma_parallel_barrier_when_finish": 1}):
-                    for gate in range(4):
-                        for i, jv in T.grid(rows, NV):
-                            for ji in T.vectorized(V):
-                                g[c, gate, i, jv * V + ji] = xw[
-                                    steps - 1 - step if reverse else step, i,
-                                    (c * 4 + gate) * C + jv * V + ji]
-                        for k in range(H):
-                            for i in T.unroll(rows):
-                                for jv in T.unroll(NV):
-                                    for ji in T.vectorized(V):
-                                        g[c, gate, i, jv * V + ji] = g[c, gate, i, jv * V + ji] \
-                                            + hb[step % 2, i, k] * rt[c * 4 + gate, k, jv * V + ji]
-                    for i in range(rows):
-                        for u in T.vectorized(C):
-                            cs[i, c * C + u] = sigmoid(g[c, 2, i, u]) * cs[i, c * C + u] + \
-                                sigmoid(g[c, 0, i, u]) * tanh(g[c, 3, i, u])
-                        for u in T.vectorized(C):
-                            hb[(step + 1) % 2, i, c * C + u] = sigmoid(g[c, 1, i, u]) * \
-                                tanh(cs[i, c * C + u])
-                        for u in T.vectorized(C):
-                            y[steps - 1 - step if reverse else step, i, c * C + u] = \
-                                hb[(step + 1) % 2, i, c * C + u]
-        for i, u in T.grid(rows, H):
-            h[i, u] = hb[steps % 2, i, u]
+        for d in range(D):
+            for i, u in T.grid(rows, H):
+                hb[0, i, u] = h0[d, i, u]
+                cs[d, i, u] = c0[d, i, u]
+            for _launch in T.serial(1, annotations={"pragma_parallel_launch_point": 1}):
+                for step in range(steps):
+                    for c in T.parallel(chunks, annotations={
+                            "pragma_parallel_barrier_when_finish": 1}):
+                        at = T.bind(_time(step, d, steps, D, reverse))
+                        for gate in range(4):
+                            for i, jv in T.grid(rows, NV):
+                                for ji in T.vectorized(V):
+                                    g[c, gate, i, jv * V + ji] = \
+                                        xw[at, i, d * width + (c * 4 + gate) * C + jv * V + ji]
+                            for k in range(H):
+                                for i in T.unroll(rows):
+                                    for jv in T.unroll(NV):
+                                        for ji in T.vectorized(V):
+                                            g[c, gate, i, jv * V + ji] = \
+                                                g[c, gate, i, jv * V + ji] + hb[step % 2, i, k] \
+                                                * rt[d, c * 4 + gate, k, jv * V + ji]
+                        for i in range(rows):
+                            for u in T.vectorized(C):
+                                cs[d, i, c * C + u] = \
+                                    sigmoid(g[c, 2, i, u]) * cs[d, i, c * C + u] + \
+                                    sigmoid(g[c, 0, i, u]) * tanh(g[c, 3, i, u])
+                            for u in T.vectorized(C):
+                                hb[(step + 1) % 2, i, c * C + u] = sigmoid(g[c, 1, i, u]) * \
+                                    tanh(cs[d, i, c * C + u])
+                            for u in T.vectorized(C):
+                                y[at, d, i, c * C + u] = hb[(step + 1) % 2, i, c * C + u]
+            for i, u in T.grid(rows, H):
+                h[d, i, u] = hb[steps % 2, i, u]
 
     return lstm
 
@@ -271,99 +295,97 @@ def split_columns(hidden: int, chunk: int) -> np.ndarray:
                      for gate in range(4) for j in range(chunk)])
 
 
-def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reverse: bool,
-               linear_before_reset: bool):
+def gru_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, directions: int,
+               reverse: bool, linear_before_reset: bool):
     """GRU, gate order z, r, h. ``xw`` holds ``X W^T + Wb`` (and ``Rb`` for z and r); ``rb``
     holds ``Rb`` of the h gate (zeros elsewhere), added inside the reset because ``r``
     multiplies the whole recurrent term of h.
 
     With ``linear_before_reset`` (what torch exports): ``h~ = tanh(xw_h + r * (h Rh + Rbh))``,
     one product per step. Without: ``h~ = tanh(xw_h + (r * h) Rh + Rbh)``, so the product of
-    the h gate waits for r (a second product, over ``r * h``)."""
-    NV = tile_vectors(batch, width, lanes)  # noqa: N806 - the product macro reads it
-    H, V, blocks = hidden, lanes, width // (lanes * NV)
+    the h gate waits for r (a second product, over ``r * h``, from ``rth``: Rh^T unpacked)."""
+    NV, blocks, rows, tasks, outer, _ = _loops(  # noqa: N806
+        batch, width, hidden, lanes, directions)
+    H, V, D = hidden, lanes, directions  # noqa: N806
     zr_blocks = -(-2 * H // (V * NV))  # tiles covering z and r
-    rows, tasks = _tiling(batch, lanes)
-    outer = T.parallel if tasks > 1 else T.serial
     tiles = T.serial
 
     @T.prim_func(s_tir=True)
-    def gru(xw: T.Buffer((steps, batch, width), F32),
-            rt: T.Buffer((blocks, hidden, V * NV), F32), rb: T.Buffer((width,), F32),
-            rth: T.Buffer((hidden, hidden), F32), h0: T.Buffer((batch, hidden), F32),
-            y: T.Buffer((steps, batch, hidden), F32), h: T.Buffer((batch, hidden), F32)):
+    def gru(xw: T.Buffer((steps, batch, D * width), F32),
+            rt: T.Buffer((D, blocks, hidden, V * NV), F32), rb: T.Buffer((D, width), F32),
+            rth: T.Buffer((D, hidden, hidden), F32), h0: T.Buffer((D, batch, hidden), F32),
+            y: T.Buffer((steps, D, batch, hidden), F32), h: T.Buffer((D, batch, hidden), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        gates = T.alloc_buffer((batch, width), F32)
-        rh = T.alloc_buffer((batch, hidden), F32)
-        acc = T.alloc_buffer((tasks, blocks, rows, V * NV), F32)
-        for task in outer(tasks):
+        gates = T.alloc_buffer((D, batch, width), F32)
+        rh = T.alloc_buffer((D, batch, hidden), F32)
+        acc = T.alloc_buffer((D * tasks, blocks, rows, V * NV), F32)  # noqa: F841
+        for t in outer(D * tasks):
+            d = T.bind(t // tasks)
+            task = T.bind(t % tasks)
             for i, u in T.grid(rows, H):
-                h[task * rows + i, u] = h0[task * rows + i, u]
+                h[d, task * rows + i, u] = h0[d, task * rows + i, u]
             for step in range(steps):
+                at = T.bind(_time(step, d, steps, D, reverse))
                 recurrent_product(blocks if linear_before_reset else zr_blocks, tiles)
                 for i in range(rows):
+                    r = T.bind(task * rows + i)
                     if not linear_before_reset:  # r first, then the h gate over r * h
                         for u in T.vectorized(H):
-                            rh[task * rows + i, u] = sigmoid(
-                                xw[steps - 1 - step if reverse else step, task * rows + i, H + u]
-                                + gates[task * rows + i, H + u]) * h[task * rows + i, u]
+                            rh[d, r, u] = sigmoid(xw[at, r, d * width + H + u]
+                                                  + gates[d, r, H + u]) * h[d, r, u]
                         for u in range(H):
-                            gates[task * rows + i, 2 * H + u] = T.float32(0.0)
+                            gates[d, r, 2 * H + u] = T.float32(0.0)
                         for k in range(H):
                             for u in T.vectorized(H):
-                                gates[task * rows + i, 2 * H + u] = \
-                                    gates[task * rows + i, 2 * H + u] + \
-                                    rh[task * rows + i, k] * rth[k, u]
+                                gates[d, r, 2 * H + u] = gates[d, r, 2 * H + u] + \
+                                    rh[d, r, k] * rth[d, k, u]
                     for u in T.vectorized(H):
-                        rh[task * rows + i, u] = tanh(
-                            xw[steps - 1 - step if reverse else step, task * rows + i, 2 * H + u]
-                            + (sigmoid(xw[steps - 1 - step if reverse else step, task * rows + i,
-                                          H + u] + gates[task * rows + i, H + u])
-                               * (gates[task * rows + i, 2 * H + u] + rb[2 * H + u])
+                        rh[d, r, u] = tanh(
+                            xw[at, r, d * width + 2 * H + u]
+                            + (sigmoid(xw[at, r, d * width + H + u] + gates[d, r, H + u])
+                               * (gates[d, r, 2 * H + u] + rb[d, 2 * H + u])
                                if linear_before_reset
-                               else gates[task * rows + i, 2 * H + u] + rb[2 * H + u]))
+                               else gates[d, r, 2 * H + u] + rb[d, 2 * H + u]))
                     for u in T.vectorized(H):
-                        h[task * rows + i, u] = rh[task * rows + i, u] + sigmoid(
-                            xw[steps - 1 - step if reverse else step, task * rows + i, u]
-                            + gates[task * rows + i, u]) * \
-                            (h[task * rows + i, u] - rh[task * rows + i, u])
+                        h[d, r, u] = rh[d, r, u] + sigmoid(
+                            xw[at, r, d * width + u] + gates[d, r, u]) * (h[d, r, u] - rh[d, r, u])
                     for u in T.vectorized(H):
-                        y[steps - 1 - step if reverse else step, task * rows + i, u] = \
-                            h[task * rows + i, u]
+                        y[at, d, r, u] = h[d, r, u]
 
     return gru
 
 
-def rnn_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, reverse: bool,
-               activation: str):
+def rnn_kernel(steps: int, batch: int, hidden: int, width: int, lanes: int, directions: int,
+               reverse: bool, activation: str):
     """Simple RNN: ``h = f(xw + h R^T)``."""
-    NV = tile_vectors(batch, width, lanes)  # noqa: N806 - the product macro reads it
-    H, V, blocks = hidden, lanes, width // (lanes * NV)
+    NV, blocks, rows, tasks, outer, _ = _loops(  # noqa: N806
+        batch, width, hidden, lanes, directions)
+    H, V, D = hidden, lanes, directions  # noqa: N806
     act = ACTIVATIONS[activation]
-    rows, tasks = _tiling(batch, lanes)
-    outer = T.parallel if tasks > 1 else T.serial
     tiles = T.serial
 
     @T.prim_func(s_tir=True)
-    def rnn(xw: T.Buffer((steps, batch, width), F32),
-            rt: T.Buffer((blocks, hidden, V * NV), F32),
-            h0: T.Buffer((batch, hidden), F32), y: T.Buffer((steps, batch, hidden), F32),
-            h: T.Buffer((batch, hidden), F32)):
+    def rnn(xw: T.Buffer((steps, batch, D * width), F32),
+            rt: T.Buffer((D, blocks, hidden, V * NV), F32),
+            h0: T.Buffer((D, batch, hidden), F32), y: T.Buffer((steps, D, batch, hidden), F32),
+            h: T.Buffer((D, batch, hidden), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        gates = T.alloc_buffer((batch, width), F32)
-        acc = T.alloc_buffer((tasks, blocks, rows, V * NV), F32)
-        for task in outer(tasks):
+        gates = T.alloc_buffer((D, batch, width), F32)
+        acc = T.alloc_buffer((D * tasks, blocks, rows, V * NV), F32)  # noqa: F841
+        for t in outer(D * tasks):
+            d = T.bind(t // tasks)
+            task = T.bind(t % tasks)
             for i, u in T.grid(rows, H):
-                h[task * rows + i, u] = h0[task * rows + i, u]
+                h[d, task * rows + i, u] = h0[d, task * rows + i, u]
             for step in range(steps):
+                at = T.bind(_time(step, d, steps, D, reverse))
                 recurrent_product(blocks, tiles)
                 for i in range(rows):
                     for u in T.vectorized(H):
-                        h[task * rows + i, u] = act(gates[task * rows + i, u] + xw[
-                            steps - 1 - step if reverse else step, task * rows + i, u])
+                        h[d, task * rows + i, u] = act(gates[d, task * rows + i, u] + xw[
+                            at, task * rows + i, d * width + u])
                     for u in T.vectorized(H):
-                        y[steps - 1 - step if reverse else step, task * rows + i, u] = \
-                            h[task * rows + i, u]
+                        y[at, d, task * rows + i, u] = h[d, task * rows + i, u]
 
     return rnn
 
@@ -433,17 +455,13 @@ def _padded(gates: int, batch: int, lanes: int) -> int:
     return -(-gates // tile) * tile
 
 
-def _take(bb, x, index: int):
-    """``x[index]`` along axis 0 (a direction's slice of a state)."""
-    return bb.emit(relax.op.squeeze(relax.op.strided_slice(x, [0], [index], [index + 1]), [0]))
-
-
 def _state(bb, given, directions: int, batch: int, hidden: int, layout: int):
+    """An initial state as ``[directions, batch, hidden]`` (zeros when not given)."""
     if given is None:
-        return [relax.const(np.zeros((batch, hidden), np.float32)) for _ in range(directions)]
+        return relax.const(np.zeros((directions, batch, hidden), np.float32))
     if layout:  # [batch, directions, hidden] -> [directions, batch, hidden]
         given = bb.emit(relax.op.permute_dims(given, [1, 0, 2]))
-    return [_take(bb, given, d) for d in range(directions)]
+    return given
 
 
 def _shape(expr) -> list[int]:
@@ -472,42 +490,45 @@ class _Recurrent:
         initial = [inputs[5 + i] if len(inputs) > 5 + i else None for i in range(cls.states)]
         states = [_state(bb, s, directions, batch, hidden, layout) for s in initial]
         width = _padded(gates_h, batch, lanes)
-        flat = bb.emit(relax.op.reshape(x, [steps * batch, width_in]))
-        ys, finals = [], [[] for _ in range(cls.states)]
+        tile = lanes * tile_vectors(batch, width, lanes)
+        order = cls.columns(batch, hidden, width, lanes)
+        # every direction's input projection from one matmul: xw [steps, batch, D * width]
+        wt = np.zeros((width_in, directions * width), np.float32)
+        xb = np.zeros(directions * width, np.float32)
+        rts, extras = [], []
         for d in range(directions):
-            reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
-            wt = np.zeros((width_in, width), np.float32)
-            wt[:, :gates_h] = w[d].T
+            w_d = np.zeros((width_in, width), np.float32)
+            w_d[:, :gates_h] = w[d].T
             rt = np.zeros((hidden, width), np.float32)
             rt[:, :gates_h] = r[d].T
-            xb, rb = cls.biases(bias[d, :gates_h], bias[d, gates_h:], hidden, width)
-            extra = cls.extra_args(rb, rt, hidden)
-            order = cls.columns(batch, hidden, width, lanes)
+            xb_d, rb = cls.biases(bias[d, :gates_h], bias[d, gates_h:], hidden, width)
+            extras.append(cls.extras(rb, rt, hidden))
             if order is not None:
-                wt, rt, xb = wt[:, order], rt[:, order], xb[order]
-            tile = lanes * tile_vectors(batch, width, lanes)
+                w_d, rt, xb_d = w_d[:, order], rt[:, order], xb_d[order]
+            wt[:, d * width:(d + 1) * width] = w_d
+            xb[d * width:(d + 1) * width] = xb_d
             # R^T in tiles of columns, each contiguous: [width / tile, hidden, tile]
-            rt = np.ascontiguousarray(rt.reshape(hidden, width // tile, tile).transpose(1, 0, 2))
-            xw = bb.emit(relax.op.add(relax.op.matmul(flat, relax.const(wt)), relax.const(xb)))
-            xw = bb.emit(relax.op.reshape(xw, [steps, batch, width]))
-            kernel = cls.kernel(steps, batch, hidden, width, lanes, reverse, attr)
-            # named by the module, not by TVMScript (several layers: one symbol each)
-            gv = bb.add_func(kernel.without_attr("global_symbol"),
-                             f"{cls.op.lower()}_{'reverse' if reverse else 'forward'}")
-            args = [xw, relax.const(rt)] + extra + [s[d] for s in states]
-            out_ty = [relax.TensorType((steps, batch, hidden), F32)] + \
-                [relax.TensorType((batch, hidden), F32)] * cls.states
-            out = bb.emit(relax.call_tir(gv, args, out_ty))
-            ys.append(bb.emit(relax.TupleGetItem(out, 0)))
-            for i in range(cls.states):
-                finals[i].append(bb.emit(relax.TupleGetItem(out, 1 + i)))
+            rts.append(rt.reshape(hidden, width // tile, tile).transpose(1, 0, 2))
+        flat = bb.emit(relax.op.reshape(x, [steps * batch, width_in]))
+        xw = bb.emit(relax.op.add(relax.op.matmul(flat, relax.const(wt)), relax.const(xb)))
+        xw = bb.emit(relax.op.reshape(xw, [steps, batch, directions * width]))
+        kernel = cls.kernel(steps, batch, hidden, width, lanes, directions,
+                            direction == "reverse", attr)
+        # named by the module, not by TVMScript (several layers: one symbol each)
+        gv = bb.add_func(kernel.without_attr("global_symbol"), f"{cls.op.lower()}_{direction}")
+        constants = [np.stack(c) for c in zip(*extras)]
+        args = [xw, relax.const(np.ascontiguousarray(np.stack(rts)))] + \
+            [relax.const(c) for c in constants] + states
         # Y [steps, directions, batch, hidden]; Y_h, Y_c [directions, batch, hidden]
-        y = bb.emit(relax.op.stack(ys, axis=1))
-        stacked = [bb.emit(relax.op.stack(f, axis=0)) for f in finals]
+        out_ty = [relax.TensorType((steps, directions, batch, hidden), F32)] + \
+            [relax.TensorType((directions, batch, hidden), F32)] * cls.states
+        out = bb.emit(relax.call_tir(gv, args, out_ty))
+        y = bb.emit(relax.TupleGetItem(out, 0))
+        finals = [bb.emit(relax.TupleGetItem(out, 1 + i)) for i in range(cls.states)]
         if layout:  # Y [batch, steps, directions, hidden]; states [batch, directions, hidden]
             y = bb.emit(relax.op.permute_dims(y, [2, 0, 1, 3]))
-            stacked = [bb.emit(relax.op.permute_dims(s, [1, 0, 2])) for s in stacked]
-        return relax.Tuple([y, *stacked])
+            finals = [bb.emit(relax.op.permute_dims(s, [1, 0, 2])) for s in finals]
+        return relax.Tuple([y, *finals])
 
     @classmethod
     def biases(cls, wb, rb, hidden, width):
@@ -517,8 +538,9 @@ class _Recurrent:
         return xb, None
 
     @classmethod
-    def extra_args(cls, rb, rt, hidden) -> list:
-        """Constants the kernel reads after R^T (``rt``: ``[hidden, width]``, unpacked)."""
+    def extras(cls, rb, rt, hidden) -> list[np.ndarray]:
+        """One direction's constants the kernel reads after R^T (``rt``: ``[hidden, width]``,
+        unpacked); stacked over the directions."""
         return []
 
     @classmethod
@@ -537,10 +559,10 @@ class _LSTM(_Recurrent):
         return None if chunk is None else split_columns(hidden, chunk)
 
     @classmethod
-    def kernel(cls, steps, batch, hidden, width, lanes, reverse, attr):
+    def kernel(cls, steps, batch, hidden, width, lanes, directions, reverse, attr):
         if _unit_chunk(batch, hidden, width, lanes) is not None:
-            return lstm_split_kernel(steps, batch, hidden, width, lanes, reverse)
-        return lstm_kernel(steps, batch, hidden, width, lanes, reverse)
+            return lstm_split_kernel(steps, batch, hidden, width, lanes, directions, reverse)
+        return lstm_kernel(steps, batch, hidden, width, lanes, directions, reverse)
 
 
 class _GRU(_Recurrent):
@@ -556,13 +578,13 @@ class _GRU(_Recurrent):
         return xb, rbias
 
     @classmethod
-    def extra_args(cls, rb, rt, hidden) -> list:
+    def extras(cls, rb, rt, hidden):
         # the h gate's R^T on its own: without linear_before_reset it multiplies r * h
-        return [relax.const(rb), relax.const(np.ascontiguousarray(rt[:, 2 * hidden:3 * hidden]))]
+        return [rb, rt[:, 2 * hidden:3 * hidden]]
 
     @classmethod
-    def kernel(cls, steps, batch, hidden, width, lanes, reverse, attr):
-        return gru_kernel(steps, batch, hidden, width, lanes, reverse,
+    def kernel(cls, steps, batch, hidden, width, lanes, directions, reverse, attr):
+        return gru_kernel(steps, batch, hidden, width, lanes, directions, reverse,
                           bool(attr.get("linear_before_reset", 0)))
 
 
@@ -570,9 +592,9 @@ class _RNN(_Recurrent):
     op, gates = "RNN", 1
 
     @classmethod
-    def kernel(cls, steps, batch, hidden, width, lanes, reverse, attr):
+    def kernel(cls, steps, batch, hidden, width, lanes, directions, reverse, attr):
         activation = _text((attr.get("activations") or ("Tanh",))[0])
-        return rnn_kernel(steps, batch, hidden, width, lanes, reverse, activation)
+        return rnn_kernel(steps, batch, hidden, width, lanes, directions, reverse, activation)
 
 
 def _converter(cls, lanes: int):
