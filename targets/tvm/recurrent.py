@@ -3,8 +3,8 @@
 TVM 0.27's ONNX importer has no converter for them. Each layer becomes:
 
 1. the input projection of every time step and direction at once, ``xw = X W^T + b`` (one
-   Relax matmul that
-   :class:`~.cpu_matmul.BlockedMatmul` register-blocks, like any dense layer);
+   Relax matmul that :class:`~.cpu_matmul.BlockedMatmul` register-blocks, like any dense
+   layer);
 2. one recurrent kernel (a hand-written TIR function, scheduled here and marked so, opaque to
    ``FuseOps``) that walks the time steps: per step, the matrix-vector product of the hidden
    state with the recurrent weights ``R^T`` (padded to whole register tiles of 4 or 8
