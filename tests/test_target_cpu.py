@@ -978,3 +978,60 @@ def test_stride_two_convolutions_read_a_deinterleaved_padding_and_match_torch(si
                                      groups=channels), nn.Hardswish())
     _assert_compiled_matches_torch(module.eval(), (torch.randn(2, channels, size, size),),
                                    rtol=1e-5, atol=1e-5)  # 9- and 25-term sums
+
+
+# YOLO-audio's concatenations, splits and nearest upsampling: every axis was fused into one
+# vectorized loop, so each lane divided its index back into (channel, row, column) and picked
+# its concatenation input per lane; LLVM scalarized that (a 3-way concat of 32x20x20 maps took
+# 27.6 us, 1.7 us vectorized along the row).
+@pytest.mark.parametrize("size", [(20, 20), (40, 40), (3, 7), (5, 3), (1, 1), (2, 8), (6, 12)])
+def test_fallback_vectorizes_copies_along_their_rows(size):
+    import tvm
+    from tvm import te, topi
+
+    from mmcompile.targets.tvm.schedules import Fallback
+    h, w = size
+    parts = [te.placeholder((1, c, h, w), name=f"x{i}") for i, c in enumerate((32, 16, 8))]
+    joined = topi.concatenate(parts, axis=1)
+    func = te.create_prim_func([*parts, joined])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    sch = Fallback().apply(func, target, False)
+    scheduled = sch.mod["main"]
+    vector = _vector_loops(scheduled)
+    if w % 4 == 0 or (h * w) % 16 == 0:
+        (name, lanes), = vector
+        assert lanes in (4, 8, 16) and (w % lanes == 0 or (h * w) % lanes == 0)
+        assert "ax0" not in name  # the channel axis (the unit batch is dropped) stays outside
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in parts]
+    got = _run_prim_func(scheduled, [*arrays, np.full((1, 56, h, w), np.nan, "float32")])
+    np.testing.assert_array_equal(got, np.concatenate(arrays, axis=1))
+
+
+def _vector_loops(func) -> list[tuple[str, int]]:
+    """(loop name, lanes) of each vectorized loop."""
+    return [(name, int(n)) for name, n in re.findall(
+        r"for (\w+) in T\.vectorized\((?:T\.int\d+\()?(\d+)", func.script())]
+
+
+def test_fallback_keeps_a_nearest_upsample_vectorized_by_row():
+    import tvm
+    from tvm import te, topi
+
+    from mmcompile.targets.tvm.schedules import Fallback
+    x = te.placeholder((1, 16, 10, 10), name="x")
+    skip = te.placeholder((1, 8, 20, 20), name="skip")
+    up = topi.image.resize2d(x, [0.0] * 4, (20, 20), method="nearest_neighbor",
+                             coordinate_transformation_mode="asymmetric",
+                             rounding_method="floor")
+    joined = topi.concatenate([up, skip], axis=1)
+    func = te.create_prim_func([x, skip, joined])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    scheduled = Fallback().apply(func, target, False).mod["main"]
+    vector = _vector_loops(scheduled)
+    assert vector and all(lanes == 4 and "ax0" not in name for name, lanes in vector)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((1, 16, 10, 10)).astype("float32")
+    b = rng.standard_normal((1, 8, 20, 20)).astype("float32")
+    got = _run_prim_func(scheduled, [a, b, np.full((1, 24, 20, 20), np.nan, "float32")])
+    np.testing.assert_array_equal(got, np.concatenate([a.repeat(2, 2).repeat(2, 3), b], 1))

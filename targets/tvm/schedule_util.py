@@ -66,6 +66,45 @@ def parallel_spatial(sch, block_rv, lanes: int) -> None:
         sch.parallel(fused)
 
 
+def vectorized_copy(sch, block_rv, lanes: int) -> None:
+    """A purely spatial block (a concatenation, split, resize, transpose, elementwise op):
+    vectorized along its innermost axis, the outer axes fused and parallel.
+
+    The vector is the innermost axis in the widest of ``lanes``, ``lanes / 2``, ``lanes / 4``
+    (at least 4) that divides it; else the two innermost axes fused, when ``lanes`` divides
+    their product; else none (LLVM's loop vectorizer gets the innermost loop). Fusing every
+    axis into one vectorized loop instead gives each lane its own division and modulo per
+    index, and a condition per lane where a concatenation selects its input by channel: LLVM
+    scalarizes both. Measured on YOLO-audio's kernels (znver5, 1 thread): a 3-way channel
+    concatenation of 32x20x20 maps 27.6 -> 2.9 us, a 2-way split of 32x40x40 45 -> 1.7 us,
+    a 2x nearest upsample of 128x10x10 concatenated with 64x20x20 107 -> 2.4 us.
+    """
+    loops = sch.get_loops(block_rv)
+    sizes = [extent(sch, loop) for loop in loops]
+    if not loops or None in sizes:
+        parallel_spatial(sch, block_rv, lanes)
+        return
+    widths = [w for w in (lanes, lanes // 2, lanes // 4) if w >= 4]
+    inner, width = 1, next((w for w in widths if sizes[-1] % w == 0), None)
+    if width is None and len(loops) > 1 and (sizes[-1] * sizes[-2]) % lanes == 0:
+        inner, width = 2, lanes
+    vector = sch.fuse(*loops[-inner:]) if inner > 1 else loops[-1]
+    outer = list(loops[:-inner])
+    if width is not None and extent(sch, vector) > width:
+        step, lane = sch.split(vector, [None, width])
+        sch.vectorize(lane)
+    elif width is not None:
+        step = None
+        sch.vectorize(vector)
+    else:
+        step = vector
+    outer_size = int(np.prod(sizes[:-inner])) if outer else 1
+    if step is not None and outer_size < 4:  # too few rows to share: share the vectors
+        outer.append(step)
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
 def parallel_rows(sch, block_rv, lanes: int) -> None:
     """A spatial block whose innermost extent is not a multiple of ``lanes``: the outer loops
     fused and parallel, the innermost left to LLVM's loop vectorizer (a plain copy or fill,

@@ -15,7 +15,8 @@ CPU rules (``GEMV``, ``Reduction``). :func:`cpu_rules` lists, first match wins:
 - :class:`~.cpu_matmul.BlockedMatmul`: register-blocked matmul / batched matmul / conv.
 - :class:`MatmulLike`: the older unblocked tiling, for reductions BlockedMatmul declines.
 - ``dl.cpu.GEMV``, ``dl.cpu.Reduction`` (the other reductions: softmax over another axis, ...).
-- :class:`Fallback`: everything else: fuse spatial loops, parallelize, vectorize.
+- :class:`Fallback`: everything else: spatial blocks vectorized along their inner axis
+  (:func:`~.schedule_util.vectorized_copy`), outer loops fused and parallel.
 
 Each is wrapped in :class:`SerialIfSmall`, which drops ``parallel`` from kernels below
 ``SERIAL_BELOW`` iterations (most of a batch-1 transformer's ~100 kernels).
@@ -32,7 +33,7 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from mmcompile.targets.tvm.schedule_util import (all_downstream, extent, lanes_for,
-                                                 within_reduction)
+                                                 vectorized_copy, within_reduction)
 
 
 def _split_loops(sch, block, dom_kind):
@@ -118,15 +119,11 @@ class Fallback(dl.ScheduleRule):
             spatial, reduce_ = _split_loops(sch, block.block_rv, block.dom_kind())
             if not spatial:
                 continue
+            if not reduce_:
+                vectorized_copy(sch, block.block_rv, lanes)
+                continue
             sch.reorder(*spatial, *reduce_)
-            fused = sch.fuse(*spatial)
-            size = extent(sch, fused)
-            if not reduce_ and size and size % lanes == 0 and size >= 4 * lanes:
-                outer, vec = sch.split(fused, [None, lanes])
-                sch.parallel(outer)
-                sch.vectorize(vec)
-            else:
-                sch.parallel(fused)
+            sch.parallel(sch.fuse(*spatial))
         return sch
 
 
