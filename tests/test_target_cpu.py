@@ -1058,3 +1058,59 @@ def test_blocked_matmul_reads_a_1x1_convolution_input_without_a_copy():
     got = _run_prim_func(scheduled, [data, weight, np.full((2, 40, 10, 10), np.nan, "float32")])
     want = np.maximum(np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], data), 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _conv_with_epilogue(epilogue):
+    from tvm import te, topi
+    x = te.placeholder((2, 32, 6, 6), name="x")
+    w = te.placeholder((48, 32, 1, 1), name="w")
+    bias = te.placeholder((1, 48, 1, 1), name="bias")
+    out = epilogue(topi.add(topi.nn.conv2d_nchw(x, w, 1, 0, 1), bias))
+    return te.create_prim_func([x, w, bias, out])
+
+
+def _hardswish(t):
+    from tvm import topi
+    return topi.multiply(t, topi.divide(topi.clip(topi.add(t, 3.0), 0.0, 6.0), 6.0))
+
+
+def test_blocked_matmul_folds_a_hardswish_into_the_accumulator_write_back():
+    # HardSwish after a bias is 6 blocks; computed per tile each made a pass through a
+    # full-size intermediate buffer. Folded, only the accumulator and the output remain.
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    scheduled = BlockedMatmul._schedule(_conv_with_epilogue(_hardswish), 16).mod["main"]
+    text = scheduled.script()
+    assert "T_add_intermediate" not in text and "T_divide" not in text
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((2, 32, 6, 6)).astype("float32")
+    weight = rng.standard_normal((48, 32, 1, 1)).astype("float32")
+    bias = rng.standard_normal((1, 48, 1, 1)).astype("float32")
+    got = _run_prim_func(scheduled, [data, weight, bias,
+                                     np.full((2, 48, 6, 6), np.nan, "float32")])
+    pre = np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], data) + bias
+    np.testing.assert_allclose(got, pre * np.clip(pre + 3, 0, 6) / 6, rtol=1e-4, atol=1e-4)
+
+
+def test_blocked_matmul_keeps_a_growing_epilogue_per_tile():
+    # each op reads the one before twice: folded, the expression doubles at every step
+    from tvm import topi
+
+    from mmcompile.targets.tvm.cpu_matmul import EPILOGUE_TEXT_LIMIT, BlockedMatmul
+
+    def squares(t):
+        for _ in range(7):
+            t = topi.add(topi.multiply(t, t), t)
+        return t
+    scheduled = BlockedMatmul._schedule(_conv_with_epilogue(squares), 16).mod["main"]
+    assert "T_multiply" in scheduled.script()  # intermediate blocks kept, computed per tile
+    assert EPILOGUE_TEXT_LIMIT < 10_000
+    rng = np.random.default_rng(4)
+    data = rng.standard_normal((2, 32, 6, 6)).astype("float32") * 0.01
+    weight = rng.standard_normal((48, 32, 1, 1)).astype("float32") * 0.1
+    bias = rng.standard_normal((1, 48, 1, 1)).astype("float32") * 0.01
+    got = _run_prim_func(scheduled, [data, weight, bias,
+                                     np.full((2, 48, 6, 6), np.nan, "float32")])
+    want = np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], data) + bias
+    for _ in range(7):
+        want = want * want + want
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
