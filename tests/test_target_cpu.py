@@ -1114,3 +1114,25 @@ def test_blocked_matmul_keeps_a_growing_epilogue_per_tile():
     for _ in range(7):
         want = want * want + want
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_blocked_matmul_tiles_an_odd_number_of_vectors_three_wide():
+    # 48 output channels on AVX-512 are 3 vectors: tiles one vector wide cost a load and a
+    # broadcast per FMA or two; 3 wide the weights' loads are shared by the tile's rows
+    from tvm import te, topi
+
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    x = te.placeholder((2, 40, 10, 10), name="x")
+    w = te.placeholder((1, 1, 40, 48), name="w")  # packed HWIO, as the weight packing makes
+    rc = te.reduce_axis((0, 40), name="rc")
+    out = te.compute((2, 48, 10, 10), lambda n, o, h, v: te.sum(
+        x[n, rc, h, v] * w[0, 0, rc, o], axis=rc), name="conv")
+    func = te.create_prim_func([x, w, topi.nn.relu(out)])
+    scheduled = BlockedMatmul._schedule(func, 16).mod["main"]
+    assert re.search(r"T\.unroll\((?:T\.int\d+\()?3\b", scheduled.script())
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((2, 40, 10, 10)).astype("float32")
+    weight = rng.standard_normal((1, 1, 40, 48)).astype("float32")
+    got = _run_prim_func(scheduled, [data, weight, np.full((2, 48, 10, 10), np.nan, "float32")])
+    want = np.maximum(np.einsum("co,nchw->nohw", weight[0, 0], data), 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
