@@ -204,13 +204,9 @@ class BlockedMatmul(VectorRule):
                    len(epilogues))
         cut = min(cut, first_growing(sch, main.block_rv, epilogues))
         per_tile, after = epilogues[:cut], epilogues[cut:]
-        collapsed = None if after or len(epilogues) <= 3 else \
-            _collapsed_epilogue(sch, acc, per_tile)
-        if len(epilogues) <= 3 and not after:
-            for block_rv in reversed(per_tile):
-                sch.reverse_compute_inline(block_rv)
-        elif collapsed is not None:
-            sch = collapsed
+        folded = None if after else _folded_epilogue(sch, acc, per_tile)
+        if folded is not None:
+            sch = folded
         else:
             for block_rv in per_tile:  # producers first, or each tile recomputes the chain
                 sch.reverse_compute_at(block_rv, outer)
@@ -229,11 +225,11 @@ class BlockedMatmul(VectorRule):
 EPILOGUE_TEXT_LIMIT = 1500
 
 
-def _collapsed_epilogue(sch, acc_rv, chain):
-    """A copy of ``sch`` with the elementwise ``chain`` (longer than the 3 blocks always
-    inlined) after the reduction computed in its accumulator write-back, or None when it does
-    not fold (a block read by more than the next one cannot be inlined backwards: the middle
-    of the chain is inlined forwards first) or the folded expression passes
+def _folded_epilogue(sch, acc_rv, chain):
+    """A copy of ``sch`` with the elementwise ``chain`` after the reduction computed in its
+    accumulator write-back, or None when it does not fold (a block read by more than the next
+    one cannot be inlined backwards: the middle of the chain is inlined forwards first) or a
+    chain of more than 3 blocks folds into an expression longer than
     :data:`EPILOGUE_TEXT_LIMIT`.
 
     Left per tile, each op of the chain made a pass over the tile through a full-size
@@ -242,13 +238,15 @@ def _collapsed_epilogue(sch, acc_rv, chain):
     convolutions on 5x5 maps 511 -> 419 us, 24 -> 96 on 20x20 274 -> 197 us, 48 -> 288 on
     10x10 238 -> 195 us; 40 -> 240 on 10x10 (tiles of 5 pixels) 315 -> 345 us; the model
     ~3% faster."""
-    if not chain:
-        return None
+    if len(chain) <= 3:  # short chains (bias, relu) always fold, backwards
+        for block_rv in reversed(chain):
+            sch.reverse_compute_inline(block_rv)
+        return sch
     trial = sch.copy()
     try:
         for block_rv in chain[1:-1]:
             trial.compute_inline(block_rv)
-        for block_rv in ([chain[-1], chain[0]] if len(chain) > 1 else chain):
+        for block_rv in (chain[-1], chain[0]):
             trial.reverse_compute_inline(block_rv)
     except Exception:  # not foldable: the caller computes the chain per tile
         return None

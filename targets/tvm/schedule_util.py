@@ -84,25 +84,18 @@ def vectorized_copy(sch, block_rv, lanes: int) -> None:
     if not loops or None in sizes:
         parallel_spatial(sch, block_rv, lanes)
         return
-    widths = [w for w in (lanes, lanes // 2, lanes // 4) if w >= 4]
-    inner, width = 1, next((w for w in widths if sizes[-1] % w == 0), None)
+    inner, width = 1, next((w for w in (lanes, lanes // 2, lanes // 4)
+                            if w >= 4 and sizes[-1] % w == 0), None)
     if width is None and len(loops) > 1 and (sizes[-1] * sizes[-2]) % lanes == 0:
         inner, width = 2, lanes
-    vector = sch.fuse(*loops[-inner:]) if inner > 1 else loops[-1]
-    outer = list(loops[:-inner])
-    if width is not None and extent(sch, vector) > width:
-        step, lane = sch.split(vector, [None, width])
+    steps = sch.fuse(*loops[-inner:]) if inner > 1 else loops[-1]
+    if width is not None:  # else the row stays whole: LLVM's loop vectorizer takes it
+        steps, lane = sch.split(steps, [None, width])
         sch.vectorize(lane)
-    elif width is not None:
-        step = None
-        sch.vectorize(vector)
-    else:
-        step = vector
-    outer_size = int(np.prod(sizes[:-inner])) if outer else 1
-    if step is not None and outer_size < 4:  # too few rows to share: share the vectors
-        outer.append(step)
-    if outer:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    outer = list(loops[:-inner])
+    if np.prod(sizes[:-inner]) < 4:  # too few rows to share: share the vectors
+        outer.append(steps)
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
 def parallel_rows(sch, block_rv, lanes: int) -> None:
