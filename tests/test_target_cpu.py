@@ -1136,3 +1136,72 @@ def test_blocked_matmul_tiles_an_odd_number_of_vectors_three_wide():
     got = _run_prim_func(scheduled, [data, weight, np.full((2, 48, 10, 10), np.nan, "float32")])
     want = np.maximum(np.einsum("co,nchw->nohw", weight[0, 0], data), 0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _pointwise_module(channels: int, size: int, kernel: int = 1, stride: int = 1):
+    """A conv2d (bias, HardSwish) whose output is gated by a per-channel input, as in a
+    squeeze-excitation block."""
+    from tvm import relax
+    rng = np.random.default_rng(6)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, channels, size, size), "float32"))
+    gate = relax.Var("gate", relax.TensorType((2, 24, 1, 1), "float32"))
+    weight = relax.const(rng.standard_normal((24, channels, kernel, kernel)).astype("float32"))
+    bias = relax.const(rng.standard_normal((1, 24, 1, 1)).astype("float32"))
+    with bb.function("main", [x, gate]):
+        with bb.dataflow():
+            t = bb.emit(relax.op.add(relax.op.nn.conv2d(x, weight, strides=stride), bias))
+            t = bb.emit(relax.op.multiply(t, relax.op.divide(
+                relax.op.clip(relax.op.add(t, relax.const(3.0)), 0, 6), relax.const(6.0))))
+            out = bb.emit_output(relax.op.multiply(t, gate))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_shallow_1x1_convolutions_become_1d_convolutions_over_their_pixels():
+    # 16 -> 72 channels on 40x40 maps (MobileNetV3's expansion): a 40-pixel row is 5 AVX2
+    # vectors, tiles one vector wide; over the 1600 pixels of a map tiles are two wide. The
+    # bias, HardSwish and a per-channel gate stay in the convolution's kernel.
+    import tvm
+    from tvm import relax
+
+    from mmcompile.targets.tvm.pointwise_conv import FlatPointwiseConvs
+    mod = _pointwise_module(16, 40)
+    rewritten = FlatPointwiseConvs(8)(mod)
+    assert "conv1d" in rewritten.script() and "conv2d" not in rewritten.script()
+    fused = relax.get_pipeline("zero")(rewritten)
+    kernels = [gv.name_hint for gv, f in fused.functions_items() if "conv1d" in gv.name_hint]
+    assert len(kernels) == 1 and "clip" in kernels[0] and "multiply" in kernels[0], kernels
+    rng = np.random.default_rng(7)
+    feeds = [rng.standard_normal((2, 16, 40, 40)).astype("float32"),
+             rng.standard_normal((2, 24, 1, 1)).astype("float32")]
+    results = []
+    for m in (mod, rewritten):
+        vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(m),
+                                              target=tvm.target.Target({"kind": "llvm"})),
+                                  tvm.cpu())
+        results.append(vm["main"](*(tvm.runtime.tensor(f) for f in feeds)).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)  # 16-term sums
+    for case in (dict(channels=64, size=40),           # deep: vectorized along the channels
+                 dict(channels=16, size=32),           # 32-pixel rows: whole two-vector tiles
+                 dict(channels=16, size=10),           # 100 pixels: no whole vectors
+                 dict(channels=16, size=40, kernel=3),
+                 dict(channels=16, size=40, stride=2)):
+        assert "conv1d" not in FlatPointwiseConvs(8)(_pointwise_module(**case)).script(), case
+
+
+def test_flattened_1x1_convolutions_in_a_squeeze_excitation_block_match_torch():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand = nn.Conv2d(16, 72, 1)
+            self.squeeze = nn.Conv2d(72, 72, 1)
+
+        def forward(self, x):
+            y = nn.functional.hardswish(self.expand(x))
+            gate = torch.sigmoid(self.squeeze(y.mean((2, 3), keepdim=True)))
+            return y * gate
+
+    torch.manual_seed(0)
+    _assert_compiled_matches_torch(Block().eval(), (torch.randn(2, 16, 40, 20),),
+                                   rtol=1e-4, atol=1e-4)  # 16- and 72-term sums

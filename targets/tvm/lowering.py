@@ -7,7 +7,8 @@ Steps and why they are in this order: convolutions whose kernel spans the input 
 become 1-D convolutions over the rows folded into channels (:mod:`.spanning_conv`: the iEEG
 detector's [96, 3] layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms) and transposed
 convolutions whose kernel equals their stride a 1x1 convolution and a depth-to-space shuffle
-(:mod:`.transposed_conv`); 3x3 and 5x5 stride-1 convolutions (with their bias, relu and max
+(:mod:`.transposed_conv`); 1x1 convolutions with shallow reductions 1-D convolutions over
+the flattened pixels (:mod:`.pointwise_conv`: whole two-vector tiles); 3x3 and 5x5 stride-1 convolutions (with their bias, relu and max
 pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`: late fusion
 0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights packed
 (:mod:`.layout`; matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), depthwise
@@ -35,6 +36,7 @@ from mmcompile.targets.tvm.spanning_conv import SpanningConvs
 from mmcompile.targets.tvm.transposed_conv import ShuffleTransposedConvs
 from mmcompile.targets.tvm.int8 import QuantizedContractions, int8_instructions
 from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
+from mmcompile.targets.tvm.pointwise_conv import FlatPointwiseConvs
 from mmcompile.targets.tvm.rows import RowReductions
 from mmcompile.targets.tvm.schedule_util import lanes_for
 from mmcompile.targets.tvm.schedules import schedule_cpu
@@ -62,6 +64,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     mod = ShuffleTransposedConvs()(mod)  # kernel == stride: 1x1 conv + depth-to-space
     if winograd:
         mod = Winograd()(mod)  # 4-6x fewer multiply-adds; before the packing takes the convs
+    mod = FlatPointwiseConvs(lanes_for(target))(mod)  # shallow 1x1: one axis of pixels
     mod = PackConvWeights()(mod)  # output channels innermost: the schedule vectorizes them
     mod = PackMatmulWeights(2 * lanes_for(target))(mod)  # a register tile's weights contiguous
     mod = ChannelsLastDepthwise()(mod)  # depthwise on narrow maps: vectors across channels
