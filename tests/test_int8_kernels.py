@@ -28,6 +28,27 @@ def _machine_runs(mcpu: str) -> bool:
     return "avx512_vnni" in flags and "avx512bw" in flags
 
 
+def _assert_matches_onnxruntime(got, model, feeds):
+    """``got`` (u8) bit-exact to onnxruntime's int8 kernels on the same QDQ graph where those
+    sum exactly, and never more than one step from its float evaluation of the graph (a float
+    sum of products may round the other way).
+
+    onnxruntime's u8 x s8 kernels without VNNI (AVX2) add pairs of products with
+    ``vpmaddubsw``, which saturates at int16: measured on znver3, its outputs were up to 163
+    steps off the float evaluation on these cases while ours (pairs widened to int16 first,
+    ``vpmaddwd``) stayed within one. There the float evaluation is the reference."""
+    expected = _onnxruntime(model, feeds, optimized=True)    # onnxruntime's int8 kernels
+    reference = _onnxruntime(model, feeds, optimized=False)  # QDQ in float
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    assert np.abs(got.astype(int) - reference.astype(int)).max() <= 1
+    if np.abs(expected.astype(int) - reference.astype(int)).max() <= 1:
+        assert np.array_equal(got, expected), \
+            f"{np.count_nonzero(got != expected)} of {got.size} differ"
+    else:  # onnxruntime's own int8 kernels saturate: known only where it lacks VNNI
+        flags = Path("/proc/cpuinfo").read_text()
+        assert "avx512_vnni" not in flags and "avx_vnni" not in flags
+
+
 def _out_shape(op, x_shape, w_shape, attrs):
     if op == "MatMul":
         return [*x_shape[:-1], w_shape[1]]
@@ -122,17 +143,10 @@ def test_int8_kernel_is_bit_exact_to_onnxruntime_int8(case, mcpu, tmp_path):
         pytest.skip(f"this CPU cannot run {mcpu} code")
     op, x_shape, w_shape, attrs = CASES[case]
     model, feeds = _qdq_model(op, x_shape, w_shape, attrs=attrs, signed=case == "matmul")
-    expected = _onnxruntime(model, feeds, optimized=True)    # onnxruntime's int8 kernels
-    reference = _onnxruntime(model, feeds, optimized=False)  # QDQ in float
     cm = _compile(model, feeds, mcpu, tmp_path)
-    got = cm(**feeds)  # one output: the array itself
-    assert got.dtype == np.uint8 and got.shape == expected.shape
     # The int8 kernel sums exactly and scales once, as onnxruntime's QLinear kernels do:
-    # identical bytes. Against the float QDQ evaluation a value may round the other way
-    # (a float sum of products), never by more than one step.
-    assert np.array_equal(got, expected), \
-        f"{np.count_nonzero(got != expected)} of {got.size} differ"
-    assert np.abs(got.astype(int) - reference.astype(int)).max() <= 1
+    # identical bytes (where onnxruntime's kernels are exact: see the helper).
+    _assert_matches_onnxruntime(cm(**feeds), model, feeds)  # one output: the array itself
 
 
 def test_the_rewrite_takes_qdq_contractions_and_reports_them(tmp_path):
@@ -212,7 +226,7 @@ def test_int8_kernels_without_avx2_run_as_vector_int32_and_stay_exact(case, tmp_
     op, x_shape, w_shape, attrs = CASES[case]
     model, feeds = _qdq_model(op, x_shape, w_shape, attrs=attrs)
     got = _compile(model, feeds, "x86-64", tmp_path)(**feeds)  # SSE2 only
-    np.testing.assert_array_equal(got, _onnxruntime(model, feeds, optimized=True))
+    _assert_matches_onnxruntime(got, model, feeds)
 
 
 def test_the_epilogue_runs_per_tile_only_where_a_tile_is_a_box_of_its_output():
