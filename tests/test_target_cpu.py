@@ -1205,3 +1205,30 @@ def test_flattened_1x1_convolutions_in_a_squeeze_excitation_block_match_torch():
     torch.manual_seed(0)
     _assert_compiled_matches_torch(Block().eval(), (torch.randn(2, 16, 40, 20),),
                                    rtol=1e-4, atol=1e-4)  # 16- and 72-term sums
+
+
+@pytest.mark.parametrize("channels, wide, rows", [(24, 3, 3), (40, 5, 2), (72, 3, 3)])
+def test_blocked_matmul_tiles_avx2_columns_of_three_or_five_vectors_that_wide(channels, wide,
+                                                                                rows):
+    # AVX2 (8 lanes, 16 registers): 24 / 72 output channels take tiles three vectors wide by
+    # 3 rows, 40 five wide by 2 (4 rows of three spilled accumulators in the reduction loop)
+    from tvm import te, topi
+
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    x = te.placeholder((2, 88, 6, 6), name="x")
+    w = te.placeholder((1, 1, 88, channels), name="w")  # packed HWIO
+    rc = te.reduce_axis((0, 88), name="rc")
+    out = te.compute((2, channels, 6, 6), lambda n, o, h, v: te.sum(
+        x[n, rc, h, v] * w[0, 0, rc, o], axis=rc), name="conv")
+    func = te.create_prim_func([x, w, topi.nn.relu(out)])
+    text = BlockedMatmul._schedule(func, 8).mod["main"].script()
+    unrolled = {int(n) for n in re.findall(r"T\.unroll\((?:T\.int\d+\()?(\d+)\b", text)}
+    assert wide in unrolled and rows in unrolled and not unrolled - {1, wide, rows}, unrolled
+    rng = np.random.default_rng(8)
+    data = rng.standard_normal((2, 88, 6, 6)).astype("float32")
+    weight = rng.standard_normal((1, 1, 88, channels)).astype("float32")
+    scheduled = BlockedMatmul._schedule(func, 8).mod["main"]
+    got = _run_prim_func(scheduled, [data, weight,
+                                     np.full((2, channels, 6, 6), np.nan, "float32")])
+    want = np.maximum(np.einsum("co,nchw->nohw", weight[0, 0], data), 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # 88-term sums

@@ -161,8 +161,13 @@ class BlockedMatmul(VectorRule):
             # accumulators, stay within AVX-512's 32 registers. mobilenet_text's 1x1
             # convolutions, batch 8, 1 thread, kernel alone: 40 -> 240 on 10x10 177 -> 122 us,
             # 144 -> 48 89 -> 63 us, 120 -> 48 69 -> 49 us, 48 -> 144 112 -> 82 us.
-            if nj == 1 and lanes >= 16 and cols % (3 * lanes) == 0 and (mi or 1) <= 8:
-                nj = 3
+            # AVX2's 16 registers take three vectors by 3 rows or five by 2 (row_limit; 4 rows
+            # of three spilled accumulators in the reduction loop: 1.5x slower). Same layers,
+            # znver3, same-process A/B of the kernels: 240 -> 40 on 10x10 332 -> 288 us (five
+            # wide), 72 -> 24 on 20x20 212 -> 177 us, 88 -> 24 266 -> 239 us (three wide).
+            if nj == 1 and (mi or 1) <= row_limit(cols, lanes):
+                nj = next((n for n in ((3,) if lanes >= 16 else (3, 5)) if cols % (n * lanes) == 0
+                           and n * (mi or 1) <= (24 if lanes >= 16 else 10)), 1)
             if large and lanes >= 16 and cols % (4 * lanes) == 0 and mi is not None and mi <= 4:
                 nj = 4
             jo, jn, ji = sch.split(loops[vec], [None, nj, lanes])
@@ -406,8 +411,14 @@ def _covers(sch, main_rv, block_rv) -> bool:
 
 def row_limit(cols: int, lanes: int) -> int:
     """Rows of the register tile at most: ``2 x rows`` accumulators of two vectors where the
-    columns take two (AVX-512's 32 vector registers, AVX2's 16), 8 of one vector."""
-    return (8 if lanes >= 16 else 6) if cols % (2 * lanes) == 0 else 8
+    columns take two (AVX-512's 32 vector registers, AVX2's 16), 8 of one vector; on AVX2,
+    columns of three or five vectors take tiles that wide, of 3 or 2 rows (9 or 10
+    accumulators, the weights' vectors and a broadcast)."""
+    if cols % (2 * lanes) == 0:
+        return 8 if lanes >= 16 else 6
+    if lanes < 16 and cols % lanes == 0:  # 3 or 5 vectors wide: 9 or 10 accumulators
+        return 3 if cols % (3 * lanes) == 0 else 2 if cols % (5 * lanes) == 0 else 8
+    return 8
 
 
 # Padding rows up to a whole register tile may add at most this share of work.
