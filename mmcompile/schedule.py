@@ -76,6 +76,24 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_info() -> dict[str, Any]:
+    """This host's CPU as ``/proc/cpuinfo`` names it: ``{"model": name, "flags": set of
+    feature flags}`` (empty where there is no such file)."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return {"model": model, "flags": flags}
+
+
 def check_kind(kind: str) -> str:
     if kind not in SCHEDULES:
         raise MMCompileError(f"unknown schedule '{kind}'; expected one of {', '.join(SCHEDULES)}")

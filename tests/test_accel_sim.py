@@ -15,6 +15,7 @@ from mmcompile.targets.accel.layers import QConv2d, QGemm, QParams, reference
 from mmcompile.targets.accel.lowering import TilePlan, lower, plan_tiles, supports
 from mmcompile.targets.accel.simulator import run
 from mmcompile.targets.accel.spec import load_spec, presets
+from mmcompile.targets.onnxruntime import int8_exact
 from onnx import TensorProto, helper, numpy_helper
 
 from mmcompile.errors import InputError, UnsupportedOpError
@@ -326,7 +327,9 @@ def test_simulator_is_bit_exact_to_onnxruntime_on_qdq_ops(case, tmp_path):
     got = run(lower(spec, layer), xq)["y"]
     assert np.array_equal(got, reference(layer, xq))
     for relu_as in (("qdq", "float") if layer.activation else ("qdq",)):
-        (want,), ran = _onnxruntime(_qdq_model(layer, relu_as), {"xq": xq}, tmp_path)
+        # onnxruntime's int8 kernels where they sum exactly (VNNI), else its float evaluation
+        (want,), ran = _onnxruntime(_qdq_model(layer, relu_as), {"xq": xq}, tmp_path,
+                                    optimized=int8_exact())
         assert want.dtype == got.dtype and want.shape == got.shape
         differ = int(np.count_nonzero(got != want))
         if FUSED & set(ran):
@@ -446,10 +449,16 @@ def test_layers_from_onnxruntimes_quantizer_are_bit_exact(tmp_path):
         qdq.graph.output.append(helper.make_value_info(tensor, onnx.TypeProto()))
     names = [o.name for o in qdq.graph.output]
     feeds = {"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32) * 1.5}
-    outs, _ = _onnxruntime(qdq, feeds, tmp_path)
+    exact = int8_exact()  # else onnxruntime's int8 kernels saturate: its float evaluation
+    outs, _ = _onnxruntime(qdq, feeds, tmp_path, optimized=exact)
     got = dict(zip(names, outs))
     spec = load_spec("gemmini-16x16")
     for source, out, layer in layers:
         assert supports(spec, layer) == (True, "")
         mine = run(lower(spec, layer), got[source].reshape(layer.input_shape))["y"]
-        assert np.array_equal(mine, got[out].reshape(mine.shape)), layer.name
+        want = got[out].reshape(mine.shape)
+        if exact:
+            assert np.array_equal(mine, want), layer.name
+        else:  # a float sum may round the other way: one step, rarely
+            step = np.abs(mine.astype(int) - want.astype(int))
+            assert step.max() <= 1 and np.count_nonzero(step) <= max(1, step.size // 1000)

@@ -19,6 +19,7 @@ from onnx import helper
 from mmcompile.bench import harness, runner, suite
 from mmcompile.flops import count_flops
 from mmcompile.bench.results import ROW_KEYS
+from mmcompile.targets.onnxruntime import int8_exact
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -151,11 +152,12 @@ def test_bench_int8_engines_run_one_qdq_file_and_report_accuracy_against_float(
     rows = {r["engine"]: r for r in doc["results"]}
     for engine in ("onnxruntime-int8", "mmcompile-int8"):
         row = rows[engine]
-        assert row["match"], row.get("error")  # against the QDQ file's own outputs
+        if engine == "mmcompile-int8" or int8_exact():  # else onnxruntime's kernels saturate
+            assert row["match"], row.get("error")  # against the QDQ file's own outputs
         assert row["accuracy_vs_float"]["y"]["cosine"] > 0.99
         assert row["quantization"]["layers_int8"] == 1
         assert row["ratio_vs_onnxruntime_int8"] is not None
-        held = row["quantization"]["held_back"]  # the 200 input sets, apart from calibration
+        held = row["quantization"]["held_back"]  # 200 input sets, apart from calibration
         assert held["samples"] == 200
         assert 0.99 < held["outputs"]["y"]["cosine"] <= 1.0
         assert 0.9 <= held["outputs"]["y"]["top1"] <= 1.0  # 8 classes per row

@@ -1,5 +1,5 @@
-"""Int8 kernels of the CPU target (targets/tvm/int8.py, cpu_int8.py): QDQ MatMul / Gemm / Conv become
-u8 x s8 -> i32 kernels whose requantized outputs are bit-exact to onnxruntime's int8 kernels
+"""Int8 kernels of the CPU target (targets/tvm/int8.py, cpu_int8.py): QDQ MatMul / Gemm / Conv
+become u8 x s8 -> i32 kernels whose requantized outputs are bit-exact to onnxruntime's int8 kernels
 on the same QDQ graph, with VNNI (vpdpbusd) and without (AVX2's vpmaddwd on int16)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from mmcompile.targets.onnxruntime import int8_exact
 from mmcompile.targets.tvm import int8
 from mmcompile.targets.tvm.cpu_int8 import Int8Contraction
 from mmcompile.targets.tvm.host import host_cpu
@@ -33,10 +34,9 @@ def _assert_matches_onnxruntime(got, model, feeds):
     sum exactly, and never more than one step from its float evaluation of the graph (a float
     sum of products may round the other way).
 
-    onnxruntime's u8 x s8 kernels without VNNI (AVX2) add pairs of products with
-    ``vpmaddubsw``, which saturates at int16: measured on znver3, its outputs were up to 163
-    steps off the float evaluation on these cases while ours (pairs widened to int16 first,
-    ``vpmaddwd``) stayed within one. There the float evaluation is the reference."""
+    Without VNNI onnxruntime's kernels saturate (:func:`~mmcompile.targets.onnxruntime.
+    int8_exact`: up to 163 steps off on these cases, on znver3) while ours (pairs widened to
+    int16 first, ``vpmaddwd``) stay within one: there the float evaluation is the reference."""
     expected = _onnxruntime(model, feeds, optimized=True)    # onnxruntime's int8 kernels
     reference = _onnxruntime(model, feeds, optimized=False)  # QDQ in float
     assert got.dtype == np.uint8 and got.shape == expected.shape
@@ -45,8 +45,7 @@ def _assert_matches_onnxruntime(got, model, feeds):
         assert np.array_equal(got, expected), \
             f"{np.count_nonzero(got != expected)} of {got.size} differ"
     else:  # onnxruntime's own int8 kernels saturate: known only where it lacks VNNI
-        flags = Path("/proc/cpuinfo").read_text()
-        assert "avx512_vnni" not in flags and "avx_vnni" not in flags
+        assert not int8_exact()
 
 
 def _out_shape(op, x_shape, w_shape, attrs):

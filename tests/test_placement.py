@@ -396,3 +396,30 @@ def test_a_model_with_an_lstm_and_an_if_compiles_with_them_on_the_fallback(sched
     p = plan(graph, schedule="sequential")
     if_stage = next(s for s in p.whole if "fuse_if" in s.nodes)
     assert {"img", "aud"} <= set(if_stage.inputs)
+
+
+@pytest.mark.parametrize("flags, exact", [({"avx2", "avx512_vnni"}, True),
+                                          ({"avx2", "avx_vnni"}, True),
+                                          ({"avx2", "fma"}, False), ({"avx512f"}, False)])
+def test_fallback_stages_keep_qdq_ops_unfused_where_onnxruntimes_int8_kernels_saturate(
+        monkeypatch, flags, exact):
+    # Without VNNI onnxruntime's u8 x s8 kernels saturate pair sums at int16 (up to 163
+    # quantization steps off the QDQ graph on znver3): a fallback stage there runs the QDQ
+    # graph unfused, as the reference evaluates it.
+    import onnxruntime as ort
+
+    from mmcompile.targets import onnxruntime as target
+    monkeypatch.setattr(target, "cpu_info", lambda: {"model": "", "flags": flags})
+    assert target.int8_exact() is exact
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = target._session(model.SerializeToString(), 1, optimize=True)
+    assert isinstance(session, ort.InferenceSession)
+    try:
+        unfused = session.get_session_options().get_session_config_entry(
+            "session.disable_quant_qdq") == "1"
+    except RuntimeError:  # never set
+        unfused = False
+    assert unfused is not exact

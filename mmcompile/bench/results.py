@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mmcompile.reference import compare_outputs
+from mmcompile.schedule import cpu_info
 
 ROW_KEYS = ("model", "batch", "engine", "median_ms", "p10_ms", "p90_ms", "compile_s",
             "peak_rss_mb", "match")
@@ -139,14 +140,7 @@ def geomeans(rows: Sequence[dict[str, Any]], baseline: str = BASELINE
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_info()["model"] or platform.processor() or platform.machine()
 
 
 def _memory_gb() -> float | None:

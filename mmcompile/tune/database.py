@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcompile.errors import MMCompileError
+from mmcompile.schedule import cpu_info
 
 FORMAT = "mmcompile-tuning-db"
 FORMAT_VERSION = 1
@@ -278,14 +279,7 @@ class TuningDB:
 
 def host_facts() -> dict[str, Any]:
     """This machine as a database records it: CPU model name, hostname, usable cores."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor(), "hostname": platform.node(),
+    return {"cpu": cpu_info()["model"] or platform.processor(), "hostname": platform.node(),
             "cores": len(os.sched_getaffinity(0))}
 
 

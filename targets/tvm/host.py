@@ -10,21 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmcompile.schedule import available_cores
+from mmcompile.schedule import available_cores, cpu_info
 
 
 def host_cpu() -> dict[str, Any]:
     """The detected CPU name, vendor and feature flags relevant to code generation."""
     from tvm.target import codegen
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_info()["flags"]
     return {"mcpu": codegen.llvm_get_system_cpu(),
             "vendor": codegen.llvm_get_system_x86_vendor(),
             "avx2": "avx2" in flags, "avx512f": "avx512f" in flags}
