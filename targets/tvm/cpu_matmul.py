@@ -165,9 +165,9 @@ class BlockedMatmul(VectorRule):
             # of three spilled accumulators in the reduction loop: 1.5x slower). Same layers,
             # znver3, same-process A/B of the kernels: 240 -> 40 on 10x10 332 -> 288 us (five
             # wide), 72 -> 24 on 20x20 212 -> 177 us, 88 -> 24 266 -> 239 us (three wide).
-            if nj == 1 and (mi or 1) <= row_limit(cols, lanes):
-                nj = next((n for n in ((3,) if lanes >= 16 else (3, 5)) if cols % (n * lanes) == 0
-                           and n * (mi or 1) <= (24 if lanes >= 16 else 10)), 1)
+            if nj == 1:  # mi <= row_limit already keeps the accumulators in registers
+                nj = next((n for n in ((3,) if lanes >= 16 else (3, 5))
+                           if cols % (n * lanes) == 0), 1)
             if large and lanes >= 16 and cols % (4 * lanes) == 0 and mi is not None and mi <= 4:
                 nj = 4
             jo, jn, ji = sch.split(loops[vec], [None, nj, lanes])
