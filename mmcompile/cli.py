@@ -240,7 +240,8 @@ def _modelled_layers(stages: list[dict]) -> None:
         info = st["info"]
         for layer in info.get("layers", []):
             rows.append((st["name"], layer["name"], layer["op"],
-                         "x".join(map(str, layer["gemm"])), "x".join(map(str, layer["tile"])),
+                         layer.get("shape") or "GEMM " + "x".join(map(str, layer["gemm"])),
+                         "x".join(map(str, layer["tile"])),
                          f"{layer['cycles']:,}", f"{layer['seconds'] * 1e6:.1f}",
                          f"{100 * layer['utilization']:.1f}%", f"{layer['dram_bytes']:,}",
                          f"{layer['energy_uj']:.2f}"))
@@ -253,7 +254,7 @@ def _modelled_layers(stages: list[dict]) -> None:
     total_uj = sum(st["info"].get("energy_uj", 0) for st in modelled)
     print(f"\nmodelled layers (the accelerator's cycle model; {total_ms * 1e3:.1f} us and "
           f"{total_uj:.2f} uJ in all):")
-    print(format_table(["stage", "layer", "op", "GEMM MxKxN", "tile", "cycles", "us",
+    print(format_table(["stage", "layer", "op", "shape", "tile", "cycles", "us",
                         "utilization", "DRAM bytes", "energy uJ"], rows))
 
 

@@ -59,13 +59,16 @@ def test_compile_for_a_preset_then_inspect_and_run(files, capsys, monkeypatch):
                              files / "calib.npz",
                              "--inputs", files / "x.npz", "--schedule", "sequential")
     assert code == 0, err
-    assert "edge-32x32: 2 layer(s)" in out and "verification: ok" in out
+    # the CNN branches whole (12 layers: pools included), then the head (Gemm, ReLU, Gemm)
+    assert "edge-32x32: 12 layer(s)" in out and "edge-32x32: 3 layer(s)" in out
+    assert "verification: ok" in out
     code, out, _ = run_cli(capsys, "inspect", out_dir)
     assert code == 0
     assert "modelled layers (the accelerator's cycle model" in out
     for header in ("cycles", "utilization", "DRAM bytes", "energy uJ", "node_conv2d_3"):
         assert header in out
-    assert "node_max_pool2d" in out and "MaxPool is not a quantized" in out  # placement
+    assert "node_mean" in out and "ReduceMean is not a quantized" in out  # placement
+    assert "pool 196x4x16" in out  # a pooling layer's shape
     timeline = files / "t.png"
     code, out, _ = run_cli(capsys, "run", out_dir, "--inputs", files / "x.npz", "--json",
                            "--timeline", timeline)
@@ -129,7 +132,7 @@ def test_explore_sweeps_descriptions_and_marks_the_pareto_front(files, capsys, t
     assert "cannot hold one" in next(p["error"] for p in points if p["error"])
     valid = {(p["overrides"]["rows"], p["overrides"]["scratchpad_kib"]): p
              for p in points if not p["error"]}
-    assert all(p["latency_ms"] > 0 and p["energy_uj"] > 0 and p["layers"] == 9
+    assert all(p["latency_ms"] > 0 and p["energy_uj"] > 0 and p["layers"] == 15
                for p in valid.values())
     assert valid[32, 256]["latency_ms"] < valid[8, 256]["latency_ms"]  # more rows: faster
     assert valid[8, 1]["pareto"] and valid[32, 256]["pareto"]  # smallest; fastest

@@ -1,5 +1,5 @@
 """The FPGA-like accelerator: an int8 systolic array described by a small file, a tiler that
-lowers quantized GEMMs and convolutions to a VTA-style instruction stream, a functional
+lowers quantized GEMMs, convolutions and max pools to a VTA-style instruction stream, a functional
 simulator that runs the stream bit-exactly, and a cycle / energy model validated against
 SCALE-Sim.
 
@@ -8,8 +8,8 @@ Modules, in the order data flows through them (each imports only those before it
 - :mod:`.spec`: :class:`~.spec.AccelSpec`, read from TOML or a preset (``vta-16x16``,
   ``gemmini-16x16``, ``edge-32x32``);
 - :mod:`.layers`: the quantized layers it runs (:class:`~.layers.QGemm`,
-  :class:`~.layers.QConv2d`) and their int8 reference semantics;
-- :mod:`.isa`: the instruction stream (LOAD / GEMM / ALU / STORE on three queues with
+  :class:`~.layers.QConv2d`, :class:`~.layers.QPool`) and their int8 reference semantics;
+- :mod:`.isa`: the instruction stream (LOAD / GEMM / POOL / ALU / STORE on three queues with
   dependency tokens), saved and loaded atomically;
 - :mod:`.dataflow`: folds, cycles and SRAM accesses of a GEMM tile on the array (ws/os/is);
 - :mod:`.lowering`: :func:`~.lowering.supports` and :func:`~.lowering.lower`, the tiler;

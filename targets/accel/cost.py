@@ -7,7 +7,8 @@ costs:
 
 - ``GEMM``: the array's cycles for its tile (:func:`.dataflow.gemm_cycles`: folds times
   preload + stream + the ``rows + cols - 2`` fill and drain skew);
-- ``ALU``: one vector of ``cols`` lanes per cycle;
+- ``ALU``: one vector of ``cols`` lanes per cycle; ``POOL`` likewise, once per window
+  element (a running maximum, VTA's ALU ``MAX`` over the window's rows);
 - ``LOAD`` / ``STORE``: ``dram_latency_cycles`` plus ``bytes / dram_bytes_per_cycle``. The
   queues are in order, so one queue's transfers do not overlap each other's latency (as in
   VTA, whose load and store modules finish one instruction before taking the next); the
@@ -20,8 +21,9 @@ without it every tile pays its loads, compute and store in turn.
 
 Energy is counted from the same instructions with the description's per-access figures:
 MACs; PE registers (two operand bytes and a four-byte partial sum per MAC); scratchpad
-writes (loaded bytes) and reads (:func:`.dataflow.sram_accesses`); accumulator words (bias
-load, GEMM partial sums, ALU read and write, store read); DRAM bytes.
+writes (loaded bytes) and reads (:func:`.dataflow.sram_accesses`, and a pool's window);
+accumulator words (bias load, GEMM partial sums, pool maxima, ALU read and write, store
+read); DRAM bytes.
 
 Validation: ``ideal_compute_cycles`` (the layer as one untiled GEMM, as SCALE-Sim maps it)
 matches SCALE-Sim 3's stall-free "Total Cycles" to the cycle (its count is one lower; see
@@ -43,6 +45,7 @@ from mmcompile.targets.accel.isa import (
     Alu,
     Gemm,
     Load,
+    Pool,
     Store,
     Stream,
     StreamError,
@@ -63,7 +66,7 @@ class LayerReport:
         seconds: ``cycles`` at the description's clock.
         compute_cycles: cycles the array is busy (sum of GEMM instructions).
         ideal_compute_cycles: the layer as one untiled GEMM (SCALE-Sim's figure).
-        alu_cycles: cycles of ALU instructions.
+        alu_cycles: cycles of ALU and POOL instructions.
         stall_cycles: cycles the compute queue waits (for data, or for a free accumulator).
         macs: multiply-accumulates of the layer.
         utilization: ``macs / (rows * cols * cycles)``.
@@ -105,6 +108,8 @@ def _duration(spec: AccelSpec, ins) -> tuple[int, float]:
         return df.gemm_cycles(spec.dataflow, spec.rows, spec.cols, ins.m, ins.k, ins.n), 0
     if isinstance(ins, Alu):
         return ceil(ins.m * ins.n / spec.cols), 0
+    if isinstance(ins, Pool):
+        return ceil(ins.m * ins.n / spec.cols) * ins.window, 0
     transfer = ceil(ins.dram_bytes / spec.dram_bytes_per_cycle)
     return spec.dram_latency_cycles + transfer, ins.dram_bytes
 
@@ -174,6 +179,9 @@ def _energy(stream: Stream, spec: AccelSpec, macs: int) -> dict[str, float]:
             accumulator += 4 * reads["acc"]
         elif isinstance(ins, Alu):
             accumulator += 8 * ins.m * ins.n
+        elif isinstance(ins, Pool):
+            scratchpad += ins.m * ins.n * ins.window
+            accumulator += 4 * ins.m * ins.n
         elif isinstance(ins, Store):
             dram += ins.dram_bytes
             accumulator += 4 * ins.shape[0] * ins.shape[1]
@@ -209,7 +217,7 @@ def estimate(stream: Stream, spec: AccelSpec | None = None) -> LayerReport:
         if isinstance(ins, Gemm):
             compute += end - start
             macs += ins.macs
-        elif isinstance(ins, Alu):
+        elif isinstance(ins, (Alu, Pool)):
             alu += end - start
         elif isinstance(ins, Load):
             reads += ins.dram_bytes

@@ -25,6 +25,16 @@ several) each take their own copy: the planner pulls constant-only nodes into ev
 that reads them.
 1-D convolutions run as 2-D ones with a height of 1.
 
+Max pooling, when the description lists ``MaxPool``, is a layer of its own: the pattern the
+quantizer leaves between convolutions, ``DequantizeLinear(xq) -> [Relu] -> MaxPool -> [Relu]
+-> QuantizeLinear -> yq`` (:class:`~.layers.QPool` states its integer semantics), so a CNN
+branch's pooling no longer splits it into accelerator and host pieces. Refused with the
+reason: a read ``Indices`` output, ``auto_pad``, a ``ceil_mode`` window hanging over the
+edge, a Clip. ``AveragePool`` stays on the host (its float mean is not an integer
+operation the ALU could reproduce bit for bit). A ReLU the quantizer left between two
+quantizations (``DequantizeLinear -> Relu -> QuantizeLinear``, after a layer whose output it
+quantized) is the same layer with a 1x1 window, so it no longer splits a stage either.
+
 Written for this project (no library matches QDQ patterns into an accelerator's layers):
 the pattern is fixed by onnxruntime's quantizer, and matching it on the graph-surgeon graph
 keeps the node names the planner places.
@@ -36,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from mmcompile.targets.accel.layers import Layer, LayerError, QConv2d, QGemm, QParams
+from mmcompile.targets.accel.layers import Layer, LayerError, QConv2d, QGemm, QParams, QPool
 from mmcompile.targets.accel.lowering import supports
 from mmcompile.targets.accel.spec import AccelSpec
 
@@ -44,6 +54,7 @@ if TYPE_CHECKING:
     from mmcompile.ir import Graph
 
 CONTRACTIONS = ("Conv", "MatMul", "Gemm")
+POOLS = ("MaxPool",)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -82,7 +93,7 @@ class Analysis:
             return f"part of layer '{layer}', which it cannot run: {self.refused[layer]}"
         if node.op in QDQ_OPS:
             return f"a {node.op} around float ops, outside the quantized layers it runs"
-        return f"{node.op} is not a quantized Conv/MatMul/Gemm layer"
+        return f"{node.op} is not a quantized Conv/MatMul/Gemm/MaxPool layer"
 
 
 class _Refuse(Exception):
@@ -243,6 +254,80 @@ def _match(node: Any, shapes: dict[str, tuple], outputs: set[str]) -> Match:
                  (x_dq.name, w_dq.name))
 
 
+def _window(node: Any, name: str, rank: int, default: int) -> list[int]:
+    return [int(v) for v in node.attrs.get(name, [default] * rank)]
+
+
+def _match_pool(node: Any, shapes: dict[str, tuple], outputs: set[str]) -> Match:
+    """The pooling layer a MaxPool heads (``DequantizeLinear -> [Relu] -> MaxPool -> [Relu]
+    -> QuantizeLinear``), or :class:`_Refuse` saying why not."""
+    if len(node.outputs) > 1 and node.outputs[1].name and node.outputs[1].outputs:
+        raise _Refuse("its Indices output is read")
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        raise _Refuse("auto_pad is not supported (explicit pads only)")
+    before, nodes = node.inputs[0], []
+    producer = before.inputs[0] if before.inputs else None
+    if producer is not None and producer.op == "Relu":
+        if len(before.outputs) != 1 or before.name in outputs:
+            raise _Refuse(f"the Relu '{producer.name}' before it is read by other nodes")
+        nodes, before = [producer], producer.inputs[0]
+    x_dq = _producer(before, "DequantizeLinear")
+    x = _qparams(x_dq, "input")
+    xq = x_dq.inputs[0]
+    in_shape = _static(xq, shapes)
+    activation, _, act_nodes, q = _epilogue(node, outputs)
+    if activation == "clip":
+        raise _Refuse("a Clip after it (the accelerator clamps pools with a Relu only)")
+    y = _qparams(q, "output")
+    out_shape = _static(q.outputs[0], shapes)
+    rank = len(in_shape) - 2
+    if rank not in (1, 2):
+        raise _Refuse(f"a {rank}-D pool (the accelerator runs 1-D and 2-D ones)")
+    kernel = _window(node, "kernel_shape", rank, 1)
+    pads = _window(node, "pads", 2 * rank, 0)
+    strides = _window(node, "strides", rank, 1)
+    dilations = _window(node, "dilations", rank, 1)
+    shape = in_shape
+    if rank == 1:  # [N, C, L] as [N, C, 1, L], window 1 x k
+        shape = (in_shape[0], in_shape[1], 1, in_shape[2])
+        kernel, pads = [1, *kernel], [0, pads[0], 0, pads[1]]
+        strides, dilations = [1, *strides], [1, *dilations]
+    layer = QPool(node.name, x, y, shape, tuple(kernel), tuple(strides), tuple(pads),
+                  tuple(dilations), "relu" if nodes or activation else None)
+    if int(np.prod(layer.output_shape)) != int(np.prod(out_shape)):
+        how = " (ceil_mode=1 adds a window at the edge)" if node.attrs.get("ceil_mode") else ""
+        raise _Refuse(f"its output shape {list(out_shape)} is not the layer's "
+                      f"{list(layer.output_shape)}{how}")
+    members = [x_dq.name, *(n.name for n in nodes), node.name, *(a.name for a in act_nodes),
+               q.name]
+    return Match(layer, members, xq.name, q.outputs[0].name, in_shape, out_shape,
+                 (x_dq.name,))
+
+
+def _bare_relu(node: Any, outputs: set[str]) -> bool:
+    """Whether ``node`` is a Relu between two quantizations (``DequantizeLinear -> Relu ->
+    QuantizeLinear``), which no other layer's pattern holds."""
+    producer = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    readers = node.outputs[0].outputs
+    return (node.op == "Relu" and producer is not None and producer.op == "DequantizeLinear"
+            and len(readers) == 1 and readers[0].op == "QuantizeLinear"
+            and node.outputs[0].name not in outputs)
+
+
+def _match_relu(node: Any, shapes: dict[str, tuple], outputs: set[str]) -> Match:
+    """The layer of a :func:`_bare_relu` (a 1x1 "pool" with a ReLU clamp), or
+    :class:`_Refuse` saying why not."""
+    x_dq = _producer(node.inputs[0], "DequantizeLinear")
+    q = node.outputs[0].outputs[0]
+    x, y = _qparams(x_dq, "input"), _qparams(q, "output")
+    xq = x_dq.inputs[0]
+    in_shape = _static(xq, shapes)
+    layer = QPool(node.name, x, y, (1, int(np.prod(in_shape)), 1, 1), (1, 1),
+                  activation="relu", op_type="Relu")
+    return Match(layer, [x_dq.name, node.name, q.name], xq.name, q.outputs[0].name, in_shape,
+                 in_shape, (x_dq.name,))
+
+
 def _inferred_shapes(graph: Graph) -> dict[str, tuple]:
     """Tensor name -> shape by ONNX shape inference (the quantizer's new tensors have none
     recorded), without touching ``graph``."""
@@ -268,14 +353,17 @@ def analyse(graph: Graph, spec: AccelSpec) -> Analysis:
     result = Analysis()
     nodes = list(graph.gs.nodes)
     result.quantized = any(n.op in QDQ_OPS for n in nodes)
-    shapes = _inferred_shapes(graph) if any(n.op in CONTRACTIONS for n in nodes) else {}
+    heads = CONTRACTIONS + POOLS
+    shapes = _inferred_shapes(graph) if any(n.op in heads + ("Relu",) for n in nodes) else {}
     outputs = {t.name for t in graph.gs.outputs}
     members: dict[str, list[str]] = {}
     for node in nodes:
-        if node.op not in CONTRACTIONS:
+        relu = _bare_relu(node, outputs)
+        if node.op not in heads and not relu:
             continue
         try:
-            match = _match(node, shapes, outputs)
+            match = (_match_relu if relu else _match_pool if node.op in POOLS else _match)(
+                node, shapes, outputs)
         except _Refuse as exc:
             result.refused[node.name] = f"not a quantized layer: {exc}"
             continue
@@ -292,9 +380,10 @@ def analyse(graph: Graph, spec: AccelSpec) -> Analysis:
     changed = True
     while changed:  # a dequantize also read by a host node keeps its layers on the host
         changed = False
+        taken = {member for name in result.layers for member in members[name]}
         for name, match in list(result.layers.items()):
             for what, dq in zip(("input", "weights"), match.shared):
-                host = [r for r in by_name[dq].outputs[0].outputs if r.name not in result.layers]
+                host = [r for r in by_name[dq].outputs[0].outputs if r.name not in taken]
                 if host and name in result.layers:
                     del result.layers[name]
                     result.refused[name] = (f"its {what} DequantizeLinear also feeds "

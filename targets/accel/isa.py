@@ -1,4 +1,4 @@
-"""The accelerator's instruction stream: VTA's four instructions on three queues.
+"""The accelerator's instruction stream: VTA's instructions (and a POOL) on three queues.
 
 The machine (modelled on VTA, ``apache/tvm-vta`` ``src/sim/sim_driver.cc``) has three
 in-order queues that run side by side:
@@ -7,7 +7,8 @@ in-order queues that run side by side:
   scratchpad (``inp`` / ``wgt`` buffers);
 - the **compute** queue: ``LOAD`` into the accumulator (the bias, broadcast over the tile's
   rows) and into the per-channel scale registers (``scl``), ``GEMM`` (an int8 x int8 tile
-  summed into the int32 accumulator) and ``ALU`` (requantize: int32 -> output type, the
+  summed into the int32 accumulator), ``POOL`` (window maxima of an input tile into the
+  accumulator, VTA's ALU ``MAX``) and ``ALU`` (requantize: int32 -> output type, the
   ReLU / Clip clamp included);
 - the **store** queue: ``STORE`` of an accumulator tile (already requantized) to DRAM.
 
@@ -134,9 +135,36 @@ class Gemm:
 
 
 @dataclass(frozen=True)
+class Pool:
+    """``acc[acc][:m, :n] = max_j inp[inp][:m, c * window + j] - offset`` for each column ``c <
+    n``: the window maxima of a pooling tile whose input rows were gathered by an im2col load
+    (columns ``(channel, window)``), less the input's zero point (as the int8 operand), on
+    the ALU."""
+
+    inp: int
+    acc: int
+    m: int
+    n: int
+    window: int
+    offset: int = 0
+    deps: Deps = NO_DEPS
+
+    opcode = "POOL"
+    queue = COMPUTE_Q
+
+    def accesses(self) -> tuple[tuple, tuple]:
+        return (("inp", self.inp), ("acc", self.acc)), (("acc", self.acc),)
+
+
+@dataclass(frozen=True)
 class Alu:
-    """Requantize ``acc[acc][:m, :n]`` in place: ``clip(rint(float32(acc) * scl[scl][:n]) +
-    zero_point, lo, hi)``, the clamp carrying ReLU / Clip."""
+    """Requantize ``acc[acc][:m, :n]`` in place, the clamp carrying ReLU / Clip. ``op``:
+
+    - ``requant``: ``clip(rint(float32(acc) * scl[scl][:n]) + zero_point, lo, hi)`` (one
+      multiplier per column);
+    - ``rescale``: ``clip(rint(float32(float32(acc) * s) / t) + zero_point, lo, hi)`` with ``s,
+      t = scl[scl][:2]`` (a dequantize then a quantize, as the QDQ graph computes them).
+    """
 
     acc: int
     scl: int
@@ -177,8 +205,9 @@ class Store:
         return (("acc", self.acc),), ()
 
 
-Instruction = Load | Gemm | Alu | Store
-_OPCODES = {cls.opcode: cls for cls in (Load, Gemm, Alu, Store)}
+Instruction = Load | Gemm | Pool | Alu | Store
+_OPCODES = {cls.opcode: cls for cls in (Load, Gemm, Pool, Alu, Store)}
+ALU_OPS = ("requant", "rescale")
 
 
 @dataclass(frozen=True)
@@ -423,8 +452,13 @@ def validate(stream: Stream) -> None:
             _check_fits(stream, i, "inp", (ins.m, ins.k), bad)
             _check_fits(stream, i, "wgt", (ins.k, ins.n), bad)
             _check_fits(stream, i, "acc", (ins.m, ins.n), bad)
+        elif isinstance(ins, Pool):
+            if ins.window < 1:
+                raise bad(i, f"a window of {ins.window} elements")
+            _check_fits(stream, i, "inp", (ins.m, ins.n * ins.window), bad)
+            _check_fits(stream, i, "acc", (ins.m, ins.n), bad)
         elif isinstance(ins, Alu):
-            if ins.op != "requant":
+            if ins.op not in ALU_OPS:
                 raise bad(i, f"unknown ALU operation '{ins.op}'")
             _check_fits(stream, i, "acc", (ins.m, ins.n), bad)
         elif isinstance(ins, Store):

@@ -104,6 +104,11 @@ class _Quantized:
         return ((np.float32(self.x.scale) * sw).astype(np.float32)
                 / np.float32(self.y.scale)).astype(np.float32)
 
+    @property
+    def label(self) -> str:
+        """The layer's shape for reports: ``GEMM MxKxN``."""
+        return "GEMM " + "x".join(map(str, self.gemm_shape))
+
     def bias_or_zeros(self) -> np.ndarray:
         if self.bias is None:
             return np.zeros(self.channels, np.int32)
@@ -245,10 +250,120 @@ class QConv2d(_Quantized):
         return np.ascontiguousarray(self.weight.reshape(self.channels, -1).T)
 
 
-Layer = QGemm | QConv2d
+@dataclass(frozen=True, eq=False)
+class QPool:
+    """Max pooling of a quantized tensor: ONNX's ``DequantizeLinear -> [Relu] -> MaxPool ->
+    [Relu] -> QuantizeLinear`` (1-D pools as 2-D ones with a height of 1); with ``op_type``
+    ``Relu`` and a 1x1 window, a ReLU between two quantizations (``DequantizeLinear -> Relu
+    -> QuantizeLinear``, any shape, viewed as ``[1, size, 1, 1]``). Its semantics::
+
+        m[n, c, i, j] = max over the window of xq           (padding never wins: dtype min)
+        q[n, c, i, j] = clamp(rint(float32(float32(m - zx) * sx) / sy) + zy, lo, hi)
+
+    Exactly the float QDQ evaluation: dequantizing, ReLU and the quantization are each
+    non-decreasing, so they commute with the max, and the rescale is the graph's own
+    ``DequantizeLinear`` (``(q - zx) * sx`` in float32) followed by its ``QuantizeLinear``
+    (float32 division, round half to even, saturate); a ReLU narrows ``lo`` to ``zy``.
+
+    Attributes:
+        input_shape: ``(N, C, H, W)``.
+        kernel, strides, dilations: ``(h, w)``.
+        pads: ONNX order ``(top, left, bottom, right)``, each below the kernel's extent.
+    """
+
+    name: str
+    x: QParams
+    y: QParams
+    input_shape: tuple[int, int, int, int]
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    activation: str | None = None  # None | "relu"
+    op_type: str = "MaxPool"  # or "Relu" (a 1x1 window)
+
+    groups = 1  # each channel pooled on its own: the pattern :func:`im2col` gathers
+
+    def __post_init__(self) -> None:
+        self.x.check("input", self.name)
+        self.y.check("output", self.name)
+        if len(self.input_shape) != 4 or any(int(d) <= 0 for d in self.input_shape):
+            raise LayerError(f"layer '{self.name}': a pool needs an NCHW input, got "
+                             f"{list(self.input_shape)}")
+        if min(*self.kernel, *self.strides, *self.dilations) < 1 or min(self.pads) < 0:
+            raise LayerError(f"layer '{self.name}': kernel, strides and dilations must be "
+                             f">= 1 and pads >= 0")
+        extent = [d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilations)]
+        if any(p >= e for p, e in zip(self.pads, extent * 2)):
+            raise LayerError(f"layer '{self.name}': pads {list(self.pads)} must be smaller "
+                             f"than the window {extent} (a window of padding alone has no "
+                             f"maximum)")
+        oh, ow = self.output_hw
+        if oh <= 0 or ow <= 0:
+            raise LayerError(f"layer '{self.name}': the window does not fit the padded input")
+        if self.activation not in (None, "relu"):
+            raise LayerError(f"layer '{self.name}': unknown activation {self.activation!r}")
+        if self.op_type not in ("MaxPool", "Relu") or self.op_type == "Relu" and (
+                self.window != 1 or self.activation != "relu"):
+            raise LayerError(f"layer '{self.name}': a pool layer is a MaxPool or a ReLU (a 1x1 "
+                             f"window with activation 'relu'), not {self.op_type!r}")
+
+    @property
+    def kind(self) -> str:
+        return "maxpool" if self.op_type == "MaxPool" else "relu"
+
+    @property
+    def channels(self) -> int:
+        return int(self.input_shape[1])
+
+    @property
+    def window(self) -> int:
+        return int(self.kernel[0] * self.kernel[1])
+
+    output_hw = QConv2d.output_hw
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.input_shape[0], self.channels, *self.output_hw)
+
+    @property
+    def pool_shape(self) -> tuple[int, int, int]:
+        """``(M, window, C)``: output pixels, window elements, channels."""
+        oh, ow = self.output_hw
+        return self.input_shape[0] * oh * ow, self.window, self.channels
+
+    @property
+    def label(self) -> str:
+        """The layer's shape for reports: ``pool MxWxC`` (output pixels, window, channels),
+        or ``relu N`` (elements)."""
+        if self.op_type == "Relu":
+            return f"relu {int(np.prod(self.input_shape))}"
+        return "pool " + "x".join(map(str, self.pool_shape))
+
+    def pad_value(self) -> int:
+        """What padding reads: the input type's minimum, which no window's maximum is."""
+        return int(np.iinfo(self.x.dtype).min)
+
+    def output_range(self) -> tuple[int, int]:
+        info = np.iinfo(self.y.dtype)
+        lo = int(info.min) if self.activation is None else max(int(info.min),
+                                                               int(self.y.zero_point))
+        return lo, int(info.max)
+
+    def rescale(self, m: np.ndarray) -> np.ndarray:
+        """Window maxima (int) -> the output type, by the rule in the class docstring."""
+        lo, hi = self.output_range()
+        real = (m.astype(np.int32) - np.int32(self.x.zero_point)).astype(np.float32) \
+            * np.float32(self.x.scale)
+        q = np.rint(real.astype(np.float32) / np.float32(self.y.scale))
+        q = np.clip(q, lo - self.y.zero_point, hi - self.y.zero_point)
+        return (q.astype(np.int32) + self.y.zero_point).astype(self.y.dtype)
 
 
-def im2col(x: np.ndarray, layer: QConv2d, pad_value: int) -> np.ndarray:
+Layer = QGemm | QConv2d | QPool
+
+
+def im2col(x: np.ndarray, layer: QConv2d | QPool, pad_value: int) -> np.ndarray:
     """``x`` [N, C, H, W] as the [N*Ho*Wo, C*kh*kw] patch matrix (rows (n, oh, ow), columns
     (c, kh, kw)), padded with ``pad_value`` (the input's zero point, so padding adds
     nothing to the sum once the zero point is taken off)."""
@@ -262,6 +377,12 @@ def im2col(x: np.ndarray, layer: QConv2d, pad_value: int) -> np.ndarray:
     windows = windows[:, :, :oh * sh:sh, :ow * sw:sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
     return np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5)).reshape(
         x.shape[0] * oh * ow, -1)
+
+
+def pool(layer: QPool, xq: np.ndarray) -> np.ndarray:
+    """The window maxima as an [M, C] matrix (rows (n, oh, ow))."""
+    patches = im2col(xq, layer, layer.pad_value())
+    return patches.reshape(patches.shape[0], layer.channels, layer.window).max(axis=2)
 
 
 def accumulate(layer: Layer, xq: np.ndarray) -> np.ndarray:
@@ -293,8 +414,11 @@ def reference(layer: Layer, xq: np.ndarray) -> np.ndarray:
         LayerError: ``xq`` has the wrong shape or type.
     """
     check_input(layer, xq)
-    out = requantize(accumulate(layer, xq), layer)
-    if isinstance(layer, QConv2d):
+    if isinstance(layer, QPool):
+        out = layer.rescale(pool(layer, xq))
+    else:
+        out = requantize(accumulate(layer, xq), layer)
+    if isinstance(layer, (QConv2d, QPool)):
         n, f, oh, ow = layer.output_shape
         return np.ascontiguousarray(out.reshape(n, oh, ow, f).transpose(0, 3, 1, 2))
     return out.reshape(layer.output_shape)

@@ -39,13 +39,14 @@ from mmcompile.targets.accel.isa import (
     Gemm,
     Instruction,
     Load,
+    Pool,
     Store,
     Stream,
     TensorDecl,
     insert_dependences,
     validate,
 )
-from mmcompile.targets.accel.layers import Layer, QConv2d
+from mmcompile.targets.accel.layers import Layer, QConv2d, QPool
 from mmcompile.targets.accel.spec import AccelSpec
 
 from mmcompile.errors import UnsupportedOpError
@@ -71,6 +72,10 @@ def supports(spec: AccelSpec, layer: Layer) -> tuple[bool, str]:
     activation = {"relu": "Relu", "clip": "Clip"}.get(layer.activation or "")
     if activation and not spec.supports_op(activation):
         return no(f"the fused {activation} is not among its ops")
+    if isinstance(layer, QPool):
+        if not _fits_pool(spec, 1, 1, layer.window):
+            return no(f"a window of {layer.window} elements does not fit its input buffer")
+        return True, ""
     if isinstance(layer, QConv2d) and layer.groups != 1:
         kind = "depthwise" if layer.groups == layer.input_shape[1] else "grouped"
         return no(f"{kind} convolution (groups={layer.groups}): the array runs dense GEMMs; "
@@ -237,7 +242,7 @@ class _Slots:
         return slot, True
 
 
-def _im2col_bytes(layer: QConv2d, m0: int, m1: int, k0: int, k1: int) -> int:
+def _im2col_bytes(layer: QConv2d | QPool, m0: int, m1: int, k0: int, k1: int) -> int:
     """DRAM bytes an im2col tile reads: the input pixels its patches touch, once each
     (channels of the column range x the input rows and columns under its output rows)."""
     _, _, h, w = layer.input_shape
@@ -260,9 +265,10 @@ def lower(spec: AccelSpec, layer: Layer, plan: TilePlan | None = None) -> Stream
 
     Args:
         spec: the accelerator.
-        layer: a :class:`~.layers.QGemm` or :class:`~.layers.QConv2d`.
+        layer: a :class:`~.layers.QGemm` or :class:`~.layers.QConv2d` (or a
+            :class:`~.layers.QPool`: :func:`lower_pool`).
         plan: tile sizes and loop order to use instead of :func:`plan_tiles`'s choice (they
-            must fit the buffers).
+            must fit the buffers; a GEMM's only).
 
     Returns:
         The stream, validated; ``stream.info`` holds the GEMM shape, tiles, loop order and
@@ -275,6 +281,8 @@ def lower(spec: AccelSpec, layer: Layer, plan: TilePlan | None = None) -> Stream
     ok, reason = supports(spec, layer)
     if not ok:
         raise UnsupportedOpError(layer.op_type, layer.name, spec.name, reason)
+    if isinstance(layer, QPool):
+        return lower_pool(spec, layer)
     m, k, n = layer.gemm_shape
     density = 1.0
     if isinstance(layer, QConv2d):
@@ -352,6 +360,109 @@ def lower(spec: AccelSpec, layer: Layer, plan: TilePlan | None = None) -> Stream
     info = {"kind": layer.kind, "op_type": layer.op_type, "gemm": [m, k, n],
             "macs": m * k * n, "dataflow": spec.dataflow, "tile": [tm, tk, tn],
             "order": plan.order, "output_tiles": tile, "estimate_cycles": round(plan.estimate),
+            "input_dtype": layer.x.dtype, "output_dtype": layer.y.dtype,
+            "activation": layer.activation}
+    stream = Stream(name=layer.name, accel=spec.to_dict(), tensors=tensors, buffers=buffers,
+                    instructions=insert_dependences(program), constants=constants, info=info)
+    validate(stream)
+    return stream
+
+
+# -- pooling ----------------------------------------------------------------------------------
+
+def _fits_pool(spec: AccelSpec, tm: int, tc: int, window: int) -> bool:
+    """Whether a pooling tile of ``tm`` output pixels x ``tc`` channels fits: its input rows
+    (``tc * window`` int8 values each) in the input scratchpad, its maxima in the
+    accumulator, in every slot."""
+    cap, s = _capacity(spec), spec.slots
+    return s * 4 * tm * tc <= cap["acc"] and s * tm * tc * window <= cap.get("inp",
+                                                                             cap.get("shared"))
+
+
+def plan_pool(spec: AccelSpec, layer: QPool) -> tuple[int, int]:
+    """``(tm, tc)``: output pixels and channels per pooling tile. Every channel when a tile
+    of at least one array height of pixels holds them (else channels in multiples of the
+    array's width), and the pixels split into the tile count, among 1, 2, 4 and 8 times the
+    fewest, with the lowest :func:`_estimate_pool`."""
+    m, window, c = layer.pool_shape
+    tc = c
+    while tc > spec.cols and not _fits_pool(spec, min(m, spec.rows), tc, window):
+        tc = max(spec.cols, (tc // 2) // spec.cols * spec.cols)
+    while tc > 1 and not _fits_pool(spec, 1, tc, window):
+        tc //= 2
+    lo, hi = 1, m
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _fits_pool(spec, mid, tc, window) else (lo, mid - 1)
+    fewest = ceil(m / lo)
+    options = {ceil(m / (fewest * d)) for d in (1, 2, 4, 8)}
+    return min(options, key=lambda tm: (_estimate_pool(spec, layer, tm, tc), -tm)), tc
+
+
+def _estimate_pool(spec: AccelSpec, layer: QPool, tm: int, tc: int) -> float:
+    """Cycles of a pooling tiling, as :mod:`.cost` times its queues (a guide, not the
+    cost model)."""
+    m, window, c = layer.pool_shape
+    tiles = ceil(m / tm) * ceil(c / tc)
+    bw, lat = spec.dram_bytes_per_cycle, spec.dram_latency_cycles
+    pixels = float(np.prod(layer.input_shape)) / max(1, m * c * window)  # DRAM per element
+    load = tiles * lat + min(1.0, pixels) * m * c * window / bw
+    compute = tiles * (ceil(tm * tc / spec.cols) * (window + 1))
+    store = tiles * lat + m * c / bw
+    if spec.double_buffer:
+        return max(load, compute, store) + lat + tm * tc * window / bw
+    return load + compute + store
+
+
+def lower_pool(spec: AccelSpec, layer: QPool) -> Stream:
+    """Compile a max-pooling layer: per tile of output pixels and channels, the load unit
+    gathers the windows (an im2col load, padding read as the input type's minimum), ``POOL``
+    takes each window's maximum into the accumulator (less the input's zero point), the ALU
+    rescales it (``rescale``: the QDQ graph's dequantize then quantize, with the ReLU's
+    clamp) and the store queue writes the int8 tile as NHWC rows.
+
+    Raises:
+        UnsupportedOpError: ``supports(spec, layer)`` refuses the layer.
+    """
+    ok, reason = supports(spec, layer)
+    if not ok:
+        raise UnsupportedOpError(layer.op_type, layer.name, spec.name, reason)
+    m, window, c = layer.pool_shape
+    tm, tc = plan_pool(spec, layer)
+    s = spec.slots
+    lo, hi = layer.output_range()
+    geometry = {"input_shape": list(layer.input_shape), "kernel": list(layer.kernel),
+                "strides": list(layer.strides), "pads": list(layer.pads),
+                "dilations": list(layer.dilations), "pad_value": layer.pad_value(),
+                "matrix": [m, c * window]}
+    tensors = {"x": TensorDecl("x", tuple(layer.input_shape), layer.x.dtype, "input",
+                               flip_sign=layer.x.dtype == "uint8", im2col=geometry,
+                               logical_shape=tuple(layer.input_shape), layout="nchw"),
+               "y": TensorDecl("y", (m, c), layer.y.dtype, "output",
+                               logical_shape=tuple(layer.output_shape), layout="nhwc"),
+               "scale": TensorDecl("scale", (2,), "float32", "const")}
+    constants = {"scale": np.array([layer.x.scale, layer.y.scale], np.float32)}
+    buffers = {"inp": BufferDecl(s, tm * tc * window), "wgt": BufferDecl(1, 0),
+               "acc": BufferDecl(s, 4 * tm * tc), "scl": BufferDecl(1, 8)}
+    program: list[Instruction] = [Load("scl", 0, "scale", (0, 1), (0, 2), "row", 8)]
+    inp, acc = _Slots(s), _Slots(s)
+    tile = 0
+    for m0 in range(0, m, tm):
+        for c0 in range(0, c, tc):
+            m1, c1 = min(m, m0 + tm), min(c, c0 + tc)
+            i_slot, _ = inp.get(tile)
+            out, _ = acc.get(tile)
+            tile += 1
+            program.append(Load("inp", i_slot, "x", (m0, m1), (c0 * window, c1 * window),
+                                "im2col", _im2col_bytes(layer, m0, m1, c0 * window,
+                                                        c1 * window)))
+            program.append(Pool(i_slot, out, m1 - m0, c1 - c0, window, _operand_zero(layer)))
+            program.append(Alu(out, 0, m1 - m0, c1 - c0, int(layer.y.zero_point), lo, hi,
+                               op="rescale"))
+            program.append(Store(out, "y", (m0, m1), (c0, c1), (m1 - m0) * (c1 - c0)))
+    info = {"kind": layer.kind, "op_type": layer.op_type, "pool": [m, window, c],
+            "dataflow": spec.dataflow, "tile": [tm, tc], "output_tiles": tile,
+            "estimate_cycles": round(_estimate_pool(spec, layer, tm, tc)),
             "input_dtype": layer.x.dtype, "output_dtype": layer.y.dtype,
             "activation": layer.activation}
     stream = Stream(name=layer.name, accel=spec.to_dict(), tensors=tensors, buffers=buffers,

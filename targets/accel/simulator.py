@@ -34,6 +34,7 @@ from mmcompile.targets.accel.isa import (
     Alu,
     Gemm,
     Load,
+    Pool,
     Store,
     Stream,
     TensorDecl,
@@ -107,10 +108,18 @@ class _Machine:
             part = np.matmul(a[:, k0:k0 + EXACT_K], b[k0:k0 + EXACT_K])
             acc += part.astype(np.int32)  # int32 addition wraps, as the accumulator does
 
+    def pool(self, ins: Pool) -> None:
+        tile = self.slots["inp"][ins.inp][:ins.m, :ins.n * ins.window]
+        maxima = tile.reshape(ins.m, ins.n, ins.window).max(axis=2)
+        self.slots["acc"][ins.acc][:ins.m, :ins.n] = maxima.astype(np.int32) - ins.offset
+
     def alu(self, ins: Alu) -> None:
         acc = self.slots["acc"][ins.acc][:ins.m, :ins.n]
-        scale = self.slots["scl"][ins.scl][0, :ins.n]
-        value = np.rint(acc.astype(np.float32) * scale)
+        if ins.op == "rescale":
+            factor, divisor = self.slots["scl"][ins.scl][0, :2]
+            value = np.rint((acc.astype(np.float32) * factor).astype(np.float32) / divisor)
+        else:
+            value = np.rint(acc.astype(np.float32) * self.slots["scl"][ins.scl][0, :ins.n])
         # clamp before adding the zero point: float32 keeps the bounds exact at any size
         value = np.clip(value, ins.lo - ins.zero_point, ins.hi - ins.zero_point)
         acc[...] = value.astype(np.int32) + ins.zero_point
@@ -135,6 +144,9 @@ def _slot_shapes(stream: Stream) -> dict[str, tuple[int, int]]:
         elif isinstance(ins, Gemm):
             grow("inp", ins.m, ins.k)
             grow("wgt", ins.k, ins.n)
+            grow("acc", ins.m, ins.n)
+        elif isinstance(ins, Pool):
+            grow("inp", ins.m, ins.n * ins.window)
             grow("acc", ins.m, ins.n)
     return {k: tuple(v) for k, v in shapes.items()}
 
@@ -178,7 +190,8 @@ def run(stream: Stream, inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.
         elif t.role == "output":
             dram[t.name] = np.zeros(t.shape, t.dtype)
     machine = _Machine(stream, dram)
-    execute = {Load: machine.load, Gemm: machine.gemm, Alu: machine.alu, Store: machine.store}
+    execute = {Load: machine.load, Gemm: machine.gemm, Pool: machine.pool, Alu: machine.alu,
+               Store: machine.store}
     for index in execution_order(stream.instructions, f"stream '{stream.name}'"):
         ins = stream.instructions[index]
         execute[type(ins)](ins)

@@ -19,7 +19,8 @@ The file is flat (every field at the top level) plus an optional ``[energy]`` ta
     double_buffer = true
     dram_gbps = 25.6           # or dram_bytes_per_cycle = 32
     dram_latency_cycles = 200
-    ops = ["Conv", "MatMul", "Gemm", "Relu", "Clip", "QuantizeLinear", "DequantizeLinear"]
+    ops = ["Conv", "MatMul", "Gemm", "Relu", "Clip", "QuantizeLinear", "DequantizeLinear",
+           "MaxPool"]
 
     [energy]
     dram_pj_per_byte = 120.0
@@ -57,7 +58,8 @@ DATAFLOWS = ("ws", "os", "is")
 # ONNX op types the description may list. The contractions (Conv, MatMul, Gemm) are the ones
 # the array runs; the others are what the ALU does around them (requantize = QuantizeLinear /
 # DequantizeLinear folded into the epilogue, Relu / Clip as the clamp of the requantization,
-# pooling on the ALU when declared).
+# MaxPool on the ALU when declared). AveragePool may be declared (hardware that has it) but
+# is not lowered: its float mean has no bit-exact integer form, so it stays on the host.
 KNOWN_OPS = ("Conv", "MatMul", "Gemm", "Relu", "Clip", "QuantizeLinear", "DequantizeLinear",
              "MaxPool", "AveragePool")
 CONTRACTIONS = ("Conv", "MatMul", "Gemm")
@@ -371,7 +373,11 @@ def _check_one_tile_fits(spec: AccelSpec, source: str) -> None:
 
 # -- presets ----------------------------------------------------------------------------------
 
-_BASE_OPS = ["Conv", "MatMul", "Gemm", "Relu", "Clip", "QuantizeLinear", "DequantizeLinear"]
+# Every preset pools: VTA's ALU has MAX (VTA_ALU_OPCODE_MAX, used for its max pooling) and
+# Gemmini max-pools on the way out of the accumulator (gemmini.h: gemmini_extended_config_st's
+# pool_size / pool_stride); the edge NPU, ours, follows them.
+_BASE_OPS = ["Conv", "MatMul", "Gemm", "Relu", "Clip", "QuantizeLinear", "DequantizeLinear",
+             "MaxPool"]
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # apache/tvm-vta config/vta_config.json: LOG_BATCH=0, LOG_BLOCK=4 (a 1x16x16 GEMM per

@@ -3,7 +3,8 @@
 Placement asks :meth:`AccelTarget.supports` node by node, of the instance
 :meth:`AccelTarget.configured` made for the options (one per description, holding it); the
 answer comes from :func:`~.importer.analyse` (cached per graph): the nodes of each QDQ Conv /
-MatMul / Gemm layer the description runs go to the accelerator, everything else to the host
+MatMul / Gemm layer (and MaxPool, when listed) the description runs go to the accelerator,
+everything else to the host
 target (``host``, default ``cpu``), each with the reason kept for the report. The planner may
 also move whole branches to the host when the modelled latency drops
 (:mod:`mmcompile.planning.moves`; option ``branch_moves=false`` turns that off). A graph
@@ -106,7 +107,7 @@ class AccelTarget(Target):
 
     name = "accel"
     description = ("FPGA-like int8 systolic array (simulated; modelled cycles and energy): "
-                   "QDQ Conv/MatMul/Gemm layers, the rest on the host target; presets "
+                   "QDQ Conv/MatMul/Gemm/MaxPool layers, the rest on the host target; presets "
                    + ", ".join(presets()))
     device = "accel"
     options = (
@@ -219,8 +220,8 @@ class AccelTarget(Target):
         streams, layers, reports = [], [], []
         for index, name in enumerate(order, 1):
             match = found.layers[name]
-            options.progress(f"accel: lowering {name} ({index}/{len(order)}, GEMM "
-                             f"{'x'.join(map(str, match.layer.gemm_shape))}) for {spec.name}")
+            options.progress(f"accel: lowering {name} ({index}/{len(order)}, "
+                             f"{match.layer.label}) for {spec.name}")
             stream = lower(spec, match.layer)
             report = estimate(stream, spec)
             streams.append(stream)
@@ -252,7 +253,9 @@ def layer_facts(match: Any, stream: Any, report: Any) -> dict[str, Any]:
     model's figures."""
     return {"name": match.layer.name, "op": match.layer.op_type, "input": match.input,
             "output": match.output, "input_shape": list(match.input_shape),
-            "output_shape": list(match.output_shape), "gemm": list(match.layer.gemm_shape),
+            "output_shape": list(match.output_shape), "shape": match.layer.label,
+            **({"gemm": list(match.layer.gemm_shape)} if hasattr(match.layer, "gemm_shape")
+               else {"pool": list(match.layer.pool_shape)}),
             "tile": stream.info.get("tile"), "instructions": len(stream.instructions),
             "cycles": report.cycles, "seconds": report.seconds,
             "utilization": round(report.utilization, 4),
