@@ -695,6 +695,82 @@ def test_spanning_convolutions_become_1d_convolutions_and_match_torch(batch, wid
     assert "conv1d" not in SpanningConvs()(bb.get()).script()
 
 
+@pytest.mark.parametrize("form, batch, pads, stride, dilation", [
+    ("height", 1, (0, 0), 1, 1),   # Magika's layer: [N, C, L, 1], kernel 5 x 1
+    ("width", 2, (2, 1), 2, 1),    # [N, C, 1, L], padded, strided
+    ("1d", 1, (1, 1), 1, 2),       # conv1d, dilated
+])
+def test_deep_1d_convolutions_become_im2col_matmuls_and_match_torch(form, batch, pads, stride,
+                                                                    dilation):
+    import tvm
+    from tvm import relax
+
+    from mmcompile.targets.tvm.im2col_conv import Im2colConvs
+    before, after = pads
+    torch.manual_seed(0)
+    if form == "1d":
+        conv = nn.Conv1d(128, 160, 5, stride=stride, dilation=dilation, bias=True)
+        shape, pad = (batch, 128, 90), (before, after)
+    elif form == "height":
+        conv = nn.Conv2d(128, 160, (5, 1), stride=(stride, 1), dilation=(dilation, 1))
+        shape, pad = (batch, 128, 90, 1), (0, 0, before, after)
+    else:
+        conv = nn.Conv2d(128, 160, (1, 5), stride=(1, stride), dilation=(1, dilation))
+        shape, pad = (batch, 128, 1, 150), (before, after, 0, 0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return torch.relu(self.conv(nn.functional.pad(x, pad)))
+
+    # 640-term sums of products of standard normals and weights ~U(+-0.04)
+    _assert_compiled_matches_torch(Net().eval(), (torch.randn(*shape),), rtol=1e-4, atol=1e-4)
+    # the rewrite itself: im2col (slices + concat) and a matmul instead of the convolution
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    weight = relax.const(conv.weight.detach().numpy())
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if form == "1d":
+                call = relax.op.nn.conv1d(x, weight, strides=[stride], padding=[before, after],
+                                          dilation=[dilation])
+            elif form == "height":
+                call = relax.op.nn.conv2d(x, weight, strides=[stride, 1],
+                                          padding=[before, 0, after, 0], dilation=[dilation, 1])
+            else:
+                call = relax.op.nn.conv2d(x, weight, strides=[1, stride],
+                                          padding=[0, before, 0, after], dilation=[1, dilation])
+            out = bb.emit_output(call)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    rewritten = Im2colConvs()(mod)
+    script = rewritten.script()
+    assert "R.matmul" in script and "R.concat" in script and "R.nn.conv" not in script
+    data = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    results = []
+    for m in (mod, rewritten):
+        vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(m),
+                                              target=tvm.target.Target({"kind": "llvm"})),
+                                  tvm.cpu())
+        results.append(vm["main"](tvm.runtime.tensor(data)).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)
+    # shallow (16 x 3 = 48 deep), short or 2-D convolutions stay convolutions
+    for x_shape, w_shape in (((1, 16, 200), (160, 16, 3)), ((1, 256, 40), (160, 256, 5)),
+                             ((1, 256, 30, 30), (160, 256, 3, 3))):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+        w = relax.const(np.zeros(w_shape, "float32"))
+        op = relax.op.nn.conv1d if len(x_shape) == 3 else relax.op.nn.conv2d
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(op(x, w))
+            bb.emit_func_output(out)
+        assert "R.matmul" not in Im2colConvs()(bb.get()).script()
+
+
 @pytest.mark.parametrize("width, end", [(16, 1), (2, 1), (16, 8), (64, 40), (16, None)])
 def test_blocked_matmul_keeps_a_slice_of_its_product_out_of_the_write_back(width, end):
     # A slice inlined into the accumulator write-back of a conv1d wrote every column of the

@@ -23,6 +23,9 @@ contraction and the QuantizeLinear, int8 Conv on x86), onnxruntime evaluates the
 float: a float32 convolution of dequantized values, then ``QuantizeLinear``. That sum is not
 exact, and an element whose exact value lies within float32 rounding of a half step can
 land on the other integer (about one element in a few thousand, never by more than one).
+
+:class:`QPool` (a max pool, or a ReLU between two quantizations) sums nothing: its window
+maximum and rescale reproduce the float QDQ evaluation exactly (its docstring says why).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ What the integer part of the layer becomes:
 - after the last GEMM the ALU requantizes in place and the store queue writes the int8
   tile out (a convolution's output as NHWC rows, which the host reads back as NCHW).
 
+A max pool (or a bare ReLU, a 1x1 window) is no GEMM: :func:`lower_pool` gathers its
+windows with the same im2col load, takes their maxima with ``POOL`` and rescales them with
+the ALU (see :class:`~.layers.QPool`).
+
 Tile sizes are chosen by a small search (:func:`plan_tiles`): the array-mapped dimensions
 in multiples of the array (so only edge tiles leave PEs idle), the streamed one as large as
 the buffers allow or a fraction of that (smaller tiles start sooner and overlap loads with
@@ -60,7 +64,8 @@ def supports(spec: AccelSpec, layer: Layer) -> tuple[bool, str]:
 
     Refused: an op or activation the description does not list, a grouped or depthwise
     convolution (the array runs dense GEMMs), no requantization, a reduction so long that an
-    int32 sum could overflow, a folded bias outside int32.
+    int32 sum could overflow, a folded bias outside int32, a pooling window larger than the
+    input buffer.
     """
     def no(reason: str) -> tuple[bool, str]:
         return False, f"not supported by {spec.name}: {reason}"

@@ -3,14 +3,17 @@
 ``lower_cpu(mod, target)`` replaces the ``zero`` pipeline + ``schedule_cpu`` pair in
 ``TVMCpuTarget.compile``; ``tvm.compile`` then finishes (memory planning, VM codegen).
 
-Steps and why they are in this order: convolutions whose kernel spans the input height
-become 1-D convolutions over the rows folded into channels (:mod:`.spanning_conv`: the iEEG
-detector's [96, 3] layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms) and transposed
-convolutions whose kernel equals their stride a 1x1 convolution and a depth-to-space shuffle
+Steps and why they are in this order: deep 1-D convolutions over long sequences become
+im2col + matmul (:mod:`.im2col_conv`: Magika's 256 -> 512 kernel-5 layer, the model 0.75x
+at one thread); convolutions whose kernel spans the input height become 1-D convolutions
+over the rows folded into channels (:mod:`.spanning_conv`: the iEEG detector's [96, 3]
+layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms) and transposed convolutions whose kernel
+equals their stride a 1x1 convolution and a depth-to-space shuffle
 (:mod:`.transposed_conv`); 1x1 convolutions with shallow reductions 1-D convolutions over
-the flattened pixels (:mod:`.pointwise_conv`: whole two-vector tiles); 3x3 and 5x5 stride-1 convolutions (with their bias, relu and max
-pool) rewritten to Winograd's transforms and a batched matmul (:mod:`.winograd`: late fusion
-0.86x, AV-MNIST 0.57x at batch 1), then the other convolution and matmul weights packed
+the flattened pixels (:mod:`.pointwise_conv`: whole two-vector tiles); 3x3 and 5x5
+stride-1 convolutions (with their bias, relu and max pool) rewritten to Winograd's
+transforms and a batched matmul (:mod:`.winograd`: late fusion 0.86x, AV-MNIST 0.57x at
+batch 1), then the other convolution and matmul weights packed
 (:mod:`.layout`; matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), depthwise
 convolutions on maps under 4 pixels wide read channels-last copies (:mod:`.depthwise`), then
 each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
@@ -32,6 +35,7 @@ from mmcompile.targets.tvm.column_softmax import ColumnSoftmaxes
 from mmcompile.targets.tvm.depthwise import ChannelsLastDepthwise
 from mmcompile.targets.tvm.fast_math import FastMath
 from mmcompile.targets.tvm.fuse_pool import FuseConvPool
+from mmcompile.targets.tvm.im2col_conv import Im2colConvs
 from mmcompile.targets.tvm.spanning_conv import SpanningConvs
 from mmcompile.targets.tvm.transposed_conv import ShuffleTransposedConvs
 from mmcompile.targets.tvm.int8 import QuantizedContractions, int8_instructions
@@ -60,6 +64,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     mod = quantized(mod)  # QDQ matmul / conv -> int8 kernels; before anything takes them
     if quantized.count and facts is not None:
         facts["int8"] = {"kernels": quantized.count, "instructions": int8_instructions(target)}
+    mod = Im2colConvs()(mod)  # deep 1-D convolutions over long sequences: im2col + matmul
     mod = SpanningConvs()(mod)  # kernels spanning the input height: 1-D convolutions
     mod = ShuffleTransposedConvs()(mod)  # kernel == stride: 1x1 conv + depth-to-space
     if winograd:
