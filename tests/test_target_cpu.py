@@ -695,6 +695,20 @@ def test_spanning_convolutions_become_1d_convolutions_and_match_torch(batch, wid
     assert "conv1d" not in SpanningConvs()(bb.get()).script()
 
 
+@pytest.mark.parametrize("rows, limit, padded_to", [
+    (59, 2, 2),     # AVX2, five vectors wide: a prime row count padded to whole 2-row tiles
+    (197, 3, 3),    # three vectors wide: ViT's 197 tokens
+    (59, 8, 8),     # [59, 5760] x [5760, 200] on AVX-512: 59 -> 64 rows
+    (64, 8, 1),     # divisible: no padding
+    (65, 6, 1),     # 5 rows divide 65: a tile of 5 is near enough the limit
+    (7, 8, 1),      # fewer rows than a tile: the tile is the rows
+    (9, 8, 1),      # padding to 16 would waste 7 of 16 rows: a 3-row tile instead
+])
+def test_row_padding_keeps_register_tiles_whole(rows, limit, padded_to):
+    from mmcompile.targets.tvm.cpu_matmul import row_padding
+    assert row_padding(rows, limit) == padded_to
+
+
 @pytest.mark.parametrize("form, batch, pads, stride, dilation", [
     ("height", 1, (0, 0), 1, 1),   # Magika's layer: [N, C, L, 1], kernel 5 x 1
     ("width", 2, (2, 1), 2, 1),    # [N, C, 1, L], padded, strided

@@ -430,8 +430,12 @@ def row_padding(rows: int, limit: int) -> int:
     the rows up to ``limit``, with no predicate; rows with no divisor near it (a prime: 59
     output columns of a convolution lowered to a matmul, ViT's 197 tokens) would get a tile
     of one row, one accumulator streaming the whole weight panel per row: [59, 5760] x
-    [5760, 200] took 3.2 ms, 1.1 ms padded to 64 rows (onnxruntime 0.74 ms)."""
-    if rows <= limit or _largest_divisor(rows, limit) >= limit // 2:
+    [5760, 200] took 3.2 ms, 1.1 ms padded to 64 rows (onnxruntime 0.74 ms). A tile of one
+    row is never "near enough": on AVX2 the three- and five-vector tiles have limits of 3 and
+    2, where 1 passed ``limit // 2``: the same matmul 6.5 -> 4.0 ms at 59 rows, [197, 256] x
+    [256, 40] 0.22 -> 0.16 ms (one thread, znver3; CLIP, whose 65-row kernels now pad to 66,
+    0.98-1.00x in a same-process A/B)."""
+    if rows <= limit or _largest_divisor(rows, limit) >= max(2, limit // 2):
         return 1
     padded = -(-rows // limit) * limit
     return limit if (padded - rows) <= ROW_PAD_WASTE * rows else 1
