@@ -211,3 +211,43 @@ def test_a_window_of_padding_alone_is_refused():
     layer = QPool("p", QParams(0.1, 0, "uint8"), QParams(0.1, 0, "uint8"), (1, 1, 4, 4),
                   (2, 2))
     assert supports(load_spec("vta-16x16"), layer) == (True, "")
+
+
+def test_a_relu_between_host_ops_stays_on_the_host():
+    """conv -> relu -> depthwise -> relu -> depthwise -> relu -> conv: the ReLUs next to a
+    dense convolution join it on the array; the one between the two depthwise convolutions
+    (host) would only add two stage boundaries there, and stays on the host, saying why."""
+    import torch
+
+    from mmcompile.quantize import quantize
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.dw1 = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.dw2 = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.b = torch.nn.Conv2d(8, 16, 3, padding=1)
+
+        def forward(self, image):
+            x = torch.relu(self.a(image))
+            x = torch.relu(self.dw1(x))
+            return self.b(torch.relu(self.dw2(x)))
+
+    graph = mmcompile.trace(Net().eval(), {"image": torch.randn(1, 3, 8, 8)},
+                            {"image": "image"})
+    rng = np.random.default_rng(0)
+    calibration = {"image": rng.standard_normal((4, 1, 3, 8, 8)).astype(np.float32)}
+    qdq = quantize(graph, calibration, max_drop=None).graph
+    found = analyse(qdq, load_spec("gemmini-16x16"))
+    kinds = sorted(m.layer.op_type for m in found.layers.values())
+    assert kinds == ["Conv", "Conv", "Relu", "Relu"]
+    (alone,) = [n for n, r in found.refused.items() if "no accelerator layer next to it" in r]
+    assert found.refused[alone].startswith("a Relu with no accelerator layer next to it")
+    # with the convolutions on the host too (a description without Conv), every ReLU is
+    # between host nodes; a pool or ReLU at the graph's own inputs and outputs (the single-op
+    # graphs above) has no host node to split
+    no_conv = load_spec("gemmini-16x16").with_overrides(
+        ops=["MatMul", "Relu", "QuantizeLinear", "DequantizeLinear"])
+    assert not analyse(qdq, no_conv).layers

@@ -34,6 +34,9 @@ edge, a Clip. ``AveragePool`` stays on the host (its float mean is not an intege
 operation the ALU could reproduce bit for bit). A ReLU the quantizer left between two
 quantizations (``DequantizeLinear -> Relu -> QuantizeLinear``, after a layer whose output it
 quantized) is the same layer with a 1x1 window, so it no longer splits a stage either.
+Such ALU-only layers stay on the array only when joined (through each other) to a
+contraction there or to the graph's inputs and outputs: one between two host nodes (a ReLU
+between two depthwise convolutions) would only add two stage boundaries.
 
 Written for this project (no library matches QDQ patterns into an accelerator's layers):
 the pattern is fixed by onnxruntime's quantizer, and matching it on the graph-surgeon graph
@@ -347,6 +350,31 @@ def _inferred_shapes(graph: Graph) -> dict[str, tuple]:
             for v in (*g.input, *g.value_info, *g.output) if v.type.HasField("tensor_type")}
 
 
+def _drop_isolated_alu_layers(result: Analysis, boundary: set[str]) -> bool:
+    """Move to the host every pool or bare ReLU not joined (through other such layers) to a
+    contraction on the array or to the graph's inputs and outputs (``boundary``): between
+    two host nodes it would only add two stage boundaries. Returns whether any moved."""
+    contractions = [n for n, m in result.layers.items() if not isinstance(m.layer, QPool)
+                    or m.input in boundary or m.output in boundary]
+    producer = {m.output: n for n, m in result.layers.items()}
+    readers: dict[str, list[str]] = {}
+    for name, match in result.layers.items():
+        readers.setdefault(match.input, []).append(name)
+    joined, frontier = set(contractions), list(contractions)
+    while frontier:
+        match = result.layers[frontier.pop()]
+        for other in (producer.get(match.input), *readers.get(match.output, ())):
+            if other is not None and other not in joined:
+                joined.add(other)
+                frontier.append(other)
+    alone = [n for n in result.layers if n not in joined]
+    for name in alone:
+        op = result.layers.pop(name).layer.op_type
+        result.refused[name] = (f"a {op} with no accelerator layer next to it: alone on the "
+                                f"array it would only add two stage boundaries")
+    return bool(alone)
+
+
 def analyse(graph: Graph, spec: AccelSpec) -> Analysis:
     """Every contraction of ``graph``: the layers ``spec`` runs and why the others stay on
     the host (see the module docstring)."""
@@ -377,9 +405,10 @@ def analyse(graph: Graph, spec: AccelSpec) -> Analysis:
         else:
             result.refused[node.name] = reason.removeprefix(f"not supported by {spec.name}: ")
     by_name = {n.name: n for n in nodes}
+    boundary = outputs | {t.name for t in graph.gs.inputs}
     changed = True
     while changed:  # a dequantize also read by a host node keeps its layers on the host
-        changed = False
+        changed = _drop_isolated_alu_layers(result, boundary)
         taken = {member for name in result.layers for member in members[name]}
         for name, match in list(result.layers.items()):
             for what, dq in zip(("input", "weights"), match.shared):
