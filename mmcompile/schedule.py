@@ -8,6 +8,7 @@ run on the calling thread afterwards, in order, with every core.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,17 +77,18 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+@functools.cache
 def cpu_info() -> dict[str, Any]:
-    """This host's CPU as ``/proc/cpuinfo`` names it: ``{"model": name, "flags": set of
-    feature flags}`` (empty where there is no such file)."""
-    model, flags = "", set()
+    """This host's CPU as ``/proc/cpuinfo`` names it: ``{"model": name, "flags": frozenset of
+    feature flags}`` (empty where there is no such file); read once per process."""
+    model, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name") and not model:
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                    flags = frozenset(line.split(":", 1)[1].split())
                 if model and flags:
                     break
     except OSError:

@@ -4,11 +4,11 @@ on the same QDQ graph, with VNNI (vpdpbusd) and without (AVX2's vpmaddwd on int1
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from mmcompile.schedule import cpu_info
 from mmcompile.targets.onnxruntime import int8_exact
 from mmcompile.targets.tvm import int8
 from mmcompile.targets.tvm.cpu_int8 import Int8Contraction
@@ -25,7 +25,7 @@ def _machine_runs(mcpu: str) -> bool:
     """Whether code for ``mcpu`` runs on this CPU (znver4 code needs AVX-512 and VNNI)."""
     if mcpu != VNNI:
         return True
-    flags = Path("/proc/cpuinfo").read_text()
+    flags = cpu_info()["flags"]
     return "avx512_vnni" in flags and "avx512bw" in flags
 
 

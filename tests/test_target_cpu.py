@@ -636,6 +636,15 @@ def test_pack_matmul_weights_leaves_rows_that_need_padding_unpacked():
     assert "call_tir" not in PackMatmulWeights(16)(module(59)).script()
 
 
+def _run_relax(mod, data: np.ndarray) -> np.ndarray:
+    """``mod``'s ``main`` on ``data``, through TVM's ``zero`` pipeline (no mmcompile rules)."""
+    import tvm
+    from tvm import relax
+    vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(mod),
+                                          target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(data)).numpy()
+
+
 @pytest.mark.parametrize("batch, width, pads, stride, dilation", [
     (1, 59, (0, 1, 0, 1), 1, 1),    # the iEEG detector's [96, 3] layer
     (2, 40, (1, 2, 1, 0), 2, 1),    # kernel spanning the height only with its row padding
@@ -643,7 +652,6 @@ def test_pack_matmul_weights_leaves_rows_that_need_padding_unpacked():
 ])
 def test_spanning_convolutions_become_1d_convolutions_and_match_torch(batch, width, pads,
                                                                       stride, dilation):
-    import tvm
     from tvm import relax
 
     from mmcompile.targets.tvm.spanning_conv import SpanningConvs
@@ -678,13 +686,8 @@ def test_spanning_convolutions_become_1d_convolutions_and_match_torch(batch, wid
     rewritten = SpanningConvs()(mod)
     assert "conv1d" in rewritten.script() and "conv2d" not in rewritten.script()
     data = np.random.default_rng(1).standard_normal((batch, 12, 24, width)).astype("float32")
-    results = []
-    for m in (mod, rewritten):
-        vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(m),
-                                              target=tvm.target.Target({"kind": "llvm"})),
-                                  tvm.cpu())
-        results.append(vm["main"](tvm.runtime.tensor(data)).numpy())
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run_relax(rewritten, data), _run_relax(mod, data),
+                               rtol=1e-4, atol=1e-4)
     shallow = nn.Conv2d(2, 4, (3, 3)).weight.detach().numpy()  # 18-deep: stays 2-D
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 2, 3, 16), "float32"))
@@ -716,7 +719,6 @@ def test_row_padding_keeps_register_tiles_whole(rows, limit, padded_to):
 ])
 def test_deep_1d_convolutions_become_im2col_matmuls_and_match_torch(form, batch, pads, stride,
                                                                     dilation):
-    import tvm
     from tvm import relax
 
     from mmcompile.targets.tvm.im2col_conv import Im2colConvs
@@ -764,13 +766,8 @@ def test_deep_1d_convolutions_become_im2col_matmuls_and_match_torch(form, batch,
     script = rewritten.script()
     assert "R.matmul" in script and "R.concat" in script and "R.nn.conv" not in script
     data = np.random.default_rng(1).standard_normal(shape).astype("float32")
-    results = []
-    for m in (mod, rewritten):
-        vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(m),
-                                              target=tvm.target.Target({"kind": "llvm"})),
-                                  tvm.cpu())
-        results.append(vm["main"](tvm.runtime.tensor(data)).numpy())
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run_relax(rewritten, data), _run_relax(mod, data),
+                               rtol=1e-4, atol=1e-4)
     # shallow (16 x 3 = 48 deep), short or 2-D convolutions stay convolutions
     for x_shape, w_shape in (((1, 16, 200), (160, 16, 3)), ((1, 256, 40), (160, 256, 5)),
                              ((1, 256, 30, 30), (160, 256, 3, 3))):

@@ -220,14 +220,12 @@ def _match(node: Any, shapes: dict[str, tuple], outputs: set[str]) -> Match:
         rank = weight.ndim - 2
         if rank not in (1, 2):
             raise _Refuse(f"a {rank}-D convolution (the array runs 1-D and 2-D ones)")
-        pads = list(node.attrs.get("pads", [0] * 2 * rank))
-        strides = list(node.attrs.get("strides", [1] * rank))
-        dilations = list(node.attrs.get("dilations", [1] * rank))
-        shape = in_shape
-        if rank == 1:  # [N, C, L] as [N, C, 1, L], kernel 1 x k
+        pads = _window(node, "pads", 2 * rank, 0)
+        strides = _window(node, "strides", rank, 1)
+        dilations = _window(node, "dilations", rank, 1)
+        if rank == 1:
             weight = weight[:, :, None, :]
-            shape = (in_shape[0], in_shape[1], 1, in_shape[2])
-            pads, strides, dilations = [0, pads[0], 0, pads[1]], [1, *strides], [1, *dilations]
+        shape, _, pads, strides, dilations = _as_2d(in_shape, [], pads, strides, dilations)
         layer: Layer = QConv2d(**common, weight=np.ascontiguousarray(weight), w_scale=sw,
                                bias=bias, input_shape=shape, strides=tuple(strides),
                                pads=tuple(pads), dilations=tuple(dilations),
@@ -257,7 +255,20 @@ def _match(node: Any, shapes: dict[str, tuple], outputs: set[str]) -> Match:
                  (x_dq.name, w_dq.name))
 
 
+def _as_2d(shape: tuple[int, ...], kernel: list[int], pads: list[int], strides: list[int],
+           dilations: list[int]) -> tuple[tuple[int, ...], list[int], list[int], list[int],
+                                          list[int]]:
+    """A 1-D window over ``[N, C, L]`` as a 2-D one over ``[N, C, 1, L]`` (height 1, pads 0
+    above and below); 2-D ones unchanged."""
+    if len(shape) != 3:
+        return shape, kernel, pads, strides, dilations
+    return ((shape[0], shape[1], 1, shape[2]), [1, *kernel], [0, pads[0], 0, pads[1]],
+            [1, *strides], [1, *dilations])
+
+
 def _window(node: Any, name: str, rank: int, default: int) -> list[int]:
+    """A window attribute of a Conv / MaxPool (``pads``, ``strides``, ...), its default
+    repeated ``rank`` times when absent."""
     return [int(v) for v in node.attrs.get(name, [default] * rank)]
 
 
@@ -290,11 +301,8 @@ def _match_pool(node: Any, shapes: dict[str, tuple], outputs: set[str]) -> Match
     pads = _window(node, "pads", 2 * rank, 0)
     strides = _window(node, "strides", rank, 1)
     dilations = _window(node, "dilations", rank, 1)
-    shape = in_shape
-    if rank == 1:  # [N, C, L] as [N, C, 1, L], window 1 x k
-        shape = (in_shape[0], in_shape[1], 1, in_shape[2])
-        kernel, pads = [1, *kernel], [0, pads[0], 0, pads[1]]
-        strides, dilations = [1, *strides], [1, *dilations]
+    shape, kernel, pads, strides, dilations = _as_2d(in_shape, kernel, pads, strides,
+                                                     dilations)
     layer = QPool(node.name, x, y, shape, tuple(kernel), tuple(strides), tuple(pads),
                   tuple(dilations), "relu" if nodes or activation else None)
     if int(np.prod(layer.output_shape)) != int(np.prod(out_shape)):

@@ -69,6 +69,23 @@ class QParams:
         return int(np.clip(q, info.min, info.max))
 
 
+def clamp_range(y: QParams, activation: str | None,
+                clip: tuple[float | None, float | None] = (None, None)) -> tuple[int, int]:
+    """The output type's range, narrowed by a ReLU (``lo >= zy``) or a Clip (its bounds
+    quantized)."""
+    info = np.iinfo(y.dtype)
+    lo, hi = int(info.min), int(info.max)
+    if activation == "relu":
+        lo = max(lo, int(y.zero_point))
+    elif activation == "clip":
+        low, high = clip
+        if low is not None:
+            lo = max(lo, y.quantize(low))
+        if high is not None:
+            hi = min(hi, y.quantize(high))
+    return lo, hi
+
+
 @dataclass(frozen=True, eq=False)
 class _Quantized:
     """What every quantized contraction has: weights, bias, scales and the epilogue."""
@@ -89,17 +106,7 @@ class _Quantized:
     def output_range(self) -> tuple[int, int]:
         """The clamp of the requantization: the output type's range, narrowed by the
         activation."""
-        info = np.iinfo(self.y.dtype)
-        lo, hi = int(info.min), int(info.max)
-        if self.activation == "relu":
-            lo = max(lo, int(self.y.zero_point))
-        elif self.activation == "clip":
-            low, high = self.clip
-            if low is not None:
-                lo = max(lo, self.y.quantize(low))
-            if high is not None:
-                hi = min(hi, self.y.quantize(high))
-        return lo, hi
+        return clamp_range(self.y, self.activation, self.clip)
 
     def multiplier(self) -> np.ndarray:
         """float32 ``(sx * sw[n]) / sy`` per output channel, as onnxruntime computes it."""
@@ -348,10 +355,7 @@ class QPool:
         return int(np.iinfo(self.x.dtype).min)
 
     def output_range(self) -> tuple[int, int]:
-        info = np.iinfo(self.y.dtype)
-        lo = int(info.min) if self.activation is None else max(int(info.min),
-                                                               int(self.y.zero_point))
-        return lo, int(info.max)
+        return clamp_range(self.y, self.activation)
 
     def rescale(self, m: np.ndarray) -> np.ndarray:
         """Window maxima (int) -> the output type, by the rule in the class docstring."""

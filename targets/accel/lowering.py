@@ -18,7 +18,7 @@ What the integer part of the layer becomes:
 - after the last GEMM the ALU requantizes in place and the store queue writes the int8
   tile out (a convolution's output as NHWC rows, which the host reads back as NCHW).
 
-A max pool (or a bare ReLU, a 1x1 window) is no GEMM: :func:`lower_pool` gathers its
+A max pool (or a bare ReLU, a 1x1 window) is no GEMM: :func:`_lower_pool` gathers its
 windows with the same im2col load, takes their maxima with ``POOL`` and rescales them with
 the ALU (see :class:`~.layers.QPool`).
 
@@ -270,8 +270,8 @@ def lower(spec: AccelSpec, layer: Layer, plan: TilePlan | None = None) -> Stream
 
     Args:
         spec: the accelerator.
-        layer: a :class:`~.layers.QGemm` or :class:`~.layers.QConv2d` (or a
-            :class:`~.layers.QPool`: :func:`lower_pool`).
+        layer: a :class:`~.layers.QGemm`, :class:`~.layers.QConv2d` or
+            :class:`~.layers.QPool` (:func:`_lower_pool`).
         plan: tile sizes and loop order to use instead of :func:`plan_tiles`'s choice (they
             must fit the buffers; a GEMM's only).
 
@@ -287,7 +287,7 @@ def lower(spec: AccelSpec, layer: Layer, plan: TilePlan | None = None) -> Stream
     if not ok:
         raise UnsupportedOpError(layer.op_type, layer.name, spec.name, reason)
     if isinstance(layer, QPool):
-        return lower_pool(spec, layer)
+        return _lower_pool(spec, layer)
     m, k, n = layer.gemm_shape
     density = 1.0
     if isinstance(layer, QConv2d):
@@ -305,15 +305,7 @@ def lower(spec: AccelSpec, layer: Layer, plan: TilePlan | None = None) -> Stream
                "scale": TensorDecl("scale", (n,), "float32", "const")}
     flip = layer.x.dtype == "uint8"
     if isinstance(layer, QConv2d):
-        geometry = {"input_shape": list(layer.input_shape), "kernel": list(layer.kernel),
-                    "strides": list(layer.strides), "pads": list(layer.pads),
-                    "dilations": list(layer.dilations), "pad_value": int(layer.x.zero_point),
-                    "matrix": [m, k]}
-        tensors["x"] = TensorDecl("x", tuple(layer.input_shape), layer.x.dtype, "input",
-                                  flip_sign=flip, im2col=geometry,
-                                  logical_shape=tuple(layer.input_shape), layout="nchw")
-        tensors["y"] = TensorDecl("y", (m, n), layer.y.dtype, "output",
-                                  logical_shape=tuple(layer.output_shape), layout="nhwc")
+        tensors.update(_im2col_tensors(layer, int(layer.x.zero_point), (m, k), n))
         view = "im2col"
 
         def input_bytes(m0: int, m1: int, k0: int, k1: int) -> int:
@@ -362,9 +354,33 @@ def lower(spec: AccelSpec, layer: Layer, plan: TilePlan | None = None) -> Stream
             program.append(Alu(out, out, m1 - m0, n1 - n0, zy, lo, hi))
             program.append(Store(out, "y", (m0, m1), (n0, n1), (m1 - m0) * (n1 - n0)))
 
-    info = {"kind": layer.kind, "op_type": layer.op_type, "gemm": [m, k, n],
-            "macs": m * k * n, "dataflow": spec.dataflow, "tile": [tm, tk, tn],
-            "order": plan.order, "output_tiles": tile, "estimate_cycles": round(plan.estimate),
+    info = {"gemm": [m, k, n], "macs": m * k * n, "tile": [tm, tk, tn], "order": plan.order,
+            "output_tiles": tile, "estimate_cycles": round(plan.estimate)}
+    return _stream(spec, layer, tensors, buffers, program, constants, info)
+
+
+def _im2col_tensors(layer: QConv2d | QPool, pad_value: int, matrix: tuple[int, int],
+                    channels: int) -> dict[str, TensorDecl]:
+    """The input ``x`` a layer's loads gather as im2col rows (its NCHW tensor, padding read
+    as ``pad_value``, patch matrix ``matrix``) and the output ``y`` its stores write as NHWC
+    rows of ``channels``, which the host reads back as NCHW."""
+    geometry = {"input_shape": list(layer.input_shape), "kernel": list(layer.kernel),
+                "strides": list(layer.strides), "pads": list(layer.pads),
+                "dilations": list(layer.dilations), "pad_value": pad_value,
+                "matrix": list(matrix)}
+    return {"x": TensorDecl("x", tuple(layer.input_shape), layer.x.dtype, "input",
+                            flip_sign=layer.x.dtype == "uint8", im2col=geometry,
+                            logical_shape=tuple(layer.input_shape), layout="nchw"),
+            "y": TensorDecl("y", (matrix[0], channels), layer.y.dtype, "output",
+                            logical_shape=tuple(layer.output_shape), layout="nhwc")}
+
+
+def _stream(spec: AccelSpec, layer: Layer, tensors: dict[str, TensorDecl],
+            buffers: dict[str, BufferDecl], program: list[Instruction],
+            constants: dict[str, np.ndarray], info: dict) -> Stream:
+    """The layer's stream: dependency tokens derived, the facts every layer reports added to
+    ``info``, validated."""
+    info = {"kind": layer.kind, "op_type": layer.op_type, "dataflow": spec.dataflow, **info,
             "input_dtype": layer.x.dtype, "output_dtype": layer.y.dtype,
             "activation": layer.activation}
     stream = Stream(name=layer.name, accel=spec.to_dict(), tensors=tensors, buffers=buffers,
@@ -419,32 +435,18 @@ def _estimate_pool(spec: AccelSpec, layer: QPool, tm: int, tc: int) -> float:
     return load + compute + store
 
 
-def lower_pool(spec: AccelSpec, layer: QPool) -> Stream:
-    """Compile a max-pooling layer: per tile of output pixels and channels, the load unit
-    gathers the windows (an im2col load, padding read as the input type's minimum), ``POOL``
-    takes each window's maximum into the accumulator (less the input's zero point), the ALU
-    rescales it (``rescale``: the QDQ graph's dequantize then quantize, with the ReLU's
-    clamp) and the store queue writes the int8 tile as NHWC rows.
-
-    Raises:
-        UnsupportedOpError: ``supports(spec, layer)`` refuses the layer.
-    """
-    ok, reason = supports(spec, layer)
-    if not ok:
-        raise UnsupportedOpError(layer.op_type, layer.name, spec.name, reason)
+def _lower_pool(spec: AccelSpec, layer: QPool) -> Stream:
+    """:func:`lower` of a max-pooling layer (already checked by :func:`supports`): per tile
+    of output pixels and channels, the load unit gathers the windows (an im2col load, padding
+    read as the input type's minimum), ``POOL`` takes each window's maximum into the
+    accumulator (less the input's zero point), the ALU rescales it (``rescale``: the QDQ
+    graph's dequantize then quantize, with the ReLU's clamp) and the store queue writes the
+    int8 tile as NHWC rows."""
     m, window, c = layer.pool_shape
     tm, tc = plan_pool(spec, layer)
     s = spec.slots
     lo, hi = layer.output_range()
-    geometry = {"input_shape": list(layer.input_shape), "kernel": list(layer.kernel),
-                "strides": list(layer.strides), "pads": list(layer.pads),
-                "dilations": list(layer.dilations), "pad_value": layer.pad_value(),
-                "matrix": [m, c * window]}
-    tensors = {"x": TensorDecl("x", tuple(layer.input_shape), layer.x.dtype, "input",
-                               flip_sign=layer.x.dtype == "uint8", im2col=geometry,
-                               logical_shape=tuple(layer.input_shape), layout="nchw"),
-               "y": TensorDecl("y", (m, c), layer.y.dtype, "output",
-                               logical_shape=tuple(layer.output_shape), layout="nhwc"),
+    tensors = {**_im2col_tensors(layer, layer.pad_value(), (m, c * window), c),
                "scale": TensorDecl("scale", (2,), "float32", "const")}
     constants = {"scale": np.array([layer.x.scale, layer.y.scale], np.float32)}
     buffers = {"inp": BufferDecl(s, tm * tc * window), "wgt": BufferDecl(1, 0),
@@ -465,12 +467,6 @@ def lower_pool(spec: AccelSpec, layer: QPool) -> Stream:
             program.append(Alu(out, 0, m1 - m0, c1 - c0, int(layer.y.zero_point), lo, hi,
                                op="rescale"))
             program.append(Store(out, "y", (m0, m1), (c0, c1), (m1 - m0) * (c1 - c0)))
-    info = {"kind": layer.kind, "op_type": layer.op_type, "pool": [m, window, c],
-            "dataflow": spec.dataflow, "tile": [tm, tc], "output_tiles": tile,
-            "estimate_cycles": round(_estimate_pool(spec, layer, tm, tc)),
-            "input_dtype": layer.x.dtype, "output_dtype": layer.y.dtype,
-            "activation": layer.activation}
-    stream = Stream(name=layer.name, accel=spec.to_dict(), tensors=tensors, buffers=buffers,
-                    instructions=insert_dependences(program), constants=constants, info=info)
-    validate(stream)
-    return stream
+    info = {"pool": [m, window, c], "tile": [tm, tc], "output_tiles": tile,
+            "estimate_cycles": round(_estimate_pool(spec, layer, tm, tc))}
+    return _stream(spec, layer, tensors, buffers, program, constants, info)
