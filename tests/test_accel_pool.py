@@ -1,5 +1,5 @@
 """Max pooling and bare ReLUs on the accelerator (targets/accel: QPool in layers.py, the
-importer's pattern, lower_pool, the POOL instruction and the ALU's ``rescale``): bit-exact
+importer's pattern, lowering, the POOL instruction and the ALU's ``rescale``): bit-exact
 to onnxruntime on the QDQ graph, tiled to the buffers, costed, refused with a reason."""
 
 from __future__ import annotations
