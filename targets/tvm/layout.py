@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.cpu_matmul import row_limit, row_padding
+from mmcompile.targets.tvm.cpu_matmul import ROW_PAD_WASTE, row_limit, row_padding
 from mmcompile.targets.tvm.rewrite import rewrite_functions, static_shape
 
 # op -> (layout it packs, packed layout, numpy transpose from the first to the second)
@@ -58,17 +58,31 @@ class PackConvWeights:
         return rewrite_functions(mod, _Packer(mod))
 
 
-def _packed_matmul(data, panels):
-    """``data [..., K] x weights [K, N]``, the weights read as ``[N / P, K, P]`` panels."""
+def _packed_matmul(data, panels, columns: int, rows: int):
+    """``data [..., M, K] x weights [K, N]``, the weights read as ``[N / P, K, P]`` panels.
+    Where the panels end in zero columns (``columns < N``) or ``rows`` is above ``M`` (rows
+    padded to whole register tiles, :func:`~.cpu_matmul.row_padding`), the product is
+    computed padded and the last block keeps its ``[..., M, columns]`` corner: an epilogue
+    that the schedule computes in the register tiles' write-back, as for ``pad_einsum``."""
     from tvm import te
-    *_, depth = data.shape
+    *lead, depth = data.shape
     count, _, width = (int(d) for d in panels.shape)
+    if data.ndim >= 2 and rows > int(lead[-1]):
+        source = data
+        data = te.compute(
+            (*lead[:-1], rows, depth),
+            lambda *i: tirx.if_then_else(i[-2] < source.shape[-2], source[i],
+                                         tirx.const(0, source.dtype)),
+            name="matmul_rows")
     k = te.reduce_axis((0, depth), "k")
-    return te.compute(
+    product = te.compute(
         (*data.shape[:-1], count * width),
         lambda *i: te.sum(data[(*i[:-1], k)] * panels[i[-1] // width, k, i[-1] % width],
                           axis=k),
         name="matmul")
+    if columns == count * width and tuple(data.shape) == (*lead, depth):
+        return product
+    return te.compute((*lead, columns), lambda *i: product[i], name="matmul_corner")
 
 
 @expr_functor.mutator
@@ -77,16 +91,18 @@ class _MatmulPacker(relax.PyExprMutator):
         super().__init__(mod)
         self.width = width
 
-    def _pads_rows(self, data) -> bool:
-        """Whether the schedule would pad the rows of ``data`` to whole register tiles
-        (:func:`~.cpu_matmul.row_padding`): it can on the plain matmul, not on the panels'
-        indexing, so such a matmul stays unpacked (the rows matter more: [59, 5760] x
-        [5760, 224] 2.15 ms packed with one-row tiles, 1.4 ms unpacked with padded rows)."""
+    def _rows(self, data) -> int | None:
+        """The rows of ``data`` padded to whole register tiles (:func:`~.cpu_matmul.
+        row_padding`; the panels' indexing keeps ``pad_einsum`` from doing it in the
+        schedule); None where the shape is not static."""
         shape = static_shape(data)
-        if shape is None or len(shape) < 2:
-            return False
+        if shape is None:
+            return None
+        if len(shape) < 2:
+            return 1
         lanes = self.width // 2
-        return row_padding(shape[-2], row_limit(self.width, lanes)) > 1
+        step = row_padding(shape[-2], row_limit(self.width, lanes))
+        return -(-shape[-2] // step) * step
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -97,12 +113,16 @@ class _MatmulPacker(relax.PyExprMutator):
             return call
         depth, columns = (int(d) for d in weight.value.shape)
         dtype = str(weight.value.dtype)
-        if columns % self.width or str(data.ty.dtype) != dtype \
-                or str(call.ty.dtype) != dtype or data.ty.ndim < 1 or self._pads_rows(data):
+        padded = -(-columns // self.width) * self.width
+        rows = self._rows(data)
+        if padded - columns > ROW_PAD_WASTE * columns or str(data.ty.dtype) != dtype \
+                or str(call.ty.dtype) != dtype or rows is None:
             return call
-        panels = weight.value.numpy().reshape(depth, columns // self.width, self.width)
+        matrix = np.pad(weight.value.numpy(), [(0, 0), (0, padded - columns)])
+        panels = matrix.reshape(depth, padded // self.width, self.width)
         packed = relax.const(np.ascontiguousarray(panels.transpose(1, 0, 2)))
-        return self.builder_.call_te(_packed_matmul, data, packed, primfunc_name_hint="matmul")
+        return self.builder_.call_te(_packed_matmul, data, packed, columns, rows,
+                                     primfunc_name_hint="matmul")
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.PackMatmulWeights")
@@ -116,6 +136,18 @@ class PackMatmulWeights:
     weights are one contiguous stream, as MLAS packs them. Measured (one kernel, 2 threads,
     AVX2, time packed / unpacked): [50, 512] x [512, 128] 0.64, [400, 128] x [128, 512] 0.80,
     [65, 256] x [256, 1024] 0.60, [8, 9537] x [9537, 128] 0.55, [50, 128] x [128, 512] 0.96.
+
+    Columns that are not a whole number of panels are padded with zero columns at compile
+    time where that adds at most ``ROW_PAD_WASTE`` of the work (200 -> 208 at ``P = 16``),
+    and rows that :func:`~.cpu_matmul.row_padding` pads to whole register tiles are padded
+    inside the kernel (the panels' indexing keeps the schedule's ``pad_einsum`` from doing
+    it); the product's ``[..., M, N]`` corner is the kernel's last block. Before, 200
+    columns on AVX2 took register tiles five vectors wide and two rows high, whose weight
+    panel (40 columns x the whole reduction) leaves L2 on deep reductions, and prime row
+    counts stayed unpacked. One-op MatMul models, one thread, znver3, mmcompile /
+    onnxruntime before -> after: [59, 5760] x [5760, 200] 2.10 -> 1.28, [60, 1280] x
+    [1280, 200] 1.72 -> 1.14, [120, 640] x [640, 200] 2.0 -> 1.18, [64, 2560] x [2560, 120]
+    1.58 -> 1.36, [59, 5760] x [5760, 256] 1.50 -> 1.14, [197, 768] x [768, 768] 1.20 -> 1.11.
     """
 
     def __init__(self, width: int):
