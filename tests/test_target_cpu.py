@@ -754,6 +754,7 @@ def test_row_padding_keeps_register_tiles_whole(rows, limit, padded_to):
     ("height", 1, (0, 0), 1, 1),   # Magika's layer: [N, C, L, 1], kernel 5 x 1
     ("width", 2, (2, 1), 2, 1),    # [N, C, 1, L], padded, strided
     ("1d", 1, (1, 1), 1, 2),       # conv1d, dilated
+    ("spanning", 1, (1, 1), 1, 1),  # the iEEG detector's [96, 3] layer: 59 positions
 ])
 def test_deep_1d_convolutions_become_im2col_matmuls_and_match_torch(form, batch, pads, stride,
                                                                     dilation):
@@ -768,6 +769,9 @@ def test_deep_1d_convolutions_become_im2col_matmuls_and_match_torch(form, batch,
     elif form == "height":
         conv = nn.Conv2d(128, 160, (5, 1), stride=(stride, 1), dilation=(dilation, 1))
         shape, pad = (batch, 128, 90, 1), (0, 0, before, after)
+    elif form == "spanning":  # the kernel spans all 12 rows: 16 x 12 x 3 = 576 deep
+        conv = nn.Conv2d(16, 160, (12, 3), stride=(1, stride), dilation=(1, dilation))
+        shape, pad = (batch, 16, 12, 59), (before, after, 0, 0)
     else:
         conv = nn.Conv2d(128, 160, (1, 5), stride=(1, stride), dilation=(1, dilation))
         shape, pad = (batch, 128, 1, 150), (before, after, 0, 0)
@@ -780,7 +784,7 @@ def test_deep_1d_convolutions_become_im2col_matmuls_and_match_torch(form, batch,
         def forward(self, x):
             return torch.relu(self.conv(nn.functional.pad(x, pad)))
 
-    # 640-term sums of products of standard normals and weights ~U(+-0.04)
+    # 576- to 640-term sums of products of standard normals and weights ~U(+-0.04)
     _assert_compiled_matches_torch(Net().eval(), (torch.randn(*shape),), rtol=1e-4, atol=1e-4)
     # the rewrite itself: im2col (slices + concat) and a matmul instead of the convolution
     bb = relax.BlockBuilder()
@@ -791,6 +795,9 @@ def test_deep_1d_convolutions_become_im2col_matmuls_and_match_torch(form, batch,
             if form == "1d":
                 call = relax.op.nn.conv1d(x, weight, strides=[stride], padding=[before, after],
                                           dilation=[dilation])
+            elif form == "spanning":
+                call = relax.op.nn.conv2d(x, weight, strides=[1, stride],
+                                          padding=[0, before, 0, after], dilation=[1, dilation])
             elif form == "height":
                 call = relax.op.nn.conv2d(x, weight, strides=[stride, 1],
                                           padding=[before, 0, after, 0], dilation=[dilation, 1])
@@ -806,9 +813,11 @@ def test_deep_1d_convolutions_become_im2col_matmuls_and_match_torch(form, batch,
     data = np.random.default_rng(1).standard_normal(shape).astype("float32")
     np.testing.assert_allclose(_run_relax(rewritten, data), _run_relax(mod, data),
                                rtol=1e-4, atol=1e-4)
-    # shallow (16 x 3 = 48 deep), short or 2-D convolutions stay convolutions
-    for x_shape, w_shape in (((1, 16, 200), (160, 16, 3)), ((1, 256, 40), (160, 256, 5)),
-                             ((1, 256, 30, 30), (160, 256, 3, 3))):
+    # shallow (16 x 3 = 48 deep), short (26 positions), 2-D, or spanning only part of the
+    # rows: convolutions stay convolutions
+    for x_shape, w_shape in (((1, 16, 200), (160, 16, 3)), ((1, 256, 30), (160, 256, 5)),
+                             ((1, 256, 30, 30), (160, 256, 3, 3)),
+                             ((1, 16, 12, 59), (160, 16, 11, 3))):
         bb = relax.BlockBuilder()
         x = relax.Var("x", relax.TensorType(x_shape, "float32"))
         w = relax.const(np.zeros(w_shape, "float32"))
