@@ -15,8 +15,13 @@ Rewritten as:
 - the input viewed as ``[N, C, L]`` (a free reshape), padded along ``L``, transposed to
   ``[N, L, C]`` (where the model produced it channels-last, as Magika does, the two
   transposes fuse away);
-- ``k`` strided slices of it (one per kernel tap, stride and dilation applied) concatenated
-  along the channels: the patch matrix ``[N, Lo, k * C]``, columns ordered (tap, channel);
+- the patch tensor ``[N, Lo, k, C]`` (one TE kernel: element ``[n, i, t, c]`` is
+  ``rows[n, i * stride + t * dilation, c]``), viewed as the matrix ``[N, Lo, k * C]``,
+  columns ordered (tap, channel). ``k`` strided slices concatenated along the channels
+  computed the same matrix, but the concatenation selects its input per element, and
+  FuseOps put Magika's layer norm (the convolution's producer) into that kernel once per
+  tap: 0.96 ms there, 0.25 ms as one index expression (one thread); whole Magika 1.06x,
+  iEEG 1.02-1.04x faster (same-process A/B of saved artifacts, 2 threads);
 - ``matmul`` with the weights as a constant ``[k * C, F]`` (which the matmul weight packing
   then lays out for the register tile);
 - transposed back to ``[N, F, Lo]`` and reshaped to the convolution's output shape (the
@@ -85,6 +90,17 @@ def _conv_axes(call):
     return None
 
 
+def _patches(rows, length: int, taps: int, stride: int, dilation: int):
+    """The patch matrix ``[N, Lo, k, C]`` of channels-last ``rows [N, L, C]``: one index
+    expression per element, the channels innermost and contiguous (a concatenation of ``k``
+    slices instead selects its input per element, and with the channels folded into one
+    axis divides every index by ``C``)."""
+    from tvm import te
+    n, _, c = rows.shape
+    return te.compute((n, length, taps, c),
+                      lambda b, i, t, j: rows[b, i * stride + t * dilation, j], name="im2col")
+
+
 @expr_functor.mutator
 class _Im2col(relax.PyExprMutator):
     def visit_call_(self, call):
@@ -102,11 +118,9 @@ class _Im2col(relax.PyExprMutator):
         if before or after:
             rows = emit(relax.op.nn.pad(rows, [0, 0, 0, 0, before, after]))
         rows = emit(relax.op.permute_dims(rows, [0, 2, 1]))  # [N, L, C]
-        taps = [emit(relax.op.strided_slice(rows, axes=[1], begin=[i * dilation],
-                                            end=[i * dilation + (lo - 1) * stride + 1],
-                                            strides=[stride]))
-                for i in range(k)]
-        patches = emit(relax.op.concat(taps, axis=2)) if k > 1 else taps[0]  # [N, Lo, k*C]
+        patches = self.builder_.call_te(_patches, rows, lo, k, stride, dilation,
+                                        primfunc_name_hint="im2col")
+        patches = emit(relax.op.reshape(patches, [n, lo, k * c]))  # [N, Lo, k*C]
         matrix = np.ascontiguousarray(weight.transpose(2, 1, 0).reshape(k * c, f))
         product = emit(relax.op.matmul(patches, relax.const(matrix)))  # [N, Lo, F]
         out = emit(relax.op.permute_dims(product, [0, 2, 1]))
