@@ -62,12 +62,12 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _coefficient, _covers,
+from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _covers,
                                               _index_vars, _largest_divisor, _neighbours,
                                               _reduction, _vector_dim_last,
                                               _vectorize_innermost, pool_pass)
-from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, extent,
-                                                 within_reduction)
+from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, coefficient,
+                                                 extent, within_reduction)
 
 REG_CHANNELS, REG_ROWS = 4, 2  # register tile: 4 x 2 vectors = 8 of AVX2's 16 registers
 SUB_CHANNELS, SUB_ROWS = 4, 2  # sub-tiles per task, at most (a task: 16 channels x 4 rows)
@@ -122,7 +122,7 @@ def _row_stride(sch, block_rv) -> int | None:
     row = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar][-2]
     if len(block.reads) != 1:
         return None
-    return _coefficient(block.reads[0].region[-2].min, row)
+    return coefficient(block.reads[0].region[-2].min, row)
 
 
 def _schedule_pool(sch, pool_rv, task, task_rows):

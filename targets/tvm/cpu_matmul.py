@@ -30,8 +30,8 @@ from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what a BufferLoad is in TVM 0.27
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, extent,
-                                                 fill_and_copy, first_growing,
+from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, coefficient,
+                                                 extent, fill_and_copy, first_growing,
                                                  inline_side_blocks, parallel_pass)
 
 
@@ -290,7 +290,7 @@ def _deinterleave(sch, main_rv, producer_rv, var) -> bool:
     if not isinstance(width, tirx.IntImm) or int(width) % 2:
         return False
     for read in sch.get(main_rv).reads:
-        if read.source.same_as(buffer) and _coefficient(read.region[-1].min, var) == 2:
+        if read.source.same_as(buffer) and coefficient(read.region[-1].min, var) == 2:
             sch.transform_layout(producer_rv, ("write", 0),
                                  lambda *i: [*i[:-1], i[-1] % 2, i[-1] // 2])
             return True
@@ -441,31 +441,12 @@ def row_padding(rows: int, limit: int) -> int:
     return limit if (padded - rows) <= ROW_PAD_WASTE * rows else 1
 
 
-def _coefficient(expr, var) -> int | None:
-    """The integer coefficient of ``var`` in an affine index ``expr`` (None: not affine)."""
-    if expr.same_as(var):
-        return 1
-    if var not in tirx.analysis.undefined_vars(expr):
-        return 0
-    if isinstance(expr, (tirx.Add, tirx.Sub)):
-        a, b = _coefficient(expr.a, var), _coefficient(expr.b, var)
-        if a is None or b is None:
-            return None
-        return a + b if isinstance(expr, tirx.Add) else a - b
-    if isinstance(expr, tirx.Mul):
-        for factor, other in ((expr.a, expr.b), (expr.b, expr.a)):
-            if isinstance(factor, tirx.IntImm):
-                c = _coefficient(other, var)
-                return None if c is None else c * int(factor)
-    return None
-
-
 def _unit_stride(region, var) -> bool:
     """``var`` indexes only the last dimension of ``region``, with coefficient 1."""
     *outer, last = region
     if any(var in tirx.analysis.undefined_vars(r.min) for r in outer):
         return False
-    return _coefficient(last.min, var) == 1
+    return coefficient(last.min, var) == 1
 
 
 # Below this reduction depth a convolution keeps its output width as the vector axis: each
