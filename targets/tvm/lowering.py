@@ -40,6 +40,7 @@ from mmcompile.targets.tvm.spanning_conv import SpanningConvs
 from mmcompile.targets.tvm.transposed_conv import ShuffleTransposedConvs
 from mmcompile.targets.tvm.int8 import QuantizedContractions, int8_instructions
 from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
+from mmcompile.targets.tvm.one_hot import OneHotMatmuls
 from mmcompile.targets.tvm.pointwise_conv import FlatPointwiseConvs
 from mmcompile.targets.tvm.rows import RowReductions
 from mmcompile.targets.tvm.schedule_util import lanes_for
@@ -64,6 +65,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     mod = quantized(mod)  # QDQ matmul / conv -> int8 kernels; before anything takes them
     if quantized.count and facts is not None:
         facts["int8"] = {"kernels": quantized.count, "instructions": int8_instructions(target)}
+    mod = OneHotMatmuls()(mod)  # one_hot(ids) @ W: the weight rows the ids select
     mod = Im2colConvs()(mod)  # deep 1-D convolutions over long sequences: im2col + matmul
     mod = SpanningConvs()(mod)  # kernels spanning the input height: 1-D convolutions
     mod = ShuffleTransposedConvs()(mod)  # kernel == stride: 1x1 conv + depth-to-space
