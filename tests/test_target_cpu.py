@@ -1445,3 +1445,25 @@ def test_one_hot_matmuls_become_row_lookups_and_match_numpy(dtype, swapped):
     infinite[3, 5] = np.inf
     table = np.arange(depth, dtype=dtype).reshape(1, 1, depth)
     assert "R.matmul" in OneHotMatmuls()(module(table, infinite)).script()
+
+
+def test_pack_matmul_weights_packs_matmuls_with_a_symbolic_batch():
+    # A dynamic-batch artifact's matmuls keep their packed panels (no row padding there).
+    import tvm
+    from tvm import relax
+
+    from mmcompile.targets.tvm.layout import PackMatmulWeights
+    batch = tvm.tirx.Var("batch", "int64")
+    weights = np.random.default_rng(0).standard_normal((24, 120)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, 7, 24), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(weights)))
+        bb.emit_func_output(out)
+    packed = PackMatmulWeights(16)(bb.get())
+    kernel = next(f for _, f in packed.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    text = re.sub(r"T\.int64\((\d+)\)", r"\1", kernel.script())
+    assert "(8, 24, 16)" in text and '"matmul_corner"' in text and '"matmul_rows"' not in text
+    data = np.random.default_rng(1).standard_normal((3, 7, 24)).astype("float32")
+    np.testing.assert_allclose(_run_relax(packed, data), data @ weights, rtol=1e-4, atol=1e-4)

@@ -61,13 +61,14 @@ class PackConvWeights:
 def _packed_matmul(data, panels, columns: int, rows: int):
     """``data [..., M, K] x weights [K, N]``, the weights read as ``[N / P, K, P]`` panels.
     Where the panels end in zero columns (``columns < N``) or ``rows`` is above ``M`` (rows
-    padded to whole register tiles, :func:`~.cpu_matmul.row_padding`), the product is
+    padded to whole register tiles, :func:`~.cpu_matmul.row_padding`; 0: none), the product is
     computed padded and the last block keeps its ``[..., M, columns]`` corner: an epilogue
     that the schedule computes in the register tiles' write-back, as for ``pad_einsum``."""
     from tvm import te
     *lead, depth = data.shape
     count, _, width = (int(d) for d in panels.shape)
-    if data.ndim >= 2 and rows > int(lead[-1]):
+    pad_rows = bool(rows) and rows > int(lead[-1])
+    if pad_rows:
         source = data
         data = te.compute(
             (*lead[:-1], rows, depth),
@@ -80,7 +81,7 @@ def _packed_matmul(data, panels, columns: int, rows: int):
         lambda *i: te.sum(data[(*i[:-1], k)] * panels[i[-1] // width, k, i[-1] % width],
                           axis=k),
         name="matmul")
-    if columns == count * width and tuple(data.shape) == (*lead, depth):
+    if columns == count * width and not pad_rows:
         return product
     return te.compute((*lead, columns), lambda *i: product[i], name="matmul_corner")
 
@@ -91,15 +92,13 @@ class _MatmulPacker(relax.PyExprMutator):
         super().__init__(mod)
         self.width = width
 
-    def _rows(self, data) -> int | None:
+    def _rows(self, data) -> int:
         """The rows of ``data`` padded to whole register tiles (:func:`~.cpu_matmul.
         row_padding`; the panels' indexing keeps ``pad_einsum`` from doing it in the
-        schedule); None where the shape is not static."""
+        schedule); 0 (no padding) where the shape is symbolic or has no rows."""
         shape = static_shape(data)
-        if shape is None:
-            return None
-        if len(shape) < 2:
-            return 1
+        if shape is None or len(shape) < 2:
+            return 0
         lanes = self.width // 2
         step = row_padding(shape[-2], row_limit(self.width, lanes))
         return -(-shape[-2] // step) * step
@@ -116,7 +115,7 @@ class _MatmulPacker(relax.PyExprMutator):
         padded = -(-columns // self.width) * self.width
         rows = self._rows(data)
         if padded - columns > ROW_PAD_WASTE * columns or str(data.ty.dtype) != dtype \
-                or str(call.ty.dtype) != dtype or rows is None:
+                or str(call.ty.dtype) != dtype or data.ty.ndim < 1:
             return call
         matrix = np.pad(weight.value.numpy(), [(0, 0), (0, padded - columns)])
         panels = matrix.reshape(depth, padded // self.width, self.width)
