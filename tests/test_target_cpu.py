@@ -1404,7 +1404,7 @@ def test_transposing_copies_are_tiled_and_match_numpy(shape, axes, tiled):
                                   data.transpose(axes))  # a copy: exact
 
 
-@pytest.mark.parametrize("dtype, swapped", [("int32", False), ("int64", True)])
+@pytest.mark.parametrize("dtype, swapped", [("int32", False), ("int64", True), ("uint8", False)])
 def test_one_hot_matmuls_become_row_lookups_and_match_numpy(dtype, swapped):
     # Magika's byte embedding: Equal(ids[..., None], range(257)) -> Cast -> MatMul -> GELU;
     # the one-hot matrix and its GEMM took 1.5 of 12 ms, the lookup 0.15 (one thread).
@@ -1415,7 +1415,7 @@ def test_one_hot_matmuls_become_row_lookups_and_match_numpy(dtype, swapped):
     from mmcompile.targets.tvm.lowering import lower_cpu
     from mmcompile.targets.tvm.one_hot import OneHotMatmuls
     rng = np.random.default_rng(0)
-    depth, width = 19, 24
+    depth, width = (256 if dtype == "uint8" else 19), 24  # 256: no uint8 id is outside
     weights = rng.standard_normal((depth, width)).astype("float32")
 
     def module(table, w):
@@ -1432,7 +1432,8 @@ def test_one_hot_matmuls_become_row_lookups_and_match_numpy(dtype, swapped):
 
     mod = module(np.arange(depth, dtype=dtype).reshape(1, 1, depth), weights)
     assert "R.matmul" not in OneHotMatmuls()(mod).script()
-    ids = rng.integers(-3, depth + 3, (2, 30, 1)).astype(dtype)  # some outside the range
+    low, high = (0, 256) if dtype == "uint8" else (-3, depth + 3)  # some outside the range
+    ids = rng.integers(low, high, (2, 30, 1)).astype(dtype)
     expected = np.maximum(((ids == np.arange(depth)).astype("float32")) @ weights, 0)
     target = llvm_target()
     lowered, _ = lower_cpu(mod, target)

@@ -77,13 +77,20 @@ class _OneHot(relax.PyExprMutator):
         if out_shape is None or out_shape[:-1] != shape[:-1]:
             return call  # a one-hot matrix broadcast against batched weights: not this form
         emit = self.builder_.emit
+        dtype = str(ids.ty.dtype)
+        limits = np.iinfo(dtype)
         flat = emit(relax.op.reshape(ids, shape[:-1]))
-        index = emit(relax.op.clip(flat, 0, depth - 1))
+        index = emit(relax.op.clip(flat, 0, min(depth - 1, int(limits.max))))
         rows = emit(relax.op.take(weight, index, axis=0))  # [..., N]
-        inside = emit(relax.op.logical_and(
-            relax.op.greater_equal(ids, relax.const(0, ids.ty.dtype)),
-            relax.op.less(ids, relax.const(depth, ids.ty.dtype))))
-        return relax.op.where(inside, rows, relax.const(0.0, "float32"))
+        checks = []  # only those the id type can fail: a uint8 id is always below 257
+        if limits.min < 0:
+            checks.append(relax.op.greater_equal(ids, relax.const(0, dtype)))
+        if limits.max >= depth:
+            checks.append(relax.op.less(ids, relax.const(depth, dtype)))
+        if not checks:
+            return rows
+        inside = checks[0] if len(checks) == 1 else relax.op.logical_and(*checks)
+        return relax.op.where(emit(inside), rows, relax.const(0.0, "float32"))
 
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.OneHotMatmuls")
