@@ -4,7 +4,6 @@ on the same QDQ graph, with VNNI (vpdpbusd) and without (AVX2's vpmaddwd on int1
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest

@@ -362,13 +362,13 @@ def _drop_isolated_alu_layers(result: Analysis, boundary: set[str]) -> bool:
     """Move to the host every pool or bare ReLU not joined (through other such layers) to a
     contraction on the array or to the graph's inputs and outputs (``boundary``): between
     two host nodes it would only add two stage boundaries. Returns whether any moved."""
-    contractions = [n for n, m in result.layers.items() if not isinstance(m.layer, QPool)
-                    or m.input in boundary or m.output in boundary]
+    anchors = [n for n, m in result.layers.items() if not isinstance(m.layer, QPool)
+               or m.input in boundary or m.output in boundary]
     producer = {m.output: n for n, m in result.layers.items()}
     readers: dict[str, list[str]] = {}
     for name, match in result.layers.items():
         readers.setdefault(match.input, []).append(name)
-    joined, frontier = set(contractions), list(contractions)
+    joined, frontier = set(anchors), list(anchors)
     while frontier:
         match = result.layers[frontier.pop()]
         for other in (producer.get(match.input), *readers.get(match.output, ())):

@@ -130,7 +130,8 @@ class _Im2col(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.Im2colConvs")
 class Im2colConvs:
     """Deep 1-D convolutions over long sequences (``conv1d``, or ``conv2d`` along one axis of
-    a unit-height or unit-width input) -> im2col + ``matmul`` (see the module docstring)."""
+    a unit-height or unit-width input, or with a kernel spanning every row) -> im2col +
+    ``matmul`` (see the module docstring)."""
 
     def transform_module(self, mod, _ctx):
         return rewrite_functions(mod, _Im2col(mod))

@@ -3,18 +3,21 @@
 ``lower_cpu(mod, target)`` replaces the ``zero`` pipeline + ``schedule_cpu`` pair in
 ``TVMCpuTarget.compile``; ``tvm.compile`` then finishes (memory planning, VM codegen).
 
-Steps and why they are in this order: deep 1-D convolutions over long sequences become
-im2col + matmul (:mod:`.im2col_conv`: Magika's 256 -> 512 kernel-5 layer, the model 0.75x
-at one thread); convolutions whose kernel spans the input height become 1-D convolutions
-over the rows folded into channels (:mod:`.spanning_conv`: the iEEG detector's [96, 3]
-layer 5.7 -> ~1.5 ms, onnxruntime 1.3-1.5 ms) and transposed convolutions whose kernel
-equals their stride a 1x1 convolution and a depth-to-space shuffle
+Steps and why they are in this order: one-hot matrices multiplied by constant weights
+become row lookups (:mod:`.one_hot`: Magika's byte embedding, 1.5 -> 0.15 ms at one
+thread); deep 1-D convolutions over long sequences, and deep ones whose kernel spans every
+input row, become im2col + matmul (:mod:`.im2col_conv`: Magika's 256 -> 512 kernel-5
+layer, the model 0.75x at one thread; the iEEG detector's [96, 3] layer 4.8 -> 3.1 ms);
+the shallower spanning ones become 1-D convolutions over the rows folded into channels
+(:mod:`.spanning_conv`), both before the weights are packed; transposed convolutions whose
+kernel equals their stride a 1x1 convolution and a depth-to-space shuffle
 (:mod:`.transposed_conv`); 1x1 convolutions with shallow reductions 1-D convolutions over
 the flattened pixels (:mod:`.pointwise_conv`: whole two-vector tiles); 3x3 and 5x5
 stride-1 convolutions (with their bias, relu and max pool) rewritten to Winograd's
 transforms and a batched matmul (:mod:`.winograd`: late fusion 0.86x, AV-MNIST 0.57x at
 batch 1), then the other convolution and matmul weights packed
-(:mod:`.layout`; matmul panels: whole models 0.90-0.98x, CLIP batch 8 0.90x), depthwise
+(:mod:`.layout`; matmul panels, odd column and row counts padded: whole models
+0.90-0.98x, CLIP batch 8 0.90x), depthwise
 convolutions on maps under 4 pixels wide read channels-last copies (:mod:`.depthwise`), then
 each convolution grouped with the max pool after it (:mod:`.fuse_pool`, which needs the
 packed layout); softmax and layer norm over the last axis become kernels with vector

@@ -25,12 +25,7 @@ import tvm
 from tvm import relax
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.rewrite import rewrite_functions, static_shape
-
-
-def _op(call, name: str) -> bool:
-    return (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
-            and call.op.name == name)
+from mmcompile.targets.tvm.rewrite import is_call, rewrite_functions, static_shape
 
 
 def _ids(equal) -> tuple | None:
@@ -40,8 +35,8 @@ def _ids(equal) -> tuple | None:
             continue
         values = table.value.numpy()
         shape = static_shape(ids)
-        if (values.ndim == 0 or values.dtype.kind not in "iu" or shape is None
-                or not shape or shape[-1] != 1 or str(ids.ty.dtype)[:3] not in ("int", "uin")
+        if (values.ndim == 0 or values.dtype.kind not in "iu" or not shape or shape[-1] != 1
+                or np.dtype(str(ids.ty.dtype)).kind not in "iu"
                 or any(d != 1 for d in values.shape[:-1]) or values.ndim > len(shape)):
             continue
         row = values.reshape(-1)
@@ -57,16 +52,16 @@ class _OneHot(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not _op(call, "relax.matmul"):
+        if not is_call(call, "relax.matmul"):
             return call
         hot, weight = call.args
         cast = self._bound(hot)
-        if (not isinstance(weight, tvm.ir.expr.Constant) or not _op(cast, "relax.astype")
+        if (not isinstance(weight, tvm.ir.expr.Constant) or not is_call(cast, "relax.astype")
                 or str(cast.attrs.dtype) != "float32" or str(call.ty.dtype) != "float32"):
             return call
         equal = self._bound(cast.args[0])
         w = weight.value.numpy()
-        if not _op(equal, "relax.equal") or w.ndim != 2 or not np.isfinite(w).all():
+        if not is_call(equal, "relax.equal") or w.ndim != 2 or not np.isfinite(w).all():
             return call
         found = _ids(equal)
         if found is None or found[1] != w.shape[0]:

@@ -1,5 +1,6 @@
 """Relax module rewrites shared by the CPU lowering passes (:mod:`.layout`, :mod:`.fast_math`,
-:mod:`.rows`, :mod:`.depthwise`, :mod:`.spanning_conv`, :mod:`.transposed_conv`)."""
+:mod:`.rows`, :mod:`.depthwise`, :mod:`.spanning_conv`, :mod:`.transposed_conv`,
+:mod:`.winograd`, :mod:`.one_hot`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def static_shape(expr) -> list[int] | None:
     if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
         return None
     return [int(d) for d in shape]
+
+
+def is_call(expr, op_name: str) -> bool:
+    """Whether ``expr`` is a call of the Relax operator ``op_name``."""
+    return (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)
+            and expr.op.name == op_name)
 
 
 def constant_nchw_call(call, op_name: str, kernel_layout: str):

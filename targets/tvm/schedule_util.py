@@ -103,10 +103,10 @@ def vectorized_copy(sch, block_rv, lanes: int) -> None:
     if not loops or None in sizes:
         parallel_spatial(sch, block_rv, lanes)
         return
-    if _transposed_copy(sch, block_rv, loops, sizes, lanes):
-        return
     inner, width = 1, next((w for w in (lanes, lanes // 2, lanes // 4)
                             if w >= 4 and sizes[-1] % w == 0), None)
+    if width is not None and _transposed_copy(sch, block_rv, loops, sizes, width):
+        return
     if width is None and len(loops) > 1 and (sizes[-1] * sizes[-2]) % lanes == 0:
         inner, width = 2, lanes
     steps = sch.fuse(*loops[-inner:]) if inner > 1 else loops[-1]
@@ -124,45 +124,40 @@ def vectorized_copy(sch, block_rv, lanes: int) -> None:
 TRANSPOSE_TILE = 8
 
 
-def _read_strides(sch, block_rv, var) -> list[int] | None:
-    """The element stride along ``var`` of each buffer the block reads (row-major), or
-    None where an index is not affine in it."""
-    strides = []
-    for read in sch.get(block_rv).reads:
-        dims = read.source.shape
-        if not all(isinstance(d, tirx.IntImm) for d in dims):
+def _read_stride(read, var) -> int | None:
+    """The element stride (row-major) along ``var`` of the buffer region ``read``, or None
+    where an index is not affine in it or the buffer's shape is symbolic."""
+    dims = read.source.shape
+    if not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    step, total = 1, 0
+    for r, d in zip(reversed(read.region), reversed(dims)):
+        c = coefficient(r.min, var)
+        if c is None:
             return None
-        step, total = 1, 0
-        for r, d in zip(reversed(read.region), reversed(dims)):
-            c = coefficient(r.min, var)
-            if c is None:
-                return None
-            total += c * step
-            step *= int(d)
-        strides.append(total)
-    return strides
+        total += c * step
+        step *= int(d)
+    return total
 
 
-def _transposed_copy(sch, block_rv, loops, sizes, lanes: int) -> bool:
+def _transposed_copy(sch, block_rv, loops, sizes, width: int) -> bool:
     """A copy whose output's innermost axis walks its input with a stride (a transpose of
     the last two axes: Magika's [508, 512] -> [512, 508] after its convolution's GEMM) is
     tiled: ``TRANSPOSE_TILE`` rows of the axis the input is contiguous along by a vector of
-    the output's, so the input lines a tile gathers from are read from L1 for every row.
-    Untiled, each output row walked a whole input column (508 lines, 2 KB apart) and the
-    next row read the same lines again from L2: 0.73 ms for 260 K floats (one thread,
-    znver3), 0.24 ms tiled. Returns whether it applied (one read buffer, affine indices)."""
+    ``width`` of the output's, so the input lines a tile gathers from are read from L1 for
+    every row. Untiled, each output row walked a whole input column (508 lines, 2 KB apart)
+    and the next row read the same lines again from L2: 0.73 ms for 260 K floats (one
+    thread, znver3), 0.24 ms tiled. Returns whether it applied (one read buffer, affine
+    indices)."""
     block = sch.get(block_rv)
     ivars = [iv.var for iv in block.iter_vars]
     if len(ivars) != len(loops) or len(loops) < 2 or len(block.reads) != 1:
         return False
-    inner = _read_strides(sch, block_rv, ivars[-1])
-    if inner is None or inner[0] in (0, 1):
+    read = block.reads[0]
+    if _read_stride(read, ivars[-1]) in (None, 0, 1):
         return False
-    row = next((i for i in range(len(loops) - 1)
-                if _read_strides(sch, block_rv, ivars[i]) == [1]), None)
-    width = next((w for w in (lanes, lanes // 2, lanes // 4) if w >= 4 and sizes[-1] % w == 0),
-                 None)
-    if row is None or width is None or sizes[row] % TRANSPOSE_TILE:
+    row = next((i for i in range(len(loops) - 1) if _read_stride(read, ivars[i]) == 1), None)
+    if row is None or sizes[row] % TRANSPOSE_TILE:
         return False
     ro, ri = sch.split(loops[row], [None, TRANSPOSE_TILE])
     co, ci = sch.split(loops[-1], [None, width])

@@ -48,7 +48,7 @@ from tvm import relax, s_tir, te, tirx
 from tvm.relax import expr_functor
 
 from mmcompile.targets.tvm.fuse_pool import whole_windows
-from mmcompile.targets.tvm.rewrite import rewrite_functions
+from mmcompile.targets.tvm.rewrite import is_call, rewrite_functions
 from mmcompile.targets.tvm.schedule_util import VectorRule, extent
 
 # kernel size -> output tile size m: F(4x4, 3x3) (6x6 input tiles), F(4x4, 5x5) (8x8)
@@ -194,11 +194,6 @@ def winograd_output(prod, *bias, shape, m: int, r: int, tiles, relu: bool, pool:
         name="wino_output")
 
 
-def _op(expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) \
-        and expr.op.name == name
-
-
 def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
@@ -254,7 +249,7 @@ class _Winograd(relax.PyExprMutator):
         for var in relax.analysis.free_vars(func.body.body):
             uses.setdefault(var, []).append(None)
         for b in bindings:
-            m = _applies(b.value) if _op(b.value, "relax.nn.conv2d") else None
+            m = _applies(b.value) if is_call(b.value, "relax.nn.conv2d") else None
             if m is not None:
                 self._chain(b, m, uses)
         return super().visit_function_(func)
@@ -268,17 +263,18 @@ class _Winograd(relax.PyExprMutator):
             users = uses.get(var, [])
             return users[0] if len(users) == 1 and users[0] is not None else None
         nxt = next_use(last)
-        if nxt is not None and _op(nxt.value, "relax.add") and nxt.value.args[0].same_as(last) \
+        if nxt is not None and is_call(nxt.value, "relax.add") \
+                and nxt.value.args[0].same_as(last) \
                 and _static_shape(nxt.value.args[1]) == [1, channels, 1, 1] \
                 and str(nxt.value.args[1].ty.dtype) == "float32":
             bias, last = nxt.value.args[1], nxt.var
             chain.append(last)
             nxt = next_use(last)
-        if nxt is not None and _op(nxt.value, "relax.nn.relu"):
+        if nxt is not None and is_call(nxt.value, "relax.nn.relu"):
             relu, last = True, nxt.var
             chain.append(last)
             nxt = next_use(last)
-        if nxt is not None and _op(nxt.value, "relax.nn.max_pool2d") \
+        if nxt is not None and is_call(nxt.value, "relax.nn.max_pool2d") \
                 and whole_windows(nxt.value.attrs) \
                 and len(set(_ints(nxt.value.attrs.pool_size))) == 1:
             pool, last = _ints(nxt.value.attrs.pool_size)[0], nxt.var
