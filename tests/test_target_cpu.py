@@ -1468,3 +1468,101 @@ def test_pack_matmul_weights_packs_matmuls_with_a_symbolic_batch():
     assert "(8, 24, 16)" in text and '"matmul_corner"' in text and '"matmul_rows"' not in text
     data = np.random.default_rng(1).standard_normal((3, 7, 24)).astype("float32")
     np.testing.assert_allclose(_run_relax(packed, data), data @ weights, rtol=1e-4, atol=1e-4)
+
+
+def _depthwise_func(batch, channels, size, kernel, stride=1, dilation=1, per_group=1,
+                    epilogue=None, width=None):
+    from tvm import te, topi
+    x = te.placeholder((batch, channels, size, width or size), name="x")
+    w = te.placeholder((channels, per_group, kernel, kernel), name="w")
+    bias = te.placeholder((1, channels, 1, 1), name="bias")
+    pad = dilation * (kernel // 2)
+    out = topi.nn.group_conv2d_nchw(x, w, stride, pad, dilation, channels // per_group)
+    out = (epilogue or (lambda t: t))(topi.add(out, bias))
+    return te.create_prim_func([x, w, bias, out])
+
+
+# MobileNetV3's depthwise layers (mobilenet_text, PaddleOCR): 5x5 on 10x10 and 5x5 maps with
+# HardSwish, stride-2 3x3 / 5x5 downsampling, a 7x7 window (unrolled along its rows only),
+# dilation, batch 1 (no batch loop left), widths of one partial vector (5), one and a partial
+# (10, 20: a 20-wide row is three vectors), and split into vectors (40, 28), a width that is
+# not the height, and channel counts that fill no vector (the vector is along the width).
+@pytest.mark.parametrize("batch, channels, size, kernel, stride, dilation, width", [
+    (2, 24, 10, 5, 1, 1, None), (1, 16, 5, 5, 1, 1, None), (2, 8, 20, 3, 2, 1, None),
+    (1, 12, 20, 5, 2, 1, None), (2, 8, 9, 7, 1, 1, None), (1, 8, 12, 3, 1, 2, None),
+    (1, 8, 40, 3, 1, 1, None), (2, 4, 7, 3, 1, 1, 28), (1, 8, 6, 3, 1, 1, 20)])
+def test_depthwise_planes_pad_each_plane_in_its_task_and_match_the_plain_loops(
+        batch, channels, size, kernel, stride, dilation, width):
+    from tvm import tirx
+
+    from mmcompile.targets.tvm.cpu_depthwise import DepthwisePlanes
+    func = _depthwise_func(batch, channels, size, kernel, stride, dilation,
+                           epilogue=_hardswish, width=width)
+    sch = DepthwisePlanes._schedule(func, lanes=8)
+    assert sch is not None
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    # one parallel loop over the planes holds everything: the padding runs inside each
+    # plane's task; the HardSwish is folded into the write-back (no block of its own)
+    outer = {sch.get(sch.get_loops(b)[0]) for b in blocks}
+    assert len(outer) == 1 and outer.pop().kind == tirx.ForKind.PARALLEL
+    assert any("pad" in name for name in names), names
+    assert not any("T_divide" in name or "T_add" in name for name in names), names
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal([int(d) for d in p.ty.shape]).astype("float32")
+              for p in func.params[:3]]
+    out = [int(d) for d in func.params[3].ty.shape]
+    expected = _run_prim_func(func, arrays + [np.zeros(out, "float32")])
+    got = _run_prim_func(sch.mod["main"], arrays + [np.full(out, np.nan, "float32")])
+    # up to 49-term float32 sums of unit normals, in another order
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected).max() > 1
+
+
+def test_depthwise_planes_decline_what_is_not_a_depthwise_convolution_or_would_gather():
+    from tvm import te, topi
+
+    from mmcompile.targets.tvm.cpu_depthwise import DepthwisePlanes
+
+    def taken(func) -> bool:
+        return DepthwisePlanes._schedule(func, lanes=8) is not None
+
+    assert taken(_depthwise_func(1, 16, 10, 3))
+    assert not taken(_depthwise_func(1, 16, 10, 3, per_group=2))  # grouped
+    assert not taken(_conv_func("OIHW", 1, cin=8, size=16))  # dense
+    assert not taken(_matmul_relu_func(64, 128, 96))
+    assert not taken(_depthwise_func(1, 16, 9, 3, stride=2))  # 11 padded columns: no
+    assert not taken(_depthwise_func(1, 16, 12, 3, stride=3))  # even / odd split; stride 3
+    assert not taken(_depthwise_func(1, 16, 3, 3))  # 3 columns: the channels-last form
+    # stride 2 without padding reads the input itself: each vector load a gather
+    x = te.placeholder((1, 16, 12, 12), name="x")
+    w = te.placeholder((16, 1, 3, 3), name="w")
+    assert not taken(te.create_prim_func([x, w, topi.nn.group_conv2d_nchw(x, w, 2, 0, 1, 16)]))
+
+
+@pytest.mark.parametrize("width, height, tile", [
+    (10, 10, (10, 5)), (5, 5, (5, 5)), (20, 20, (20, 4)), (40, 40, (8, 10)), (80, 80, (16, 5)), (320, 160, (32, 2)),
+    (28, 7, (14, 1)), (7, 7, (7, 7)), (160, 1, (32, 1))])
+def test_depthwise_register_tiles_stay_within_the_accumulator_registers(width, height, tile):
+    from mmcompile.targets.tvm.cpu_depthwise import MAX_ACCUMULATORS, _tile
+    assert _tile(width, height, 8) == tile
+    columns, rows = tile
+    assert rows * -(-columns // 8) <= MAX_ACCUMULATORS
+
+
+def test_mobilenet_v3_block_with_depthwise_planes_matches_torch():
+    class Block(nn.Module):  # expand, depthwise 5x5 + HardSwish, squeeze-excitation, project
+        def __init__(self):
+            super().__init__()
+            self.expand = nn.Sequential(nn.Conv2d(16, 48, 1), nn.Hardswish())
+            self.depthwise = nn.Sequential(nn.Conv2d(48, 48, 5, padding=2, groups=48),
+                                           nn.Hardswish())
+            self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(48, 12, 1), nn.ReLU(),
+                                      nn.Conv2d(12, 48, 1), nn.Hardsigmoid())
+            self.project = nn.Conv2d(48, 16, 1)
+
+        def forward(self, x):
+            y = self.depthwise(self.expand(x))
+            return x + self.project(y * self.gate(y))
+    _assert_compiled_matches_torch(Block().eval(), (torch.randn(2, 16, 10, 10),),
+                                   rtol=1e-4, atol=1e-4)  # 48- and 25-term sums

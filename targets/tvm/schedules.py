@@ -10,6 +10,8 @@ CPU rules (``GEMV``, ``Reduction``). :func:`cpu_rules` lists, first match wins:
 - :class:`~.rows.RowReduction`: softmax / layer norm rows with vector partial sums.
 - :class:`~.column_softmax.ColumnSoftmax`: softmax over another axis, vectorized across the
   last one.
+- :class:`~.cpu_depthwise.DepthwisePlanes`: depthwise NCHW convolutions, a channel plane
+  per task, padded in L1, the kernel window unrolled.
 - :class:`~.cpu_conv.BlockedConv2d`: cache-blocked 2-D convolution (NCHW x packed HWIO), and
   the max pool grouped with it (:mod:`.fuse_pool`), computed per task.
 - :class:`~.cpu_matmul.BlockedMatmul`: register-blocked matmul / batched matmul / conv.
@@ -184,13 +186,14 @@ def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     """The CPU rules in priority order (first that applies wins)."""
     from mmcompile.targets.tvm.column_softmax import ColumnSoftmax
     from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
+    from mmcompile.targets.tvm.cpu_depthwise import DepthwisePlanes
     from mmcompile.targets.tvm.cpu_int8 import Int8Contraction
     from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
     from mmcompile.targets.tvm.rows import RowReduction
     from mmcompile.targets.tvm.winograd import WinogradTransform
     rules = [Int8Contraction(), WinogradTransform(), RowReduction(), ColumnSoftmax(),
-             BlockedConv2d(), BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(), dl.cpu.Reduction(),
-             Fallback()]
+             DepthwisePlanes(), BlockedConv2d(), BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(),
+             dl.cpu.Reduction(), Fallback()]
     return [SerialIfSmall(r, serial_below) for r in rules]  # serial_below=0: never serial
 
 
