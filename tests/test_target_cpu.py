@@ -1541,8 +1541,9 @@ def test_depthwise_planes_decline_what_is_not_a_depthwise_convolution_or_would_g
 
 
 @pytest.mark.parametrize("width, height, tile", [
-    (10, 10, (10, 5)), (5, 5, (5, 5)), (20, 20, (20, 4)), (40, 40, (8, 10)), (80, 80, (16, 5)), (320, 160, (32, 2)),
-    (28, 7, (14, 1)), (7, 7, (7, 7)), (160, 1, (32, 1))])
+    (10, 10, (10, 5)), (5, 5, (5, 5)), (20, 20, (20, 4)), (40, 40, (8, 10)), (80, 80, (16, 5)),
+    (320, 160, (32, 2)), (7, 7, (7, 7)), (160, 1, (32, 1)),
+    (28, 7, (14, 1))])  # 7 rows of two vectors: no divisor fits 6 rows, one row a tile
 def test_depthwise_register_tiles_stay_within_the_accumulator_registers(width, height, tile):
     from mmcompile.targets.tvm.cpu_depthwise import MAX_ACCUMULATORS, _tile
     assert _tile(width, height, 8) == tile
