@@ -1487,18 +1487,19 @@ def _depthwise_func(batch, channels, size, kernel, stride=1, dilation=1, per_gro
 # dilation, batch 1 (no batch loop left), widths of one partial vector (5), one and a partial
 # (10, 20: a 20-wide row is three vectors), and split into vectors (40, 28), a width that is
 # not the height, and channel counts that fill no vector (the vector is along the width).
-@pytest.mark.parametrize("batch, channels, size, kernel, stride, dilation, width", [
-    (2, 24, 10, 5, 1, 1, None), (1, 16, 5, 5, 1, 1, None), (2, 8, 20, 3, 2, 1, None),
-    (1, 12, 20, 5, 2, 1, None), (2, 8, 9, 7, 1, 1, None), (1, 8, 12, 3, 1, 2, None),
-    (1, 8, 40, 3, 1, 1, None), (2, 4, 7, 3, 1, 1, 28), (1, 8, 6, 3, 1, 1, 20)])
+@pytest.mark.parametrize("batch, channels, size, kernel, stride, dilation, width, lanes", [
+    (2, 24, 10, 5, 1, 1, None, 8), (1, 16, 5, 5, 1, 1, None, 8), (2, 8, 20, 3, 2, 1, None, 8),
+    (1, 12, 20, 5, 2, 1, None, 8), (2, 8, 9, 7, 1, 1, None, 8), (1, 8, 12, 3, 1, 2, None, 8),
+    (1, 8, 40, 3, 1, 1, None, 8), (2, 4, 7, 3, 1, 1, 28, 8), (1, 8, 6, 3, 1, 1, 20, 8),
+    (2, 8, 10, 5, 1, 1, 80, 16), (1, 8, 20, 3, 2, 1, None, 16)])  # AVX-512's 16 lanes
 def test_depthwise_planes_pad_each_plane_in_its_task_and_match_the_plain_loops(
-        batch, channels, size, kernel, stride, dilation, width):
+        batch, channels, size, kernel, stride, dilation, width, lanes):
     from tvm import tirx
 
     from mmcompile.targets.tvm.cpu_depthwise import DepthwisePlanes
     func = _depthwise_func(batch, channels, size, kernel, stride, dilation,
                            epilogue=_hardswish, width=width)
-    sch = DepthwisePlanes._schedule(func, lanes=8)
+    sch = DepthwisePlanes._schedule(func, lanes=lanes)
     assert sch is not None
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
