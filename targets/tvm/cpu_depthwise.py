@@ -37,11 +37,11 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from mmcompile.targets.tvm.cpu_matmul import (_covers, _deinterleave, _folded_epilogue,
-                                              _inline_plain_copy, _largest_divisor,
-                                              _neighbours, _reduction, _vectorize_innermost)
+from mmcompile.targets.tvm.cpu_matmul import (_deinterleave, _inline_plain_copy,
+                                              _largest_divisor, _neighbours, _reduction,
+                                              schedule_epilogues)
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, VectorRule, coefficient,
-                                                 extent, first_growing, parallel_pass)
+                                                 extent, fill_and_copy)
 
 MAX_ACCUMULATORS = 12  # of AVX2's 16 vector registers; the rest hold an input and a weight
 UNROLL_TAPS = 25  # kernel windows up to 5x5 are unrolled whole; larger ones along kw only
@@ -143,19 +143,7 @@ class DepthwisePlanes(VectorRule):
         sch.decompose_reduction(main.block_rv, kh)
         for block_rv in producers:
             _padded_per_plane(sch, block_rv, plane, lanes, stride == 2)
-        cut = next((i for i, b in enumerate(epilogues) if not _covers(sch, main.block_rv, b)),
-                   len(epilogues))
-        cut = min(cut, first_growing(sch, main.block_rv, epilogues))
-        per_tile, after = epilogues[:cut], epilogues[cut:]
-        folded = None if after else _folded_epilogue(sch, acc, per_tile)
-        if folded is not None:
-            sch = folded
-        else:
-            for block_rv in per_tile:
-                sch.reverse_compute_at(block_rv, tile)
-                _vectorize_innermost(sch, block_rv, lanes)
-        for block_rv in after:
-            parallel_pass(sch, block_rv, lanes)
+        sch = schedule_epilogues(sch, main.block_rv, acc, epilogues, tile, lanes)
         sch.vectorize(sch.get_loops(acc)[-1])
         return sch
 
@@ -169,15 +157,8 @@ def _padded_per_plane(sch, block_rv, plane, lanes: int, deinterleaved: bool) -> 
     unrolled pairs, as :func:`~.cpu_matmul._deinterleaved_pass` does (a vector store would be
     a scatter)."""
     sch.compute_at(block_rv, plane)
-    loops = sch.get_loops(block_rv)
-    parts = [block_rv]
-    try:
-        at = loops[-1]  # the columns: each row is filled, then copied, while in L1
-        if sch.can_decompose_padding(block_rv, at):
-            parts = [sch.decompose_padding(block_rv, at), block_rv]
-    except Exception:  # not a padding TVM recognises: one loop with its condition
-        pass
-    for rv in parts:
+    # decomposed at the columns: each row is filled, then copied, while in L1
+    for rv in fill_and_copy(sch, block_rv, sch.get_loops(block_rv)[-1]):
         inner = sch.get_loops(rv)[-1]
         size = extent(sch, inner)
         if size is None:

@@ -194,34 +194,43 @@ class BlockedMatmul(VectorRule):
                 _deinterleaved_pass(sch, block_rv)  # stride 2 along the vector
             else:
                 parallel_pass(sch, block_rv, lanes)
-        # Short chains (bias, relu) go into the accumulator write-back: no full-size temporaries.
-        # Longer ones (fast_exp's stages) are computed per tile instead: inlining them copies
-        # the producer expression into every use (quick_gelu: 0.25 -> 6 ms). A block that keeps
-        # only part of the product (a slice down to one column), and what follows it, runs
-        # after the tiles: inlined, it wrote every column of a tile into the one kept (a conv1d
-        # sliced to [..., :1] was off by the whole range of its output); computed per tile, every
-        # tile wrote the kept column from the one tile that computes it, before that tile ran.
-        # So does an epilogue that writes more than the product (a squeeze-excitation gate
-        # times its feature map): under the tiles it would be written only where they reach.
-        # Before, such kernels fell to dlight's generic Reduction rule (MobileNetV3's SE
-        # expand convolutions, with the broadcast Mul fused in).
-        cut = next((i for i, b in enumerate(epilogues) if not _covers(sch, main.block_rv, b)),
-                   len(epilogues))
-        cut = min(cut, first_growing(sch, main.block_rv, epilogues))
-        per_tile, after = epilogues[:cut], epilogues[cut:]
-        folded = None if after else _folded_epilogue(sch, acc, per_tile)
-        if folded is not None:
-            sch = folded
-        else:
-            for block_rv in per_tile:  # producers first, or each tile recomputes the chain
-                sch.reverse_compute_at(block_rv, outer)
-                _vectorize_innermost(sch, block_rv, lanes)
-        for block_rv in after:
-            parallel_pass(sch, block_rv, lanes)
+        sch = schedule_epilogues(sch, main.block_rv, acc, epilogues, outer, lanes)
         _vectorize_innermost(sch, acc, lanes)
         if pool is not None:
             pool_pass(sch, pool.block_rv)
         return sch
+
+
+def schedule_epilogues(sch, main_rv, acc_rv, epilogues, tile, lanes: int):
+    """Schedule the elementwise ``epilogues`` of the reduction ``main_rv`` whose register
+    tiles are written back by ``acc_rv`` under the loop ``tile``; returns the schedule (a
+    copy of ``sch`` when the chain was folded).
+
+    Short chains (bias, relu) go into the accumulator write-back: no full-size temporaries.
+    Longer ones (fast_exp's stages) are computed per tile instead: inlining them copies the
+    producer expression into every use (quick_gelu: 0.25 -> 6 ms). A block that keeps only
+    part of the product (a slice down to one column), and what follows it, runs after the
+    tiles: inlined, it wrote every column of a tile into the one kept (a conv1d sliced to
+    [..., :1] was off by the whole range of its output); computed per tile, every tile wrote
+    the kept column from the one tile that computes it, before that tile ran. So does an
+    epilogue that writes more than the product (a squeeze-excitation gate times its feature
+    map): under the tiles it would be written only where they reach. Before, such kernels
+    fell to dlight's generic Reduction rule (MobileNetV3's SE expand convolutions, with the
+    broadcast Mul fused in)."""
+    cut = next((i for i, b in enumerate(epilogues) if not _covers(sch, main_rv, b)),
+               len(epilogues))
+    cut = min(cut, first_growing(sch, main_rv, epilogues))
+    per_tile, after = epilogues[:cut], epilogues[cut:]
+    folded = None if after else _folded_epilogue(sch, acc_rv, per_tile)
+    if folded is not None:
+        sch = folded
+    else:
+        for block_rv in per_tile:  # producers first, or each tile recomputes the chain
+            sch.reverse_compute_at(block_rv, tile)
+            _vectorize_innermost(sch, block_rv, lanes)
+    for block_rv in after:
+        parallel_pass(sch, block_rv, lanes)
+    return sch
 
 
 # Longest epilogue expression (TVMScript characters) folded into the accumulator write-back.

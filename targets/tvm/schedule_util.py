@@ -183,13 +183,16 @@ def parallel_rows(sch, block_rv, lanes: int) -> None:
         sch.vectorize(loops[-1])
 
 
-def fill_and_copy(sch, block_rv) -> list:
+def fill_and_copy(sch, block_rv, loop=None) -> list:
     """A zero padding block split into a fill of the border value and a copy of the input
-    (``decompose_padding``): ``[fill, copy]``; ``[block_rv]`` for any other block."""
+    (``decompose_padding``; the fill covers what ``loop``, by default the block's outermost,
+    iterates over, and is placed before it): ``[fill, copy]``; ``[block_rv]`` for any other
+    block."""
     loops = sch.get_loops(block_rv)
+    at = loop if loop is not None else (loops[0] if loops else None)
     try:
-        if loops and sch.can_decompose_padding(block_rv, loops[0]):
-            return [sch.decompose_padding(block_rv, loops[0]), block_rv]
+        if at is not None and sch.can_decompose_padding(block_rv, at):
+            return [sch.decompose_padding(block_rv, at), block_rv]
     except Exception:  # not a padding pattern TVM recognises: schedule it as it is
         pass
     return [block_rv]
