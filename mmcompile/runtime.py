@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from mmcompile.artifact import ArtifactError, write_artifact
 from mmcompile.errors import InputError
-from mmcompile.executor import WorkerPool, run_parallel, run_stages
+from mmcompile.executor import StageError, WorkerPool, run_parallel, run_stages
 from mmcompile.report import format_table, quantization_lines
 from mmcompile.schedule import Schedule, check_kind
 from mmcompile.signature import Signature
@@ -205,10 +206,36 @@ class CompiledModel(ModelCalls):
 
     def _run_ready(self, ready: Mapping[str, Any], torch_out: bool) -> dict[str, Any]:
         """:meth:`run` on inputs already validated (a dispatcher over builds validates once)."""
-        env: dict[str, Any] = dict(ready)
+        single = self._single_stage
         with self._lock:
-            self._execute(env)
-        return {name: _to_caller(env[name], torch_out) for name in self.output_names}
+            if single is not None and self._schedule.kind != "parallel" \
+                    and all(type(v) is np.ndarray for v in ready.values()):
+                # The common call (one host stage, numpy inputs) without the general
+                # path's environment and per-stage closures: ~10 us of a 0.45 ms call.
+                try:
+                    env = single.executable.run(ready)
+                except BaseException as exc:
+                    raise StageError(single.name, exc) from exc
+            else:
+                env = dict(ready)
+                self._execute(env)
+        return {name: _to_caller(env[name], torch_out) for name in self._outputs}
+
+    @cached_property
+    def _single_stage(self) -> Stage | None:
+        """The one stage, when there is one, it runs on host memory and it computes every
+        output: :meth:`_run_ready` then calls it directly."""
+        if len(self.stages) != 1:
+            return None
+        stage = self.stages[0]
+        if stage.executable.memory_device_type != 1 or not set(self._outputs) <= set(
+                stage.outputs):
+            return None
+        return stage
+
+    @cached_property
+    def _outputs(self) -> list[str]:
+        return self.output_names
 
     def profile(self, feeds: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Run once and return per-stage timings: ``stage``, ``target``, ``lane`` (a worker,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,10 +94,11 @@ class Signature:
         Raises:
             InputError: naming the input and what is wrong with it.
         """
-        expected = [s.name for s in self.inputs]
-        missing = [n for n in expected if n not in feeds]
-        unknown = [n for n in feeds if n not in expected]
-        if missing or unknown:
+        exact = self._exact
+        if len(feeds) != len(exact) or any(name not in feeds for name in exact):
+            expected = list(exact)
+            missing = [n for n in expected if n not in feeds]
+            unknown = [n for n in feeds if n not in expected]
             raise InputError(f"inputs {sorted(feeds)} do not match the compiled signature "
                              f"{expected}" + (f": missing {missing}" if missing else "")
                              + (f": unexpected {unknown}" if unknown else ""))
@@ -104,8 +106,24 @@ class Signature:
         ready = {}
         for spec in self.inputs:
             value = feeds[spec.name]
-            ready[spec.name] = _check_one(spec, value, symbols)
+            want = exact[spec.name]
+            # The common call, checked in ~1 us instead of ~5-12: a contiguous numpy array of
+            # exactly the static shape and dtype (ids within their table) passes as it is.
+            if (want is not None and type(value) is np.ndarray and value.shape == want[0]
+                    and value.dtype == want[1] and value.flags.c_contiguous
+                    and (want[2] is None or not value.size
+                         or (value.min() >= 0 and value.max() < want[2]))):
+                ready[spec.name] = value
+            else:
+                ready[spec.name] = _check_one(spec, value, symbols)
         return ready
+
+    @cached_property
+    def _exact(self) -> dict[str, tuple[tuple[int, ...], np.dtype, int | None] | None]:
+        """Input name -> (shape, dtype, index bound) of the arrays that pass unchanged, for
+        inputs whose dims are all static (None for the others)."""
+        return {s.name: (tuple(s.shape), np.dtype(s.dtype), s.index_bound)
+                if all(isinstance(d, int) for d in s.shape) else None for s in self.inputs}
 
 
 def _is_torch(value: Any) -> bool:

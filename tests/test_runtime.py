@@ -335,3 +335,63 @@ def test_unaligned_buffers_are_copied_to_aligned_ones(dtype):
     view[...] = 0  # a copy, not a view of the caller's memory
     assert np.array_equal(tensor.numpy(), source)
     assert np.from_dlpack(tensor).ctypes.data % 64 == 0
+
+
+def _unaligned(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` whose data is not 64-byte aligned (as numpy's often is not)."""
+    buffer = np.empty(array.size + 1, array.dtype)
+    view = buffer[1:].reshape(array.shape)
+    view[...] = array
+    assert view.ctypes.data % 64 != 0
+    return view
+
+
+def test_unaligned_inputs_reuse_a_staging_buffer_and_outputs_never_share_it():
+    # y = sigmoid(x); r = reshape(x): the VM's reshape is a view of its input, here of the
+    # staging buffer an unaligned x is copied into, which the next call overwrites.
+    nodes = [helper.make_node("Sigmoid", ["x"], ["y"]),
+             helper.make_node("Reshape", ["x", "shape"], ["r"])]
+    graph = make_graph(nodes, [("x", FLOAT, [4, 6])], [("y", FLOAT, [4, 6]), ("r", FLOAT, [6, 4])],
+                       {"shape": np.array([6, 4], np.int64)})
+    compiled = mmcompile.compile(graph, verify=False)
+    rng = np.random.default_rng(0)
+    first, second = (rng.standard_normal((4, 6)).astype(np.float32) for _ in range(2))
+    out1 = compiled.run({"x": _unaligned(first)})
+    executable = compiled.stages[0].executable
+    staging = executable._staging[0]
+    assert staging is not None  # the unaligned input went through the staging buffer
+    out2 = compiled.run({"x": _unaligned(second)})
+    assert executable._staging[0] is staging  # reused, not reallocated per call
+    for out, x in ((out1, first), (out2, second)):
+        np.testing.assert_array_equal(out["r"], x.reshape(6, 4))
+        np.testing.assert_allclose(out["y"], 1 / (1 + np.exp(-x)), rtol=1e-6, atol=1e-6)
+    # an aligned input is passed without a copy and leaves the staging buffer alone
+    aligned = np.empty(4 * 6 + 16, np.float32)
+    aligned = aligned[(-aligned.ctypes.data % 64) // 4:][:24].reshape(4, 6)
+    aligned[...] = first
+    np.testing.assert_array_equal(compiled.run({"x": aligned})["r"], first.reshape(6, 4))
+    np.testing.assert_array_equal(executable._staging[0][0], second)
+    # read-only and strided arrays (which DLPack cannot hand over) are staged too
+    frozen = first.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(compiled.run({"x": frozen})["r"], first.reshape(6, 4))
+    strided = np.repeat(second, 2, axis=1)[:, ::2]
+    np.testing.assert_array_equal(np.asarray(executable.run({"x": strided})["r"]),
+                                  second.reshape(6, 4))
+
+
+def test_a_failing_single_stage_is_reported_like_any_stage(monkeypatch):
+    from mmcompile.executor import StageError
+    compiled = mmcompile.compile(one_output_graph(), verify=False)
+    (stage,) = compiled.stages
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    expected = compiled.run(feeds)["y"]
+
+    def boom(inputs):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stage.executable, "run", boom)
+        with pytest.raises(StageError, match=rf"^stage '{stage.name}' failed: RuntimeError: boom$"):
+            compiled.run(feeds)
+    np.testing.assert_array_equal(compiled.run(feeds)["y"], expected)

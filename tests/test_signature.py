@@ -204,3 +204,33 @@ def test_a_boundary_type_numpy_lacks_is_a_clear_error_before_compiling(where):
     with pytest.raises(ModelLoadError, match=f"model {where} '{io[0 if where == 'input' else 1][0][0]}'"
                                              f" is BFLOAT16: .*numpy"):
         mmcompile.compile(graph, verify=False, fallback=None)
+
+
+STATIC = Signature(inputs=tuple(TensorSpec(s.name, (2,) + s.shape[1:], s.dtype, s.modality,
+                                           s.index_bound) for s in SIG.inputs),
+                   outputs=SIG.outputs)
+
+
+def test_static_shapes_take_the_quick_check_with_the_same_outcomes():
+    # all dims static: exact numpy arrays are checked without the general path, which must
+    # still see (and name) everything else
+    feeds = _feeds()
+    ready = STATIC.validate(feeds)
+    assert all(ready[name] is value for name, value in feeds.items())
+    for bad in (VOCAB, -1):
+        ids = np.zeros((2, 6), np.int64)
+        ids[0, 5] = bad
+        with pytest.raises(InputError, match=rf"'input_ids' holds index {bad}, outside"):
+            STATIC.validate(_feeds(input_ids=ids))
+    with pytest.raises(InputError, match=r"dim 0: 3 != 2"):
+        STATIC.validate(_feeds(batch=3))
+    cast = STATIC.validate(_feeds(input_ids=np.ones((2, 6), np.int32)))["input_ids"]
+    assert cast.dtype == np.int64
+    swapped = _feeds()["pixel_values"].astype(">f4")
+    assert STATIC.validate(_feeds(pixel_values=swapped))["pixel_values"].dtype == np.float32
+    strided = np.zeros((2, 3, 4, 8), np.float32)[..., ::2]
+    assert STATIC.validate(_feeds(pixel_values=strided))["pixel_values"].flags.c_contiguous
+    with pytest.raises(InputError, match=r"dtype float64"):
+        STATIC.validate(_feeds(pixel_values=np.zeros((2, 3, 4, 4))))
+    with pytest.raises(InputError, match=r"missing \['input_ids'\]"):
+        STATIC.validate({"pixel_values": feeds["pixel_values"]})
