@@ -1568,3 +1568,66 @@ def test_mobilenet_v3_block_with_depthwise_planes_matches_torch():
             return x + self.project(y * self.gate(y))
     _assert_compiled_matches_torch(Block().eval(), (torch.randn(2, 16, 10, 10),),
                                    rtol=1e-4, atol=1e-4)  # 48- and 25-term sums
+
+
+def _fast_silu(t):
+    """SiLU as TVM legalizes it with fast math: ``x / (1 + fast_exp(-x))`` (x read twice)."""
+    from tvm import topi
+    return topi.divide(t, topi.add(topi.fast_exp(topi.negative(t)), 1.0))
+
+
+def _silu_reference(pre):
+    return pre / (1 + np.exp(-pre))
+
+
+@pytest.mark.parametrize("stride, size", [(2, 16), (1, 10)])
+def test_blocked_conv2d_takes_a_silu_chain_as_one_vectorized_pass(stride, size):
+    # The chain reads the biased output twice, so it does not fold into the write-back; the
+    # rule used to decline such convolutions (YOLO-style Conv + SiLU went to BlockedMatmul).
+    from tvm import te, tirx, topi
+
+    from mmcompile.targets.tvm.cpu_conv import BlockedConv2d
+    data = te.placeholder((1, 8, size, size), name="x")
+    weight = te.placeholder((3, 3, 8, 16), name="w")  # HWIO, as PackConvWeights leaves it
+    bias = te.placeholder((1, 16, 1, 1), name="b")
+    conv = topi.nn.conv(data, weight, stride, 1, 1, 1, "NCHW", "HWIO")
+    func = te.create_prim_func([data, weight, bias, _fast_silu(conv + bias)])
+    sch = BlockedConv2d._schedule(func, lanes=8)
+    assert sch is not None
+    root = sch.get_child_blocks(sch.get_sblock("root"))
+    last = sch.get(root[-1])
+    assert "T_divide" in last.name_hint and len(last.reads) >= 1
+    loops = [sch.get(loop) for loop in sch.get_loops(root[-1])]
+    assert loops[0].kind == tirx.ForKind.PARALLEL  # its own parallel pass after the tiles
+    if size // stride % 8 == 0:  # rows of 10 are left to LLVM's loop vectorizer
+        assert loops[-1].kind == tirx.ForKind.VECTORIZED
+    assert "T_fast_exp" not in sch.mod["main"].script()  # inlined: no temporaries
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal([int(d) for d in t.shape]).astype("float32")
+              for t in (data, weight, bias)]
+    arrays.append(np.full((1, 16, size // stride, size // stride), np.nan, "float32"))
+    pre = _run_prim_func(te.create_prim_func([data, weight, bias, conv + bias]),
+                         arrays[:3] + [arrays[3].copy()])
+    np.testing.assert_allclose(_run_prim_func(sch.mod["main"], arrays), _silu_reference(pre),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_blocked_matmul_moves_a_long_chain_out_of_tiles_it_cannot_vectorize():
+    # 6x6 maps: the tile's innermost axis (output pixels of an NCHW output) is not a vector,
+    # so per tile each block of the chain was a scalar loop through a full-size temporary.
+    from tvm import tirx
+
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    sch = BlockedMatmul._schedule(_conv_with_epilogue(_fast_silu), 16)
+    text = sch.mod["main"].script()
+    assert "T_fast_exp" not in text and "T_negative" not in text
+    last = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    assert sch.get(sch.get_loops(last)[0]).kind == tirx.ForKind.PARALLEL
+    rng = np.random.default_rng(6)
+    data = rng.standard_normal((2, 32, 6, 6)).astype("float32")
+    weight = rng.standard_normal((48, 32, 1, 1)).astype("float32")
+    bias = rng.standard_normal((1, 48, 1, 1)).astype("float32")
+    got = _run_prim_func(sch.mod["main"], [data, weight, bias,
+                                           np.full((2, 48, 6, 6), np.nan, "float32")])
+    pre = np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], data) + bias
+    np.testing.assert_allclose(got, _silu_reference(pre), rtol=1e-4, atol=1e-4)

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _covers,
+from mmcompile.targets.tvm.cpu_matmul import (WEIGHT_VECTOR_MIN_DEPTH, _covers, chain_pass,
                                               _index_vars, _largest_divisor, _neighbours,
                                               _reduction, _vector_dim_last,
                                               _vectorize_innermost, pool_pass)
@@ -229,6 +229,22 @@ def _tile_channels(sch, block_rv, roles, lanes):
     return task, acc, (ic0 or [kh])[0], task_rows
 
 
+def _epilogues(sch, epilogues, lanes):
+    """``epilogues`` folded into the accumulator's write-back, or, for a chain that does not
+    fold (a value read twice: SiLU's ``x * sigmoid(x)``), as :func:`~.cpu_matmul.chain_pass`
+    computes it: before, such convolutions fell to BlockedMatmul (YOLO-style Conv + SiLU)."""
+    trial = sch.copy()
+    try:
+        for block_rv in reversed(epilogues):
+            trial.reverse_compute_inline(block_rv)
+        return trial
+    except Exception:  # tvm's ScheduleError: not foldable
+        passed = chain_pass(sch, epilogues, lanes)
+    if passed is None:
+        raise ValueError("the epilogue chain neither folds nor inlines into one pass")
+    return passed
+
+
 class BlockedConv2d(VectorRule):
     """NCHW x HWIO convolution with injective producers (padding) and epilogues."""
 
@@ -273,8 +289,7 @@ class BlockedConv2d(VectorRule):
         for block_rv in producers:  # this task's padded rows, right before it reads them
             sch.compute_at(block_rv, task)
             _vectorize_innermost(sch, block_rv, lanes)
-        for block_rv in reversed(epilogues):  # into the accumulator's write-back
-            sch.reverse_compute_inline(block_rv)
+        sch = _epilogues(sch, epilogues, lanes)
         _vectorize_innermost(sch, acc, lanes)
         if pool is not None:
             _schedule_pool(sch, pool.block_rv, task, task_rows)
