@@ -327,10 +327,7 @@ def test_unknown_target_lists_known_targets(graph):
 def test_unaligned_buffers_are_copied_to_aligned_ones(dtype):
     from mmcompile.targets.tvm.executable import to_tvm
     source = np.arange(1, 1 + 7 * 9).reshape(7, 9).astype(dtype)
-    buffer = np.empty(source.size + 1, dtype)
-    view = buffer[1:].reshape(source.shape)
-    view[...] = source
-    assert view.ctypes.data % 64 != 0
+    view = _unaligned(source)
     tensor = to_tvm(view)
     view[...] = 0  # a copy, not a view of the caller's memory
     assert np.array_equal(tensor.numpy(), source)

@@ -239,7 +239,8 @@ def _epilogues(sch, epilogues, lanes):
             trial.reverse_compute_inline(block_rv)
         return trial
     except Exception:  # tvm's ScheduleError: not foldable
-        passed = chain_pass(sch, epilogues, lanes)
+        pass
+    passed = chain_pass(sch, epilogues, lanes)
     if passed is None:
         raise ValueError("the epilogue chain neither folds nor inlines into one pass")
     return passed

@@ -281,8 +281,7 @@ def _vectorizes_per_tile(sch, block_rv, tile, lanes) -> bool:
     :func:`_vectorize_innermost` vectorizes."""
     trial = sch.copy()
     trial.reverse_compute_at(block_rv, tile)
-    inner = extent(trial, trial.get_loops(block_rv)[-1])
-    return bool(inner) and (inner % lanes == 0 or (inner <= lanes and inner % 4 == 0))
+    return _vectorizable(extent(trial, trial.get_loops(block_rv)[-1]), lanes)
 
 
 def chain_pass(sch, chain, lanes):
@@ -564,11 +563,18 @@ def _is_producer(sch, block_rv, main_rv) -> bool:
     return any(w.source.same_as(r) for w in sch.get(block_rv).writes for r in main_reads)
 
 
+def _vectorizable(n: int | None, lanes: int) -> bool:
+    """Whether :func:`_vectorize_innermost` vectorizes an innermost loop of extent ``n``."""
+    return bool(n) and (n % lanes == 0 or (n <= lanes and n % 4 == 0))
+
+
 def _vectorize_innermost(sch, block_rv, lanes):
     inner = sch.get_loops(block_rv)[-1]
     n = extent(sch, inner)
-    if n and n % lanes == 0 and n > lanes:
+    if not _vectorizable(n, lanes):
+        return
+    if n > lanes:
         _, v = sch.split(inner, [None, lanes])
         sch.vectorize(v)
-    elif n and n <= lanes and n % 4 == 0:
+    else:
         sch.vectorize(inner)
