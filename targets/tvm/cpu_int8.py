@@ -1,9 +1,10 @@
 """The schedule rule for the int8 kernels of :mod:`.int8`, and the tensor intrinsics it uses.
 
 :class:`Int8Contraction` takes a function holding one int8 contraction (found by its block
-names) and whatever ``FuseOps`` grouped around it: input producers are inlined into the uint8
-staging, the int32 sum is register-blocked (at most 12 accumulators of 16 lanes with VNNI, 4
-with AVX2) and tensorized, and the epilogue runs per tile where a tile is a box of the output.
+names) and whatever ``FuseOps`` grouped around it: input producers are inlined into the
+staging (uint8; int16 without VNNI), the int32 sum is register-blocked (at most 12
+accumulators of 16 lanes with VNNI, 4 with AVX2) and tensorized, and the epilogue runs per
+tile where a tile is a box of the output.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, extent, lane
                                                  parallel_spatial)
 
 VNNI_INTRIN = "mmcompile_dot_16x4_u8i8i32_vnni"
-AVX2_INTRIN = "mmcompile_dot_16x2_u8i16i32_avx2"
+AVX2_INTRIN = "mmcompile_dot_16x2_i16i16i32_avx2"
 
 
-def _dot_desc(step: int, weight_dtype: str):
-    """What a 16-column block computes: ``C[i] += sum_k A[k] * B[i, k]`` over ``step`` uint8
-    activations and ``weight_dtype`` weights (int8 for vpdpbusd, int16 for vpmaddwd)."""
+def _dot_desc(step: int, dtype: str, weight_dtype: str):
+    """What a 16-column block computes: ``C[i] += sum_k A[k] * B[i, k]`` over ``step``
+    ``dtype`` activations and ``weight_dtype`` weights (uint8 x int8 for vpdpbusd, int16 x
+    int16 for vpmaddwd)."""
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((step,), "uint8", offset_factor=1),
+    def desc(A: T.Buffer((step,), dtype, offset_factor=1),
              B: T.Buffer((16, step), weight_dtype, offset_factor=1),
              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
@@ -67,14 +69,16 @@ def register_intrinsics() -> None:
                 B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
 
-    s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc(4, "int8"), _dot_vnni, override=True)
+    s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc(4, "uint8", "int8"), _dot_vnni,
+                                override=True)
 
 
     @T.prim_func(s_tir=True)
-    def _dot2_avx2(A: T.Buffer((2,), "uint8", offset_factor=1),
+    def _dot2_avx2(A: T.Buffer((2,), "int16", offset_factor=1),
                    B: T.Buffer((16, 2), "int16", offset_factor=1),
                    C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-        # two vpmaddwd: 8 columns x 2 steps each, u8 widened to int16 (exact: no saturation)
+        # two vpmaddwd: 8 columns x 2 steps each, on activations staged as int16 (exact:
+        # no saturation); the pair is one int32 broadcast from memory
         with T.sblock("root"):
             T.reads(C[0:16], A[0:2], B[0:16, 0:2])
             T.writes(C[0:16])
@@ -82,17 +86,18 @@ def register_intrinsics() -> None:
             # local buffer, which LLVM left on the stack, a store and reload per instruction)
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
-                                                        dtype="int32"), 8), dtype="int16x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                              dtype="int16x16"),
                 B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
             C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")),
-                                                        dtype="int32"), 8), dtype="int16x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                              dtype="int16x16"),
                 B.vload([8, 0], dtype="int16x16"), dtype="int32x8")
 
 
-    s_tir.TensorIntrin.register(AVX2_INTRIN, _dot_desc(2, "int16"), _dot2_avx2, override=True)
+    s_tir.TensorIntrin.register(AVX2_INTRIN, _dot_desc(2, "int16", "int16"), _dot2_avx2,
+                                override=True)
 
 
 def _stage_loops(sch, data) -> None:
@@ -139,11 +144,12 @@ def _computed_once(sch, block, tiles, padding: float) -> bool:
 
 class Int8Contraction(dl.ScheduleRule):
     """Schedules a function holding one int8 contraction of :mod:`.int8` (and whatever
-    ``FuseOps`` put around it): producers inlined into the uint8 staging block, which runs
-    as its own parallel loop; the int32 sum register-blocked (``rows x cols`` blocks of 16
-    columns, parallel over tiles, one ``vpdpbusd`` per 16 x 4 block with VNNI, two
-    ``vpmaddwd`` per 16 x 2 with AVX2); the epilogue (scale, bias, activation, requantize)
-    inlined into one block computed per tile (:func:`tile_box`), else its own loop."""
+    ``FuseOps`` put around it): producers inlined into the staging block (uint8; int16
+    without VNNI), which runs as its own parallel loop; the int32 sum register-blocked
+    (``rows x cols`` blocks of 16 columns, parallel over tiles, one ``vpdpbusd`` per 16 x 4
+    block with VNNI, two ``vpmaddwd`` per 16 x 2 with AVX2); the epilogue (scale, bias,
+    activation, requantize) inlined into one block computed per tile (:func:`tile_box`),
+    else its own loop."""
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
