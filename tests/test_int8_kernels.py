@@ -159,6 +159,68 @@ def test_the_rewrite_takes_qdq_contractions_and_reports_them(tmp_path):
     assert '"int8"' in manifest and '"kernels": 1' in manifest
 
 
+def _qdq_pool(signed: bool, relu: bool, attrs: dict, scale: float = 0.02):
+    """x -> Q -> DQ [-> Relu] -> MaxPool -> Q (uint8): the island a QDQ graph keeps between
+    two quantized convolutions."""
+    zx = np.array(-3 if signed else 131, np.int8 if signed else np.uint8)
+    inits = [numpy_helper.from_array(np.array(np.float32(scale)), "sx"),
+             numpy_helper.from_array(zx, "zx"),
+             numpy_helper.from_array(np.array(np.float32(0.013)), "sy"),
+             numpy_helper.from_array(np.array(7, np.uint8), "zy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["xd"], ["xr"]))
+    nodes += [helper.make_node("MaxPool", ["xr" if relu else "xd"], ["p"], **attrs),
+              helper.make_node("QuantizeLinear", ["p", "sy", "zy"], ["y"])]
+    shape = [2, 5, 11, 9]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", 1, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [None] * 4)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(3).normal(0, 1.5, shape).astype(np.float32)  # some clip
+    return model, {"x": x}
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("attrs", [{"kernel_shape": [2, 2], "strides": [2, 2]},
+                                   {"kernel_shape": [3, 3], "strides": [2, 2],
+                                    "pads": [1, 1, 1, 1]},
+                                   {"kernel_shape": [3, 2], "strides": [2, 1],
+                                    "ceil_mode": 1}])
+def test_max_pools_of_dequantized_tensors_run_on_the_quantized_ones_bit_exact(
+        signed, relu, attrs, tmp_path):
+    """DQ [-> Relu] -> MaxPool -> Q pools the quantized tensor instead (exact: the dequantize
+    and the ReLU never decrease; padding is the type's minimum), bit-exact to onnxruntime's
+    float evaluation of the graph, also where a window overhangs or is padded and with int8
+    activations (padded with -128)."""
+    from mmcompile.targets.tvm.host import llvm_target
+    from tvm.relax.frontend.onnx import from_onnx
+    model, feeds = _qdq_pool(signed, relu, attrs)
+    rewrite = int8.QuantizedContractions(llvm_target(NO_VNNI))
+    text = rewrite(from_onnx(model, keep_params_in_input=False)).script()
+    assert rewrite.pools == 1
+    pool_input = "int8" if signed else "uint8"
+    assert f'dtype="{pool_input}") = R.nn.max_pool2d' in text, text
+    path = tmp_path / "pool.onnx"
+    onnx.save(model, path)
+    got = mmcompile.compile(str(path), feeds, verify=False)(**feeds)
+    reference = _onnxruntime(model, feeds, optimized=False)
+    assert np.array_equal(got, reference)
+
+
+def test_a_max_pool_of_a_negatively_scaled_dequantize_stays_float():
+    """A negative scale reverses the order: the maximum of the quantized values would be
+    the float minimum, so such a pool is left as it is."""
+    from mmcompile.targets.tvm.host import llvm_target
+    from tvm.relax.frontend.onnx import from_onnx
+    model, _ = _qdq_pool(False, False, {"kernel_shape": [2, 2]}, scale=-0.02)
+    rewrite = int8.QuantizedContractions(llvm_target(NO_VNNI))
+    rewrite(from_onnx(model, keep_params_in_input=False))
+    assert rewrite.pools == 0
+
+
 def test_float_contractions_and_per_tensor_weights_with_zero_points_stay_float():
     """Only constant int8 weights with zero zero-points are taken: a float matmul is not."""
     from tvm import relax

@@ -40,6 +40,21 @@ def test_blocked_matmul_rule_schedules_a_matmul_with_epilogue():
     assert any(inst.kind.name == "Parallel" for inst in sch.trace.insts)
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "float32"])
+def test_blocked_matmul_leaves_max_pools_of_bytes_to_the_plain_rules(dtype):
+    """A max pool of a quantized tensor (int8 graphs pool before dequantizing) as a few
+    byte lanes per vector gathered one by one: 10x the float pool's time (late fusion's
+    audio pools, 50 vs 5 us). BlockedMatmul declines 8- and 16-bit integer reductions."""
+    from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
+    from tvm import te
+    x = te.placeholder((1, 64, 100), dtype, "x")
+    k = te.reduce_axis((0, 2), "k")
+    y = te.compute((1, 64, 50), lambda b, c, w: te.max(x[b, c, w * 2 + k], axis=k),
+                   name="pool_max")
+    taken = BlockedMatmul._schedule(te.create_prim_func([x, y]), lanes=8) is not None
+    assert taken == (dtype == "float32")
+
+
 def test_small_kernels_run_serially_and_large_ones_in_parallel():
     # Waking the thread pool costs more than a small kernel saves. The work count read
     # dlight's extents as IntImm only; TVM 0.27 gives ints, so no kernel ever ran serially.

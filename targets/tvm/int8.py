@@ -17,6 +17,9 @@ kernel that sums ``xq * W`` exactly in int32 and scales once:
 ``QLinearConv`` / ``MatMulIntegerToFloat`` compute; the float ops after it (bias add,
 activation, the next ``quantize``) stay as they were and are fused by ``FuseOps`` as usual.
 int8 activations (``activations="int8"``) are shifted by 128 to uint8 (``zx + 128``).
+The same rewrite moves a max pool of a dequantized tensor (``DQ [-> Relu] -> MaxPool``,
+what a QDQ graph keeps between two quantized convolutions) onto the quantized tensor,
+exactly (``_Rewriter._max_pool``): the convolution before it then writes uint8, not float.
 
 Kernels: the activation is staged as uint8 (a matmul's rows padded to a multiple of 4; a
 convolution's input as NHWC, padded with the zero point, channels to a multiple of the step;
@@ -46,6 +49,7 @@ from tvm.relax import expr_functor
 from mmcompile.targets.tvm.rewrite import rewrite_functions
 from mmcompile.targets.tvm.schedule_util import has_features
 
+MAX_POOLS = ("relax.nn.max_pool1d", "relax.nn.max_pool2d", "relax.nn.max_pool3d")
 BLOCK = 16  # output columns per vector of int32 accumulators
 STEP = 4    # reduction steps one vpdpbusd sums per lane
 
@@ -263,6 +267,7 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.vnni = vnni
         self.count = 0
+        self.pools = 0
 
     def _bound(self, expr):
         while isinstance(expr, relax.Var):
@@ -338,9 +343,38 @@ class _Rewriter(relax.PyExprMutator):
                 return self._matmul(call)
             if call.op.name in ("relax.nn.conv2d", "relax.nn.conv1d"):
                 return self._conv(call)
+            if call.op.name in MAX_POOLS:
+                return self._max_pool(call)
         except (TypeError, ValueError):  # symbolic shapes: leave the float op
             return call
         return call
+
+    def _max_pool(self, call):
+        """``max_pool(relu(dequantize(q)))`` (or without the ReLU) as
+        ``relu(dequantize(max_pool(q)))``: the pool on the quantized tensor. Exact: a
+        dequantize with positive scales and a ReLU never decrease, so they commute with a
+        window maximum, and the quantized type's minimum pads a window as -inf pads the float
+        one (each window holds an element of the input). The kernel before the pool then
+        writes its uint8 output instead of the float one, and the pool reads a quarter of the
+        bytes (onnxruntime runs such pools on uint8 too)."""
+        relu = self._bound(call.args[0])
+        if isinstance(relu, relax.Call) and relu.op.same_as(tvm.ir.Op.get("relax.nn.relu")):
+            source = relu.args[0]
+        else:
+            relu, source = None, call.args[0]
+        found = self._dequantize(source)
+        if found is None:
+            return call
+        xq, scale, _, _ = found
+        if str(xq.ty.dtype) not in ("uint8", "int8") or not np.all(scale > 0):
+            return call
+        dequantize = self._bound(source)
+        pooled = self.builder_.emit(relax.Call(call.op, [xq], call.attrs))
+        out = relax.Call(dequantize.op, [pooled, *dequantize.args[1:]], dequantize.attrs)
+        if relu is not None:
+            out = relax.Call(relu.op, [self.builder_.emit(out)], relu.attrs)
+        self.pools += 1
+        return out
 
     def _matmul(self, call):
         act, wt = self._activation(call.args[0]), self._matmul_weight(call.args[1])
@@ -384,15 +418,17 @@ class _Rewriter(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="mmcompile.QuantizedContractions")
 class QuantizedContractions:
-    """QDQ matmul / conv2d -> int8 kernels (see the module docstring); ``count`` says how
-    many were rewritten."""
+    """QDQ matmul / conv2d -> int8 kernels (see the module docstring), max pools of
+    dequantized tensors moved onto the quantized ones (``_Rewriter._max_pool``); ``count``
+    and ``pools`` say how many of each were rewritten."""
 
     def __init__(self, target):
         self.vnni = has_vnni(target)
-        self.count = 0
+        self.count = self.pools = 0
 
     def transform_module(self, mod, _ctx):
         rewriter = _Rewriter(mod, self.vnni)
         mod = rewrite_functions(mod, rewriter)
-        self.count = rewriter.count
-        return relax.transform.DeadCodeElimination()(mod) if self.count else mod
+        self.count, self.pools = rewriter.count, rewriter.pools
+        changed = self.count or self.pools
+        return relax.transform.DeadCodeElimination()(mod) if changed else mod
