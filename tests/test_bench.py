@@ -294,6 +294,7 @@ def test_runner_reports_an_engine_exception_as_an_error_result(tmp_path):
     (["--rounds", "0"], ["--rounds must be at least 1"]),
     (["--baseline", "/nonexistent"], ["--baseline /nonexistent", "not a checkout of mmcompile"]),
     (["--engines", "mmcompile-baseline"], ["needs --baseline CHECKOUT"]),
+    (["--engines", "mmcompile-int8-baseline"], ["'mmcompile-int8-baseline' needs --baseline"]),
     (["--deploy", "--engines", "onnxruntime"], ["--deploy runs its own engines"]),
     (["--suite", "corpus", "--models", "nope"], ["unknown corpus model 'nope'", "ppocr_det"]),
     (["--suite", "corpus", "--batch", "8"], ["real inputs", "--batch does not apply"]),
@@ -339,6 +340,23 @@ def test_bad_model_file_arguments_fail_fast_with_one_line(mlp_file, tmp_path, ca
     code, _, err = run_cli(capsys, "bench", tmp_path / "absent.onnx")
     assert code == 1
     assert_one_line_error(err, "no such model file")
+
+
+@pytest.mark.parametrize("engines, expected", [
+    (["onnxruntime", "mmcompile"], ["onnxruntime", "mmcompile-baseline", "mmcompile"]),
+    (["onnxruntime-int8", "mmcompile-int8"],
+     ["onnxruntime-int8", "mmcompile-int8-baseline", "mmcompile-int8"]),
+    (["mmcompile", "mmcompile-int8"],
+     ["mmcompile-baseline", "mmcompile", "mmcompile-int8-baseline", "mmcompile-int8"]),
+    (["onnxruntime"], ["onnxruntime", "mmcompile-baseline"]),
+    (["mmcompile-baseline", "mmcompile"], ["mmcompile-baseline", "mmcompile"]),
+])
+def test_baseline_adds_the_twin_of_each_mmcompile_engine(engines, expected):
+    """``--baseline``: an int8 A/B needs the int8 engine from the other checkout too."""
+    from mmcompile.bench.engines import baseline_engines, get_engine
+    assert baseline_engines(engines) == expected
+    assert get_engine("mmcompile-int8-baseline").int8
+    assert get_engine("mmcompile-int8-baseline").baseline
 
 
 def test_the_baseline_engine_imports_mmcompile_from_the_other_checkout(tmp_path):

@@ -92,7 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run 'mmcompile-tuned': mmcompile compiled with this database "
                         "from 'mmcompile tune' (next to untuned mmcompile, in the same run)")
     p.add_argument("--baseline", metavar="CHECKOUT",
-                   help="also run 'mmcompile-baseline': mmcompile imported from another "
+                   help="also run 'mmcompile-baseline' (and 'mmcompile-int8-baseline' beside "
+                        "'mmcompile-int8'): mmcompile imported from another "
                         "checkout of this repository (e.g. 'git worktree add /tmp/base "
                         "COMMIT'), in lock-step with this one: an A/B of a change in one run")
     p.add_argument("--fallback", default="onnxruntime", metavar="TARGET|none",
@@ -108,6 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace):
+    from mmcompile.bench.engines import baseline_engines, engine_names, get_engine
     from mmcompile.bench.harness import (DEFAULT_AGAINST_FILE, DEFAULT_AGAINST_SUITE,
                                          BenchOptions, parse_batches, parse_names)
     batches = parse_batches(args.batch)
@@ -142,11 +144,11 @@ def _options(args: argparse.Namespace):
         if not (Path(args.baseline) / "mmcompile" / "__init__.py").is_file():
             raise BenchError(f"--baseline {args.baseline}: not a checkout of mmcompile (no "
                              f"mmcompile/__init__.py)")
-        if "mmcompile-baseline" not in engines:
-            at = engines.index("mmcompile") if "mmcompile" in engines else len(engines)
-            engines.insert(at, "mmcompile-baseline")
-    elif "mmcompile-baseline" in engines:
-        raise BenchError("engine 'mmcompile-baseline' needs --baseline CHECKOUT")
+        engines = baseline_engines(engines)
+    else:
+        for engine in engines:
+            if engine in engine_names() and get_engine(engine).baseline:
+                raise BenchError(f"engine '{engine}' needs --baseline CHECKOUT")
     return BenchOptions(engines=engines, batches=batches, threads=args.threads,
                         repeat=args.repeat, warmup=args.warmup, warmup_s=args.warmup_time,
                         max_time=args.max_time,

@@ -33,12 +33,14 @@ class Engine(ABC):
         needs_module: the engine runs the torch module, so model files cannot use it.
         int8: the engine runs the workload's quantized (QDQ) file, checked against that
             file's own outputs and measured against the float model's.
+        baseline: the engine imports mmcompile from ``bench --baseline``'s checkout.
         variants: configurations run in separate processes; the fastest is reported.
     """
 
     name: ClassVar[str] = ""
     needs_module: ClassVar[bool] = False
     int8: ClassVar[bool] = False  # runs the workload's QDQ int8 file
+    baseline: ClassVar[bool] = False  # mmcompile from another checkout
     variants: ClassVar[tuple[str, ...]] = ("default",)
 
     @abstractmethod
@@ -68,6 +70,20 @@ def register_engine(cls: type[Engine]) -> type[Engine]:
 
 def engine_names() -> list[str]:
     return list(_ENGINES)
+
+
+def baseline_engines(engines: list[str]) -> list[str]:
+    """``engines`` with the ``--baseline`` twin of each mmcompile engine it holds
+    (``mmcompile-baseline`` before ``mmcompile``, ``mmcompile-int8-baseline`` before
+    ``mmcompile-int8``), or ``mmcompile-baseline`` last when it holds neither."""
+    out = list(engines)
+    for engine in ("mmcompile", "mmcompile-int8"):
+        twin = f"{engine}-baseline"
+        if engine in out and twin not in out:
+            out.insert(out.index(engine), twin)
+    if not any(_ENGINES[e].baseline for e in out if e in _ENGINES):
+        out.append("mmcompile-baseline")
+    return out
 
 
 def get_engine(name: str) -> type[Engine]:
@@ -152,6 +168,7 @@ class MMCompileBaselineEngine(MMCompileEngine):
     """mmcompile from another checkout (``bench --baseline``), in lock-step with this one."""
 
     name = "mmcompile-baseline"
+    baseline = True
 
 
 @register_engine
@@ -201,6 +218,14 @@ class MMCompileInt8Engine(MMCompileEngine):
 
     name = "mmcompile-int8"
     int8 = True
+
+
+@register_engine
+class MMCompileInt8BaselineEngine(MMCompileInt8Engine):
+    """``mmcompile-int8`` from another checkout (``bench --baseline``), in lock-step."""
+
+    name = "mmcompile-int8-baseline"
+    baseline = True
 
 
 @register_engine

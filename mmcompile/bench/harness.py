@@ -80,7 +80,8 @@ class BenchOptions:
             the round with the median latency, ``rounds_ms`` lists all.
         int8_tolerance: the int8 engines' tolerance against the QDQ file's own outputs.
         baseline: another checkout of this repository, whose ``mmcompile`` the
-            ``mmcompile-baseline`` engine imports instead of this one (see
+            ``mmcompile-baseline`` and ``mmcompile-int8-baseline`` engines import
+            instead of this one (see
             :func:`baseline_path`).
     """
 
@@ -302,7 +303,7 @@ def make_job(workload: Workload, engine: str, variant: str, options: BenchOption
             "warmup_s": options.warmup_s, "max_time": options.max_time,
             "min_runs": options.min_runs, "inductor_cache": f"{stem}.inductor",
             "tuning_db": options.tuning_db, "fallback": options.fallback,
-            "baseline": baseline if engine == "mmcompile-baseline" else None}
+            "baseline": baseline if get_engine(engine).baseline else None}
 
 
 def child_env(job: dict[str, Any]) -> dict[str, str]:
