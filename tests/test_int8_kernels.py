@@ -124,6 +124,7 @@ def _compile(model, feeds, mcpu, tmp_path):
 CASES = {
     "matmul": ("MatMul", (1, 6, 64), (64, 32), {}),
     "matmul_odd": ("MatMul", (2, 5, 30), (30, 20), {}),              # K % 4, N % 16
+    "matmul_rows65": ("MatMul", (2, 65, 40), (40, 32), {}),          # rows padded (AVX2)
     "gemm": ("Gemm", (3, 48), (40, 48), {"transB": 1}),
     "conv3x3": ("Conv", (1, 8, 12, 12), (32, 8, 3, 3), {"pads": [1, 1, 1, 1]}),
     "conv_stride_dilation": ("Conv", (2, 3, 15, 13), (16, 3, 3, 3),
@@ -285,6 +286,29 @@ def test_the_int8_rule_schedules_every_int8_kernel_with_its_epilogue_per_tile(ca
     assert re.search(rf'int8_data = T\.sblock_alloc_buffer\(.*, "{staged}"\)\n', text), text
     # two loop nests at the root: the staging and the tiles (sum + epilogue)
     assert text.count("\n    for ") == 2, text
+
+
+@pytest.mark.parametrize("mcpu, rows, tile_rows", [(NO_VNNI, 66, 2), (VNNI, 65, 5)])
+def test_int8_matmul_rows_without_a_divisor_near_the_tile_are_padded(mcpu, rows, tile_rows):
+    """65 rows (CLIP's tokens; ViT's 197) have no divisor up to AVX2's row limit of 2: the
+    tile was one row, one accumulator pair streaming every weight per row (CLIP batch 8's
+    MLP matmul 712 -> 615 us). They are padded to 66, the epilogue still per tile; VNNI's
+    limit (6 with two column blocks) divides 65 by 5 and pads nothing."""
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import fuse_cpu
+    from tvm import relax, tirx
+    from tvm.relax.frontend.onnx import from_onnx
+    op, x_shape, w_shape, attrs = CASES["matmul_rows65"]
+    model, _ = _qdq_model(op, x_shape, w_shape, attrs=attrs)
+    mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
+    target = llvm_target(mcpu)
+    [kernel] = [f for gv, f in fuse_cpu(mod, target).functions_items()
+                if isinstance(f, tirx.PrimFunc) and "int8_" in gv.name_hint]
+    text = Int8Contraction()._schedule(kernel, target).mod["main"].script()
+    assert re.search(rf"int8_acc = T\.sblock_alloc_buffer\(\(T\.int64\(2\), T\.int64\({rows}\),",
+                     text), text
+    assert re.search(rf"for \w+ in T\.unroll\(T\.int64\({tile_rows}\)\)", text), text
+    assert text.count("\n    for ") == 2, text  # staging; tiles with their epilogue
 
 
 @pytest.mark.parametrize("case", ["matmul_odd", "conv_stride_dilation"])

@@ -20,7 +20,7 @@ from tvm.script import tirx as T
 
 from mmcompile.targets.tvm.cpu_matmul import _largest_divisor
 from mmcompile.targets.tvm.int8 import (BLOCK, STAGE_BLOCK, SUM_BLOCK, has_avx2, has_vnni,
-                                        step_for)
+                                        register_tile, step_for)
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, extent, lanes_for,
                                                  parallel_spatial)
 
@@ -64,8 +64,8 @@ def register_intrinsics() -> None:
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                 C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
-                              dtype="int8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
+                                          16), dtype="int8x64"),
                 B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
 
@@ -107,13 +107,17 @@ def _stage_loops(sch, data) -> None:
 
 
 def tile_box(out: list[int], acc_shape: list[int]) -> int | None:
-    """The output columns when an epilogue writing ``out`` writes the contraction's own layout, ``[rows..., N]`` (a matmul) or ``[batch, N, rows...]`` (a convolution; a conv1d
-    without its unit row axis), with ``N`` at most the sum's padded width; else None. Then a
-    tile of the sum is a box of the output and the epilogue can run per tile. A reshape
-    fused after the sum (heads split off the columns) would make a tile's output a non-box
-    region, which TVM over-approximates: the extra elements would read accumulators of tiles
-    not summed yet."""
+    """The output columns when an epilogue writing ``out`` writes the contraction's own
+    layout, ``[rows..., N]`` (a matmul, its last row axis possibly padded in the sum) or
+    ``[batch, N, rows...]`` (a convolution; a conv1d without its unit row axis), with ``N``
+    at most the sum's padded width; else None. Then a tile of the sum is a box of the output
+    and the epilogue can run per tile. A reshape fused after the sum (heads split off the
+    columns) would make a tile's output a non-box region, which TVM over-approximates: the
+    extra elements would read accumulators of tiles not summed yet."""
     *rows, width = acc_shape
+    if (len(out) == len(acc_shape) and out[:-2] == rows[:-1] and out[-2] < rows[-1]
+            and out[-1] <= width):
+        return out[-1]  # a matmul whose rows were padded (int8._int8_matmul)
     count = int(np.prod(rows)) if rows else 1
     total = int(np.prod(out))
     if total % count or total // count > width:
@@ -126,9 +130,9 @@ def tile_box(out: list[int], acc_shape: list[int]) -> int | None:
 
 def _computed_once(sch, block, tiles, padding: float) -> bool:
     """After ``reverse_compute_at(block, tiles)``: whether the tiles together cover no more
-    elements than ``block`` writes, times the column ``padding`` (the last column tile
-    reaches into the padded columns, under a predicate): a second guard against a
-    non-box tile."""
+    elements than ``block`` writes, times the sum's ``padding`` (its elements per output
+    element: the last column and row tiles reach into padded columns and rows, under a
+    predicate): a second guard against a non-box tile."""
     loops = sch.get_loops(block)
     if not loops or not sch.get(loops[0]).same_as(sch.get(tiles)):
         return False
@@ -192,8 +196,8 @@ class Int8Contraction(dl.ScheduleRule):
         # accumulators (768 bytes: the tile buffer must stay under TVM's 1 KB stack-alloca
         # limit, see schedule_util); AVX2: 16 registers of half the width, at most 4 blocks
         # (8 registers) beside the weights and the broadcast
-        tile_cols = _largest_divisor(extent(sch, col) // BLOCK, 4 if vnni else 2)
-        tile_rows = _largest_divisor(extent(sch, row), (12 if vnni else 4) // tile_cols)
+        limit, tile_cols = register_tile(extent(sch, col) // BLOCK, vnni)
+        tile_rows = _largest_divisor(extent(sch, row), limit)
         io, ii = sch.split(row, [None, tile_rows])
         jo, jj, ji = sch.split(col, [None, tile_cols, BLOCK])
         ko, ki = sch.split(red, [None, step_for(vnni)])
@@ -222,7 +226,7 @@ class Int8Contraction(dl.ScheduleRule):
                 cols = tile_box(out, acc_shape) if len(rest) == 1 else None
                 if cols:
                     sch.reverse_compute_at(rest[0], tiles)
-                    if _computed_once(sch, rest[0], tiles, acc_shape[-1] / cols):
+                    if _computed_once(sch, rest[0], tiles, np.prod(acc_shape) / np.prod(out)):
                         return sch
             except Exception:  # noqa: BLE001 (any schedule error: schedule it apart)
                 pass

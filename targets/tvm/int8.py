@@ -21,7 +21,8 @@ The same rewrite moves a max pool of a dequantized tensor (``DQ [-> Relu] -> Max
 what a QDQ graph keeps between two quantized convolutions) onto the quantized tensor,
 exactly (``_Rewriter._max_pool``): the convolution before it then writes uint8, not float.
 
-Kernels: the activation is staged as uint8 (a matmul's rows padded to a multiple of 4; a
+Kernels: the activation is staged as uint8 (a matmul's reduction padded to a multiple of 4,
+its rows to the register tile's where no divisor is near it (CLIP's 65 tokens); a
 convolution's input as NHWC, padded with the zero point, channels to a multiple of the step;
 a 1-channel input as rows whose neighbouring columns are summed together); weights are
 packed at compile time. With AVX512-VNNI the inner ``16 x 4`` block is one ``vpdpbusd``
@@ -46,6 +47,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax import expr_functor
 
+from mmcompile.targets.tvm.cpu_matmul import _largest_divisor, row_padding
 from mmcompile.targets.tvm.rewrite import rewrite_functions
 from mmcompile.targets.tvm.schedule_util import has_features
 
@@ -83,6 +85,14 @@ def step_for(vnni: bool) -> int:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def register_tile(blocks: int, vnni: bool) -> tuple[int, int]:
+    """``(row limit, column blocks)`` of the int32 sum's register tile over ``blocks``
+    16-column blocks: at most 12 accumulators of 16 lanes with VNNI (4 blocks wide), 4 blocks
+    with AVX2 (2 wide); the schedule takes the largest divisor of the rows up to the limit."""
+    cols = _largest_divisor(blocks, 4 if vnni else 2)
+    return (12 if vnni else 4) // cols, cols
 
 
 # -- compile-time weights --------------------------------------------------------------------
@@ -143,15 +153,22 @@ def _int8_matmul(x, packed, correction, scale, zero: int, signed: bool, vnni: bo
     padded = _round_up(depth, STEP)
     cols = int(scale.shape[0])
     fill = tirx.const(zero, staged_dtype(vnni))
+    # rows with no divisor near the register tile's (CLIP's 65 tokens, ViT's 197) are padded,
+    # as the float matmuls are (cpu_matmul.row_padding): else the tile is one row
+    rows = lead[-1]
+    rows_padded = _round_up(rows, row_padding(rows, register_tile(int(packed.shape[0]), vnni)[0]))
+    staged = [*lead[:-1], rows_padded]
 
     def stage(*i):
         value = _staged(x[i], signed, vnni)
-        return te.if_then_else(i[-1] < depth, value, fill) if padded != depth else value
-    data = te.compute((*lead, padded), stage, name=STAGE_BLOCK)
+        inside = ([i[-1] < depth] if padded != depth else []) + \
+            ([i[-2] < rows] if rows_padded != rows else [])
+        return te.if_then_else(tirx.all(*inside), value, fill) if inside else value
+    data = te.compute((*staged, padded), stage, name=STAGE_BLOCK)
     weight = _packed(packed, vnni)
     k = te.reduce_axis((0, padded), "k")
     acc = te.compute(
-        (*lead, BLOCK * int(packed.shape[0])),
+        (*staged, BLOCK * int(packed.shape[0])),
         lambda *i: te.sum(data[(*i[:-1], k)].astype("int32")
                           * weight(i[-1], k).astype("int32"), axis=k),
         name=SUM_BLOCK)
