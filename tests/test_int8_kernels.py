@@ -284,6 +284,8 @@ def test_the_int8_rule_schedules_every_int8_kernel_with_its_epilogue_per_tile(ca
     # vector instructions per pair: 3x3 conv 32 -> 64 on 28x28 347 -> 271 us at one thread)
     staged = "uint8" if mcpu == VNNI else "int16"
     assert re.search(rf'int8_data = T\.sblock_alloc_buffer\(.*, "{staged}"\)\n', text), text
+    if case == "conv3x3":  # NHWC staging: the loop over pixels and their channels is not
+        assert "for w, c in T.grid(" in text, text  # fused into the rows (a div/mod each)
     # two loop nests at the root: the staging and the tiles (sum + epilogue)
     assert text.count("\n    for ") == 2, text
 
