@@ -290,6 +290,39 @@ def test_the_int8_rule_schedules_every_int8_kernel_with_its_epilogue_per_tile(ca
     assert text.count("\n    for ") == 2, text
 
 
+@pytest.mark.parametrize("out, acc, aliased", [
+    ([8, 32, 64, 64], [8, 64, 64, 32], True),    # 4 KB planes: 32 lines in one set
+    ([1, 32, 128, 128], [1, 128, 128, 32], True),
+    ([8, 64, 32, 32], [8, 32, 32, 64], True),    # 1 KB planes: 16 lines a set
+    ([8, 32, 32, 32], [8, 32, 32, 32], False),   # 8 lines a set: as many as it holds
+    ([8, 32, 48, 48], [8, 48, 48, 32], False),   # 2304-byte planes spread over 16 sets
+    ([8, 16, 56, 56], [8, 56, 56, 16], False),
+    ([8, 65, 512], [8, 66, 512], False),         # a matmul: channels contiguous
+])
+def test_tiles_writing_nchw_planes_that_share_l1_sets_leave_the_epilogue_to_a_pass(
+        out, acc, aliased):
+    from mmcompile.targets.tvm.cpu_int8 import aliased_planes
+    assert aliased_planes(out, acc, 1, 32 if out[1] <= 32 else 64) == aliased
+
+
+def test_a_stem_on_64x64_runs_its_epilogue_after_the_tiles_and_stays_exact(tmp_path):
+    """3 -> 32 channels on 64x64: per tile, each pixel's 32 channel bytes went to 32 planes
+    4 KB apart (one L1 set); as a pass after the tiles: 2x faster (late fusion's stem)."""
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import fuse_cpu
+    from tvm import relax, tirx
+    from tvm.relax.frontend.onnx import from_onnx
+    model, feeds = _qdq_model("Conv", (2, 3, 64, 64), (32, 3, 3, 3), attrs={"pads": [1] * 4})
+    mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
+    target = llvm_target(NO_VNNI)
+    [kernel] = [f for gv, f in fuse_cpu(mod, target).functions_items()
+                if isinstance(f, tirx.PrimFunc) and "int8_" in gv.name_hint]
+    text = Int8Contraction()._schedule(kernel, target).mod["main"].script()
+    assert text.count("\n    for ") == 3, text  # staging, tiles, the epilogue's pass
+    _assert_matches_onnxruntime(_compile(model, feeds, NO_VNNI, tmp_path)(**feeds), model,
+                                feeds)
+
+
 @pytest.mark.parametrize("mcpu, rows, tile_rows", [(NO_VNNI, 66, 2), (VNNI, 65, 5)])
 def test_int8_matmul_rows_without_a_divisor_near_the_tile_are_padded(mcpu, rows, tile_rows):
     """65 rows (CLIP's tokens; ViT's 197) have no divisor up to AVX2's row limit of 2: the
