@@ -38,7 +38,7 @@ Measured (``mmcompile bench``, the six suite models at batch 1 and 8, 3 rounds, 
 (batch 1) and 0.78 (batch 8); per model 0.48-0.88 except MM-IMDb and late fusion at batch 1
 (1.26, 1.17; not profiled yet).
 Against mmcompile's own float build, 0.79 overall. On AVX2 without VNNI (znver3, the six
-models, one run): 0.82 (batch 1) and 0.94 (batch 8) of onnxruntime's int8 time, 1.19 of
+models, one run): 0.80 (batch 1) and 0.89 (batch 8) of onnxruntime's int8 time, 1.12 of
 mmcompile's float time (twice a float FMA's multiply-adds per ``vpmaddwd`` pair at best, and
 no Winograd for exact int8 convolutions).
 """
