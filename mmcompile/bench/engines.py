@@ -77,8 +77,8 @@ def baseline_engines(engines: list[str]) -> list[str]:
     (``mmcompile-baseline`` before ``mmcompile``, ``mmcompile-int8-baseline`` before
     ``mmcompile-int8``), or ``mmcompile-baseline`` last when it holds neither."""
     out = list(engines)
-    for engine in ("mmcompile", "mmcompile-int8"):
-        twin = f"{engine}-baseline"
+    for twin in (name for name, cls in _ENGINES.items() if cls.baseline):
+        engine = twin.removesuffix("-baseline")
         if engine in out and twin not in out:
             out.insert(out.index(engine), twin)
     if not any(_ENGINES[e].baseline for e in out if e in _ENGINES):

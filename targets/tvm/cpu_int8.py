@@ -249,9 +249,9 @@ class Int8Contraction(dl.ScheduleRule):
                 if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
         if per_tile:  # the epilogue per tile, while its accumulators are in cache
             try:
-                written = sch.get(rest[0]).writes[0].source if rest else None
-                out = [int(d) for d in written.shape] if rest else []
-                cols = tile_box(out, acc_shape) if len(rest) == 1 else None
+                written = sch.get(rest[0]).writes[0].source if len(rest) == 1 else None
+                out = [int(d) for d in written.shape] if written is not None else []
+                cols = tile_box(out, acc_shape) if out else None
                 if cols and not aliased_planes(out, acc_shape, written.dtype.bits // 8,
                                                tile_cols * BLOCK):
                     sch.reverse_compute_at(rest[0], tiles)
