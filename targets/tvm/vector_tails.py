@@ -13,7 +13,7 @@ predication, ``tirx.enable_buffer_level_predication``, leaves this predicate sca
     if pred(lane = first) and pred(lane = last):   # every lane in range
         for lane in vectorized(n): body            # no predicate
     else:
-        for lane in range(n): body where pred      # as before, scalar
+        for lane in unroll(n): body where pred     # lane by lane, as before
 
 which is exact when every conjunct of the predicate that reads the lane is linear in it (then
 it holds on all lanes iff it holds at both ends); other predicates are left alone.
@@ -22,9 +22,11 @@ Measured (znver3, 2 threads, the kernel alone, JIT-compiled): CLIP batch 8's att
 kernel with its quantize / dequantize epilogue 205 -> 121 us, the float build's (a scale)
 86 -> 81 us; outputs bit-identical. With :func:`~.cpu_matmul.unroll_write_back` (without it
 the split kernel's tile left registers, and from the exported library it ran no faster),
-CLIP's int8 build at batch 8, same-process A/B of saved artifacts: 0.94x; float CLIP,
-Whisper-text, MM-IMDb, int8 late fusion and Whisper-text: 0.99-1.01x (no such kernels that
-mattered).
+CLIP's int8 build at batch 8, same-process A/B of saved artifacts: 0.94x (batch 1 1.00x);
+int8 late fusion and Whisper-text at batch 8 1.01x / 1.00x; the float suite at batch 8
+0.97-1.02x (late fusion 0.97x; CLIP, Whisper-text, MM-IMDb, YOLO-audio, MobileNet-text,
+MOSEI-TFN, MOSEI-LSTM, AV-MNIST 0.99-1.02x): no float kernel it reaches mattered. The scalar
+branch is unrolled so that it, too, indexes the register tile with constants.
 """
 
 from __future__ import annotations
