@@ -89,6 +89,8 @@ def test_padded_write_back_gets_a_whole_vector_branch_with_the_same_numbers(quan
     guarded, _ = _guarded_vector_loops(before)
     assert guarded >= 1
     assert _guarded_vector_loops(after) == (0, guarded)  # every guarded loop split
+    verify_ssa = tvm.get_global_func("tirx.transform.VerifySSA")()
+    assert verify_ssa(tvm.IRModule({"main": after}))  # each variable defined once
     rng = np.random.default_rng(0)
     q = rng.standard_normal((2, keys, 32)).astype("float32")
     k = rng.standard_normal((2, 32, keys)).astype("float32")

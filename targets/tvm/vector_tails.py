@@ -32,7 +32,7 @@ branch is unrolled so that it, too, indexes the register tile with constants.
 from __future__ import annotations
 
 import tvm_ffi
-from tvm import s_tir, tirx
+from tvm import IRModule, s_tir, tirx
 from tvm.sym import Analyzer, detect_linear_equation
 
 
@@ -96,8 +96,11 @@ def split_guarded_vectors(mod):
             body = tvm_ffi.structural_mutate(func.body, [(tirx.For, visit)])
             if not body.same_as(func.body):
                 changed[gv] = func.with_body(body)
-    if changed:
-        mod = mod.clone()
-        for gv, func in changed.items():
-            mod.update_func(gv, func)
+    if not changed:
+        return mod
+    # both branches hold the same block: its variables are defined twice until renamed
+    changed = tirx.transform.ConvertSSA()(IRModule(changed))
+    mod = mod.clone()
+    for gv, func in changed.functions_items():
+        mod.update_func(mod.get_global_var(gv.name_hint), func)
     return mod
