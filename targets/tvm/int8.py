@@ -40,7 +40,8 @@ Measured (``mmcompile bench``, the six suite models at batch 1 and 8, 3 rounds, 
 Against mmcompile's own float build, 0.79 overall. On AVX2 without VNNI (znver3, the six
 models, one run): 0.80 (batch 1) and 0.89 (batch 8) of onnxruntime's int8 time, 1.12 of
 mmcompile's float time (twice a float FMA's multiply-adds per ``vpmaddwd`` pair at best, and
-no Winograd for exact int8 convolutions).
+the float convolutions use Winograd F(4x4, 3x3); exact int8 has only F(2x2, 3x3), not yet
+implemented: see the README).
 """
 
 from __future__ import annotations

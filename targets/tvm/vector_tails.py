@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import tvm_ffi
 from tvm import IRModule, s_tir, tirx
-from tvm.sym import Analyzer, detect_linear_equation
+from tvm.sym import Analyzer
+
+from mmcompile.targets.tvm.schedule_util import coefficient
 
 
 def _conjuncts(expr) -> list:
@@ -42,26 +44,22 @@ def _conjuncts(expr) -> list:
     return [expr]
 
 
-def _reads(expr, var) -> bool:
-    found = []
-
-    def visit(v, _visitor):
-        if v.same_as(var):
-            found.append(v)
-    tvm_ffi.structural_visit(expr, [(tirx.Var, visit)])
-    return bool(found)
-
-
 def _substitute(expr, var, value):
     return tvm_ffi.structural_mutate(
         expr, [(tirx.Var, lambda v, _mutator: value if v.same_as(var) else v)])
 
 
-def _linear_bound(cond, var) -> bool:
-    """Whether ``cond`` compares two expressions whose difference is linear in ``var``."""
-    if not isinstance(cond, (tirx.LT, tirx.LE, tirx.GT, tirx.GE)):
-        return False
-    return len(detect_linear_equation(cond.a - cond.b, [var])) == 2
+def _reads(expr, var) -> bool:
+    return var in tirx.analysis.undefined_vars(expr)
+
+
+def _holds_between_ends(cond, lane) -> bool:
+    """Whether ``cond`` holds on every lane once it holds on the first and the last: it does
+    not read the lane, or compares two expressions whose difference is affine in it."""
+    if not _reads(cond, lane):
+        return True
+    return isinstance(cond, (tirx.LT, tirx.LE, tirx.GT, tirx.GE)) \
+        and coefficient(cond.a - cond.b, lane) is not None
 
 
 def _split(loop):
@@ -72,7 +70,7 @@ def _split(loop):
     lane, pred = loop.loop_var, realize.predicate
     if isinstance(pred, tirx.IntImm) or not _reads(pred, lane):
         return None
-    if not all(_linear_bound(c, lane) for c in _conjuncts(pred) if _reads(c, lane)):
+    if not all(_holds_between_ends(c, lane) for c in _conjuncts(pred)):
         return None
     last = loop.min + loop.extent - 1
     every_lane = Analyzer().simplify(
