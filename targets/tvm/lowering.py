@@ -62,12 +62,13 @@ def lowering_options(config) -> dict[str, bool]:
 def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, facts=None):
     """Legalize and fuse: the kernels that get scheduled, and that ``mmcompile tune`` tunes
     (:mod:`.tuning` extracts its tasks from this function's result). ``facts`` (a dict), when
-    given, receives ``int8``: how many QDQ contractions became int8 kernels, and with which
-    instructions."""
+    given, receives ``int8``: how many QDQ contractions became int8 kernels, how many of them
+    write their quantized output (requantized in the kernel), and with which instructions."""
     quantized = QuantizedContractions(target)
     mod = quantized(mod)  # QDQ matmul / conv -> int8 kernels; before anything takes them
     if quantized.count and facts is not None:
-        facts["int8"] = {"kernels": quantized.count, "instructions": int8_instructions(target)}
+        facts["int8"] = {"kernels": quantized.count, "requantized": quantized.requantized,
+                         "instructions": int8_instructions(target)}
     mod = OneHotMatmuls()(mod)  # one_hot(ids) @ W: the weight rows the ids select
     mod = Im2colConvs()(mod)  # deep 1-D convolutions over long sequences: im2col + matmul
     mod = SpanningConvs()(mod)  # kernels spanning the input height: 1-D convolutions
@@ -111,7 +112,8 @@ def lower_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, tun
     Returns:
         ``(mod, facts)``: the IRModule, ready for ``tvm.compile(mod, target=target)``, and
         facts for the manifest (``{"tuning": {"hits": n, "kernels": m}}`` with a database,
-        ``{"int8": {"kernels": n, "instructions": ...}}`` for a QDQ graph).
+        ``{"int8": {"kernels": n, "requantized": r, "instructions": ...}}`` for a QDQ
+        graph).
 
     Raises:
         TuningDBError: ``tuning_db`` is missing, corrupt or for another CPU.
