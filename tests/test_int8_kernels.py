@@ -172,6 +172,8 @@ def _requantized_reference(model, feeds, op: str, relu: bool) -> np.ndarray:
                          for i in range(3) for j in range(3)], axis=2)
         acc = np.einsum("nckhw,ock->nohw", taps, weight.reshape(len(sw), channels, 9))
         column = (None, slice(None), None, None)
+    elif op == "Gemm":  # transB
+        acc, column = xq @ weight.T, (None, slice(None))
     else:
         acc, column = xq @ weight, (None, None, slice(None))
     if "bq" in init:
@@ -203,6 +205,83 @@ def test_a_requantized_contraction_rounds_once_as_onnxruntime_int8_on_many_outpu
     assert np.array_equal(got, expected), f"{np.count_nonzero(got != expected)} differ"
     if int8_exact() and not (relu and zero_y):  # onnxruntime fuses the group (ReLU: zy == 0)
         assert np.array_equal(got, _onnxruntime(model, feeds, optimized=True))
+
+
+def _host_has_amx() -> bool:
+    from mmcompile.targets.tvm.host import llvm_target
+    return int8.has_amx(llvm_target())
+
+
+AMX_CASES = {
+    "clip_mlp": ("MatMul", (8, 65, 128), (128, 512), {}),       # rows 520 padded to 544
+    "odd": ("MatMul", (2, 40, 120), (120, 72), {}),             # K 120 -> 128, N 72 -> 96
+    "gemm": ("Gemm", (64, 192), (80, 192), {"transB": 1}),
+}
+
+
+@pytest.mark.skipif(not _host_has_amx(), reason="this CPU (or its OS) offers no AMX tiles")
+@pytest.mark.parametrize("signed, relu", [(False, False), (True, True)])
+@pytest.mark.parametrize("case", sorted(AMX_CASES))
+def test_amx_kernels_are_bit_exact(case, signed, relu, tmp_path):
+    """On a CPU with AMX, matmuls of 32 rows or more run on tiles (cpu_amx.py), exactly:
+    padded rows, reduction and columns, int8 activations shifted to uint8, the requantizing
+    epilogue."""
+    op, x_shape, w_shape, attrs = AMX_CASES[case]
+    model, feeds = _qdq_model(op, x_shape, w_shape, attrs=attrs, signed=signed, relu=relu,
+                              zero_y=0 if relu else 120)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    cm = mmcompile.compile(str(path), feeds, verify=False)  # this host: AMX
+    manifest = (cm.save(tmp_path / "model.mmc") / "manifest.json").read_text()
+    assert '"amx": 1' in manifest, manifest
+    got = cm(**feeds)
+    expected = _requantized_reference(model, feeds, op, relu)
+    assert np.array_equal(got, expected), f"{np.count_nonzero(got != expected)} differ"
+    assert np.array_equal(got, _onnxruntime(model, feeds, optimized=True))
+    reloaded = mmcompile.load(tmp_path / "model.mmc")  # asks for tile state again
+    assert np.array_equal(reloaded(**feeds), got)
+
+
+def test_an_amx_kernel_loads_the_tile_configuration_once_per_parallel_task():
+    """Scheduled and compiled for Sapphire Rapids on any host (not run): 17 row blocks of 32
+    for 2 threads make 17 tasks of 16 column blocks, each loading the configuration once
+    (per register block it cost ~500 cycles) and releasing the tiles at its end."""
+    import tvm
+    from mmcompile.targets.tvm.cpu_amx import configure_tiles
+    from mmcompile.targets.tvm.host import llvm_target
+    from tvm import te
+    target = llvm_target("sapphirerapids", threads=2)
+    weight = np.random.default_rng(0).integers(-127, 128, (128, 512)).astype(np.int8)
+    packed = int8.pack_weights(weight, True, amx=True)
+    assert packed.shape == (32, 32, 16, 4)
+    x = te.placeholder((8, 65, 128), "uint8", name="x")
+    w = te.placeholder(packed.shape, "int8", name="w")
+    c = te.placeholder((512,), "int32", name="c")
+    s = te.placeholder((512,), "float32", name="s")
+    func = te.create_prim_func([x, w, c, s, int8._amx_matmul(x, w, c, s, 131, False)])
+    mod = configure_tiles(Int8Contraction()._schedule(func, target).mod)
+    text = mod["main"].script()
+    assert re.search(r"in T\.parallel\(17\):\n\s+cfg = ", text), text
+    assert text.count("llvm.x86.ldtilecfg") == 1 and text.count("llvm.x86.tilerelease") == 1
+    assert text.count("llvm.x86.tdpbusd") == 4 and text.count("llvm.x86.tilestored64") == 4
+    tvm.compile(mod, target=target)  # LLVM takes the tile intrinsics
+
+
+def test_small_or_shallow_contractions_stay_on_vpdpbusd():
+    assert int8.use_amx(520, 128) and int8.use_amx(64, 120)
+    assert not int8.use_amx(16, 512)   # one tile of rows, half of it padding
+    assert not int8.use_amx(520, 40)   # the reduction padded 40 -> 64
+    assert not int8.use_amx(33, 512)   # rows padded 33 -> 64
+
+
+def test_an_amx_artifact_on_a_machine_without_tiles_is_a_clear_error(monkeypatch, tmp_path):
+    from mmcompile.artifact import ArtifactError
+    from mmcompile.targets.tvm import executable
+    monkeypatch.setattr(executable, "enable_amx", lambda: False)
+    info = {"int8": {"amx": 2}, "versions": {"tvm": executable.tvm_version()},
+            "inputs": ["x"], "outputs": ["y"]}
+    with pytest.raises(ArtifactError, match="AMX tiles"):
+        executable.load_executable(tmp_path, {"library": "lib.so"}, info, "cpu", 1)
 
 
 def _contractions(model):

@@ -87,11 +87,14 @@ def evaluator(min_repeat_ms: int = 40) -> EvaluatorConfig:
 
 
 def runner_init(threads: int = 0) -> None:
-    """Runner-process initializer: ignore Ctrl-C (see :func:`~.builder.ignore_sigint`) and size
-    TVM's thread pool, which reads ``TVM_NUM_THREADS`` on first use, to the target's cores."""
+    """Runner-process initializer: ignore Ctrl-C (see :func:`~.builder.ignore_sigint`), size
+    TVM's thread pool, which reads ``TVM_NUM_THREADS`` on first use, to the target's cores,
+    and ask for AMX tile state (int8 kernels may use tiles: without it they fault)."""
+    from mmcompile.targets.tvm.executable import enable_amx
     ignore_sigint()
     if threads:
         os.environ["TVM_NUM_THREADS"] = str(threads)
+    enable_amx()
 
 
 def make_runner(rpc: RPCSpec | None = None, threads: int = 0, timeout_s: float = 30.0,

@@ -20,8 +20,9 @@ from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.script import tirx as T
 
 from mmcompile.targets.tvm.cpu_matmul import _largest_divisor
-from mmcompile.targets.tvm.int8 import (BLOCK, STAGE_BLOCK, SUM_BLOCK, has_avx2, has_vnni,
-                                        register_tile, step_for)
+from mmcompile.targets.tvm import cpu_amx
+from mmcompile.targets.tvm.int8 import (AMX_SUM_BLOCK, BLOCK, STAGE_BLOCK, SUM_BLOCK, has_avx2,
+                                        has_vnni, register_tile, step_for)
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, extent, lanes_for,
                                                  parallel_spatial)
 
@@ -212,6 +213,12 @@ class Int8Contraction(dl.ScheduleRule):
         if intrin is not None:
             register_intrinsics()
         _stage_loops(sch, data)
+        if sch.get(acc).name_hint.startswith(AMX_SUM_BLOCK):  # tiles (.cpu_amx), then a pass
+            cpu_amx.schedule_sum(sch, acc, target)
+            for block in sch.get_child_blocks(get_root_block(sch)):
+                if not sch.get(block).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK)):
+                    parallel_spatial(sch, block, lanes_for(target))
+            return sch
         # the sum: [outer spatial..., row, col] x [outer reduction..., channel or k]
         kinds = [int(v.iter_type) for v in sch.get(acc).iter_vars]
         loops = sch.get_loops(acc)

@@ -10,6 +10,7 @@ exist.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -115,6 +116,31 @@ def host_runtime() -> None:
     load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL",
                     extra_lib_paths=[Path(spec.origin).parent / "lib"])
     _HOST_LIBRARY_LOADED = True
+
+
+# Linux's arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): a process must ask before its
+# first AMX tile instruction, else that instruction faults (SIGILL). Granted per process.
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+@functools.cache
+def enable_amx() -> bool:
+    """Ask the kernel for AMX tile state in this process (Linux, x86-64); whether it granted
+    it. False elsewhere, on a CPU without AMX, and on kernels older than 5.16."""
+    import ctypes
+    import platform
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def uses_amx(info: Mapping[str, Any]) -> bool:
+    """Whether a stage's manifest facts say its int8 kernels use AMX tiles."""
+    return bool(info.get("int8", {}).get("amx", 0))
 
 
 def tvm_version() -> str:
@@ -321,6 +347,9 @@ def load_executable(directory: Path, files: Mapping[str, str], info: Mapping[str
         raise ArtifactError(f"{directory} was built with TVM {built_with or 'unknown'}, this is "
                             f"TVM {here}: recompile the model")
     configure_threads(threads)
+    if device == "cpu" and uses_amx(info) and not enable_amx():
+        raise ArtifactError(f"{directory} runs int8 kernels on AMX tiles, which this machine "
+                            "or its OS does not offer: recompile the model here")
     try:
         with native_log_to([]):
             if device == "cpu":

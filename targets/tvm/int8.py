@@ -51,6 +51,7 @@ implemented: see the README).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -69,6 +70,9 @@ STEP = 4    # reduction steps one vpdpbusd sums per lane
 
 # Names the schedule rule (:mod:`.cpu_int8`) finds its blocks by (FuseTIR keeps block names).
 STAGE_BLOCK, SUM_BLOCK = "int8_data", "int8_acc"
+AMX_SUM_BLOCK = SUM_BLOCK + "_amx"  # the sum of an AMX kernel (:mod:`.cpu_amx`)
+# an AMX register block: 2 x 2 tiles of 16 rows x 16 int32 columns, 64 reduction bytes a row
+AMX_ROWS, AMX_COLS, AMX_DEPTH = 32, 32, 64
 
 
 def has_vnni(target) -> bool:
@@ -76,13 +80,25 @@ def has_vnni(target) -> bool:
     return has_features(target, "avx512vnni", "avx512bw")
 
 
+def has_amx(target) -> bool:
+    """Whether int8 kernels for ``target`` may use AMX tiles (:mod:`.cpu_amx`): it has
+    AMX-INT8 and AVX512-VNNI (the kernels too small for tiles), and this process was granted
+    tile state (:func:`~.executable.enable_amx`): a model compiled here is verified here."""
+    from mmcompile.targets.tvm.executable import enable_amx
+    if os.environ.get("MMCOMPILE_AMX", "1") == "0":  # documented off switch (README)
+        return False
+    return has_vnni(target) and has_features(target, "amx-int8", "amx-tile") and enable_amx()
+
+
 def has_avx2(target) -> bool:
     """Whether ``target`` has AVX2's ``vpmaddwd`` on 256-bit vectors."""
     return has_features(target, "avx2")
 
 
-def int8_instructions(target) -> str:
+def int8_instructions(target, amx_kernels: int = 0) -> str:
     """What the int8 kernels run on ``target``, for manifests and progress lines."""
+    if amx_kernels:
+        return f"tdpbusd (AMX) in {amx_kernels}, else vpdpbusd (AVX512-VNNI)"
     if has_vnni(target):
         return "vpdpbusd (AVX512-VNNI)"
     if has_avx2(target):
@@ -109,13 +125,17 @@ def register_tile(blocks: int, vnni: bool) -> tuple[int, int]:
 
 # -- compile-time weights --------------------------------------------------------------------
 
-def pack_weights(weight: np.ndarray, vnni: bool) -> np.ndarray:
+def pack_weights(weight: np.ndarray, vnni: bool, amx: bool = False) -> np.ndarray:
     """int8 ``[K, N]`` -> zero-padded panels of 16 columns: ``[N/16, K/4, 16, 4]`` int8 for
     vpdpbusd (4 reduction steps of each column contiguous), else ``[N/16, K/2, 16, 2]``
-    widened to int16 for vpmaddwd (2 steps per column)."""
+    widened to int16 for vpmaddwd (2 steps per column). For AMX (``amx``), the vpdpbusd
+    layout padded to :data:`AMX_DEPTH` steps and :data:`AMX_COLS` columns: 16 consecutive
+    ``K/4`` rows of a panel are one 16 x 64-byte weight tile."""
     depth, cols = weight.shape
     step = step_for(vnni)
     kp, npad = _round_up(depth, STEP), _round_up(cols, BLOCK)
+    if amx:
+        kp, npad = _round_up(depth, AMX_DEPTH), _round_up(cols, AMX_COLS)
     padded = np.zeros((kp, npad), np.int8 if vnni else np.int16)
     padded[:depth, :cols] = weight
     return np.ascontiguousarray(
@@ -156,11 +176,15 @@ def _packed(packed, vnni: bool):
 
 
 def _scaled(acc, correction, scale, requant, n, *at):
-    """The output element: ``(acc - correction) * scale`` in float, or with ``requant``
-    (``(zero point, low, high, dtype)``, see :class:`_Requantizer`) rounded to the nearest even
-    integer, shifted by the zero point and saturated to ``[low, high]``, as onnxruntime's
-    requantizing int8 kernels write it."""
-    value = (acc[(*at, n)] - correction[n]).astype("float32") * scale[n]
+    return _finished(acc[(*at, n)], correction, scale, requant, n)
+
+
+def _finished(total, correction, scale, requant, n):
+    """The output element of column ``n`` from its int32 sum ``total``: ``(total -
+    correction) * scale`` in float, or with ``requant`` (``(zero point, low, high, dtype)``,
+    see :class:`_Requantizer`) rounded to the nearest even integer, shifted by the zero point
+    and saturated to ``[low, high]``, as onnxruntime's requantizing int8 kernels write it."""
+    value = (total - correction[n]).astype("float32") * scale[n]
     if requant is None:
         return value
     zero, low, high, dtype = requant
@@ -198,6 +222,66 @@ def _int8_matmul(x, packed, correction, scale, zero: int, signed: bool, vnni: bo
     return te.compute((*lead, cols),
                       lambda *i: _scaled(acc, correction, scale, requant, i[-1], *i[:-1]),
                       name="int8_out")
+
+
+def use_amx(rows: int, depth: int) -> bool:
+    """Whether a contraction of ``rows`` (activation rows) over ``depth`` runs on AMX tiles
+    where the CPU has them: at least two 16-row tiles, padding at most a quarter of the rows
+    and the reduction. A tile multiply-add is 16 x 16 x 64; fewer rows or a short reduction
+    mostly multiply padding (then vpdpbusd)."""
+    rows_padded, depth_padded = _round_up(rows, AMX_ROWS), _round_up(depth, AMX_DEPTH)
+    return rows >= AMX_ROWS and rows_padded <= 1.25 * rows and depth_padded <= 1.25 * depth
+
+
+def _flat_index(index, dims: list[int]):
+    """The row-major offset of ``index`` in ``dims``."""
+    flat = index[0]
+    for i, d in zip(index[1:], dims[1:]):
+        flat = flat * d + i
+    return flat
+
+
+def _amx_sum(data, packed):
+    """The int32 sum of the staged ``data [rows, K]`` (uint8; rows a multiple of
+    :data:`AMX_ROWS`, ``K`` of :data:`AMX_DEPTH`) times the packed weights, as ``[rows, N/16,
+    16]``: reduction steps split ``(K/4, 4)`` and columns ``(N/16, 16)`` as the weight tile
+    holds them, so each 32 x 32 x 64 block is a plain box :mod:`.cpu_amx` tensorizes."""
+    rows, blocks = int(data.shape[0]), int(packed.shape[0])
+    kq = te.reduce_axis((0, int(packed.shape[1])), "kq")
+    kr = te.reduce_axis((0, STEP), "kr")
+    return te.compute(
+        (rows, blocks, BLOCK),
+        lambda i, jb, jl: te.sum(data[i, kq * STEP + kr].astype("int32")
+                                 * packed[jb, kq, jl, kr].astype("int32"), axis=[kq, kr]),
+        name=AMX_SUM_BLOCK)
+
+
+def _amx_matmul(x, packed, correction, scale, zero: int, signed: bool, requant=None):
+    """``x [..., K]`` times the packed weights (:func:`pack_weights` with ``amx``) on AMX
+    tiles: the activation's rows flattened and staged as ``[rows padded to 32, K padded to
+    64]`` uint8 (padding: the zero point, against zero weights)."""
+    lead, depth = [int(d) for d in x.shape[:-1]], int(x.shape[-1])
+    rows = int(np.prod(lead))
+    rows_padded, depth_padded = _round_up(rows, AMX_ROWS), int(packed.shape[1]) * STEP
+    fill = tirx.const(zero, "uint8")
+
+    def stage(i, k):
+        index, rest = [], i
+        for d in reversed(lead):
+            index.append(rest % d)
+            rest = rest // d
+        value = _staged(x[(*reversed(index), k)], signed, True)
+        inside = ([i < rows] if rows_padded != rows else []) + \
+            ([k < depth] if depth_padded != depth else [])
+        return te.if_then_else(tirx.all(*inside), value, fill) if inside else value
+    data = te.compute((rows_padded, depth_padded), stage, name=STAGE_BLOCK)
+    acc = _amx_sum(data, packed)
+    cols = int(scale.shape[0])
+    return te.compute(
+        (*lead, cols),
+        lambda *i: _finished(acc[_flat_index(i[:-1], lead), i[-1] // BLOCK, i[-1] % BLOCK],
+                             correction, scale, requant, i[-1]),
+        name="int8_out")
 
 
 def conv_channels(channels: int, vnni: bool) -> int:
@@ -304,10 +388,10 @@ def _constant(expr) -> np.ndarray | None:
 
 @expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, vnni: bool):
+    def __init__(self, mod, vnni: bool, amx: bool = False):
         super().__init__(mod)
-        self.vnni = vnni
-        self.count = 0
+        self.vnni, self.amx = vnni, amx
+        self.count = self.amx_count = 0
         self.pools = 0
         self.kernels: dict[str, _Kernel] = {}
 
@@ -368,16 +452,19 @@ class _Rewriter(relax.PyExprMutator):
             return None if found is None else (found[0].T, found[1])
         return self._weight(expr, 1, 2)
 
-    def _emit(self, func, name, xq, weight, w_scale, x_scale, zero, signed, *attrs):
+    def _emit(self, func, name, xq, weight, w_scale, x_scale, zero, signed, *attrs,
+              amx: bool = False):
         correction, scale = _epilogue_constants(weight, w_scale, x_scale, zero)
-        packed = pack_weights(weight, self.vnni)
+        packed = pack_weights(weight, self.vnni, amx)
+        args = (*attrs, zero, signed) if amx else (*attrs, zero, signed, self.vnni)
         self.count += 1
+        self.amx_count += amx
         call = self.builder_.call_te(
-            func, xq, relax.const(packed), relax.const(correction), relax.const(scale), *attrs,
-            zero, signed, self.vnni, primfunc_name_hint=name)
+            func, xq, relax.const(packed), relax.const(correction), relax.const(scale), *args,
+            primfunc_name_hint=name)
         # what _Requantizer needs to emit the kernel again with a requantizing epilogue
         self.kernels[call.args[0].name_hint] = _Kernel(
-            func, name, (*attrs, zero, signed, self.vnni), 1 if func is _int8_conv2d else -1)
+            func, name, args, 1 if func is _int8_conv2d else -1)
         return call
 
     def visit_call_(self, call):
@@ -431,6 +518,9 @@ class _Rewriter(relax.PyExprMutator):
         shape = [int(d) for d in xq.ty.shape]  # ValueError when symbolic
         if shape[-1] != weight.shape[0]:
             return call
+        if self.amx and use_amx(int(np.prod(shape[:-1])), shape[-1]):
+            return self._emit(_amx_matmul, "int8_matmul_amx", xq, weight, w_scale, x_scale,
+                              zero, signed, amx=True)
         return self._emit(_int8_matmul, "int8_matmul", xq, weight, w_scale, x_scale, zero,
                           signed)
 
@@ -616,13 +706,14 @@ class QuantizedContractions:
     and ``pools`` say how many of each were rewritten."""
 
     def __init__(self, target):
-        self.vnni = has_vnni(target)
-        self.count = self.pools = self.requantized = 0
+        self.vnni, self.amx = has_vnni(target), has_amx(target)
+        self.count = self.pools = self.requantized = self.amx_count = 0
 
     def transform_module(self, mod, _ctx):
-        rewriter = _Rewriter(mod, self.vnni)
+        rewriter = _Rewriter(mod, self.vnni, self.amx)
         mod = rewrite_functions(mod, rewriter)
-        self.count, self.pools = rewriter.count, rewriter.pools
+        self.count, self.pools, self.amx_count = rewriter.count, rewriter.pools, \
+            rewriter.amx_count
         if self.count:
             requantizer = _Requantizer(mod, rewriter.kernels)
             mod = rewrite_functions(mod, requantizer)

@@ -68,7 +68,8 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     mod = quantized(mod)  # QDQ matmul / conv -> int8 kernels; before anything takes them
     if quantized.count and facts is not None:
         facts["int8"] = {"kernels": quantized.count, "requantized": quantized.requantized,
-                         "instructions": int8_instructions(target)}
+                         "amx": quantized.amx_count,
+                         "instructions": int8_instructions(target, quantized.amx_count)}
     mod = OneHotMatmuls()(mod)  # one_hot(ids) @ W: the weight rows the ids select
     mod = Im2colConvs()(mod)  # deep 1-D convolutions over long sequences: im2col + matmul
     mod = SpanningConvs()(mod)  # kernels spanning the input height: 1-D convolutions

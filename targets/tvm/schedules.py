@@ -200,9 +200,11 @@ def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
 def schedule_cpu(mod, target, serial_below: int = SERIAL_BELOW):
     """Apply the CPU rules to every PrimFunc of ``mod`` (after the ``zero`` pipeline), then
     give guarded vector loops a whole-vector branch (:mod:`.vector_tails`)."""
+    from mmcompile.targets.tvm.cpu_amx import configure_tiles
     from mmcompile.targets.tvm.vector_tails import split_guarded_vectors
     with target:
-        return split_guarded_vectors(dl.ApplyDefaultSchedule(*cpu_rules(serial_below))(mod))
+        return configure_tiles(split_guarded_vectors(
+            dl.ApplyDefaultSchedule(*cpu_rules(serial_below))(mod)))
 
 
 def schedule_cuda(mod, target):

@@ -179,10 +179,12 @@ class TuningSession:
         from tvm.s_tir.meta_schedule.arg_info import ArgInfo
         from tvm.s_tir.meta_schedule.builder import BuilderInput
         from tvm.s_tir.meta_schedule.runner import RunnerInput
+        from mmcompile.targets.tvm.cpu_amx import configure_tiles
         from mmcompile.targets.tvm.vector_tails import split_guarded_vectors
         funcs = [t.payload["main"] for t in tasks]
         schedules = [default_schedule(f, self.target) for f in funcs]
-        built = self.builder.build([BuilderInput(split_guarded_vectors(s.mod), self.target)
+        built = self.builder.build([BuilderInput(configure_tiles(split_guarded_vectors(s.mod)),
+                                                 self.target)
                                     for s in schedules])  # as schedule_cpu builds them
         ok = [i for i, b in enumerate(built) if b.error_msg is None]
         inputs = [RunnerInput(built[i].artifact_path, "cpu", ArgInfo.from_prim_func(funcs[i]))
