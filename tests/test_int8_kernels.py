@@ -245,7 +245,8 @@ def test_amx_kernels_are_bit_exact(case, signed, relu, tmp_path):
 def test_an_amx_kernel_loads_the_tile_configuration_once_per_parallel_task():
     """Scheduled and compiled for Sapphire Rapids on any host (not run): 17 row blocks of 32
     for 2 threads make 17 tasks of 16 column blocks, each loading the configuration once
-    (per register block it cost ~500 cycles) and releasing the tiles at its end."""
+    (per register block it cost ~500 cycles) and releasing the tiles at its end; each
+    block's epilogue right after its store."""
     import tvm
     from mmcompile.targets.tvm.cpu_amx import configure_tiles
     from mmcompile.targets.tvm.host import llvm_target
@@ -254,7 +255,7 @@ def test_an_amx_kernel_loads_the_tile_configuration_once_per_parallel_task():
     weight = np.random.default_rng(0).integers(-127, 128, (128, 512)).astype(np.int8)
     packed = int8.pack_weights(weight, True, amx=True)
     assert packed.shape == (32, 32, 16, 4)
-    x = te.placeholder((8, 65, 128), "uint8", name="x")
+    x = te.placeholder((520, 128), "uint8", name="x")  # CLIP's 8 x 65 tokens, flattened
     w = te.placeholder(packed.shape, "int8", name="w")
     c = te.placeholder((512,), "int32", name="c")
     s = te.placeholder((512,), "float32", name="s")
@@ -264,6 +265,9 @@ def test_an_amx_kernel_loads_the_tile_configuration_once_per_parallel_task():
     assert re.search(r"in T\.parallel\(17\):\n\s+cfg = ", text), text
     assert text.count("llvm.x86.ldtilecfg") == 1 and text.count("llvm.x86.tilerelease") == 1
     assert text.count("llvm.x86.tdpbusd") == 4 and text.count("llvm.x86.tilestored64") == 4
+    # two parallel loops (staging; tasks), the epilogue per register block inside the second
+    assert text.count("T.parallel(") == 2 and text.count("T.vectorized(16)") == 1, text
+    assert text.index("T.vectorized(16)") > text.index("llvm.x86.tilestored64")
     tvm.compile(mod, target=target)  # LLVM takes the tile intrinsics
 
 

@@ -154,9 +154,11 @@ def _tasks(blocks: int, threads: int) -> int | None:
     return next((d for d in range(max(threads, 1), blocks + 1) if blocks % d == 0), None)
 
 
-def schedule_sum(sch, acc, target) -> None:
+def schedule_sum(sch, acc, target, epilogue=None) -> None:
     """Tile, parallelize and tensorize the AMX sum block ``acc`` (``[rows, N/16, 16]`` over
-    ``(K/4, 4)``, :func:`~.int8._amx_sum`); its int32 result lands in ``acc``'s buffer.
+    ``(K/4, 4)``, :func:`~.int8._amx_sum`); its int32 result lands in ``acc``'s buffer, and
+    ``epilogue`` (a block writing ``[rows, N]`` from it), when given, runs per register
+    block right after the block's store, vectorized along its 32 columns.
 
     The parallel tasks split the row blocks (else the column blocks) exactly, each a
     contiguous range of register blocks: :func:`configure_tiles` loads the configuration at
@@ -180,6 +182,10 @@ def schedule_sum(sch, acc, target) -> None:
     tile = sch.cache_write(acc, 0, "local")  # stands for the tile registers: never accessed
     sch.reverse_compute_at(tile, outer[-1])
     sch.parallel(task)
+    if epilogue is not None:  # per block: while its sums are in L1
+        sch.reverse_compute_at(epilogue, outer[-1])
+        _, lanes = sch.split(sch.get_loops(epilogue)[-1], [None, BLOCK])
+        sch.vectorize(lanes)
     init = sch.decompose_reduction(acc, ko)
     sch.tensorize(ii, DOT)
     sch.tensorize(sch.get_loops(init)[-3], ZERO)

@@ -213,10 +213,13 @@ class Int8Contraction(dl.ScheduleRule):
         if intrin is not None:
             register_intrinsics()
         _stage_loops(sch, data)
-        if sch.get(acc).name_hint.startswith(AMX_SUM_BLOCK):  # tiles (.cpu_amx), then a pass
-            cpu_amx.schedule_sum(sch, acc, target)
-            for block in sch.get_child_blocks(get_root_block(sch)):
-                if not sch.get(block).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK)):
+        if sch.get(acc).name_hint.startswith(AMX_SUM_BLOCK):  # tiles: .cpu_amx
+            rest = [b for b in sch.get_child_blocks(get_root_block(sch))
+                    if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
+            per_block = len(rest) == 1 and len(sch.get(rest[0]).writes[0].source.shape) == 2
+            cpu_amx.schedule_sum(sch, acc, target, rest[0] if per_block else None)
+            if not per_block:
+                for block in rest:
                     parallel_spatial(sch, block, lanes_for(target))
             return sch
         # the sum: [outer spatial..., row, col] x [outer reduction..., channel or k]
