@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
@@ -49,8 +48,7 @@ def register_intrinsics() -> None:
     rows, cols, depth = AMX_ROWS, AMX_COLS // BLOCK, AMX_DEPTH // STEP
 
     @T.prim_func(s_tir=True)
-    def zero_desc(C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
-                              strides=[T.int32(), T.int32(), 1],
+    def zero_desc(C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
                               scope="local")):
         with T.sblock("root"):
             T.reads()
@@ -61,8 +59,7 @@ def register_intrinsics() -> None:
                     C[vi, vj, vl] = 0
 
     @T.prim_func(s_tir=True)
-    def zero_impl(C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
-                              strides=[T.int32(), T.int32(), 1],
+    def zero_impl(C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
                               scope="local")):
         with T.sblock("root"):
             T.reads()
@@ -76,8 +73,7 @@ def register_intrinsics() -> None:
     def dot_desc(A: T.Buffer((rows, AMX_DEPTH), "uint8", offset_factor=1, strides=[T.int32(), 1]),
                  B: T.Buffer((cols, depth, BLOCK, STEP), "int8", offset_factor=1,
                              strides=[T.int32(), BLOCK * STEP, STEP, 1]),
-                 C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
-                              strides=[T.int32(), T.int32(), 1],
+                 C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
                              scope="local")):
         with T.sblock("root"):
             T.reads(C[0:rows, 0:cols, 0:BLOCK], A[0:rows, 0:AMX_DEPTH],
@@ -94,8 +90,7 @@ def register_intrinsics() -> None:
     def dot_impl(A: T.Buffer((rows, AMX_DEPTH), "uint8", offset_factor=1, strides=[T.int32(), 1]),
                  B: T.Buffer((cols, depth, BLOCK, STEP), "int8", offset_factor=1,
                              strides=[T.int32(), BLOCK * STEP, STEP, 1]),
-                 C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
-                              strides=[T.int32(), T.int32(), 1],
+                 C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
                              scope="local")):
         with T.sblock("root"):
             T.reads(C[0:rows, 0:cols, 0:BLOCK], A[0:rows, 0:AMX_DEPTH],
@@ -117,11 +112,9 @@ def register_intrinsics() -> None:
             T.evaluate(_intrin("llvm.x86.tdpbusd", T.uint8(3), T.uint8(5), T.uint8(7)))
 
     @T.prim_func(s_tir=True)
-    def store_desc(S: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
-                              strides=[T.int32(), T.int32(), 1],
+    def store_desc(S: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
                                scope="local"),
-                   D: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
-                              strides=[T.int32(), T.int32(), 1])):
+                   D: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1])):
         with T.sblock("root"):
             T.reads(S[0:rows, 0:cols, 0:BLOCK])
             T.writes(D[0:rows, 0:cols, 0:BLOCK])
@@ -131,11 +124,9 @@ def register_intrinsics() -> None:
                     D[vi, vj, vl] = S[vi, vj, vl]
 
     @T.prim_func(s_tir=True)
-    def store_impl(S: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
-                              strides=[T.int32(), T.int32(), 1],
+    def store_impl(S: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
                                scope="local"),
-                   D: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
-                              strides=[T.int32(), T.int32(), 1])):
+                   D: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1])):
         with T.sblock("root"):
             T.reads(S[0:rows, 0:cols, 0:BLOCK])
             T.writes(D[0:rows, 0:cols, 0:BLOCK])
@@ -161,29 +152,6 @@ def _tasks(blocks: int, threads: int) -> int | None:
     of ``blocks`` not below ``threads`` (each task loads the tile configuration once; an
     exact split keeps the tensorized blocks' bindings affine); None without one."""
     return next((d for d in range(max(threads, 1), blocks + 1) if blocks % d == 0), None)
-
-
-def flatten_rows(sch, epilogue, acc) -> bool:
-    """Give ``epilogue`` (writing a matmul's ``[..., N]`` output from the sum ``acc`` over
-    the flattened rows) a 2-D iteration space ``[rows, N]`` (``transform_block_layout``),
-    in which a register block's outputs are a box; whether it has one now."""
-    block = sch.get(epilogue)
-    shape = [int(d) for d in block.writes[0].source.shape]
-    dims = [int(v.dom.extent) for v in block.iter_vars]
-    if len(shape) < 2 or dims != shape or any(int(v.iter_type) != 0 for v in block.iter_vars):
-        return False
-    rows = int(np.prod(shape[:-1]))
-    if rows > int(sch.get(acc).writes[0].source.shape[0]):
-        return False
-    if len(shape) > 2:
-        def flatten(*index):
-            row = index[0]
-            for i, d in zip(index[1:-1], shape[1:-1]):
-                row = row * d + i
-            return row, index[-1]
-        sch.transform_block_layout(epilogue, tirx.IndexMap.from_func(flatten,
-                                                                     ndim=len(shape)))
-    return True
 
 
 def schedule_sum(sch, acc, target, epilogue=None) -> None:

@@ -216,7 +216,7 @@ class Int8Contraction(dl.ScheduleRule):
         if sch.get(acc).name_hint.startswith(AMX_SUM_BLOCK):  # tiles: .cpu_amx
             rest = [b for b in sch.get_child_blocks(get_root_block(sch))
                     if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
-            per_block = len(rest) == 1 and cpu_amx.flatten_rows(sch, rest[0], acc)
+            per_block = len(rest) == 1 and len(sch.get(rest[0]).writes[0].source.shape) == 2
             cpu_amx.schedule_sum(sch, acc, target, rest[0] if per_block else None)
             if not per_block:
                 for block in rest:

@@ -249,34 +249,26 @@ def _amx_sum(data, packed):
 
 
 def _amx_matmul(x, packed, correction, scale, zero: int, signed: bool, requant=None):
-    """``x [..., K]`` times the packed weights (:func:`pack_weights` with ``amx``) on AMX
-    tiles: the activation's rows flattened and staged as ``[rows padded to 32, K padded to
-    64]`` uint8 (padding: the zero point, against zero weights). The schedule runs the
-    epilogue per register block over the flattened rows (:mod:`.cpu_amx`)."""
-    lead, depth = [int(d) for d in x.shape[:-1]], int(x.shape[-1])
-    rows = int(np.prod(lead))
+    """``x [rows, K]`` (the rewrite flattens leading dims with a reshape, free in Relax)
+    times the packed weights (:func:`pack_weights` with ``amx``) on AMX tiles: the
+    activation staged as ``[rows padded to 32, K padded to 64]`` uint8 (padding: the zero
+    point, against zero weights). The output ``[rows, N]`` is a box per register block, so
+    the epilogue runs per block while its sums are in cache (:mod:`.cpu_amx`)."""
+    rows, depth = (int(d) for d in x.shape)
     rows_padded, depth_padded = _round_up(rows, AMX_ROWS), int(packed.shape[1]) * STEP
     fill = tirx.const(zero, "uint8")
 
     def stage(i, k):
-        index, rest = [], i
-        for d in reversed(lead):
-            index.append(rest % d)
-            rest = rest // d
-        value = _staged(x[(*reversed(index), k)], signed, True)
+        value = _staged(x[i, k], signed, True)
         inside = ([i < rows] if rows_padded != rows else []) + \
             ([k < depth] if depth_padded != depth else [])
         return te.if_then_else(tirx.all(*inside), value, fill) if inside else value
     data = te.compute((rows_padded, depth_padded), stage, name=STAGE_BLOCK)
     acc = _amx_sum(data, packed)
-
-    def out(*i):
-        row = i[0]
-        for index, d in zip(i[1:-1], lead[1:]):
-            row = row * d + index
-        return _finished(acc[row, i[-1] // BLOCK, i[-1] % BLOCK], correction, scale, requant,
-                         i[-1])
-    return te.compute((*lead, int(scale.shape[0])), out, name="int8_out")
+    return te.compute(
+        (rows, int(scale.shape[0])),
+        lambda i, n: _finished(acc[i, n // BLOCK, n % BLOCK], correction, scale, requant, n),
+        name="int8_out")
 
 
 def conv_channels(channels: int, vnni: bool) -> int:
@@ -513,9 +505,15 @@ class _Rewriter(relax.PyExprMutator):
         shape = [int(d) for d in xq.ty.shape]  # ValueError when symbolic
         if shape[-1] != weight.shape[0]:
             return call
-        if self.amx and use_amx(int(np.prod(shape[:-1])), shape[-1]):
-            return self._emit(_amx_matmul, "int8_matmul_amx", xq, weight, w_scale, x_scale,
-                              zero, signed, amx=True)
+        rows = int(np.prod(shape[:-1]))
+        if self.amx and use_amx(rows, shape[-1]):
+            flat = xq if len(shape) == 2 else self.builder_.emit(
+                relax.op.reshape(xq, [rows, shape[-1]]))
+            out = self._emit(_amx_matmul, "int8_matmul_amx", flat, weight, w_scale, x_scale,
+                             zero, signed, amx=True)
+            if len(shape) == 2:
+                return out
+            return relax.op.reshape(self.builder_.emit(out), [*shape[:-1], weight.shape[1]])
         return self._emit(_int8_matmul, "int8_matmul", xq, weight, w_scale, x_scale, zero,
                           signed)
 
@@ -623,15 +621,17 @@ class _Requantizer(relax.PyExprMutator):
         value, relu = self._once(call.args[0]), False
         if is_call(value, "relax.nn.relu"):
             value, relu = self._once(value.args[0]), True
-        bias = None
+        bias, unflat = None, None
         if is_call(value, "relax.add"):
             for kernel_var, other in (value.args, value.args[::-1]):
-                kernel = self._once(kernel_var)
+                kernel, unflat = self._unflattened(self._once(kernel_var))
                 if self._kernel(kernel) is not None:
                     value, bias = kernel, other
                     break
             else:
                 return None
+        else:
+            value, unflat = self._unflattened(value)
         found = self._kernel(value)
         if found is None:
             return None
@@ -649,9 +649,21 @@ class _Requantizer(relax.PyExprMutator):
             low = max(low, zero)
         m = (scale / np.float32(sy.reshape(()))).astype(np.float32)
         self.count += 1
-        return self.builder_.call_te(
+        out = self.builder_.call_te(
             spec.func, xq, packed, relax.const(correction.astype(np.int32)), relax.const(m),
             *spec.args, (zero, low, high, dtype), primfunc_name_hint=spec.name)
+        return out if unflat is None else relax.op.reshape(self.builder_.emit(out), unflat)
+
+    def _unflattened(self, value):
+        """``(kernel call, shape)`` when ``value`` reshapes the output of a kernel read only
+        there (an AMX matmul of flattened rows, :meth:`_Rewriter._matmul`), keeping the last
+        axis; else ``(value, None)``."""
+        if not is_call(value, "relax.reshape"):
+            return value, None
+        inner = self._once(value.args[0])
+        if self._kernel(inner) is None or int(value.ty.shape[-1]) != int(inner.ty.shape[-1]):
+            return value, None
+        return inner, value.ty.shape
 
     def _kernel(self, value):
         """``(kernel, its call's tensor arguments)`` when ``value`` calls an int8 kernel."""
