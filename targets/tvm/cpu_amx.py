@@ -97,15 +97,15 @@ def register_intrinsics() -> None:
                     B[0:cols, 0:depth, 0:BLOCK, 0:STEP])
             T.writes(C[0:rows, 0:cols, 0:BLOCK])
             # tiles 4, 5: rows 0-15 and 16-31; 6, 7: the two 16-column weight panels
-            T.evaluate(_intrin("llvm.x86.tileloadd64", T.uint8(4), A.access_ptr("r"),
+            T.evaluate(_intrin("llvm.x86.tileloadd64", T.uint8(4), T.address_of(A[0, 0]),
                                T.Cast("int64", A.strides[0])))
             T.evaluate(_intrin("llvm.x86.tileloadd64", T.uint8(5),
-                               A.access_ptr("r", offset=A.strides[0] * 16),
+                               T.address_of(A[16, 0]),
                                T.Cast("int64", A.strides[0])))
-            T.evaluate(_intrin("llvm.x86.tileloadd64", T.uint8(6), B.access_ptr("r"),
+            T.evaluate(_intrin("llvm.x86.tileloadd64", T.uint8(6), T.address_of(B[0, 0, 0, 0]),
                                T.int64(BLOCK * STEP)))
             T.evaluate(_intrin("llvm.x86.tileloadd64", T.uint8(7),
-                               B.access_ptr("r", offset=B.strides[0]), T.int64(BLOCK * STEP)))
+                               T.address_of(B[1, 0, 0, 0]), T.int64(BLOCK * STEP)))
             T.evaluate(_intrin("llvm.x86.tdpbusd", T.uint8(0), T.uint8(4), T.uint8(6)))
             T.evaluate(_intrin("llvm.x86.tdpbusd", T.uint8(1), T.uint8(4), T.uint8(7)))
             T.evaluate(_intrin("llvm.x86.tdpbusd", T.uint8(2), T.uint8(5), T.uint8(6)))
@@ -130,16 +130,16 @@ def register_intrinsics() -> None:
         with T.sblock("root"):
             T.reads(S[0:rows, 0:cols, 0:BLOCK])
             T.writes(D[0:rows, 0:cols, 0:BLOCK])
-            T.evaluate(_intrin("llvm.x86.tilestored64", T.uint8(0), D.access_ptr("w"),
+            T.evaluate(_intrin("llvm.x86.tilestored64", T.uint8(0), T.address_of(D[0, 0, 0]),
                                T.Cast("int64", D.strides[0] * 4)))
             T.evaluate(_intrin("llvm.x86.tilestored64", T.uint8(1),
-                               D.access_ptr("w", offset=D.strides[1]),
+                               T.address_of(D[0, 1, 0]),
                                T.Cast("int64", D.strides[0] * 4)))
             T.evaluate(_intrin("llvm.x86.tilestored64", T.uint8(2),
-                               D.access_ptr("w", offset=D.strides[0] * 16),
+                               T.address_of(D[16, 0, 0]),
                                T.Cast("int64", D.strides[0] * 4)))
             T.evaluate(_intrin("llvm.x86.tilestored64", T.uint8(3),
-                               D.access_ptr("w", offset=D.strides[0] * 16 + D.strides[1]),
+                               T.address_of(D[16, 1, 0]),
                                T.Cast("int64", D.strides[0] * 4)))
 
     s_tir.TensorIntrin.register(ZERO, zero_desc, zero_impl, override=True)
