@@ -10,7 +10,8 @@ int32 tile: 16384 multiply-adds, against 64 for a ``vpdpbusd``. A register block
 - the sum's loops are split into ``32 x 32`` blocks, parallel, each over the reduction in
   steps of 64 bytes; a step is one :data:`DOT` (four tile loads, four ``tdpbusd``), the
   block's start :data:`ZERO` (``tilezero``), its end :data:`STORE` (``tilestored64`` into the
-  int32 sum, which the epilogue then scales in its own pass);
+  int32 sum), then the block's epilogue where the output is a box per block (a matmul's
+  ``[rows, N]``), else the epilogue is a pass of its own;
 - the accumulators stay in tile registers between those intrinsics (their TIR buffer is a
   stand-in nothing reads): the tensor intrinsics name registers 0-7 directly;
 - a thread must load the tile configuration (``ldtilecfg``: every tile 16 x 64 bytes) before
@@ -48,7 +49,8 @@ def register_intrinsics() -> None:
     rows, cols, depth = AMX_ROWS, AMX_COLS // BLOCK, AMX_DEPTH // STEP
 
     @T.prim_func(s_tir=True)
-    def zero_desc(C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
+    def zero_desc(C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
+                              strides=[T.int32(), T.int32(), 1],
                               scope="local")):
         with T.sblock("root"):
             T.reads()
@@ -59,7 +61,8 @@ def register_intrinsics() -> None:
                     C[vi, vj, vl] = 0
 
     @T.prim_func(s_tir=True)
-    def zero_impl(C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
+    def zero_impl(C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
+                              strides=[T.int32(), T.int32(), 1],
                               scope="local")):
         with T.sblock("root"):
             T.reads()
@@ -73,7 +76,8 @@ def register_intrinsics() -> None:
     def dot_desc(A: T.Buffer((rows, AMX_DEPTH), "uint8", offset_factor=1, strides=[T.int32(), 1]),
                  B: T.Buffer((cols, depth, BLOCK, STEP), "int8", offset_factor=1,
                              strides=[T.int32(), BLOCK * STEP, STEP, 1]),
-                 C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
+                 C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
+                              strides=[T.int32(), T.int32(), 1],
                              scope="local")):
         with T.sblock("root"):
             T.reads(C[0:rows, 0:cols, 0:BLOCK], A[0:rows, 0:AMX_DEPTH],
@@ -90,7 +94,8 @@ def register_intrinsics() -> None:
     def dot_impl(A: T.Buffer((rows, AMX_DEPTH), "uint8", offset_factor=1, strides=[T.int32(), 1]),
                  B: T.Buffer((cols, depth, BLOCK, STEP), "int8", offset_factor=1,
                              strides=[T.int32(), BLOCK * STEP, STEP, 1]),
-                 C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
+                 C: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
+                              strides=[T.int32(), T.int32(), 1],
                              scope="local")):
         with T.sblock("root"):
             T.reads(C[0:rows, 0:cols, 0:BLOCK], A[0:rows, 0:AMX_DEPTH],
@@ -112,9 +117,11 @@ def register_intrinsics() -> None:
             T.evaluate(_intrin("llvm.x86.tdpbusd", T.uint8(3), T.uint8(5), T.uint8(7)))
 
     @T.prim_func(s_tir=True)
-    def store_desc(S: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
+    def store_desc(S: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
+                              strides=[T.int32(), T.int32(), 1],
                                scope="local"),
-                   D: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1])):
+                   D: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
+                              strides=[T.int32(), T.int32(), 1])):
         with T.sblock("root"):
             T.reads(S[0:rows, 0:cols, 0:BLOCK])
             T.writes(D[0:rows, 0:cols, 0:BLOCK])
@@ -124,9 +131,11 @@ def register_intrinsics() -> None:
                     D[vi, vj, vl] = S[vi, vj, vl]
 
     @T.prim_func(s_tir=True)
-    def store_impl(S: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1],
+    def store_impl(S: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
+                              strides=[T.int32(), T.int32(), 1],
                                scope="local"),
-                   D: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1, strides=[T.int32(), T.int32(), 1])):
+                   D: T.Buffer((rows, cols, BLOCK), "int32", offset_factor=1,
+                              strides=[T.int32(), T.int32(), 1])):
         with T.sblock("root"):
             T.reads(S[0:rows, 0:cols, 0:BLOCK])
             T.writes(D[0:rows, 0:cols, 0:BLOCK])

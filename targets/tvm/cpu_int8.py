@@ -4,7 +4,8 @@
 names) and whatever ``FuseOps`` grouped around it: input producers are inlined into the
 staging (uint8; int16 without VNNI), the int32 sum is register-blocked (at most 12
 accumulators of 16 lanes with VNNI, 4 with AVX2) and tensorized, and the epilogue runs per
-tile where a tile is a box of the output.
+tile where a tile is a box of the output. An AMX kernel (its sum block named
+:data:`~.int8.AMX_SUM_BLOCK`) is tiled and tensorized by :mod:`.cpu_amx` instead.
 """
 
 from __future__ import annotations

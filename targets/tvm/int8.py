@@ -37,6 +37,18 @@ in vector int32. The schedule rule and the tensor intrinsics are in :mod:`.cpu_i
 register tiles of the sum in parallel, the epilogue (scale, bias, activation, requantize)
 per tile.
 
+AMX (:func:`has_amx`: Sapphire Rapids and later, where Linux grants the process tile state;
+``MMCOMPILE_AMX=0`` turns it off): a matmul of 32 rows or more with a reduction of little
+padding (:func:`use_amx`) runs on tiles (:func:`_amx_matmul`, scheduled by :mod:`.cpu_amx`):
+its leading dims flattened by a Relax reshape (free), so that the output is a box per
+32 x 32 register block and the epilogue runs per block right after the tile store. The
+reshape also keeps ``FuseOps`` from fusing the elementwise ops after the kernel into it;
+fused there (``transform_block_layout`` flattening the epilogue instead), CLIP's
+``DQ -> QuickGELU -> Q`` cost ~90 us more per fc1 at batch 8 (1.08x the model; not
+understood yet). Convolutions stay on ``vpdpbusd``: through an NHWC staging and im2col rows
+they measured 0.62-1.9x the ``vpdpbusd`` kernels' time (a direct form, tiles read from the
+NHWC staging with the channels as row stride, is the design to try).
+
 Measured (``mmcompile bench``, the six suite models at batch 1 and 8, 3 rounds, AMD znver4,
 2 threads, one run): time / onnxruntime's int8 kernels on the same QDQ file, geomean 0.83
 (batch 1) and 0.78 (batch 8); per model 0.48-0.88 except MM-IMDb and late fusion at batch 1
@@ -45,7 +57,9 @@ Against mmcompile's own float build, 0.79 overall. On AVX2 without VNNI (znver3,
 models, one run): 0.80 (batch 1) and 0.89 (batch 8) of onnxruntime's int8 time, 1.12 of
 mmcompile's float time (twice a float FMA's multiply-adds per ``vpmaddwd`` pair at best, and
 the float convolutions use Winograd F(4x4, 3x3); exact int8 has only F(2x2, 3x3), not yet
-implemented: see the README).
+implemented: see the README). On an Emerald Rapids Xeon (AMX, 2 threads, one run, AMX for
+the matmuls): 0.76 (batch 1) and 0.66 (batch 8) of onnxruntime's int8 time, 0.95 and 0.83
+of mmcompile's float time.
 """
 
 from __future__ import annotations
