@@ -1,0 +1,103 @@
+"""Elementwise chains between quantized tensors as byte lookup tables (targets/tvm/
+int8_tables.py): ``Q(f(DQ(x)))`` -> ``take(table, x)`` where ``f`` is elementwise with scalar
+constants and its intermediate values are read nowhere else."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import mmcompile
+
+
+def _chain_model(kind: str, signed: bool = False, extra_output: bool = False):
+    """x -> Q -> DQ -> f -> Q (uint8); ``kind`` picks f."""
+    qtype = np.int8 if signed else np.uint8
+    inits = [numpy_helper.from_array(np.array(np.float32(0.05)), "sx"),
+             numpy_helper.from_array(np.array(-7 if signed else 121, qtype), "zx"),
+             numpy_helper.from_array(np.array(np.float32(0.03)), "sy"),
+             numpy_helper.from_array(np.array(9, np.uint8), "zy"),
+             numpy_helper.from_array(np.array(np.float32(1.702)), "k"),
+             numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32)
+                                     .reshape(1, 8, 1), "per_channel")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
+    if kind == "quick_gelu":  # CLIP's x * sigmoid(1.702 x)
+        nodes += [helper.make_node("Mul", ["xd", "k"], ["t"]),
+                  helper.make_node("Sigmoid", ["t"], ["s"]),
+                  helper.make_node("Mul", ["xd", "s"], ["f"])]
+    elif kind == "tanh":
+        nodes += [helper.make_node("Tanh", ["xd"], ["f"])]
+    elif kind == "per_channel":  # a constant that differs along an axis: not one byte's function
+        nodes += [helper.make_node("Mul", ["xd", "per_channel"], ["f"])]
+    nodes.append(helper.make_node("QuantizeLinear", ["f", "sy", "zy"], ["y"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 8, 50])]
+    if extra_output:  # an intermediate value read outside the chain
+        outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 8, 50]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [2, 8, 50])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    feeds = {"x": (np.random.default_rng(0).standard_normal((2, 8, 50)) * 4).astype(np.float32)}
+    return model, feeds
+
+
+def _tables(model) -> tuple[int, str]:
+    from mmcompile.targets.tvm.int8_tables import QuantizedTables
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+    mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
+    rewrite = QuantizedTables()
+    mod = rewrite(mod)
+    return rewrite.count, mod["main"].script()
+
+
+def _float_chain(model, feeds):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("kind, signed", [("quick_gelu", False), ("quick_gelu", True),
+                                          ("tanh", False)])
+def test_a_chain_between_quantized_tensors_becomes_a_table(kind, signed, tmp_path):
+    model, feeds = _chain_model(kind, signed)
+    count, text = _tables(model)
+    assert count == 1 and "R.take(" in text and "R.sigmoid" not in text, text
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    got = mmcompile.compile(str(path), feeds, verify=False)(**feeds)
+    expected = _float_chain(model, feeds)  # the QDQ graph in float: onnxruntime, no fusion
+    steps = np.abs(got.astype(int) - expected.astype(int))
+    assert steps.max() <= 1  # float32 rounding at a tie may differ, never more
+    assert np.count_nonzero(steps) <= got.size // 100, np.count_nonzero(steps)
+
+
+def test_a_chain_whose_intermediate_is_read_elsewhere_stays_float():
+    count, text = _tables(_chain_model("quick_gelu", extra_output=True)[0])
+    assert count == 0 and "R.sigmoid" in text
+
+
+def test_a_per_channel_constant_keeps_the_chain_float():
+    count, text = _tables(_chain_model("per_channel")[0])
+    assert count == 0 and "R.take(" not in text
+
+
+def test_the_table_holds_every_byte_of_the_chain(tmp_path):
+    """All 256 codes through the compiled tanh chain: each equals f evaluated in float32 on
+    the dequantized code (the table's definition)."""
+    from mmcompile.targets.tvm.int8_tables import UNARY
+    model, _ = _chain_model("tanh")
+    codes = np.resize(np.arange(256), 800).reshape(2, 8, 50)
+    feeds = {"x": ((codes - 121) * np.float32(0.05)).astype(np.float32)}
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    got = mmcompile.compile(str(path), feeds, verify=False)(**feeds)
+    dequantized = (codes - 121).astype(np.float32) * np.float32(0.05)
+    expected = np.clip(np.rint(UNARY["relax.tanh"](dequantized) / np.float32(0.03)) + 9, 0, 255)
+    assert np.array_equal(got, expected.astype(np.uint8))
