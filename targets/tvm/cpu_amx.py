@@ -33,6 +33,7 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from mmcompile.targets.tvm.int8 import AMX_COLS, AMX_DEPTH, AMX_ROWS, BLOCK, STEP
+from mmcompile.targets.tvm.schedule_util import with_functions
 
 DOT, ZERO, STORE = "mmcompile_amx_dot_32x32x64", "mmcompile_amx_zero_32x32", \
     "mmcompile_amx_store_32x32"
@@ -260,9 +261,4 @@ def configure_tiles(mod):
         if isinstance(func, tirx.PrimFunc) and _uses_tiles(func.body):
             changed[gv] = func.with_body(tvm_ffi.structural_mutate(func.body,
                                                                    [(tirx.For, visit)]))
-    if not changed:
-        return mod
-    mod = mod.clone()
-    for gv, func in changed.items():
-        mod.update_func(gv, func)
-    return mod
+    return with_functions(mod, changed)

@@ -75,7 +75,8 @@ from tvm import relax, te, tirx
 from tvm.relax import expr_functor
 
 from mmcompile.targets.tvm.cpu_matmul import _largest_divisor, row_padding
-from mmcompile.targets.tvm.rewrite import is_call, rewrite_functions
+from mmcompile.targets.tvm.rewrite import (constant_value, is_call, rewrite_functions,
+                                          variable_uses)
 from mmcompile.targets.tvm.schedule_util import has_features
 
 MAX_POOLS = ("relax.nn.max_pool1d", "relax.nn.max_pool2d", "relax.nn.max_pool3d")
@@ -383,10 +384,6 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
 
 # -- the Relax rewrite -----------------------------------------------------------------------
 
-def _constant(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
-
-
 @expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, vnni: bool, amx: bool = False):
@@ -411,7 +408,7 @@ class _Rewriter(relax.PyExprMutator):
         if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
                 and call.op.name == "relax.dequantize"):
             return None
-        scale, zero = _constant(call.args[1]), _constant(call.args[2])
+        scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
         if scale is None or zero is None or str(call.ty.dtype) != "float32":
             return None
         return call.args[0], scale, zero, int(call.attrs.axis)
@@ -435,7 +432,7 @@ class _Rewriter(relax.PyExprMutator):
         if found is None:
             return None
         wq, scale, zero, axis = found
-        weight = _constant(wq)
+        weight = constant_value(wq)
         if weight is None or weight.dtype != np.int8 or weight.ndim != ndim or np.any(zero != 0):
             return None
         if scale.size != 1 and (axis % ndim != out_axis or scale.size != weight.shape[out_axis]):
@@ -568,21 +565,6 @@ class _Kernel(NamedTuple):
     channel_axis: int
 
 
-@expr_functor.visitor
-class _Uses(relax.PyExprVisitor):
-    """How often each variable of a function is read."""
-
-    def __init__(self):
-        super().__init__()
-        self.count: dict = {}
-
-    def visit_var_(self, var):
-        self.count[var] = self.count.get(var, 0) + 1
-
-    def visit_dataflow_var_(self, var):
-        self.count[var] = self.count.get(var, 0) + 1
-
-
 @expr_functor.mutator
 class _Requantizer(relax.PyExprMutator):
     """``quantize([relu](add(K, bias)), sy, zy)`` -> one int8 kernel writing the quantized
@@ -605,11 +587,7 @@ class _Requantizer(relax.PyExprMutator):
         super().__init__(mod)
         self.kernels = kernels
         self.count = 0
-        uses = _Uses()
-        for _, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                uses.visit_expr(func)
-        self.uses = uses.count
+        self.uses = variable_uses(mod)
 
     def _once(self, var):
         """``var``'s value when ``var`` is a variable read once, else None."""
@@ -627,7 +605,7 @@ class _Requantizer(relax.PyExprMutator):
         return call
 
     def _requantize(self, call):
-        sy, zy = _constant(call.args[1]), _constant(call.args[2])
+        sy, zy = constant_value(call.args[1]), constant_value(call.args[2])
         dtype = str(call.attrs.out_dtype)
         if sy is None or zy is None or sy.size != 1 or zy.size != 1 or \
                 dtype not in ("uint8", "int8") or not float(sy.reshape(())) > 0:
@@ -701,7 +679,7 @@ class _Requantizer(relax.PyExprMutator):
                 return None
         if not is_call(source, "relax.dequantize"):
             return None
-        bq, sb, zb = (_constant(a) for a in source.args)
+        bq, sb, zb = (constant_value(a) for a in source.args)
         if bq is None or sb is None or zb is None or bq.dtype != np.int32 or bq.ndim > 1 \
                 or np.any(zb != 0) or (sb.size != 1 and sb.size != bq.size):
             return None

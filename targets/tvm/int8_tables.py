@@ -29,7 +29,8 @@ import tvm
 from tvm import relax
 from tvm.relax import expr_functor
 
-from mmcompile.targets.tvm.rewrite import is_call, rewrite_functions
+from mmcompile.targets.tvm.rewrite import (constant_value, is_call, rewrite_functions,
+                                          variable_uses)
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -60,23 +61,6 @@ BINARY = {
 }
 
 
-def _constant(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
-
-
-@expr_functor.visitor
-class _Uses(relax.PyExprVisitor):
-    def __init__(self):
-        super().__init__()
-        self.count: dict = {}
-
-    def visit_var_(self, var):
-        self.count[var] = self.count.get(var, 0) + 1
-
-    def visit_dataflow_var_(self, var):
-        self.count[var] = self.count.get(var, 0) + 1
-
-
 class _NotATable(Exception):
     pass
 
@@ -86,11 +70,7 @@ class _Tables(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
         self.count = 0
-        uses = _Uses()
-        for _, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                uses.visit_expr(func)
-        self.uses = uses.count
+        self.uses = variable_uses(mod)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -100,7 +80,7 @@ class _Tables(relax.PyExprMutator):
         return call
 
     def _table(self, quantize):
-        sy, zy = _constant(quantize.args[1]), _constant(quantize.args[2])
+        sy, zy = constant_value(quantize.args[1]), constant_value(quantize.args[2])
         dtype = str(quantize.attrs.out_dtype)
         if sy is None or zy is None or sy.size != 1 or zy.size != 1 or \
                 dtype not in ("uint8", "int8"):
@@ -149,7 +129,7 @@ class _Chain:
             result = self._call(value, expr)
             self.memo[expr] = result
             return result
-        constant = _constant(expr)
+        constant = constant_value(expr)
         if constant is not None and constant.size == 1 and constant.dtype == np.float32:
             return constant.reshape(())
         if isinstance(expr, relax.Call):
@@ -174,7 +154,7 @@ class _Chain:
         raise _NotATable
 
     def _dequantize(self, call, var):
-        x, scale, zero = call.args[0], _constant(call.args[1]), _constant(call.args[2])
+        x, scale, zero = call.args[0], constant_value(call.args[1]), constant_value(call.args[2])
         dtype = str(x.ty.dtype)
         if scale is None or zero is None or scale.size != 1 or zero.size != 1 or \
                 dtype not in ("uint8", "int8") or str(call.ty.dtype) != "float32":

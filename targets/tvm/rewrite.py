@@ -18,6 +18,34 @@ def rewrite_functions(mod, mutator):
 
 
 
+def constant_value(expr):
+    """The numpy value of a Relax constant, None for anything else."""
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+@expr_functor.visitor
+class _Uses(relax.PyExprVisitor):
+    def __init__(self):
+        super().__init__()
+        self.count: dict = {}
+
+    def visit_var_(self, var):
+        self.count[var] = self.count.get(var, 0) + 1
+
+    def visit_dataflow_var_(self, var):
+        self.count[var] = self.count.get(var, 0) + 1
+
+
+def variable_uses(mod) -> dict:
+    """How often each variable of ``mod``'s Relax functions is read (a rewrite that folds a
+    value into its consumer needs the value read nowhere else)."""
+    uses = _Uses()
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            uses.visit_expr(func)
+    return uses.count
+
+
 def static_shape(expr) -> list[int] | None:
     """The shape of a Relax tensor expression as integers, None where any dim is symbolic or
     the shape is unknown."""

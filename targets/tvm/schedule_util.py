@@ -54,6 +54,17 @@ def has_features(target, *features: str) -> bool:
         return False
 
 
+def with_functions(mod, updates: dict):
+    """``mod`` with the functions in ``updates`` (global var -> function) replaced: a copy
+    when there are any, else ``mod`` itself."""
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
+    return mod
+
+
 def coefficient(expr, var) -> int | None:
     """The integer coefficient of ``var`` in an affine index ``expr`` (None: not affine)."""
     if expr.same_as(var):

@@ -26,6 +26,8 @@ import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad(...) builds in TVM 0.27
 
+from mmcompile.targets.tvm.schedule_util import with_functions
+
 # Binary combiners TE emits for its reductions (sum, max, min, prod, logical and/or).
 _COMBINERS = (tirx.Add, tirx.Max, tirx.Min, tirx.Mul, tirx.And, tirx.Or)
 
@@ -105,9 +107,4 @@ class SpatializeUnitReductions:
                 new, count = spatialize(func)
                 if count:
                     updates[gv] = new
-        if not updates:
-            return mod
-        mod = mod.clone()
-        for gv, func in updates.items():
-            mod.update_func(gv, func)
-        return mod
+        return with_functions(mod, updates)
