@@ -167,6 +167,28 @@ def test_bench_int8_engines_run_one_qdq_file_and_report_accuracy_against_float(
     assert "top-1, 200 sets" in out
 
 
+def test_a_model_the_quantizer_refuses_fails_its_int8_rows_not_the_run(mlp_file, tmp_path,
+                                                                        capsys, monkeypatch):
+    # Magika did this to a corpus run: onnxruntime's quantizer raised, and no model got a row.
+    from mmcompile.bench import harness
+    from mmcompile.quantize import QuantizationError
+
+    def refuse(onnx_path, *args):
+        raise QuantizationError(f"onnxruntime's quantizer failed on {onnx_path.stem}: boom")
+    monkeypatch.setattr(harness, "quantize_workload", refuse)
+    out_json = tmp_path / "refused.json"
+    code, out, err = run_cli(capsys, "bench", mlp_file, "--repeat", "3",
+                             "--engines", "onnxruntime,mmcompile-int8", "--json", out_json, "-q")
+    assert code == 0, err
+    rows = {r["engine"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert rows["onnxruntime"]["match"] and rows["onnxruntime"]["median_ms"] > 0
+    failed = rows["mmcompile-int8"]
+    assert failed["median_ms"] is None and not failed["match"]
+    assert failed["error"].startswith("quantization failed: onnxruntime's quantizer failed on mlp")
+    assert failed["error"].endswith(": boom")
+    assert "quantization failed" in out
+
+
 def test_rounds_run_each_engine_in_several_processes_and_report_the_median(mlp_file, tmp_path,
                                                                            capsys):
     out_json = tmp_path / "rounds.json"

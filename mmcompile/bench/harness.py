@@ -51,6 +51,7 @@ from mmcompile.bench.results import (
     median_round,
     pick_variant,
 )
+from mmcompile.errors import MMCompileError
 from mmcompile.flops import count_flops
 
 RUNNER = Path(__file__).resolve().with_name("runner.py")
@@ -548,25 +549,38 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
         else:
             workloads = prepare_suite(list(models or suite.SUITES["multimodal"]),
                                       options.batches, folder, say)
+        unquantized: dict[tuple[str, int], str] = {}
         if any(get_engine(e).int8 for e in engines):
             for w in workloads:
-                w.int8 = quantize_workload(w.onnx, w.inputs, w.batch, folder, say)
+                try:
+                    w.int8 = quantize_workload(w.onnx, w.inputs, w.batch, folder, say)
+                except MMCompileError as exc:
+                    # One model the quantizer cannot take fails its int8 rows, not the run.
+                    unquantized[(w.model, w.batch)] = f"quantization failed: {exc}"
+                    say(f"{w.model} b={w.batch}: {unquantized[(w.model, w.batch)]}")
         for w in workloads:
+            failed = unquantized.get((w.model, w.batch))
+            runnable = [e for e in engines if not (failed and get_engine(e).int8)]
             # One process per engine and round, the engines of a round in lock-step: on a
             # shared machine the same binary's latency drifts by tens of percent within
             # seconds and differs from one process to the next.
             tries: dict[str, dict[str, list[dict[str, Any]]]] = {
-                e: {v: [] for v in get_engine(e).variants} for e in engines}
+                e: {v: [] for v in get_engine(e).variants} for e in runnable}
             for round_ in range(options.rounds):
-                group = [(engine, variant) for engine in engines for variant in tries[engine]]
+                group = [(engine, variant) for engine in runnable for variant in tries[engine]]
                 jobs = [make_job(w, engine, variant, options, threads, folder, round_, shim)
                         for engine, variant in group]
                 for (engine, variant), job, result in zip(group, jobs,
                                                           run_lockstep(jobs, options.timeout)):
                     tries[engine][variant].append(_row(w, engine, result, job, options))
             for engine in engines:
-                rows.append(pick_variant({v: median_round(r)
-                                          for v, r in tries[engine].items()}))
+                if engine in tries:
+                    rows.append(pick_variant({v: median_round(r)
+                                              for v, r in tries[engine].items()}))
+                else:
+                    rows.append(make_row(w.model, w.batch, engine, {"error": failed}, {}, "",
+                                         options.int8_tolerance,
+                                         {"params": w.params, "flops": w.flops}))
                 say(_describe(rows[-1]))
     add_ratios(rows)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
