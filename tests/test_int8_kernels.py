@@ -165,13 +165,18 @@ def _requantized_reference(model, feeds, op: str, relu: bool) -> np.ndarray:
     low = -128 if init["zx"].dtype == np.int8 else 0
     xq = np.clip(np.rint(feeds["x"] / sx) + zx, low, low + 255) - zx
     weight = init["wq"].astype(np.float64)
-    if op == "Conv":  # 3x3, padding 1, stride 1
-        batch, channels, height, width = xq.shape
-        padded = np.pad(xq, ((0, 0), (0, 0), (1, 1), (1, 1)))
-        taps = np.stack([padded[:, :, i:i + height, j:j + width]
-                         for i in range(3) for j in range(3)], axis=2)
-        acc = np.einsum("nckhw,ock->nohw", taps, weight.reshape(len(sw), channels, 9))
-        column = (None, slice(None), None, None)
+    if op == "Conv":  # exact in float64 (integer sums below 2^53)
+        import torch
+        (node,) = [n for n in model.graph.node if n.op_type == "Conv"]
+        attrs = {a.name: list(a.ints) for a in node.attribute}
+        dims = xq.ndim - 2
+        pads = attrs.get("pads", [0] * 2 * dims)
+        assert pads[:dims] == pads[dims:], "symmetric padding only"
+        conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv1d
+        acc = conv(torch.from_numpy(xq.astype(np.float64)), torch.from_numpy(weight),
+                   stride=attrs.get("strides", [1] * dims), padding=pads[:dims],
+                   dilation=attrs.get("dilations", [1] * dims)).numpy()
+        column = (None, slice(None)) + (None,) * dims
     elif op == "Gemm":  # transB
         acc, column = xq @ weight.T, (None, slice(None))
     else:
@@ -216,6 +221,14 @@ AMX_CASES = {
     "clip_mlp": ("MatMul", (8, 65, 128), (128, 512), {}),       # rows 520 padded to 544
     "odd": ("MatMul", (2, 40, 120), (120, 72), {}),             # K 120 -> 128, N 72 -> 96
     "gemm": ("Gemm", (64, 192), (80, 192), {"transB": 1}),
+    # convolutions (int8._amx_conv2d): a 16-pixel row (two rows a register block), a stride 2
+    # on a 12-pixel row (padded to 16), 5x5 on 28 pixels (padded to 32) with 16 channels (5
+    # columns x 4 groups = 20 reduction rows, padded to 32), a dilated conv1d
+    "conv_3x3": ("Conv", (2, 32, 16, 16), (64, 32, 3, 3), {"pads": [1] * 4}),
+    "conv_stride_2": ("Conv", (1, 64, 24, 24), (128, 64, 3, 3),
+                      {"pads": [1] * 4, "strides": [2, 2]}),
+    "conv_5x5": ("Conv", (1, 16, 28, 28), (32, 16, 5, 5), {"pads": [2] * 4}),
+    "conv1d_dilated": ("Conv", (2, 64, 100), (64, 64, 5), {"pads": [4, 4], "dilations": [2]}),
 }
 
 
@@ -269,6 +282,61 @@ def test_an_amx_kernel_loads_the_tile_configuration_once_per_parallel_task():
     assert text.count("T.parallel(") == 2 and text.count("T.vectorized(16)") == 1, text
     assert text.index("T.vectorized(16)") > text.index("llvm.x86.tilestored64")
     tvm.compile(mod, target=target)  # LLVM takes the tile intrinsics
+
+
+def test_an_amx_convolution_is_one_parallel_loop_of_register_blocks_with_their_epilogue():
+    """Scheduled and compiled for Sapphire Rapids on any host (not run): 3x3, 32 -> 64
+    channels on 2 x 16 x 16 pixels: register blocks of two 16-pixel rows x 32 channels, 16 in
+    all, in 2 tasks; per block 3 kernel rows x 2 tile loads of weights and 2 of pixels, 4
+    ``tdpbsud``, then the NCHW epilogue vectorized along 16 pixels."""
+    import tvm
+    from mmcompile.targets.tvm.cpu_amx import configure_tiles
+    from mmcompile.targets.tvm.host import llvm_target
+    from tvm import te
+    target = llvm_target("sapphirerapids", threads=2)
+    weight = np.random.default_rng(0).integers(-127, 128, (64, 32, 3, 3)).astype(np.int8)
+    plan = int8.AmxConv.plan(32, 64, (3, 3), (16, 16))
+    assert plan == int8.AmxConv(groups=8, rows=32, row_tiles=2, pixels=16)
+    packed = int8.amx_conv_weights(weight, plan)
+    assert packed.shape == (3, 2, 4, 16, 16, 4)
+    x = te.placeholder((2, 32, 16, 16), "uint8", name="x")
+    w = te.placeholder(packed.shape, "int8", name="w")
+    c = te.placeholder((64,), "int32", name="c")
+    s = te.placeholder((64,), "float32", name="s")
+    out = int8._amx_conv2d(x, w, c, s, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 131, False)
+    func = te.create_prim_func([x, w, c, s, out])
+    mod = configure_tiles(Int8Contraction()._schedule(func, target).mod)
+    text = mod["main"].script()
+    assert re.search(r"in T\.parallel\(2\):\n\s+cfg = ", text), text
+    assert text.count("llvm.x86.ldtilecfg") == 1 and text.count("llvm.x86.tilerelease") == 1
+    assert text.count("llvm.x86.tdpbsud") == 4 and text.count("llvm.x86.tilestored64") == 4
+    assert text.index("T.vectorized(16)") > text.index("llvm.x86.tilestored64"), text
+    tvm.compile(mod, target=target)
+
+
+def test_amx_convolution_weights_hold_every_weight_once_where_the_sum_reads_it():
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (40, 6, 2, 3)).astype(np.int8)  # 6 channels: 2 groups
+    plan = int8.AmxConv.plan(6, 40, (2, 3), (8, 40))
+    assert (plan.groups, plan.rows, plan.row_tiles, plan.pixels) == (2, 16, 1, 32)
+    packed = int8.amx_conv_weights(weight, plan)
+    assert packed.shape == (2, 1, 4, 16, 16, 4)  # 40 output channels padded to 64
+    # element [kh, q, nb, nl, rr, j]: output 16 nb + nl, column / group divmod(16 q + rr, 2),
+    # channel 4 group + j
+    for o, c, kh, kw in [(0, 0, 0, 0), (39, 5, 1, 2), (17, 4, 0, 1), (5, 3, 1, 0)]:
+        column_group = kw * plan.groups + c // 4
+        assert packed[kh, column_group // 16, o // 16, o % 16, column_group % 16, c % 4] == \
+            weight[o, c, kh, kw]
+    assert np.count_nonzero(packed) == np.count_nonzero(weight)
+
+
+def test_stems_and_small_convolutions_stay_on_vpdpbusd():
+    assert int8.use_amx_conv(32, 64, (3, 3), (16, 16), 8)
+    assert int8.use_amx_conv(64, 128, (3, 3), (12, 12), 1)
+    assert not int8.use_amx_conv(3, 32, (3, 3), (48, 48), 8)   # 9 reduction bytes of 64
+    assert not int8.use_amx_conv(1, 16, (5, 5), (28, 28), 8)   # 5 of 64 bytes, 16 channels
+    assert not int8.use_amx_conv(8, 64, (3, 3), (32, 32), 8)   # 24 of 64 bytes a kernel row
+    assert not int8.use_amx_conv(64, 64, (3, 3), (4, 4), 1)    # 590k multiply-adds
 
 
 def test_small_or_shallow_contractions_stay_on_vpdpbusd():

@@ -22,8 +22,9 @@ from tvm.script import tirx as T
 
 from mmcompile.targets.tvm.cpu_matmul import _largest_divisor
 from mmcompile.targets.tvm import cpu_amx
-from mmcompile.targets.tvm.int8 import (AMX_SUM_BLOCK, BLOCK, STAGE_BLOCK, SUM_BLOCK, has_avx2,
-                                        has_vnni, register_tile, step_for)
+from mmcompile.targets.tvm.int8 import (AMX_CONV_BLOCK, AMX_SUM_BLOCK, BLOCK, STAGE_BLOCK,
+                                        SUM_BLOCK, has_avx2, has_vnni, register_tile,
+                                        step_for)
 from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, extent, lanes_for,
                                                  parallel_spatial)
 
@@ -199,7 +200,8 @@ class Int8Contraction(dl.ScheduleRule):
         names = [sch.get(b).name_hint for b in blocks]
         accs = [i for i, n in enumerate(names) if n.startswith(SUM_BLOCK)]
         stages = [i for i, n in enumerate(names) if n.startswith(STAGE_BLOCK)]
-        if len(accs) != 1 or len(stages) != 1 or stages[0] > accs[0]:
+        amx_conv = len(accs) == 1 and names[accs[0]].startswith(AMX_CONV_BLOCK)
+        if len(accs) != 1 or len(stages) != 1 + amx_conv or stages[-1] > accs[0]:
             return None
         acc, data = blocks[accs[0]], blocks[stages[0]]
         acc_shape = [int(d) for d in sch.get(acc).writes[0].source.shape]
@@ -213,12 +215,17 @@ class Int8Contraction(dl.ScheduleRule):
         intrin = VNNI_INTRIN if vnni else AVX2_INTRIN if has_avx2(target) else None
         if intrin is not None:
             register_intrinsics()
-        _stage_loops(sch, data)
-        if sch.get(acc).name_hint.startswith(AMX_SUM_BLOCK):  # tiles: .cpu_amx
+        if amx_conv:
+            cpu_amx.schedule_conv_staging(sch, data, blocks[stages[1]])
+        else:
+            _stage_loops(sch, data)
+        if sch.get(acc).name_hint.startswith((AMX_SUM_BLOCK, AMX_CONV_BLOCK)):  # .cpu_amx
             rest = [b for b in sch.get_child_blocks(get_root_block(sch))
                     if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
-            per_block = len(rest) == 1 and len(sch.get(rest[0]).writes[0].source.shape) == 2
-            cpu_amx.schedule_sum(sch, acc, target, rest[0] if per_block else None)
+            per_block = len(rest) == 1 and \
+                len(sch.get(rest[0]).writes[0].source.shape) in ((3, 4) if amx_conv else (2,))
+            schedule = cpu_amx.schedule_conv_sum if amx_conv else cpu_amx.schedule_sum
+            schedule(sch, acc, target, rest[0] if per_block else None)
             if not per_block:
                 for block in rest:
                     parallel_spatial(sch, block, lanes_for(target))

@@ -45,9 +45,16 @@ its leading dims flattened by a Relax reshape (free), so that the output is a bo
 reshape also keeps ``FuseOps`` from fusing the elementwise ops after the kernel into it;
 fused there (``transform_block_layout`` flattening the epilogue instead), CLIP's
 ``DQ -> QuickGELU -> Q`` cost ~90 us more per fc1 at batch 8 (1.08x the model; not
-understood yet). Convolutions stay on ``vpdpbusd``: through an NHWC staging and im2col rows
-they measured 0.62-1.9x the ``vpdpbusd`` kernels' time (a direct form, tiles read from the
-NHWC staging with the channels as row stride, is the design to try).
+understood yet). Convolutions with enough multiply-adds and little tile padding
+(:func:`use_amx_conv`) run on tiles too (:func:`_amx_conv2d`, :class:`AmxConv`): the
+weights are the tiles' signed rows (``tdpbsud``) and 16 output pixels of a row the
+unsigned columns, so a tile of the sum is 16 channels x 16 pixels and the epilogue writes
+NCHW rows as vectors; the input is staged twice (4 channels of a pixel contiguous, then the
+tile rows: one copy per kernel column, strided convolutions' pixels made consecutive).
+Kernels alone, 2 threads, batch 8: 3x3 32 -> 64 on 32 x 32 1.60 -> 0.32 ms, 64 -> 128 on
+16 x 16 1.43 -> 0.17 ms, 5x5 16 -> 32 on 28 x 28 0.47 -> 0.19 ms; stride 2 32 -> 64 on
+48 x 48 0.61 -> 0.46 ms (through im2col rows instead: 0.62-1.9x the ``vpdpbusd``
+kernels). Stems (1-3 input channels: 5-9 of a tile row's 64 bytes) stay on ``vpdpbusd``.
 
 Measured (``mmcompile bench``, the six suite models at batch 1 and 8, 3 rounds, AMD znver4,
 2 threads, one run): time / onnxruntime's int8 kernels on the same QDQ file, geomean 0.83
@@ -86,6 +93,8 @@ STEP = 4    # reduction steps one vpdpbusd sums per lane
 # Names the schedule rule (:mod:`.cpu_int8`) finds its blocks by (FuseTIR keeps block names).
 STAGE_BLOCK, SUM_BLOCK = "int8_data", "int8_acc"
 AMX_SUM_BLOCK = SUM_BLOCK + "_amx"  # the sum of an AMX kernel (:mod:`.cpu_amx`)
+AMX_CONV_BLOCK = SUM_BLOCK + "_tconv"  # the sum of an AMX convolution (:mod:`.cpu_amx`)
+AMX_ROWS_BLOCK = STAGE_BLOCK + "_rows"  # its tile rows, from the staged pixels
 # an AMX register block: 2 x 2 tiles of 16 rows x 16 int32 columns, 64 reduction bytes a row
 AMX_ROWS, AMX_COLS, AMX_DEPTH = 32, 32, 64
 
@@ -382,6 +391,151 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
                       name="int8_out")
 
 
+class AmxConv(NamedTuple):
+    """How an AMX convolution (:func:`_amx_conv2d`) lays out one convolution.
+
+    The sum is ``out[n, pixel] = sum_k W[n, k] x[k, pixel]`` with the weights as the tiles'
+    signed rows (``tdpbsud``: output channels down a tile, 64 reduction bytes across) and
+    the activation as their unsigned columns: 16 pixels of one output row, 4 bytes each, per
+    tile row. Per kernel row the reduction runs over (kernel column, 4-channel group,
+    channel): the staging repeats each input row once per kernel column, shifted (and
+    strided) so that a tile row, 16 output pixels x 4 channels, is 64 contiguous bytes, and
+    the tile's rows (kernel column, channel group) are one stride apart. The sum is written
+    ``[batch, rows, channel blocks, 16, pixels]``: a tile row is 16 pixels of one channel,
+    which the epilogue writes to the NCHW output as one vector.
+
+    Attributes:
+        groups: 4-channel groups of the input.
+        rows: reduction rows per kernel row (kernel columns x groups), padded to 16.
+        row_tiles: output rows per register block (2 when a row is one tile wide).
+        pixels: output pixels per register block and output row (32 / ``row_tiles``).
+    """
+
+    groups: int
+    rows: int
+    row_tiles: int
+    pixels: int
+
+    @staticmethod
+    def plan(channels: int, out_channels: int, kernel: tuple[int, int], out_hw: tuple[int, int]
+             ) -> "AmxConv":
+        groups = -(-channels // STEP)
+        rows = _round_up(kernel[1] * groups, 16)
+        row_tiles = 2 if out_hw[1] <= 16 and out_hw[0] >= 2 else 1
+        return AmxConv(groups, rows, row_tiles, AMX_COLS // row_tiles)
+
+    def efficiency(self, channels: int, out_channels: int, kernel: tuple[int, int],
+                   out_hw: tuple[int, int]) -> float:
+        """The share of the tiles' multiply-adds that are the convolution's own (the rest
+        multiplies padding: channels, kernel columns, output channels and pixels)."""
+        oh, ow = out_hw
+        return (channels * kernel[1] / (self.rows * STEP)
+                * out_channels / _round_up(out_channels, AMX_ROWS)
+                * ow / _round_up(ow, self.pixels) * oh / _round_up(oh, self.row_tiles))
+
+
+# An AMX convolution's multiply-adds must be at least this share of its tiles' (AMX_EFFICIENCY)
+# and it must have at least AMX_CONV_MACS of them (smaller ones stay on vpdpbusd).
+AMX_EFFICIENCY = 0.5
+AMX_CONV_MACS = 1 << 21
+
+
+def use_amx_conv(channels: int, out_channels: int, kernel: tuple[int, int],
+                 out_hw: tuple[int, int], batch: int) -> bool:
+    """Whether a convolution (groups 1) runs on AMX tiles where the CPU has them: at least
+    :data:`AMX_CONV_MACS` multiply-adds, at most half of its tiles' padding
+    (:meth:`AmxConv.efficiency`): a 1- or 3-channel stem (5 or 9 reduction bytes a kernel
+    row, against 64 a tile row) stays on ``vpdpbusd``."""
+    if out_channels < AMX_ROWS // 2:
+        return False
+    plan = AmxConv.plan(channels, out_channels, kernel, out_hw)
+    macs = batch * out_hw[0] * out_hw[1] * out_channels * channels * kernel[0] * kernel[1]
+    return (macs >= AMX_CONV_MACS
+            and plan.efficiency(channels, out_channels, kernel, out_hw) >= AMX_EFFICIENCY)
+
+
+def amx_conv_weights(weight: np.ndarray, plan: AmxConv) -> np.ndarray:
+    """OIHW int8 weights as the tiles :func:`_amx_conv2d` reads: ``[kernel rows, rows / 16,
+    out channels / 16 (padded to 32), 16, 16, 4]``, element ``[kh, q, nb, nl, rr, j]`` the
+    weight of output channel ``16 nb + nl``, kernel column and channel group
+    ``divmod(16 q + rr, groups)``, channel ``4 g + j`` (zero past the real ones)."""
+    out_ch, channels, kh, kw = weight.shape
+    grouped = np.zeros((out_ch, plan.groups * STEP, kh, kw), np.int8)
+    grouped[:, :channels] = weight
+    # [O, G, 4, KH, KW] -> [KH, KW, G, O, 4] -> reduction rows (kw, g) -> padded
+    rows = grouped.reshape(out_ch, plan.groups, STEP, kh, kw).transpose(3, 4, 1, 0, 2)
+    rows = rows.reshape(kh, kw * plan.groups, out_ch, STEP)
+    cols = _round_up(out_ch, AMX_ROWS)
+    padded = np.zeros((kh, plan.rows, cols, STEP), np.int8)
+    padded[:, :kw * plan.groups, :out_ch] = rows
+    tiles = padded.reshape(kh, plan.rows // 16, 16, cols // BLOCK, BLOCK, STEP)
+    return np.ascontiguousarray(tiles.transpose(0, 1, 3, 4, 2, 5))
+
+
+def _amx_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation,
+                zero: int, signed: bool, requant=None):
+    """Direct convolution of ``x`` (NCHW or NCW, uint8 / int8) on AMX tiles, laid out as
+    :class:`AmxConv` says. Staged twice: the padded input ``[batch, rows, 4-channel groups,
+    column phase, columns / stride, 4]`` (padding: the zero point), then the tile rows
+    ``[batch, row phase, staged rows, reduction rows, pixels, 4]`` (input row ``h = staged
+    row * stride + phase``, so that a register block's output rows are one stride apart
+    whatever the stride). The sum ``[batch, output rows, channel blocks, 16, pixels]``, the
+    output NCHW (NCW)."""
+    one_row = len(x.shape) == 3
+    if one_row:
+        batch, channels, width = (int(d) for d in x.shape)
+        height = 1
+    else:
+        batch, channels, height, width = (int(d) for d in x.shape)
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    cols = int(scale.shape[0])
+    plan = AmxConv.plan(channels, cols, kernel, (oh, ow))
+    ohp, owp = _round_up(oh, plan.row_tiles), _round_up(ow, plan.pixels)
+    staged_rows = ohp - 1 + ((kh - 1) * dh) // sh + 1
+    reach = ((kw - 1) * dw) // sw  # columns of a phase the tile rows read past the pixels
+    fill = tirx.const(zero, "uint8")
+    groups = plan.groups
+
+    def pixel(b, h, g, phase, q, j):  # the padded input, 4 channels of a pixel contiguous
+        c, y, z = g * STEP + j, h - top, q * sw + phase - left
+        inside = [y >= 0, y < height, z >= 0, z < width] + \
+            ([c < channels] if channels % STEP else [])
+        value = x[b, c, z] if one_row else x[b, c, y, z]
+        return te.if_then_else(tirx.all(*inside), _staged(value, signed, True), fill)
+    # columns split by their phase modulo the stride: a tile row's 16 pixels, which a
+    # strided convolution reads one stride apart, are then consecutive
+    pixels = te.compute((batch, staged_rows * sh, groups, sw, owp + reach, STEP), pixel,
+                        name=STAGE_BLOCK)
+
+    def row(b, phase, hq, r, z, j):  # a tile row: 4 channels of 16 pixels, 64 bytes
+        offset = te.min(r // groups, kw - 1) * dw  # (clamped: padding rows read a real one)
+        value = pixels[b, hq * sh + phase, r % groups, offset % sw, z + offset // sw, j]
+        return te.if_then_else(r < kw * groups, value, fill) if plan.rows != kw * groups \
+            else value
+    data = te.compute((batch, sh, staged_rows, plan.rows, owp, STEP), row,
+                      name=AMX_ROWS_BLOCK)
+    rh = te.reduce_axis((0, kh), "rh")
+    rq = te.reduce_axis((0, plan.rows // 16), "rq")
+    rr = te.reduce_axis((0, 16), "rr")
+    rj = te.reduce_axis((0, STEP), "rj")
+    acc = te.compute(
+        (batch, ohp, int(packed.shape[2]), BLOCK, owp),
+        lambda b, y, nb, nl, z: te.sum(
+            data[b, (rh * dh) % sh, y + (rh * dh) // sh, rq * 16 + rr, z, rj].astype("int32")
+            * packed[rh, rq, nb, nl, rr, rj].astype("int32"), axis=[rh, rq, rr, rj]),
+        name=AMX_CONV_BLOCK)
+
+    def out(b, n, *at):
+        y, z = (0, *at) if one_row else at
+        return _finished(acc[b, y, n // BLOCK, n % BLOCK, z], correction, scale, requant, n)
+    shape = (batch, cols, ow) if one_row else (batch, cols, oh, ow)
+    return te.compute(shape, out, name="int8_out")
+
+
 # -- the Relax rewrite -----------------------------------------------------------------------
 
 @expr_functor.mutator
@@ -451,9 +605,12 @@ class _Rewriter(relax.PyExprMutator):
         return self._weight(expr, 1, 2)
 
     def _emit(self, func, name, xq, weight, w_scale, x_scale, zero, signed, *attrs,
-              amx: bool = False):
+              amx: bool = False, packed: np.ndarray | None = None):
+        """Call ``func`` on ``xq`` and ``weight`` (``[K, N]``; packed by
+        :func:`pack_weights` unless ``packed`` is given)."""
         correction, scale = _epilogue_constants(weight, w_scale, x_scale, zero)
-        packed = pack_weights(weight, self.vnni, amx)
+        if packed is None:
+            packed = pack_weights(weight, self.vnni, amx)
         args = (*attrs, zero, signed) if amx else (*attrs, zero, signed, self.vnni)
         self.count += 1
         self.amx_count += amx
@@ -462,7 +619,7 @@ class _Rewriter(relax.PyExprMutator):
             primfunc_name_hint=name)
         # what _Requantizer needs to emit the kernel again with a requantizing epilogue
         self.kernels[call.args[0].name_hint] = _Kernel(
-            func, name, args, 1 if func is _int8_conv2d else -1)
+            func, name, args, 1 if func in (_int8_conv2d, _amx_conv2d) else -1)
         return call
 
     def visit_call_(self, call):
@@ -551,6 +708,19 @@ class _Rewriter(relax.PyExprMutator):
             strides, dilation = [1, *strides], [1, *dilation]
             padding = [0, padding[0], 0, padding[1]]
         kh, kw = weight.shape[2:]
+        batch, channels, *spatial = (int(d) for d in xq.ty.shape)
+        height, width = spatial if two_d else (1, spatial[0])
+        out_hw = ((height + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // strides[0]
+                  + 1,
+                  (width + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // strides[1]
+                  + 1)
+        out_ch = weight.shape[0]
+        if self.amx and use_amx_conv(channels, out_ch, (kh, kw), out_hw, batch):
+            plan = AmxConv.plan(channels, out_ch, (kh, kw), out_hw)
+            return self._emit(_amx_conv2d, "int8_conv_amx", xq,
+                              weight.reshape(out_ch, -1).T, w_scale, x_scale, zero, signed,
+                              (kh, kw), strides, padding, dilation, amx=True,
+                              packed=amx_conv_weights(weight, plan))
         return self._emit(_int8_conv2d, "int8_conv2d" if two_d else "int8_conv1d", xq,
                           conv_weight_rows(weight, dilation[1], self.vnni), w_scale, x_scale,
                           zero, signed, (kh, kw), strides, padding, dilation)
