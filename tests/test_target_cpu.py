@@ -55,6 +55,60 @@ def test_blocked_matmul_leaves_max_pools_of_bytes_to_the_plain_rules(dtype):
     assert taken == (dtype == "float32")
 
 
+@pytest.mark.parametrize("dtype, size, window, stride", [
+    ("uint8", 112, 2, 2), ("uint8", 30, 3, 2), ("float32", 20, 3, 1), ("int8", 56, 2, 2)])
+def test_pools_run_rows_in_parallel_with_the_window_unrolled_and_match_numpy(
+        dtype, size, window, stride):
+    """WindowReduction: rows of the pool in parallel, the output columns a loop with the window
+    unrolled inside it (LLVM vectorizes it; AV-MNIST int8's 112 x 112 pool 1.04 -> 0.15 ms),
+    the epilogue after each row; outputs equal to numpy's."""
+    import tvm
+    from tvm import relax
+
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import legalize_and_fuse
+    from mmcompile.targets.tvm.schedules import WindowReduction
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8, size, size), dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            pooled = bb.emit(relax.op.nn.max_pool2d(x, window, stride))
+            out = bb.emit_output(relax.op.astype(pooled, "float32"))
+        bb.emit_func_output(out)
+    target = llvm_target(threads=2)
+    mod = legalize_and_fuse(bb.get(), target)
+    (name,) = [gv for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = WindowReduction._schedule(mod[name], target)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert text.count("T.parallel(") == 1 and text.count("T.unroll(") == 2, text
+    out_size = (size - window) // stride + 1
+    info = np.iinfo(dtype) if dtype != "float32" else None
+    rng = np.random.default_rng(0)
+    data = (rng.integers(info.min, info.max + 1, (2, 8, size, size)) if info
+            else rng.standard_normal((2, 8, size, size))).astype(dtype)
+    expected = np.full((2, 8, out_size, out_size), -np.inf)
+    for i in range(window):
+        for j in range(window):
+            expected = np.maximum(expected, data[:, :, i:i + stride * out_size:stride,
+                                                 j:j + stride * out_size:stride])
+    lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), target=target)
+    args = [tvm.runtime.tensor(data), tvm.runtime.empty(expected.shape, "float32")]
+    lib["main"](*args)
+    assert np.array_equal(args[1].numpy(), expected.astype(np.float32))
+
+
+def test_window_reduction_takes_pools_only():
+    from tvm import te
+
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.schedules import WindowReduction
+    x = te.placeholder((4, 64, 100), "float32", "x")
+    k = te.reduce_axis((0, 2), "k")
+    y = te.compute((4, 64, 50), lambda b, c, w: te.sum(x[b, c, w * 2 + k], axis=k), name="s")
+    assert WindowReduction._schedule(te.create_prim_func([x, y]), llvm_target()) is None
+
+
 def test_small_kernels_run_serially_and_large_ones_in_parallel():
     # Waking the thread pool costs more than a small kernel saves. The work count read
     # dlight's extents as IntImm only; TVM 0.27 gives ints, so no kernel ever ran serially.

@@ -30,6 +30,8 @@ fast-math rewrite (:mod:`.fast_math`) 0.96x / 1.26x at batch 1, 1.11x / 1.59x at
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -94,6 +96,62 @@ class MatmulLike(dl.ScheduleRule):
                 _, vec = sch.split(inner, [None, lanes])
                 sch.vectorize(vec)
         return sch
+
+
+class WindowReduction(dl.ScheduleRule):
+    """A pooling over a small window (at most :data:`WINDOW` elements) and its injective
+    epilogue: rows in parallel, each a loop along the innermost spatial axis with the window
+    unrolled inside, which LLVM vectorizes (a strided window's loads as interleaved ones);
+    the epilogue vectorized after the row. dlight's Reduction rule computed one output per
+    parallel iteration: AV-MNIST int8 at batch 8, its max pool over 8 x 16 x 112 x 112
+    uint8 (with the dequantize, ReLU and quantize after it) took 1.04 ms, now 0.15 ms
+    (TVM vectorizing the pool along the outputs instead, the window outside: 0.48 ms)."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception:  # not a window reduction: the next rule tries
+            return None
+
+    @staticmethod
+    def _schedule(func, target):
+        sch = s_tir.Schedule(func)
+        infos = dl.try_inline(sch, normalize_prim_func(sch))
+        reductions = [b for b in infos if not b.is_injective()]
+        if len(reductions) != 1 or "O" in reductions[0].dom_kind():
+            return None
+        main = reductions[0]
+        rule = sch.get(main.block_rv).annotations.get("schedule_rule")
+        if rule is None or not str(rule).startswith("meta_schedule.pool"):
+            return None  # TOPI's pools carry this annotation
+        spatial, reduce_ = _split_loops(sch, main.block_rv, main.dom_kind())
+        sizes = [extent(sch, loop) for loop in reduce_]
+        if len(spatial) < 2 or not reduce_ or None in sizes or math.prod(sizes) > WINDOW:
+            return None
+        itemsize = sch.get(main.block_rv).writes[0].source.dtype.bits // 8
+        lanes = lanes_for(target) * 4 // itemsize  # a vector register of the output type
+        epilogues = [b.block_rv for b in infos if b is not main]
+        if not within_reduction(sch, main.block_rv, epilogues) \
+                or not all_downstream(sch, main.block_rv, epilogues):
+            return None
+        sch.reorder(*spatial, *reduce_)
+        rows = sch.fuse(*spatial[:-1])
+        sch.parallel(rows)
+        for loop in reduce_:
+            sch.unroll(loop)
+        sch.decompose_reduction(main.block_rv, reduce_[0])
+        for block_rv in epilogues:
+            sch.reverse_compute_at(block_rv, rows)
+            inner = sch.get_loops(block_rv)[-1]
+            if (size := extent(sch, inner)) and size > lanes:
+                inner = sch.split(inner, [None, lanes])[1]
+            sch.vectorize(inner)
+        return sch
+
+
+WINDOW = 64  # the largest window WindowReduction takes (an 8 x 8 pool)
 
 
 class Fallback(dl.ScheduleRule):
@@ -192,8 +250,8 @@ def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     from mmcompile.targets.tvm.rows import RowReduction
     from mmcompile.targets.tvm.winograd import WinogradTransform
     rules = [Int8Contraction(), WinogradTransform(), RowReduction(), ColumnSoftmax(),
-             DepthwisePlanes(), BlockedConv2d(), BlockedMatmul(), MatmulLike(), dl.cpu.GEMV(),
-             dl.cpu.Reduction(), Fallback()]
+             DepthwisePlanes(), BlockedConv2d(), BlockedMatmul(), MatmulLike(), WindowReduction(),
+             dl.cpu.GEMV(), dl.cpu.Reduction(), Fallback()]
     return [SerialIfSmall(r, serial_below) for r in rules]  # serial_below=0: never serial
 
 
