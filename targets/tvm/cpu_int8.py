@@ -23,10 +23,10 @@ from tvm.script import tirx as T
 from mmcompile.targets.tvm.cpu_matmul import _largest_divisor
 from mmcompile.targets.tvm import cpu_amx
 from mmcompile.targets.tvm.int8 import (AMX_CONV_BLOCK, AMX_SUM_BLOCK, BLOCK, STAGE_BLOCK,
-                                        SUM_BLOCK, has_avx2, has_vnni, register_tile,
-                                        step_for)
-from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, extent, lanes_for,
-                                                 parallel_spatial)
+                                        STEM_BLOCK, SUM_BLOCK, has_avx2, has_vnni,
+                                        register_tile, step_for)
+from mmcompile.targets.tvm.schedule_util import (ACCUMULATOR_SCOPE, extent, fill_and_copy,
+                                                 lanes_for, parallel_spatial)
 
 # A tile's epilogue writes each of its channels into another plane of an NCHW output; planes
 # whose starts are congruent modulo 4 KB fall in one L1 set, which holds L1_WAYS lines.
@@ -34,6 +34,7 @@ L1_WAYS = 8  # Zen 3/4, Skylake to Ice Lake; newer cores have 12
 SET_SPAN = 4096
 
 VNNI_INTRIN = "mmcompile_dot_16x4_u8i8i32_vnni"
+PIXELS_INTRIN = "mmcompile_dot_16x4_pixels_vnni"  # 16 pixels' lanes, the 4 weights broadcast
 AVX2_INTRIN = "mmcompile_dot_16x2_i16i16i32_avx2"
 
 
@@ -80,6 +81,36 @@ def register_intrinsics() -> None:
 
     s_tir.TensorIntrin.register(VNNI_INTRIN, _dot_desc(4, "uint8", "int8"), _dot_vnni,
                                 override=True)
+
+    @T.prim_func(s_tir=True)
+    def _pixels_desc(A: T.Buffer((16, 4), "uint8", offset_factor=1),
+                     B: T.Buffer((4,), "int8", offset_factor=1),
+                     C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def _pixels_vnni(A: T.Buffer((16, 4), "uint8", offset_factor=1),
+                     B: T.Buffer((4,), "int8", offset_factor=1),
+                     C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        # the roles of _dot_vnni swapped: 16 pixels x 4 bytes loaded, 4 weights broadcast
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(A.vload([0, 0], dtype="uint8x64"), dtype="int8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"),
+                                          16), dtype="int8x64"), dtype="int32x16")
+
+    s_tir.TensorIntrin.register(PIXELS_INTRIN, _pixels_desc, _pixels_vnni, override=True)
 
 
     @T.prim_func(s_tir=True)
@@ -176,6 +207,49 @@ def _computed_once(sch, block, tiles, padding: float) -> bool:
     return per_tile * extent(sch, tiles) <= total * padding
 
 
+STEM_ACCUMULATORS = 12  # vectors of 16 int32 in a stem's register tile (768 bytes)
+
+
+def _schedule_stem(sch, padded, runs, acc, epilogue, lanes: int) -> None:
+    """A stem convolution (:func:`~.int8._int8_stem`): the padding a fill and a vectorized
+    copy, the tap runs parallel over rows with the 4 taps' stores interleaved (LLVM
+    vectorizes along the pixels); the sum in register tiles of output channels x 16-pixel
+    vectors (at most :data:`STEM_ACCUMULATORS`), parallel over tiles, one ``vpdpbusd`` per
+    16 pixels x 4 taps; the epilogue per tile, along the pixels as vectors."""
+    for block in fill_and_copy(sch, padded):
+        parallel_spatial(sch, block, lanes)
+    *outer, _, tap = sch.get_loops(runs)
+    sch.parallel(sch.fuse(*outer))
+    sch.unroll(tap)
+    batch, channel, row, pixel, rh, rq, rj = sch.get_loops(acc)
+    vectors = extent(sch, pixel) // BLOCK
+    across = _largest_divisor(vectors, 4)
+    down = _largest_divisor(extent(sch, channel), STEM_ACCUMULATORS // across)
+    pixel, lane = sch.split(pixel, [None, BLOCK])
+    pixel, vector = sch.split(pixel, [None, across])
+    channel, tile_channel = sch.split(channel, [None, down])
+    sch.reorder(batch, row, channel, pixel, rh, rq, tile_channel, vector, lane, rj)
+    tiles = sch.fuse(batch, row, channel, pixel)
+    tile_acc = sch.cache_write(acc, 0, ACCUMULATOR_SCOPE)
+    sch.reverse_compute_at(tile_acc, tiles)
+    sch.vectorize(sch.get_loops(tile_acc)[-1])
+    sch.parallel(tiles)
+    init = sch.decompose_reduction(acc, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(lane, PIXELS_INTRIN)
+    sch.unroll(tile_channel)
+    sch.unroll(vector)
+    if len(epilogue) == 1:
+        sch.reverse_compute_at(epilogue[0], tiles)
+        inner = sch.get_loops(epilogue[0])[-1]
+        if (size := extent(sch, inner)) and size > BLOCK:
+            inner = sch.split(inner, [None, BLOCK])[1]
+        sch.vectorize(inner)
+    else:
+        for block in epilogue:
+            parallel_spatial(sch, block, lanes)
+
+
 class Int8Contraction(dl.ScheduleRule):
     """Schedules a function holding one int8 contraction of :mod:`.int8` (and whatever
     ``FuseOps`` put around it): producers inlined into the staging block (uint8; int16
@@ -201,7 +275,8 @@ class Int8Contraction(dl.ScheduleRule):
         accs = [i for i, n in enumerate(names) if n.startswith(SUM_BLOCK)]
         stages = [i for i, n in enumerate(names) if n.startswith(STAGE_BLOCK)]
         amx_conv = len(accs) == 1 and names[accs[0]].startswith(AMX_CONV_BLOCK)
-        if len(accs) != 1 or len(stages) != 1 + amx_conv or stages[-1] > accs[0]:
+        stem = len(accs) == 1 and names[accs[0]].startswith(STEM_BLOCK)
+        if len(accs) != 1 or len(stages) != 1 + (amx_conv or stem) or stages[-1] > accs[0]:
             return None
         acc, data = blocks[accs[0]], blocks[stages[0]]
         acc_shape = [int(d) for d in sch.get(acc).writes[0].source.shape]
@@ -215,6 +290,12 @@ class Int8Contraction(dl.ScheduleRule):
         intrin = VNNI_INTRIN if vnni else AVX2_INTRIN if has_avx2(target) else None
         if intrin is not None:
             register_intrinsics()
+        if stem:
+            register_intrinsics()
+            rest = [b for b in sch.get_child_blocks(get_root_block(sch))
+                    if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
+            _schedule_stem(sch, data, blocks[stages[1]], acc, rest, lanes_for(target))
+            return sch
         if amx_conv:
             cpu_amx.schedule_conv_staging(sch, data, blocks[stages[1]])
         else:

@@ -536,6 +536,91 @@ def _amx_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation
     return te.compute(shape, out, name="int8_out")
 
 
+STEM_BLOCK = SUM_BLOCK + "_pixels"  # the sum of a stem convolution (:func:`_int8_stem`)
+STEM_CHANNELS = 4  # convolutions with at most this many input channels: stems
+
+
+def use_stem(channels: int, vnni: bool) -> bool:
+    """Whether a convolution (groups 1) runs as :func:`_int8_stem`: with VNNI, at most
+    :data:`STEM_CHANNELS` input channels (an image's 3, a spectrogram's 1), where the
+    channel-vector kernels sum 1-3 bytes per 4-byte step and write each output channel's
+    pixels one by one."""
+    return vnni and channels <= STEM_CHANNELS
+
+
+def stem_taps(channels: int, kernel_width: int) -> int:
+    """Reduction bytes per kernel row of a stem: (kernel column, channel), padded to 4."""
+    return _round_up(kernel_width * channels, STEP)
+
+
+def stem_weights(weight: np.ndarray) -> np.ndarray:
+    """OIHW int8 weights as ``[kernel rows, taps / 4, out channels, 4]``: tap ``t`` of a
+    kernel row is kernel column ``t // channels``, channel ``t % channels`` (zero past the
+    real taps): the 4 bytes one ``vpdpbusd`` broadcasts for an output channel."""
+    out_ch, channels, kh, kw = weight.shape
+    taps = stem_taps(channels, kw)
+    rows = np.zeros((kh, taps, out_ch), np.int8)
+    rows[:, :kw * channels] = weight.transpose(2, 3, 1, 0).reshape(kh, kw * channels, out_ch)
+    return np.ascontiguousarray(rows.reshape(kh, taps // STEP, STEP, out_ch).transpose(0, 1, 3, 2))
+
+
+def _int8_stem(x, packed, correction, scale, kernel, strides, padding, dilation,
+               zero: int, signed: bool, requant=None):
+    """Direct convolution of a few-channel ``x`` (NCHW or NCW, uint8 / int8) with the output
+    pixels as vector lanes: a ``vpdpbusd`` adds 16 pixels x 4 taps (kernel columns and
+    channels, :func:`stem_taps`) of one output channel, the 4 weights broadcast, so the sum
+    of a register tile is rows of NCHW pixels that the epilogue writes as vectors. Staged
+    twice: the padded input, then per kernel row and 4 taps ``[pixels, 4]`` runs
+    (``[batch, row phase, staged rows, taps / 4, pixels padded to 16, 4]``: input row
+    ``staged row * stride + phase``, as in :func:`_amx_conv2d`)."""
+    one_row = len(x.shape) == 3
+    if one_row:
+        batch, channels, width = (int(d) for d in x.shape)
+        height = 1
+    else:
+        batch, channels, height, width = (int(d) for d in x.shape)
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    cols = int(scale.shape[0])
+    owp = _round_up(ow, BLOCK)
+    staged_rows = oh - 1 + ((kh - 1) * dh) // sh + 1
+    wide = (owp - 1) * sw + (kw - 1) * dw + 1
+    fill = tirx.const(zero, "uint8")
+    taps = kw * channels
+
+    def pad(b, c, h, w):
+        y, z = h - top, w - left
+        inside = tirx.all(y >= 0, y < height, z >= 0, z < width)
+        value = x[b, c, z] if one_row else x[b, c, y, z]
+        return te.if_then_else(inside, _staged(value, signed, True), fill)
+    padded = te.compute((batch, channels, staged_rows * sh, wide), pad, name=STAGE_BLOCK)
+
+    def run(b, phase, hq, tq, z, j):
+        t = te.min(tq * STEP + j, taps - 1)  # (clamped: padding taps read a real one)
+        value = padded[b, t % channels, hq * sh + phase, z * sw + (t // channels) * dw]
+        return te.if_then_else(tq * STEP + j < taps, value, fill) if taps % STEP else value
+    data = te.compute((batch, sh, staged_rows, stem_taps(channels, kw) // STEP, owp, STEP), run,
+                      name=STAGE_BLOCK + "_rows")
+    rh = te.reduce_axis((0, kh), "rh")
+    rq = te.reduce_axis((0, int(packed.shape[1])), "rq")
+    rj = te.reduce_axis((0, STEP), "rj")
+    acc = te.compute(
+        (batch, cols, oh, owp),
+        lambda b, n, y, z: te.sum(
+            data[b, (rh * dh) % sh, y + (rh * dh) // sh, rq, z, rj].astype("int32")
+            * packed[rh, rq, n, rj].astype("int32"), axis=[rh, rq, rj]),
+        name=STEM_BLOCK)
+
+    def out(b, n, *at):
+        y, z = (0, *at) if one_row else at
+        return _finished(acc[b, n, y, z], correction, scale, requant, n)
+    shape = (batch, cols, ow) if one_row else (batch, cols, oh, ow)
+    return te.compute(shape, out, name="int8_out")
+
+
 # -- the Relax rewrite -----------------------------------------------------------------------
 
 @expr_functor.mutator
@@ -611,7 +696,8 @@ class _Rewriter(relax.PyExprMutator):
         correction, scale = _epilogue_constants(weight, w_scale, x_scale, zero)
         if packed is None:
             packed = pack_weights(weight, self.vnni, amx)
-        args = (*attrs, zero, signed) if amx else (*attrs, zero, signed, self.vnni)
+        args = (*attrs, zero, signed) + ((self.vnni,) if func in (_int8_matmul, _int8_conv2d)
+                                         else ())
         self.count += 1
         self.amx_count += amx
         call = self.builder_.call_te(
@@ -619,7 +705,7 @@ class _Rewriter(relax.PyExprMutator):
             primfunc_name_hint=name)
         # what _Requantizer needs to emit the kernel again with a requantizing epilogue
         self.kernels[call.args[0].name_hint] = _Kernel(
-            func, name, args, 1 if func in (_int8_conv2d, _amx_conv2d) else -1)
+            func, name, args, 1 if func in (_int8_conv2d, _amx_conv2d, _int8_stem) else -1)
         return call
 
     def visit_call_(self, call):
@@ -715,6 +801,10 @@ class _Rewriter(relax.PyExprMutator):
                   (width + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // strides[1]
                   + 1)
         out_ch = weight.shape[0]
+        if use_stem(channels, self.vnni):
+            return self._emit(_int8_stem, "int8_stem", xq, weight.reshape(out_ch, -1).T,
+                              w_scale, x_scale, zero, signed, (kh, kw), strides, padding,
+                              dilation, packed=stem_weights(weight))
         if self.amx and use_amx_conv(channels, out_ch, (kh, kw), out_hw, batch):
             plan = AmxConv.plan(channels, out_ch, (kh, kw), out_hw)
             return self._emit(_amx_conv2d, "int8_conv_amx", xq,
