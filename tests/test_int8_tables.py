@@ -1,5 +1,5 @@
 """Elementwise chains between quantized tensors as byte lookup tables (targets/tvm/
-int8_tables.py): ``Q(f(DQ(x)))`` -> ``table[x]`` where ``f`` is elementwise with scalar
+int8_tables.py): ``Q(f(DQ(x)))`` -> ``take(table, x)`` where ``f`` is elementwise with scalar
 constants, holds an op costlier than a few vector instructions, and its intermediate values
 are read nowhere else."""
 
@@ -33,14 +33,11 @@ def _chain_model(kind: str, signed: bool = False, extra_output: bool = False):
         nodes += [helper.make_node("Tanh", ["xd"], ["f"])]
     elif kind == "relu":
         nodes += [helper.make_node("Relu", ["xd"], ["f"])]
-    elif kind == "pool_tanh":  # the lookup after a max pool: one kernel
-        nodes += [helper.make_node("MaxPool", ["xd"], ["p"], kernel_shape=[2], strides=[2]),
-                  helper.make_node("Tanh", ["p"], ["f"])]
+
     elif kind == "per_channel":  # a constant that differs along an axis: not one byte's function
         nodes += [helper.make_node("Mul", ["xd", "per_channel"], ["f"])]
     nodes.append(helper.make_node("QuantizeLinear", ["f", "sy", "zy"], ["y"]))
-    outputs = [helper.make_tensor_value_info(
-        "y", TensorProto.UINT8, [2, 8, 25 if kind == "pool_tanh" else 50])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 8, 50])]
     if extra_output:  # an intermediate value read outside the chain
         outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 8, 50]))
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(
@@ -75,7 +72,7 @@ def _float_chain(model, feeds):
 def test_a_chain_between_quantized_tensors_becomes_a_table(kind, signed, tmp_path):
     model, feeds = _chain_model(kind, signed)
     count, text = _tables(model)
-    assert count == 1 and "table_lookup" in text and "R.sigmoid" not in text, text
+    assert count == 1 and "R.take(" in text and "R.sigmoid" not in text, text
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     got = mmcompile.compile(str(path), feeds, verify=False)(**feeds)
@@ -92,7 +89,7 @@ def test_a_chain_whose_intermediate_is_read_elsewhere_stays_float():
 
 def test_a_per_channel_constant_keeps_the_chain_float():
     count, text = _tables(_chain_model("per_channel")[0])
-    assert count == 0 and "table_lookup" not in text
+    assert count == 0 and "R.take(" not in text
 
 
 def test_a_chain_of_cheap_ops_stays_float_arithmetic():
@@ -100,19 +97,6 @@ def test_a_chain_of_cheap_ops_stays_float_arithmetic():
     per element is slower."""
     count, text = _tables(_chain_model("relu")[0])
     assert count == 0 and "R.nn.relu" in text
-
-
-def test_the_lookup_fuses_into_the_max_pool_before_it():
-    """Marked elementwise for FuseOps (TVM calls a gather opaque): one kernel writes the
-    pooled bytes' table entries, no int32 indices in between."""
-    from mmcompile.targets.tvm.host import llvm_target
-    from mmcompile.targets.tvm.lowering import fuse_cpu
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-    model, _ = _chain_model("pool_tanh")
-    mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
-    names = [gv.name_hint for gv, _ in fuse_cpu(mod, llvm_target()).functions_items()]
-    assert any("max_pool" in n and "table_lookup" in n for n in names), names
 
 
 def test_the_table_holds_every_byte_of_the_chain(tmp_path):

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 import tvm
-from tvm import relax, te
+from tvm import relax
 from tvm.relax import expr_functor
 
 from mmcompile.targets.tvm.rewrite import (constant_value, is_call, rewrite_functions,
@@ -60,10 +60,11 @@ BINARY = {
     "relax.power": np.power,
 }
 
-# Ops a chain of only these stays float: FuseOps fuses ``dequantize -> relu -> quantize`` into
-# the kernel before it (a max pool) as vector arithmetic, cheaper than a byte gather per
-# element (AV-MNIST int8 at batch 8, its 112 x 112 pool with the chain 0.34 ms, with a table
-# 0.52 ms).
+# A chain of only these stays float arithmetic: FuseOps fuses ``dequantize -> relu ->
+# quantize`` into the kernel before it (a max pool), where it vectorizes; a table is a
+# ``take`` (injective, so not fused: the pool writes int32 indices) and a gather per byte.
+# AV-MNIST int8 at batch 8, its 112 x 112 pool: with the chain 0.15 ms; pool + indices 0.34 ms
+# and the lookup pass 0.12 ms.
 CHEAP = frozenset({"relax.nn.relu", "relax.add", "relax.subtract", "relax.multiply",
                    "relax.maximum", "relax.minimum", "relax.negative", "relax.abs"})
 
@@ -101,29 +102,11 @@ class _Tables(relax.PyExprMutator):
             raise _NotATable
         info = np.iinfo(dtype)
         table = np.clip(np.rint(scaled) + int(zy.reshape(())), info.min, info.max).astype(dtype)
+        index = relax.op.astype(chain.source, "int32")
+        if str(chain.source.ty.dtype) == "int8":
+            index = relax.op.add(self.builder_.emit(index), relax.const(128, "int32"))
         self.count += 1
-        return self.builder_.call_te(
-            _lookup, relax.const(table), chain.source,
-            128 if str(chain.source.ty.dtype) == "int8" else 0,
-            primfunc_name_hint="table_lookup", primfunc_attrs={ELEMENTWISE: 1})
-
-
-# Marks a kernel elementwise for FuseOps (:func:`~.lowering.legalize_and_fuse`), which then
-# fuses the lookup into the kernel that writes x (a pool, a contraction's epilogue).
-# TVM's own analysis calls the gather opaque (its index is data), and kElemWise is 0, which
-# AnnotateTIROpPattern takes for "not annotated".
-ELEMENTWISE = "mmcompile.elementwise"
-
-
-def _lookup(table, x, shift: int):
-    """``table[x + shift]`` elementwise (``shift``: 128 for int8 ``x``). A ``take`` would be
-    ``injective`` to ``FuseOps``, which then leaves it out of the pool or contraction that
-    writes ``x``: a pass of its own, reading ``x`` widened to int32 indices (AV-MNIST int8
-    at batch 8: its 112 x 112 pool 0.35 ms, the lookup after it 0.12 ms more)."""
-    def at(*i):
-        index = x(*i).astype("int32")
-        return table[index + shift if shift else index]
-    return te.compute(x.shape, at, name="table_lookup")
+        return relax.op.take(relax.const(table), self.builder_.emit(index), axis=0)
 
 
 class _Chain:

@@ -32,8 +32,7 @@ CLIP example, 1 thread, vs onnxruntime: 4.9x (old rules) -> 2.7x (blocked matmul
 
 from __future__ import annotations
 
-import tvm
-from tvm import relax, tirx
+from tvm import relax
 
 from mmcompile.targets.tvm.column_softmax import ColumnSoftmaxes
 from mmcompile.targets.tvm.depthwise import ChannelsLastDepthwise
@@ -43,12 +42,12 @@ from mmcompile.targets.tvm.im2col_conv import Im2colConvs
 from mmcompile.targets.tvm.spanning_conv import SpanningConvs
 from mmcompile.targets.tvm.transposed_conv import ShuffleTransposedConvs
 from mmcompile.targets.tvm.int8 import QuantizedContractions, int8_instructions
-from mmcompile.targets.tvm.int8_tables import ELEMENTWISE, QuantizedTables
+from mmcompile.targets.tvm.int8_tables import QuantizedTables
 from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
 from mmcompile.targets.tvm.one_hot import OneHotMatmuls
 from mmcompile.targets.tvm.pointwise_conv import FlatPointwiseConvs
 from mmcompile.targets.tvm.rows import RowReductions
-from mmcompile.targets.tvm.schedule_util import lanes_for, with_functions
+from mmcompile.targets.tvm.schedule_util import lanes_for
 from mmcompile.targets.tvm.schedules import schedule_cpu
 from mmcompile.targets.tvm.unit_reductions import SpatializeUnitReductions
 from mmcompile.targets.tvm.winograd import Winograd
@@ -98,21 +97,8 @@ def legalize_and_fuse(mod, target):
     elementwise (:mod:`.unit_reductions`: every schedule rule, ours and dlight's, would
     otherwise be free to inline an epilogue into their ``init`` and apply it twice)."""
     with target:
-        mod = tvm.transform.Sequential([
-            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-            _mark_elementwise, relax.transform.FoldConstant(), relax.transform.FuseOps(),
-            relax.transform.FuseTIR()])(mod)  # the "zero" pipeline, kernels marked between
+        mod = relax.get_pipeline("zero")(mod)
     return SpatializeUnitReductions()(mod)
-
-
-@tvm.transform.module_pass(opt_level=0, name="mmcompile.MarkElementwise")
-def _mark_elementwise(mod, _ctx):
-    """Kernels marked :data:`~.int8_tables.ELEMENTWISE` (byte lookup tables) as FuseOps'
-    kElemWise, after ``AnnotateTIROpPattern`` called them opaque."""
-    marked = {gv: func.with_attr("op_pattern", 0) for gv, func in mod.functions_items()
-              if isinstance(func, tirx.PrimFunc) and func.attrs is not None
-              and ELEMENTWISE in func.attrs}
-    return with_functions(mod, marked)
 
 
 def lower_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, tuning_db=None):
