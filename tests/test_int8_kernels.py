@@ -342,6 +342,15 @@ def test_stems_and_small_convolutions_stay_on_vpdpbusd():
     assert not int8.use_amx_conv(64, 64, (3, 3), (4, 4), 1)    # 590k multiply-adds
 
 
+def test_stems_with_rows_that_fill_pixel_vectors_sum_along_the_pixels():
+    assert int8.use_stem(3, 64, True) and int8.use_stem(1, 112, True)
+    assert int8.use_stem(3, 13, True)        # 13 of 16 lanes
+    assert not int8.use_stem(3, 8, True)     # CLIP's patch embedding: half the lanes idle
+    assert not int8.use_stem(3, 20, True)    # 20 pixels padded to 32
+    assert not int8.use_stem(8, 64, True)    # channel vectors
+    assert not int8.use_stem(3, 64, False)   # vpdpbusd only
+
+
 def test_small_or_shallow_contractions_stay_on_vpdpbusd():
     assert int8.use_amx(520, 128) and int8.use_amx(64, 120)
     assert not int8.use_amx(16, 512)   # one tile of rows, half of it padding
@@ -536,7 +545,8 @@ def test_the_int8_rule_schedules_every_int8_kernel_with_its_epilogue_per_tile(ca
     assert re.search(rf'int8_data = T\.sblock_alloc_buffer\(.*, "{staged}"\)\n', text), text
     if case == "conv3x3":  # NHWC staging: the loop over pixels and their channels is not
         assert "for w, c in T.grid(" in text, text  # fused into the rows (a div/mod each)
-    if mcpu == VNNI and x_shape[1] <= int8.STEM_CHANNELS:  # a stem (int8._int8_stem):
+    out_width = _out_shape(op, x_shape, w_shape, attrs)[-1]
+    if op == "Conv" and int8.use_stem(x_shape[1], out_width, mcpu == VNNI):  # int8._int8_stem:
         # the padding (fill and copy, or one pass), the tap runs, the tiles
         assert "int8_data_rows" in text and text.count("\n    for ") in (3, 4), text
     else:  # two loop nests at the root: the staging and the tiles (sum + epilogue)
