@@ -61,6 +61,15 @@ def _float_dtype(tensor: gs.Tensor) -> bool:
     return dtype is not None and np.dtype(dtype) in [np.dtype(t) for t in GEMM_DTYPES]
 
 
+def _flat_bias(c: gs.Tensor) -> gs.Tensor:
+    """A constant C of shape [1, N] as [N] (the same broadcast): per-channel quantizers index
+    a bias by output channel (onnxruntime's ``quantize_static`` raised on Magika's [1, 214]
+    bias, comparing a row with a scalar)."""
+    if isinstance(c, gs.Constant) and c.values.ndim == 2 and c.values.shape[0] == 1:
+        return gs.Constant(f"{c.name}_flat", np.ascontiguousarray(c.values.reshape(-1)))
+    return c
+
+
 def _fuse_matmul_add(m: Match, graph: Graph) -> list[gs.Node] | None:
     matmul, add = m.nodes["producer"], m.root
     a, b, c = m["a"], m["b"], m["c"]
@@ -71,7 +80,7 @@ def _fuse_matmul_add(m: Match, graph: Graph) -> list[gs.Node] | None:
         return None
     if not _gemm_legal(c, matmul.outputs[0], add.outputs[0]):
         return None
-    return [gs.Node("Gemm", name=matmul.name, inputs=[a, b, c], outputs=m.outputs)]
+    return [gs.Node("Gemm", name=matmul.name, inputs=[a, b, _flat_bias(c)], outputs=m.outputs)]
 
 
 def _fold_gemm_add(m: Match, graph: Graph) -> list[gs.Node] | None:
@@ -83,7 +92,7 @@ def _fold_gemm_add(m: Match, graph: Graph) -> list[gs.Node] | None:
     if not _gemm_legal(c, gemm.outputs[0], add.outputs[0]):
         return None
     attrs = dict(gemm.attrs, beta=1.0)
-    return [gs.Node("Gemm", name=gemm.name, attrs=attrs, inputs=[*gemm.inputs[:2], c],
+    return [gs.Node("Gemm", name=gemm.name, attrs=attrs, inputs=[*gemm.inputs[:2], _flat_bias(c)],
                     outputs=m.outputs)]
 
 

@@ -45,6 +45,18 @@ def test_fuses_matmul_add(x_shape, c_shape, c_const, b_const):
     assert result.records[0].stats == {"gemm_fused": 1, "gemm_bias_folded": 0}
 
 
+def test_a_constant_row_bias_becomes_a_vector():
+    """C of shape [1, N] (a tf2onnx Dense, Magika's) is written [N]: onnxruntime's per-channel
+    quantizer indexes a bias by output channel and raised on the row."""
+    graph = _matmul_add([3, 5], [1, 6], [3, 6])
+
+    def structure(g):
+        _is_gemm(g)
+        assert g.gs.nodes[0].inputs[2].values.shape == (6,)
+
+    check_pass(graph, "fuse-gemm", expect_changed=True, structure=structure)
+
+
 def test_folds_add_into_gemm_without_c():
     nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1, alpha=0.5, beta=3.0),
              helper.make_node("Add", ["h", "c"], ["y"])]
