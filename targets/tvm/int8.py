@@ -325,22 +325,45 @@ def conv_weight_rows(weight: np.ndarray, dilation_width: int, vnni: bool) -> np.
     return np.ascontiguousarray(rows.reshape(-1, out_ch))
 
 
-def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation,
-                 zero: int, signed: bool, vnni: bool, requant=None):
-    """Direct convolution of ``x`` (NCHW, uint8 / int8) over an NHWC staging of it, padded
-    spatially with the zero point and to :func:`conv_channels` channels; the reduction runs
-    over (kernel row, kernel column, channel) with 4 channels per ``vpdpbusd``."""
-    one_row = len(x.shape) == 3  # conv1d: NCW read as NC1W, the output NCW
+def conv_size(size: int, before: int, after: int, kernel: int, stride: int,
+              dilation: int) -> int:
+    """Output pixels of a convolution along one axis."""
+    return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_shape(x, kernel, strides, padding, dilation):
+    """``(one_row, batch, channels, height, width, out height, out width)`` of a convolution
+    of ``x``: NCHW, or NCW (a conv1d, read as one row: NC1W)."""
+    one_row = len(x.shape) == 3
     if one_row:
         batch, channels, width = (int(d) for d in x.shape)
         height = 1
     else:
         batch, channels, height, width = (int(d) for d in x.shape)
+    (top, left, bottom, right), (kh, kw) = padding, kernel
+    return (one_row, batch, channels, height, width,
+            conv_size(height, top, bottom, kh, strides[0], dilation[0]),
+            conv_size(width, left, right, kw, strides[1], dilation[1]))
+
+
+def _conv_out(x, kernel, strides, padding, dilation, cols: int, value):
+    """A convolution's output, NCHW (NCW for a conv1d ``x``), ``value(b, n, y, z)`` each."""
+    one_row, batch, _, _, _, oh, ow = _conv_shape(x, kernel, strides, padding, dilation)
+    if one_row:
+        return te.compute((batch, cols, ow), lambda b, n, z: value(b, n, 0, z), name="int8_out")
+    return te.compute((batch, cols, oh, ow), value, name="int8_out")
+
+
+def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation,
+                 zero: int, signed: bool, vnni: bool, requant=None):
+    """Direct convolution of ``x`` (NCHW, uint8 / int8) over an NHWC staging of it, padded
+    spatially with the zero point and to :func:`conv_channels` channels; the reduction runs
+    over (kernel row, kernel column, channel) with 4 channels per ``vpdpbusd``."""
+    one_row, batch, channels, height, width, oh, ow = _conv_shape(x, kernel, strides, padding,
+                                                                  dilation)
     kh, kw = kernel
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
-    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
     cols = int(scale.shape[0])
     fill = tirx.const(zero, staged_dtype(vnni))
     wide = taps_along_width(channels, kw, dw, vnni)
@@ -382,13 +405,8 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
                 data[b, y * sh + rh * dh, z * sw + rw * dw, rc].astype("int32")
                 * weight(n).astype("int32"), axis=[rh, rw, rc]),
             name=SUM_BLOCK)
-    if one_row:
-        return te.compute((batch, cols, ow),
-                          lambda b, n, z: _scaled(acc, correction, scale, requant, n, b, 0, z),
-                          name="int8_out")
-    return te.compute((batch, cols, oh, ow),
-                      lambda b, n, y, z: _scaled(acc, correction, scale, requant, n, b, y, z),
-                      name="int8_out")
+    return _conv_out(x, kernel, strides, padding, dilation, cols,
+                     lambda b, n, y, z: _scaled(acc, correction, scale, requant, n, b, y, z))
 
 
 class AmxConv(NamedTuple):
@@ -481,17 +499,11 @@ def _amx_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation
     row * stride + phase``, so that a register block's output rows are one stride apart
     whatever the stride). The sum ``[batch, output rows, channel blocks, 16, pixels]``, the
     output NCHW (NCW)."""
-    one_row = len(x.shape) == 3
-    if one_row:
-        batch, channels, width = (int(d) for d in x.shape)
-        height = 1
-    else:
-        batch, channels, height, width = (int(d) for d in x.shape)
+    one_row, batch, channels, height, width, oh, ow = _conv_shape(x, kernel, strides, padding,
+                                                                  dilation)
     kh, kw = kernel
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
-    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
     cols = int(scale.shape[0])
     plan = AmxConv.plan(channels, cols, kernel, (oh, ow))
     ohp, owp = _round_up(oh, plan.row_tiles), _round_up(ow, plan.pixels)
@@ -529,11 +541,8 @@ def _amx_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation
             * packed[rh, rq, nb, nl, rr, rj].astype("int32"), axis=[rh, rq, rr, rj]),
         name=AMX_CONV_BLOCK)
 
-    def out(b, n, *at):
-        y, z = (0, *at) if one_row else at
-        return _finished(acc[b, y, n // BLOCK, n % BLOCK, z], correction, scale, requant, n)
-    shape = (batch, cols, ow) if one_row else (batch, cols, oh, ow)
-    return te.compute(shape, out, name="int8_out")
+    return _conv_out(x, kernel, strides, padding, dilation, cols, lambda b, n, y, z: _finished(
+        acc[b, y, n // BLOCK, n % BLOCK, z], correction, scale, requant, n))
 
 
 STEM_BLOCK = SUM_BLOCK + "_pixels"  # the sum of a stem convolution (:func:`_int8_stem`)
@@ -574,17 +583,11 @@ def _int8_stem(x, packed, correction, scale, kernel, strides, padding, dilation,
     twice: the padded input, then per kernel row and 4 taps ``[pixels, 4]`` runs
     (``[batch, row phase, staged rows, taps / 4, pixels padded to 16, 4]``: input row
     ``staged row * stride + phase``, as in :func:`_amx_conv2d`)."""
-    one_row = len(x.shape) == 3
-    if one_row:
-        batch, channels, width = (int(d) for d in x.shape)
-        height = 1
-    else:
-        batch, channels, height, width = (int(d) for d in x.shape)
+    one_row, batch, channels, height, width, oh, ow = _conv_shape(x, kernel, strides, padding,
+                                                                  dilation)
     kh, kw = kernel
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
-    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
     cols = int(scale.shape[0])
     owp = _round_up(ow, BLOCK)
     staged_rows = oh - 1 + ((kh - 1) * dh) // sh + 1
@@ -615,11 +618,8 @@ def _int8_stem(x, packed, correction, scale, kernel, strides, padding, dilation,
             * packed[rh, rq, n, rj].astype("int32"), axis=[rh, rq, rj]),
         name=STEM_BLOCK)
 
-    def out(b, n, *at):
-        y, z = (0, *at) if one_row else at
-        return _finished(acc[b, n, y, z], correction, scale, requant, n)
-    shape = (batch, cols, ow) if one_row else (batch, cols, oh, ow)
-    return te.compute(shape, out, name="int8_out")
+    return _conv_out(x, kernel, strides, padding, dilation, cols, lambda b, n, y, z: _finished(
+        acc[b, n, y, z], correction, scale, requant, n))
 
 
 # -- the Relax rewrite -----------------------------------------------------------------------
@@ -797,10 +797,8 @@ class _Rewriter(relax.PyExprMutator):
         kh, kw = weight.shape[2:]
         batch, channels, *spatial = (int(d) for d in xq.ty.shape)
         height, width = spatial if two_d else (1, spatial[0])
-        out_hw = ((height + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // strides[0]
-                  + 1,
-                  (width + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // strides[1]
-                  + 1)
+        out_hw = (conv_size(height, padding[0], padding[2], kh, strides[0], dilation[0]),
+                  conv_size(width, padding[1], padding[3], kw, strides[1], dilation[1]))
         out_ch = weight.shape[0]
         if use_stem(channels, out_hw[1], self.vnni):
             return self._emit(_int8_stem, "int8_stem", xq, weight.reshape(out_ch, -1).T,
