@@ -141,6 +141,8 @@ CASES = {
     # stems on VNNI (int8._int8_stem): 40 pixels padded to 48; a 2-channel conv1d, 7 taps
     "stem_rgb": ("Conv", (2, 3, 40, 40), (32, 3, 3, 3), {"pads": [1, 1, 1, 1]}),
     "stem_conv1d": ("Conv", (2, 2, 50), (16, 2, 7), {"pads": [3, 3]}),
+    "conv_column": ("Conv", (2, 16, 30, 1), (24, 16, 3, 1),     # down one column, stride 2
+                    {"pads": [1, 0, 1, 0], "strides": [2, 1]}),
     "conv1d": ("Conv", (2, 12, 30), (32, 12, 3), {"pads": [1, 1], "strides": [2]}),
 }
 
@@ -232,6 +234,8 @@ AMX_CASES = {
                       {"pads": [1] * 4, "strides": [2, 2]}),
     "conv_5x5": ("Conv", (1, 16, 28, 28), (32, 16, 5, 5), {"pads": [2] * 4}),
     "conv1d_dilated": ("Conv", (2, 64, 100), (64, 64, 5), {"pads": [4, 4], "dilations": [2]}),
+    # a conv1d written as a conv2d down a one-column map (tf2onnx: Magika), run as one row
+    "conv_column": ("Conv", (2, 64, 100, 1), (64, 64, 5, 1), {"pads": [2, 0, 2, 0]}),
 }
 
 

@@ -794,9 +794,29 @@ class _Rewriter(relax.PyExprMutator):
             weight = weight[:, :, None, :]
             strides, dilation = [1, *strides], [1, *dilation]
             padding = [0, padding[0], 0, padding[1]]
+        batch, channels, *spatial = (int(d) for d in xq.ty.shape)
+        if two_d and spatial[0] > 1 and spatial[1] == 1 and weight.shape[3] == 1 \
+                and padding[1] == padding[3] == 0:
+            # a 1-D convolution down the rows of a one-column map (tf2onnx writes conv1d so:
+            # Magika's 256 -> 512, kernel 5): the same bytes read as one row, whose pixels
+            # then fill the kernels' tiles (down the rows, each tile held one pixel)
+            row = self.builder_.emit(relax.op.reshape(xq, [batch, channels, 1, spatial[0]]))
+            out = self._conv_kernel(row, weight.transpose(0, 1, 3, 2), w_scale, x_scale, zero,
+                                    signed, strides[::-1], [padding[i] for i in (1, 0, 3, 2)],
+                                    dilation[::-1], "int8_conv2d")
+            rows = conv_size(spatial[0], padding[0], padding[2], weight.shape[2], strides[0],
+                             dilation[0])
+            return relax.op.reshape(self.builder_.emit(out), [batch, weight.shape[0], rows, 1])
+        return self._conv_kernel(xq, weight, w_scale, x_scale, zero, signed, strides, padding,
+                                 dilation, "int8_conv2d" if two_d else "int8_conv1d")
+
+    def _conv_kernel(self, xq, weight, w_scale, x_scale, zero, signed, strides, padding,
+                     dilation, name):
+        """The int8 kernel of a convolution of ``xq`` (NCHW, or NCW with ``weight`` one row
+        high): a stem, on AMX tiles, or on channel vectors."""
         kh, kw = weight.shape[2:]
         batch, channels, *spatial = (int(d) for d in xq.ty.shape)
-        height, width = spatial if two_d else (1, spatial[0])
+        height, width = spatial if len(spatial) == 2 else (1, spatial[0])
         out_hw = (conv_size(height, padding[0], padding[2], kh, strides[0], dilation[0]),
                   conv_size(width, padding[1], padding[3], kw, strides[1], dilation[1]))
         out_ch = weight.shape[0]
@@ -810,7 +830,7 @@ class _Rewriter(relax.PyExprMutator):
                               weight.reshape(out_ch, -1).T, w_scale, x_scale, zero, signed,
                               (kh, kw), strides, padding, dilation, amx=True,
                               packed=amx_conv_weights(weight, plan))
-        return self._emit(_int8_conv2d, "int8_conv2d" if two_d else "int8_conv1d", xq,
+        return self._emit(_int8_conv2d, name, xq,
                           conv_weight_rows(weight, dilation[1], self.vnni), w_scale, x_scale,
                           zero, signed, (kh, kw), strides, padding, dilation)
 
@@ -907,13 +927,20 @@ class _Requantizer(relax.PyExprMutator):
 
     def _unflattened(self, value):
         """``(kernel call, shape)`` when ``value`` reshapes the output of a kernel read only
-        there (an AMX matmul of flattened rows, :meth:`_Rewriter._matmul`), keeping the last
-        axis; else ``(value, None)``."""
+        there (an AMX matmul of flattened rows, :meth:`_Rewriter._matmul`; a convolution
+        down a one-column map, run as one row), keeping the channel axis where it was; else
+        ``(value, None)``."""
         if not is_call(value, "relax.reshape"):
             return value, None
         inner = self._once(value.args[0])
-        if self._kernel(inner) is None or int(value.ty.shape[-1]) != int(inner.ty.shape[-1]):
+        found = self._kernel(inner)
+        if found is None:
             return value, None
+        outer, shape = [int(d) for d in value.ty.shape], [int(d) for d in inner.ty.shape]
+        axis = found[0].channel_axis
+        if (outer[-1:] if axis == -1 else outer[:axis + 1]) != \
+                (shape[-1:] if axis == -1 else shape[:axis + 1]):
+            return value, None  # the reshape moves the channels
         return inner, value.ty.shape
 
     def _kernel(self, value):
