@@ -117,6 +117,7 @@ class Workload:
     suite_model: str | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     int8: Int8Workload | None = None
+    int8_error: str | None = None  # why the quantizer refused it (its int8 rows fail)
 
 
 def available_cores() -> int:
@@ -549,18 +550,16 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
         else:
             workloads = prepare_suite(list(models or suite.SUITES["multimodal"]),
                                       options.batches, folder, say)
-        unquantized: dict[tuple[str, int], str] = {}
         if any(get_engine(e).int8 for e in engines):
             for w in workloads:
                 try:
                     w.int8 = quantize_workload(w.onnx, w.inputs, w.batch, folder, say)
                 except MMCompileError as exc:
                     # One model the quantizer cannot take fails its int8 rows, not the run.
-                    unquantized[(w.model, w.batch)] = f"quantization failed: {exc}"
-                    say(f"{w.model} b={w.batch}: {unquantized[(w.model, w.batch)]}")
+                    w.int8_error = f"quantization failed: {exc}"
+                    say(f"{w.model} b={w.batch}: {w.int8_error}")
         for w in workloads:
-            failed = unquantized.get((w.model, w.batch))
-            runnable = [e for e in engines if not (failed and get_engine(e).int8)]
+            runnable = [e for e in engines if not (w.int8_error and get_engine(e).int8)]
             # One process per engine and round, the engines of a round in lock-step: on a
             # shared machine the same binary's latency drifts by tens of percent within
             # seconds and differs from one process to the next.
@@ -578,7 +577,7 @@ def run_benchmark(options: BenchOptions, *, models: Sequence[str] | None = None,
                     rows.append(pick_variant({v: median_round(r)
                                               for v, r in tries[engine].items()}))
                 else:
-                    rows.append(make_row(w.model, w.batch, engine, {"error": failed}, {}, "",
+                    rows.append(make_row(w.model, w.batch, engine, {"error": w.int8_error}, {}, "",
                                          options.int8_tolerance,
                                          {"params": w.params, "flops": w.flops}))
                 say(_describe(rows[-1]))

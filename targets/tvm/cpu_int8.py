@@ -290,10 +290,9 @@ class Int8Contraction(dl.ScheduleRule):
         intrin = VNNI_INTRIN if vnni else AVX2_INTRIN if has_avx2(target) else None
         if intrin is not None:
             register_intrinsics()
-        if stem:
-            register_intrinsics()
-            rest = [b for b in sch.get_child_blocks(get_root_block(sch))
-                    if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
+        rest = [b for b in sch.get_child_blocks(get_root_block(sch))
+                if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
+        if stem:  # VNNI only (int8.use_stem): its intrinsics are registered above
             _schedule_stem(sch, data, blocks[stages[1]], acc, rest, lanes_for(target))
             return sch
         if amx_conv:
@@ -301,8 +300,6 @@ class Int8Contraction(dl.ScheduleRule):
         else:
             _stage_loops(sch, data)
         if sch.get(acc).name_hint.startswith((AMX_SUM_BLOCK, AMX_CONV_BLOCK)):  # .cpu_amx
-            rest = [b for b in sch.get_child_blocks(get_root_block(sch))
-                    if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
             per_block = len(rest) == 1 and \
                 len(sch.get(rest[0]).writes[0].source.shape) in ((3, 4) if amx_conv else (2,))
             schedule = cpu_amx.schedule_conv_sum if amx_conv else cpu_amx.schedule_sum
@@ -344,8 +341,6 @@ class Int8Contraction(dl.ScheduleRule):
             sch.tensorize(ji, intrin)
         sch.unroll(ii)
         sch.unroll(jj)
-        rest = [b for b in sch.get_child_blocks(get_root_block(sch))
-                if not sch.get(b).name_hint.startswith((STAGE_BLOCK, SUM_BLOCK))]
         if per_tile:  # the epilogue per tile, while its accumulators are in cache
             try:
                 written = sch.get(rest[0]).writes[0].source if len(rest) == 1 else None

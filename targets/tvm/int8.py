@@ -54,7 +54,9 @@ tile rows: one copy per kernel column, strided convolutions' pixels made consecu
 Kernels alone, 2 threads, batch 8: 3x3 32 -> 64 on 32 x 32 1.60 -> 0.32 ms, 64 -> 128 on
 16 x 16 1.43 -> 0.17 ms, 5x5 16 -> 32 on 28 x 28 0.47 -> 0.19 ms; stride 2 32 -> 64 on
 48 x 48 0.61 -> 0.46 ms (through im2col rows instead: 0.62-1.9x the ``vpdpbusd``
-kernels). Stems (1-3 input channels: 5-9 of a tile row's 64 bytes) stay on ``vpdpbusd``.
+kernels). Stems (1-3 input channels: 5-9 of a tile row's 64 bytes) stay on ``vpdpbusd``,
+as :func:`_int8_stem` (16 output pixels per instruction, the weights broadcast); so does a
+convolution down a one-column map until :meth:`_Rewriter._conv` reads it as one row.
 
 Measured (``mmcompile bench``, the six suite models at batch 1 and 8, 3 rounds, AMD znver4,
 2 threads, one run): time / onnxruntime's int8 kernels on the same QDQ file, geomean 0.83
@@ -94,7 +96,8 @@ STEP = 4    # reduction steps one vpdpbusd sums per lane
 STAGE_BLOCK, SUM_BLOCK = "int8_data", "int8_acc"
 AMX_SUM_BLOCK = SUM_BLOCK + "_amx"  # the sum of an AMX kernel (:mod:`.cpu_amx`)
 AMX_CONV_BLOCK = SUM_BLOCK + "_tconv"  # the sum of an AMX convolution (:mod:`.cpu_amx`)
-AMX_ROWS_BLOCK = STAGE_BLOCK + "_rows"  # its tile rows, from the staged pixels
+# the second staging pass of the AMX and stem convolutions (their runs of pixels)
+ROWS_BLOCK = STAGE_BLOCK + "_rows"
 # an AMX register block: 2 x 2 tiles of 16 rows x 16 int32 columns, 64 reduction bytes a row
 AMX_ROWS, AMX_COLS, AMX_DEPTH = 32, 32, 64
 
@@ -331,9 +334,18 @@ def conv_size(size: int, before: int, after: int, kernel: int, stride: int,
     return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _conv_shape(x, kernel, strides, padding, dilation):
-    """``(one_row, batch, channels, height, width, out height, out width)`` of a convolution
-    of ``x``: NCHW, or NCW (a conv1d, read as one row: NC1W)."""
+class _ConvShape(NamedTuple):
+    one_row: bool  # a conv1d (NCW), read as one row (NC1W)
+    batch: int
+    channels: int
+    height: int
+    width: int
+    out_height: int
+    out_width: int
+
+
+def _conv_shape(x, kernel, strides, padding, dilation) -> _ConvShape:
+    """The sizes of a convolution of ``x``: NCHW, or NCW (a conv1d, read as one row)."""
     one_row = len(x.shape) == 3
     if one_row:
         batch, channels, width = (int(d) for d in x.shape)
@@ -341,17 +353,31 @@ def _conv_shape(x, kernel, strides, padding, dilation):
     else:
         batch, channels, height, width = (int(d) for d in x.shape)
     (top, left, bottom, right), (kh, kw) = padding, kernel
-    return (one_row, batch, channels, height, width,
-            conv_size(height, top, bottom, kh, strides[0], dilation[0]),
-            conv_size(width, left, right, kw, strides[1], dilation[1]))
+    return _ConvShape(one_row, batch, channels, height, width,
+                      conv_size(height, top, bottom, kh, strides[0], dilation[0]),
+                      conv_size(width, left, right, kw, strides[1], dilation[1]))
 
 
-def _conv_out(x, kernel, strides, padding, dilation, cols: int, value):
-    """A convolution's output, NCHW (NCW for a conv1d ``x``), ``value(b, n, y, z)`` each."""
-    one_row, batch, _, _, _, oh, ow = _conv_shape(x, kernel, strides, padding, dilation)
-    if one_row:
-        return te.compute((batch, cols, ow), lambda b, n, z: value(b, n, 0, z), name="int8_out")
-    return te.compute((batch, cols, oh, ow), value, name="int8_out")
+def _conv_out(shape: _ConvShape, cols: int, value):
+    """A convolution's output, NCHW (NCW for a conv1d), ``value(b, n, y, z)`` each."""
+    if shape.one_row:
+        return te.compute((shape.batch, cols, shape.out_width),
+                          lambda b, n, z: value(b, n, 0, z), name="int8_out")
+    return te.compute((shape.batch, cols, shape.out_height, shape.out_width), value,
+                      name="int8_out")
+
+
+def _staged_rows(out_rows: int, kernel_rows: int, stride: int, dilation: int) -> int:
+    """Rows of an input staged by row phase (``h = staged row * stride + phase``): what
+    ``out_rows`` output rows read, for :func:`_phase_row`."""
+    return out_rows - 1 + ((kernel_rows - 1) * dilation) // stride + 1
+
+
+def _phase_row(y, rh, stride: int, dilation: int):
+    """``(phase, staged row)`` of input row ``y * stride + rh * dilation`` (``y``: output
+    row, ``rh``: kernel row): consecutive output rows read consecutive staged rows whatever
+    the stride, so a register block of two rows is one box."""
+    return (rh * dilation) % stride, y + (rh * dilation) // stride
 
 
 def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation,
@@ -359,8 +385,8 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
     """Direct convolution of ``x`` (NCHW, uint8 / int8) over an NHWC staging of it, padded
     spatially with the zero point and to :func:`conv_channels` channels; the reduction runs
     over (kernel row, kernel column, channel) with 4 channels per ``vpdpbusd``."""
-    one_row, batch, channels, height, width, oh, ow = _conv_shape(x, kernel, strides, padding,
-                                                                  dilation)
+    shape = _conv_shape(x, kernel, strides, padding, dilation)
+    one_row, batch, channels, height, width, oh, ow = shape
     kh, kw = kernel
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
@@ -405,7 +431,7 @@ def _int8_conv2d(x, packed, correction, scale, kernel, strides, padding, dilatio
                 data[b, y * sh + rh * dh, z * sw + rw * dw, rc].astype("int32")
                 * weight(n).astype("int32"), axis=[rh, rw, rc]),
             name=SUM_BLOCK)
-    return _conv_out(x, kernel, strides, padding, dilation, cols,
+    return _conv_out(shape, cols,
                      lambda b, n, y, z: _scaled(acc, correction, scale, requant, n, b, y, z))
 
 
@@ -499,15 +525,15 @@ def _amx_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation
     row * stride + phase``, so that a register block's output rows are one stride apart
     whatever the stride). The sum ``[batch, output rows, channel blocks, 16, pixels]``, the
     output NCHW (NCW)."""
-    one_row, batch, channels, height, width, oh, ow = _conv_shape(x, kernel, strides, padding,
-                                                                  dilation)
+    shape = _conv_shape(x, kernel, strides, padding, dilation)
+    one_row, batch, channels, height, width, oh, ow = shape
     kh, kw = kernel
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     cols = int(scale.shape[0])
     plan = AmxConv.plan(channels, cols, kernel, (oh, ow))
     ohp, owp = _round_up(oh, plan.row_tiles), _round_up(ow, plan.pixels)
-    staged_rows = ohp - 1 + ((kh - 1) * dh) // sh + 1
+    staged_rows = _staged_rows(ohp, kh, sh, dh)
     reach = ((kw - 1) * dw) // sw  # columns of a phase the tile rows read past the pixels
     fill = tirx.const(zero, "uint8")
     groups = plan.groups
@@ -529,7 +555,7 @@ def _amx_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation
         return te.if_then_else(r < kw * groups, value, fill) if plan.rows != kw * groups \
             else value
     data = te.compute((batch, sh, staged_rows, plan.rows, owp, STEP), row,
-                      name=AMX_ROWS_BLOCK)
+                      name=ROWS_BLOCK)
     rh = te.reduce_axis((0, kh), "rh")
     rq = te.reduce_axis((0, plan.rows // 16), "rq")
     rr = te.reduce_axis((0, 16), "rr")
@@ -537,11 +563,11 @@ def _amx_conv2d(x, packed, correction, scale, kernel, strides, padding, dilation
     acc = te.compute(
         (batch, ohp, int(packed.shape[2]), BLOCK, owp),
         lambda b, y, nb, nl, z: te.sum(
-            data[b, (rh * dh) % sh, y + (rh * dh) // sh, rq * 16 + rr, z, rj].astype("int32")
+            data[(b, *_phase_row(y, rh, sh, dh), rq * 16 + rr, z, rj)].astype("int32")
             * packed[rh, rq, nb, nl, rr, rj].astype("int32"), axis=[rh, rq, rr, rj]),
         name=AMX_CONV_BLOCK)
 
-    return _conv_out(x, kernel, strides, padding, dilation, cols, lambda b, n, y, z: _finished(
+    return _conv_out(shape, cols, lambda b, n, y, z: _finished(
         acc[b, y, n // BLOCK, n % BLOCK, z], correction, scale, requant, n))
 
 
@@ -583,14 +609,14 @@ def _int8_stem(x, packed, correction, scale, kernel, strides, padding, dilation,
     twice: the padded input, then per kernel row and 4 taps ``[pixels, 4]`` runs
     (``[batch, row phase, staged rows, taps / 4, pixels padded to 16, 4]``: input row
     ``staged row * stride + phase``, as in :func:`_amx_conv2d`)."""
-    one_row, batch, channels, height, width, oh, ow = _conv_shape(x, kernel, strides, padding,
-                                                                  dilation)
+    shape = _conv_shape(x, kernel, strides, padding, dilation)
+    one_row, batch, channels, height, width, oh, ow = shape
     kh, kw = kernel
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     cols = int(scale.shape[0])
     owp = _round_up(ow, BLOCK)
-    staged_rows = oh - 1 + ((kh - 1) * dh) // sh + 1
+    staged_rows = _staged_rows(oh, kh, sh, dh)
     wide = (owp - 1) * sw + (kw - 1) * dw + 1
     fill = tirx.const(zero, "uint8")
     taps = kw * channels
@@ -607,18 +633,18 @@ def _int8_stem(x, packed, correction, scale, kernel, strides, padding, dilation,
         value = padded[b, t % channels, hq * sh + phase, z * sw + (t // channels) * dw]
         return te.if_then_else(tq * STEP + j < taps, value, fill) if taps % STEP else value
     data = te.compute((batch, sh, staged_rows, stem_taps(channels, kw) // STEP, owp, STEP), run,
-                      name=STAGE_BLOCK + "_rows")
+                      name=ROWS_BLOCK)
     rh = te.reduce_axis((0, kh), "rh")
     rq = te.reduce_axis((0, int(packed.shape[1])), "rq")
     rj = te.reduce_axis((0, STEP), "rj")
     acc = te.compute(
         (batch, cols, oh, owp),
         lambda b, n, y, z: te.sum(
-            data[b, (rh * dh) % sh, y + (rh * dh) // sh, rq, z, rj].astype("int32")
+            data[(b, *_phase_row(y, rh, sh, dh), rq, z, rj)].astype("int32")
             * packed[rh, rq, n, rj].astype("int32"), axis=[rh, rq, rj]),
         name=STEM_BLOCK)
 
-    return _conv_out(x, kernel, strides, padding, dilation, cols, lambda b, n, y, z: _finished(
+    return _conv_out(shape, cols, lambda b, n, y, z: _finished(
         acc[b, n, y, z], correction, scale, requant, n))
 
 

@@ -15,9 +15,10 @@ what the float chain computes, up to float32 rounding at a tie between two quant
 Taken when every op of ``f`` is in :data:`UNARY` / :data:`BINARY` and one is not in
 :data:`CHEAP` (``DequantizeLinear -> Relu -> QuantizeLinear`` stays arithmetic, fused into
 the pool or kernel before it), its other operands are scalar constants, its intermediate
-values are read only inside ``f``, and every table entry is finite. Measured (Emerald Rapids, 2 threads, same build with and without the tables,
-compiled and timed in one process): CLIP int8 0.90x at batch 1 and 0.95x at batch 8 (its
-QuickGELU), Whisper int8 at batch 8 0.93x (GELU); outputs identical to the float chain's.
+values are read only inside ``f``, and every table entry is finite. Measured (Emerald Rapids,
+2 threads, same build with and without the tables, compiled and timed in one process): CLIP
+int8 0.90x at batch 1 and 0.95x at batch 8 (its QuickGELU), Whisper int8 at batch 8 0.93x
+(GELU); outputs identical to the float chain's.
 """
 
 from __future__ import annotations

@@ -47,8 +47,9 @@ def _split_loops(sch, block, dom_kind):
     return spatial, reduce_
 
 
-class MatmulLike(dl.ScheduleRule):
-    """One reduction block and injective epilogues: tiled, vectorized, parallel."""
+class _CpuRule(dl.ScheduleRule):
+    """A rule for LLVM PrimFuncs whose ``_schedule(func, target)`` returns a schedule, or
+    None (or raises) when the function is not one it takes: then the next rule tries."""
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
@@ -58,16 +59,27 @@ class MatmulLike(dl.ScheduleRule):
         except Exception:  # this rule does not fit: let the next one try
             return None
 
+
+def _one_reduction(func):
+    """``(schedule, blocks, the reduction)`` of a function whose blocks, once dlight inlined
+    what it could, are one reduction (no opaque iterators) and injective ones; else None."""
+    sch = s_tir.Schedule(func)
+    infos = dl.try_inline(sch, normalize_prim_func(sch))
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) != 1 or "O" in reductions[0].dom_kind():
+        return None
+    return sch, infos, reductions[0]
+
+
+class MatmulLike(_CpuRule):
+    """One reduction block and injective epilogues: tiled, vectorized, parallel."""
+
     @staticmethod
     def _schedule(func, target):
-        sch = s_tir.Schedule(func)
-        infos = dl.try_inline(sch, normalize_prim_func(sch))
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1:
+        found = _one_reduction(func)
+        if found is None:
             return None
-        main = reductions[0]
-        if "O" in main.dom_kind():
-            return None
+        sch, infos, main = found
         spatial, reduce_ = _split_loops(sch, main.block_rv, main.dom_kind())
         if len(spatial) < 2 or not reduce_:
             return None
@@ -98,7 +110,7 @@ class MatmulLike(dl.ScheduleRule):
         return sch
 
 
-class WindowReduction(dl.ScheduleRule):
+class WindowReduction(_CpuRule):
     """A pooling over a small window (at most :data:`WINDOW` elements) and its injective
     epilogue: rows in parallel, each a loop along the innermost spatial axis with the window
     unrolled inside, which LLVM vectorizes (a strided window's loads as interleaved ones);
@@ -107,22 +119,12 @@ class WindowReduction(dl.ScheduleRule):
     uint8 (with the dequantize, ReLU and quantize after it) took 1.04 ms, now 0.15 ms
     (TVM vectorizing the pool along the outputs instead, the window outside: 0.48 ms)."""
 
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        try:
-            return self._schedule(func, target)
-        except Exception:  # not a window reduction: the next rule tries
-            return None
-
     @staticmethod
     def _schedule(func, target):
-        sch = s_tir.Schedule(func)
-        infos = dl.try_inline(sch, normalize_prim_func(sch))
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1 or "O" in reductions[0].dom_kind():
+        found = _one_reduction(func)
+        if found is None:
             return None
-        main = reductions[0]
+        sch, infos, main = found
         rule = sch.get(main.block_rv).annotations.get("schedule_rule")
         if rule is None or not str(rule).startswith("meta_schedule.pool"):
             return None  # TOPI's pools carry this annotation
@@ -154,16 +156,8 @@ class WindowReduction(dl.ScheduleRule):
 WINDOW = 64  # the largest window WindowReduction takes (an 8 x 8 pool)
 
 
-class Fallback(dl.ScheduleRule):
+class Fallback(_CpuRule):
     """Any block: fuse the spatial loops, parallelize, vectorize the purely spatial ones."""
-
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        try:
-            return self._schedule(func, target)
-        except Exception:
-            return None
 
     @staticmethod
     def _schedule(func, target):
