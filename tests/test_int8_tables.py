@@ -13,13 +13,14 @@ from onnx import TensorProto, helper, numpy_helper
 import mmcompile
 
 
-def _chain_model(kind: str, signed: bool = False, extra_output: bool = False):
-    """x -> Q -> DQ -> f -> Q (uint8); ``kind`` picks f."""
+def _chain_model(kind: str, signed: bool = False, extra_output: bool = False,
+                 signed_out: bool = False):
+    """x -> Q -> DQ -> f -> Q (uint8, or int8 with ``signed_out``); ``kind`` picks f."""
     qtype = np.int8 if signed else np.uint8
     inits = [numpy_helper.from_array(np.array(np.float32(0.05)), "sx"),
              numpy_helper.from_array(np.array(-7 if signed else 121, qtype), "zx"),
              numpy_helper.from_array(np.array(np.float32(0.03)), "sy"),
-             numpy_helper.from_array(np.array(9, np.uint8), "zy"),
+             numpy_helper.from_array(np.array(9, np.int8 if signed_out else np.uint8), "zy"),
              numpy_helper.from_array(np.array(np.float32(1.702)), "k"),
              numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32)
                                      .reshape(1, 8, 1), "per_channel")]
@@ -37,7 +38,8 @@ def _chain_model(kind: str, signed: bool = False, extra_output: bool = False):
     elif kind == "per_channel":  # a constant that differs along an axis: not one byte's function
         nodes += [helper.make_node("Mul", ["xd", "per_channel"], ["f"])]
     nodes.append(helper.make_node("QuantizeLinear", ["f", "sy", "zy"], ["y"]))
-    outputs = [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 8, 50])]
+    outputs = [helper.make_tensor_value_info(
+        "y", TensorProto.INT8 if signed_out else TensorProto.UINT8, [2, 8, 50])]
     if extra_output:  # an intermediate value read outside the chain
         outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 8, 50]))
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(
@@ -50,11 +52,12 @@ def _chain_model(kind: str, signed: bool = False, extra_output: bool = False):
 
 
 def _tables(model) -> tuple[int, str]:
+    from mmcompile.targets.tvm.host import llvm_target
     from mmcompile.targets.tvm.int8_tables import QuantizedTables
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
     mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
-    rewrite = QuantizedTables()
+    rewrite = QuantizedTables(llvm_target())
     mod = rewrite(mod)
     return rewrite.count, mod["main"].script()
 
@@ -67,12 +70,13 @@ def _float_chain(model, feeds):
                                 providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-@pytest.mark.parametrize("kind, signed", [("quick_gelu", False), ("quick_gelu", True),
-                                          ("tanh", False)])
-def test_a_chain_between_quantized_tensors_becomes_a_table(kind, signed, tmp_path):
-    model, feeds = _chain_model(kind, signed)
+@pytest.mark.parametrize("kind, signed, signed_out", [
+    ("quick_gelu", False, False), ("quick_gelu", True, False), ("tanh", False, False),
+    ("quick_gelu", True, True)])
+def test_a_chain_between_quantized_tensors_becomes_a_table(kind, signed, signed_out, tmp_path):
+    model, feeds = _chain_model(kind, signed, signed_out=signed_out)
     count, text = _tables(model)
-    assert count == 1 and "R.take(" in text and "R.sigmoid" not in text, text
+    assert count == 1 and "int8_table" in text and "R.sigmoid" not in text, text
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     got = mmcompile.compile(str(path), feeds, verify=False)(**feeds)
@@ -89,7 +93,7 @@ def test_a_chain_whose_intermediate_is_read_elsewhere_stays_float():
 
 def test_a_per_channel_constant_keeps_the_chain_float():
     count, text = _tables(_chain_model("per_channel")[0])
-    assert count == 0 and "R.take(" not in text
+    assert count == 0 and "int8_table" not in text
 
 
 def test_a_chain_of_cheap_ops_stays_float_arithmetic():
@@ -112,3 +116,28 @@ def test_the_table_holds_every_byte_of_the_chain(tmp_path):
     dequantized = (codes - 121).astype(np.float32) * np.float32(0.05)
     expected = np.clip(np.rint(UNARY["relax.tanh"](dequantized) / np.float32(0.03)) + 9, 0, 255)
     assert np.array_equal(got, expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("permuted", [False, True], ids=["bytes", "vpermi2b"])
+@pytest.mark.parametrize("size, in_dtype, out_dtype", [
+    (800, "uint8", "uint8"), (64, "int8", "uint8"), (63, "uint8", "int8"),
+    (40001, "int8", "int8")])  # a tail shorter than a vector; several parallel tasks
+def test_the_lookup_kernel_gives_each_byte_its_entry(permuted, size, in_dtype, out_dtype):
+    """The kernel alone, both ways (AVX512-VBMI's byte permutes, and one byte at a time):
+    ``y[i] = table[byte of x[i]]`` for every byte value, in every position of a vector."""
+    import tvm
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.int8_tables import lookup_kernel
+    from mmcompile.targets.tvm.schedule_util import has_features
+    host = llvm_target()
+    if permuted and not has_features(host, "avx512vbmi", "avx512bw"):
+        pytest.skip("this CPU has no AVX512-VBMI")
+    kernel = lookup_kernel(size, in_dtype, out_dtype, permuted)
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
+                      target=host)
+    rng = np.random.default_rng(size)
+    x = np.resize(rng.permutation(256), size).astype(np.uint8).view(in_dtype)
+    table = rng.integers(0, 256, 256).astype(np.uint8)
+    y = tvm.runtime.tensor(np.zeros(size, out_dtype))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(table), y)
+    assert np.array_equal(y.numpy(), table[x.view(np.uint8)].view(out_dtype))

@@ -67,7 +67,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     write their quantized output (requantized in the kernel), and with which instructions."""
     quantized = QuantizedContractions(target)
     mod = quantized(mod)  # QDQ matmul / conv -> int8 kernels; before anything takes them
-    tables = QuantizedTables()
+    tables = QuantizedTables(target)
     mod = tables(mod)  # DQ -> elementwise -> Q: byte lookup tables
     if quantized.count and facts is not None:
         facts["int8"] = {"kernels": quantized.count, "requantized": quantized.requantized,
