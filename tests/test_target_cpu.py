@@ -125,6 +125,35 @@ def test_small_kernels_run_serially_and_large_ones_in_parallel():
         assert any(i.kind.name == "Parallel" for i in sch.trace.insts) is parallel
 
 
+def test_a_rule_for_reductions_is_not_tried_on_an_elementwise_kernel():
+    """Most kernels are elementwise: they went through every reduction rule (each analysing
+    and scheduling a copy of the function) before the fallback took them."""
+    import tvm
+    from tvm import te
+
+    from mmcompile.targets.tvm.schedules import (Fallback, SerialIfSmall, cpu_rules,
+                                                 has_reduction)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    x = te.placeholder((64, 256), "float32", name="x")
+    elementwise = te.create_prim_func([x, te.compute(x.shape, lambda i, j: x[i, j] * 2.0)])
+    reduction = _matmul_relu_func(64, 128, 96)
+    assert not has_reduction(elementwise) and has_reduction(reduction)
+
+    class Tried:
+        calls = 0
+
+        def apply(self, func, target, tunable):
+            Tried.calls += 1
+            return None
+    rule = SerialIfSmall(Tried(), reduces=True)
+    assert rule.apply(elementwise, target, False) is None and Tried.calls == 0
+    assert rule.apply(reduction, target, False) is None and Tried.calls == 1
+    rules = cpu_rules()
+    assert [type(r.rule) for r in rules if not r.reduces][-1] is Fallback
+    assert all(r.reduces for r in rules if type(r.rule).__name__ in (
+        "BlockedMatmul", "BlockedConv2d", "Int8Contraction", "RowReduction", "Reduction"))
+
+
 @pytest.mark.parametrize("mcpu, lanes", [("znver3", 8), ("haswell", 8), ("skylake-avx512", 16),
                                          ("sapphirerapids", 16), ("x86-64", 4)])
 def test_vector_lanes_follow_the_cpu_features(mcpu, lanes):
