@@ -279,7 +279,7 @@ def test_an_amx_kernel_loads_the_tile_configuration_once_per_parallel_task():
     w = te.placeholder(packed.shape, "int8", name="w")
     c = te.placeholder((512,), "int32", name="c")
     s = te.placeholder((512,), "float32", name="s")
-    func = te.create_prim_func([x, w, c, s, int8._amx_matmul(x, w, c, s, 131, False)])
+    func = te.create_prim_func([x, w, c, s, int8._amx_matmul(x, w, c, s, False)])
     mod = configure_tiles(Int8Contraction()._schedule(func, target).mod)
     text = mod["main"].script()
     assert re.search(r"in T\.parallel\(17\):\n\s+cfg = ", text), text
@@ -632,3 +632,127 @@ def test_the_epilogue_runs_per_tile_only_where_a_tile_is_a_box_of_its_output():
     assert tile_box([2, 32, 15], [2, 1, 15, 32]) == 32         # conv1d, NCW
     assert tile_box([1, 12, 4, 16], [1, 12, 64]) is None       # heads split off
     assert tile_box([12, 64], [1, 12, 64]) is None             # rows reshaped
+
+
+def _two_layer_model(rows: int, width: int):
+    """x -> Q -> DQ -> MatMul(W1) + b1 -> Q -> DQ -> MatMul(W2) + b2 -> Q (uint8): two
+    layers of one shape whose activations have other scales and zero points."""
+    rng = np.random.default_rng(5)
+    layers = [dict(sx=np.float32(0.02), zx=131, sy=np.float32(0.05), zy=120),
+              dict(sx=np.float32(0.05), zx=120, sy=np.float32(0.08), zy=97)]
+    inits, nodes, source = [], [helper.make_node("QuantizeLinear", ["x", "sx0", "zx0"],
+                                                 ["q0"])], "q0"
+    inits += [numpy_helper.from_array(np.array(layers[0]["sx"]), "sx0"),
+              numpy_helper.from_array(np.array(131, np.uint8), "zx0")]
+    for i, layer in enumerate(layers):
+        weight = rng.integers(-127, 128, (width, width)).astype(np.int8)
+        sw = (rng.random(width).astype(np.float32) + 0.5) * 0.01
+        bias = rng.integers(-2000, 2000, width).astype(np.int32)
+        layer.update(weight=weight, sw=sw, bias=bias)
+        names = {k: f"{k}{i}" for k in ("sx", "zx", "w", "sw", "zw", "b", "bs", "bz", "sy",
+                                         "zy")}
+        inits += [numpy_helper.from_array(weight, names["w"]),
+                  numpy_helper.from_array(sw, names["sw"]),
+                  numpy_helper.from_array(np.zeros(width, np.int8), names["zw"]),
+                  numpy_helper.from_array(bias, names["b"]),
+                  numpy_helper.from_array(layer["sx"] * sw, names["bs"]),
+                  numpy_helper.from_array(np.zeros(width, np.int32), names["bz"]),
+                  numpy_helper.from_array(np.array(layer["sy"]), names["sy"]),
+                  numpy_helper.from_array(np.array(layer["zy"], np.uint8), names["zy"])]
+        if i:  # the activation is the previous layer's output, with its parameters
+            names["sx"], names["zx"] = f"sy{i - 1}", f"zy{i - 1}"
+        nodes += [helper.make_node("DequantizeLinear", [source, names["sx"], names["zx"]],
+                                   [f"xd{i}"]),
+                  helper.make_node("DequantizeLinear", [names["w"], names["sw"], names["zw"]],
+                                   [f"wd{i}"], axis=1),
+                  helper.make_node("DequantizeLinear", [names["b"], names["bs"], names["bz"]],
+                                   [f"bd{i}"], axis=0),
+                  helper.make_node("MatMul", [f"xd{i}", f"wd{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"bd{i}"], [f"a{i}"]),
+                  helper.make_node("QuantizeLinear", [f"a{i}", names["sy"], names["zy"]],
+                                   [f"y{i}"])]
+        source = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "two_layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                            [rows, width])],
+        [helper.make_tensor_value_info("y1", TensorProto.UINT8, [rows, width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    feeds = {"x": rng.standard_normal((rows, width)).astype(np.float32) * 1.5}
+    expected = np.clip(np.rint(feeds["x"] / layers[0]["sx"]) + 131, 0, 255)
+    for layer in layers:  # what onnxruntime's QLinearMatMul computes, layer by layer
+        acc = (expected - layer["zx"]) @ layer["weight"].astype(np.float64) + layer["bias"]
+        multiplier = (layer["sx"] * layer["sw"]) / layer["sy"]  # float32, as onnxruntime
+        expected = np.clip(np.rint(acc.astype(np.float32) * multiplier) + layer["zy"], 0, 255)
+    return model, feeds, expected.astype(np.uint8)
+
+
+@pytest.mark.parametrize("rows, amx", [(8, False), (64, False), (64, True)])
+def test_layers_of_one_shape_share_their_int8_kernel(rows, amx, tmp_path):
+    """The zero points and output levels are kernel arguments, not constants in the code
+    (a matmul's padding needs no zero point): two requantizing layers of one shape with other
+    scales and zero points are one kernel, called twice, and each computes its own layer
+    (vpdpbusd; AMX tiles on a CPU that has them)."""
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import fuse_cpu
+    from tvm import relax, tirx
+    from tvm.relax.frontend.onnx import from_onnx
+    if amx and not _host_has_amx():
+        pytest.skip("this CPU (or its OS) offers no AMX tiles")
+    if not _machine_runs(VNNI):
+        pytest.skip(f"this CPU cannot run {VNNI} code")
+    model, feeds, expected = _two_layer_model(rows, 128)
+    mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
+    mod = fuse_cpu(mod, llvm_target() if amx else llvm_target(VNNI))
+    kernels = [gv.name_hint for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and "int8_matmul" in gv.name_hint]
+    assert len(kernels) == 1 and ("amx" in kernels[0]) == amx, kernels
+    assert mod["main"].script().count(kernels[0] + ",") == 2
+    if amx:
+        path = tmp_path / "model.onnx"
+        onnx.save(model, path)
+        got = mmcompile.compile(str(path), feeds, verify=False)(**feeds)
+    else:
+        got = _compile(model, feeds, VNNI, tmp_path)(**feeds)
+    assert np.array_equal(got, expected), f"{np.count_nonzero(got != expected)} differ"
+
+
+def test_quantize_kernels_of_other_scales_share_their_code(tmp_path):
+    """A scalar scale / zero point of a quantize or dequantize is a kernel argument (TVM's
+    legalization writes it into the code): the QDQ pairs of two tensors of one shape with
+    other scales are one kernel, and each still rounds with its own scale (exactly as
+    onnxruntime)."""
+    import onnxruntime as ort
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.lowering import legalize_and_fuse
+    from tvm import relax, tirx
+    from tvm.relax.frontend.onnx import from_onnx
+    inits = [numpy_helper.from_array(np.array(np.float32(s)), f"s{i}")
+             for i, s in enumerate((0.02, 0.07))]
+    inits += [numpy_helper.from_array(np.array(z, np.uint8), f"z{i}")
+              for i, z in enumerate((131, 17))]
+    nodes = []
+    for i in range(2):
+        nodes += [helper.make_node("QuantizeLinear", [f"x{i}", f"s{i}", f"z{i}"], [f"q{i}"]),
+                  helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"y{i}"])]
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "qdq", [info(f"x{i}", TensorProto.FLOAT, [64, 256])
+                                             for i in range(2)],
+                              [info(f"y{i}", TensorProto.FLOAT, [64, 256]) for i in range(2)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
+    kernels = [f for _, f in legalize_and_fuse(mod, llvm_target()).functions_items()
+               if isinstance(f, tirx.PrimFunc)]
+    assert len(kernels) == 1
+    rng = np.random.default_rng(0)
+    feeds = {f"x{i}": rng.standard_normal((64, 256)).astype(np.float32) * 3 for i in range(2)}
+    path = tmp_path / "qdq.onnx"
+    onnx.save(model, path)
+    got = mmcompile.compile(str(path), feeds, verify=False).run(feeds)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, feeds)
+    for i in range(2):
+        assert np.array_equal(got[f"y{i}"], expected[i])

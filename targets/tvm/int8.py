@@ -208,25 +208,27 @@ def _scaled(acc, correction, scale, requant, n, *at):
 
 def _finished(total, correction, scale, requant, n):
     """The output element of column ``n`` from its int32 sum ``total``: ``(total -
-    correction) * scale`` in float, or with ``requant`` (``(zero point, low, high, dtype)``,
-    see :class:`_Requantizer`) rounded to the nearest even integer, shifted by the zero point
-    and saturated to ``[low, high]``, as onnxruntime's requantizing int8 kernels write it."""
+    correction) * scale`` in float, or with ``requant`` (``(levels, dtype)``, ``levels`` the
+    float32 tensor ``[zero point, low, high]``, see :class:`_Requantizer`) rounded to the
+    nearest even integer, shifted by the zero point and saturated to ``[low, high]``, as
+    onnxruntime's requantizing int8 kernels write it. The levels are an argument, not
+    constants in the code, so that layers of one shape share their kernel."""
     value = (total - correction[n]).astype("float32") * scale[n]
     if requant is None:
         return value
-    zero, low, high, dtype = requant
-    rounded = te.round(value) + tirx.const(zero, "float32")
-    return te.max(te.min(rounded, tirx.const(high, "float32")),
-                  tirx.const(low, "float32")).astype(dtype)
+    levels, dtype = requant
+    return te.max(te.min(te.round(value) + levels[0], levels[2]), levels[1]).astype(dtype)
 
 
-def _int8_matmul(x, packed, correction, scale, zero: int, signed: bool, vnni: bool,
-                 requant=None):
-    """``x [..., K]`` (uint8 / int8) times the packed weights, as float ``[..., N]``."""
+def _int8_matmul(x, packed, correction, scale, signed: bool, vnni: bool, requant=None):
+    """``x [..., K]`` (uint8 / int8) times the packed weights, as float ``[..., N]``. The
+    padding (reduction steps against zero weights, rows dropped from the output) may hold
+    any value: zero, so that the zero point is not in the code and layers of one shape
+    share their kernel."""
     lead, depth = [int(d) for d in x.shape[:-1]], int(x.shape[-1])
     padded = _round_up(depth, STEP)
     cols = int(scale.shape[0])
-    fill = tirx.const(zero, staged_dtype(vnni))
+    fill = tirx.const(0, staged_dtype(vnni))
     # rows with no divisor near the register tile's (CLIP's 65 tokens, ViT's 197) are padded,
     # as the float matmuls are (cpu_matmul.row_padding): else the tile is one row
     rows = lead[-1]
@@ -275,15 +277,15 @@ def _amx_sum(data, packed):
         name=AMX_SUM_BLOCK)
 
 
-def _amx_matmul(x, packed, correction, scale, zero: int, signed: bool, requant=None):
+def _amx_matmul(x, packed, correction, scale, signed: bool, requant=None):
     """``x [rows, K]`` (the rewrite flattens leading dims with a reshape, free in Relax)
     times the packed weights (:func:`pack_weights` with ``amx``) on AMX tiles: the
-    activation staged as ``[rows padded to 32, K padded to 64]`` uint8 (padding: the zero
-    point, against zero weights). The output ``[rows, N]`` is a box per register block, so
+    activation staged as ``[rows padded to 32, K padded to 64]`` uint8 (padding: zero, as in
+    :func:`_int8_matmul`). The output ``[rows, N]`` is a box per register block, so
     the epilogue runs per block while its sums are in cache (:mod:`.cpu_amx`)."""
     rows, depth = (int(d) for d in x.shape)
     rows_padded, depth_padded = _round_up(rows, AMX_ROWS), int(packed.shape[1]) * STEP
-    fill = tirx.const(zero, "uint8")
+    fill = tirx.const(0, "uint8")
 
     def stage(i, k):
         value = _staged(x[i, k], signed, True)
@@ -723,8 +725,9 @@ class _Rewriter(relax.PyExprMutator):
         correction, scale = _epilogue_constants(weight, w_scale, x_scale, zero)
         if packed is None:
             packed = pack_weights(weight, self.vnni, amx)
-        args = (*attrs, zero, signed) + ((self.vnni,) if func in (_int8_matmul, _int8_conv2d)
-                                         else ())
+        # a matmul's padding needs no zero point (:func:`_int8_matmul`); a convolution's does
+        args = (*attrs, *(() if func in (_int8_matmul, _amx_matmul) else (zero,)), signed) \
+            + ((self.vnni,) if func in (_int8_matmul, _int8_conv2d) else ())
         self.count += 1
         self.amx_count += amx
         call = self.builder_.call_te(
@@ -948,7 +951,8 @@ class _Requantizer(relax.PyExprMutator):
         self.count += 1
         out = self.builder_.call_te(
             spec.func, xq, packed, relax.const(correction.astype(np.int32)), relax.const(m),
-            *spec.args, (zero, low, high, dtype), primfunc_name_hint=spec.name)
+            *spec.args, (relax.const(np.array([zero, low, high], np.float32)), dtype),
+            primfunc_name_hint=spec.name)
         return out if unflat is None else relax.op.reshape(self.builder_.emit(out), unflat)
 
     def _unflattened(self, value):

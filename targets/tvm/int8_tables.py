@@ -27,6 +27,7 @@ at batch 1, Whisper 0.94x at batch 8 (saved artifacts timed in one process, outp
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -81,6 +82,7 @@ TASK = 16384  # bytes per parallel task; a tensor of one task runs serially
 OPAQUE = 8  # FuseOps pattern: the kernel runs alone
 
 
+@functools.lru_cache(maxsize=64)  # TVMScript parses the kernel's source: ~0.1 s a build
 def lookup_kernel(size: int, in_dtype: str, out_dtype: str, vbmi: bool):
     """``y[i] = table[byte of x[i]]`` over ``size`` bytes, the table 256 bytes.
 
