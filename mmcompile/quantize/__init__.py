@@ -45,7 +45,7 @@ from mmcompile.quantize.accuracy import (
 )
 from mmcompile.quantize.calibration import CalibrationSet, load_calibration
 from mmcompile.quantize.ranges import METHODS, branch_ranges, ort_method
-from mmcompile.reference import run_onnxruntime
+from mmcompile.reference import run_onnxruntime_many
 
 SCHEMES = ("int8",)
 ACTIVATIONS = ("uint8", "int8")
@@ -275,14 +275,14 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
     with _quiet():
         ranges, _ = branch_ranges(graph, float_model, calib, method, OP_TYPES)
     feeds = list(evaluation.feeds())
-    reference = [run_onnxruntime(float_model, feed) for feed in feeds]
+    reference = run_onnxruntime_many(float_model, feeds)
     with tempfile.TemporaryDirectory(prefix="mmc-quant-") as tmp:
         quantizer = _Quantizer(graph, float_model, ranges, method, activations, Path(tmp))
         candidates = [name for name in layers if name not in forced]
 
         def measure(quantized: Graph) -> list[OutputAccuracy]:
             proto = quantized.to_onnx()
-            return compare(reference, [run_onnxruntime(proto, feed) for feed in feeds], metrics)
+            return compare(reference, run_onnxruntime_many(proto, feeds), metrics)
 
         def evaluate(only: Sequence[str]) -> float:
             return drop(measure(quantizer.build(only=list(only))))
