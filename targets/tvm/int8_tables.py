@@ -110,33 +110,23 @@ def lookup_kernel(size: int, in_dtype: str, out_dtype: str, vbmi: bool):
         return T.reinterpret("uint8x64", x[T.ramp(at, 1, VECTOR)])
 
     @T.prim_func(s_tir=True)
-    def permuted(x: T.Buffer((size,), in_dtype), table: T.Buffer((256,), "uint8"),
-                 y: T.Buffer((size,), out_dtype)):
+    def lookup(x: T.Buffer((size,), in_dtype), table: T.Buffer((256,), "uint8"),
+               y: T.Buffer((size,), out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         for task in outer(tasks):
             for v in range(per_task):
                 if task * per_task + v < vectors:
                     at = T.bind((task * per_task + v) * VECTOR)
-                    y[T.ramp(at, 1, VECTOR)] = T.reinterpret(lanes_out, T.Select(
-                        index(x, at) >= T.Broadcast(T.uint8(128), VECTOR),
-                        half(table, 128, index(x, at)), half(table, 0, index(x, at))))
+                    if vbmi:  # a Python bool: the parser keeps one branch
+                        y[T.ramp(at, 1, VECTOR)] = T.reinterpret(lanes_out, T.Select(
+                            index(x, at) >= T.Broadcast(T.uint8(128), VECTOR),
+                            half(table, 128, index(x, at)), half(table, 0, index(x, at))))
+                    else:
+                        for i in T.unroll(VECTOR):
+                            y[at + i] = byte(x, table, at + i)
         for i in range(tail):
             y[vectors * VECTOR + i] = byte(x, table, vectors * VECTOR + i)
 
-    @T.prim_func(s_tir=True)
-    def bytewise(x: T.Buffer((size,), in_dtype), table: T.Buffer((256,), "uint8"),
-                 y: T.Buffer((size,), out_dtype)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        for task in outer(tasks):
-            for v in range(per_task):
-                if task * per_task + v < vectors:
-                    at = T.bind((task * per_task + v) * VECTOR)
-                    for i in T.unroll(VECTOR):
-                        y[at + i] = byte(x, table, at + i)
-        for i in range(tail):
-            y[vectors * VECTOR + i] = byte(x, table, vectors * VECTOR + i)
-
-    lookup = permuted if vbmi else bytewise
     return lookup.without_attr("global_symbol")
 
 

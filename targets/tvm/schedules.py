@@ -257,12 +257,12 @@ def cpu_rules(serial_below: int = SERIAL_BELOW) -> list:
     from mmcompile.targets.tvm.cpu_matmul import BlockedMatmul
     from mmcompile.targets.tvm.rows import RowReduction
     from mmcompile.targets.tvm.winograd import WinogradTransform
-    reductions = [Int8Contraction(), RowReduction(), ColumnSoftmax(), DepthwisePlanes(),
-                  BlockedConv2d(), BlockedMatmul(), MatmulLike(), WindowReduction(),
-                  dl.cpu.GEMV(), dl.cpu.Reduction()]
-    rules = [*reductions[:1], WinogradTransform(), *reductions[1:], Fallback()]
-    return [SerialIfSmall(r, serial_below, reduces=any(r is x for x in reductions))
-            for r in rules]  # serial_below=0: never serial
+    rules = [(Int8Contraction(), True), (WinogradTransform(), False), (RowReduction(), True),
+             (ColumnSoftmax(), True), (DepthwisePlanes(), True), (BlockedConv2d(), True),
+             (BlockedMatmul(), True), (MatmulLike(), True), (WindowReduction(), True),
+             (dl.cpu.GEMV(), True), (dl.cpu.Reduction(), True), (Fallback(), False)]
+    # (rule, whether it schedules reductions only); serial_below=0: never serial
+    return [SerialIfSmall(r, serial_below, reduces=reduces) for r, reduces in rules]
 
 
 def schedule_cpu(mod, target, serial_below: int = SERIAL_BELOW):
