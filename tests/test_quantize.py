@@ -205,6 +205,68 @@ def test_the_accuracy_budget_keeps_the_sensitive_layer_in_float():
     assert "kept in float" in report and "narrow" in report and "8 held-back" in report
 
 
+def residual_model() -> mmcompile.Graph:
+    """``a`` is read by ``second`` and by the residual Add: the quantizer makes both read it
+    through one quantize / dequantize pair."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["sensor", "w1"], ["a"], name="first"),
+             helper.make_node("Gemm", ["a", "w2", "b2"], ["b"], name="second"),
+             helper.make_node("Add", ["a", "b"], ["out"], name="residual")]
+    return make_graph(nodes, [SENSOR], [("out", FLOAT, [1, 16])],
+                      {"w1": rng.standard_normal([16, 16]).astype(np.float32),
+                       "w2": rng.standard_normal([16, 16]).astype(np.float32) * 0.3,
+                       "b2": rng.standard_normal([16]).astype(np.float32)})
+
+
+@pytest.mark.parametrize("model, layer", [(residual_model, "second"),
+                                          (residual_model, "first"),
+                                          (two_branch_model, "img_conv"),
+                                          (two_branch_model, "fuse_gemm")])
+def test_a_layer_alone_is_cut_as_the_quantizer_writes_it(tmp_path, model, layer):
+    # the sensitivity models are cut from the all-int8 model, not asked of onnxruntime's
+    # quantizer one layer at a time: they must be the same models (a residual reader of a
+    # quantized activation, a conv bias, a layer writing a graph output)
+    from mmcompile.quantize import OP_TYPES, _qdq_opset, _Quantizer
+    from mmcompile.quantize.sensitivity import alone
+    from mmcompile.reference import run_onnxruntime_many
+    graph = model()
+    data = samples(6, 6, seed=2)
+    feeds = [dict(zip(data, values)) for values in zip(*data.values())]
+    feeds = [{k: v for k, v in f.items() if k in {t.name for t in graph.gs.inputs}}
+             for f in feeds]
+    float_model = _qdq_opset(graph.to_onnx(), graph.name)
+    ranges, _ = branch_ranges(graph, float_model, load_calibration(feeds, graph), "minmax",
+                              OP_TYPES)
+    quantizer = _Quantizer(graph, float_model, ranges, "minmax", "uint8", tmp_path)
+    everything = quantizer.build().to_onnx()
+    layers = [n.name for n in graph.gs.nodes if n.op in OP_TYPES]
+    expected = quantizer.build(exclude=[n for n in layers if n != layer]).to_onnx()
+    cut = alone(float_model, everything, layer)
+    onnx.checker.check_model(cut, full_check=True)
+    got, want = run_onnxruntime_many(cut, feeds), run_onnxruntime_many(expected, feeds)
+    for g, w in zip(got, want):
+        for name in w:
+            np.testing.assert_array_equal(g[name], w[name])  # the same model: bit-exact
+    quantized = {n.op_type for n in cut.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= quantized
+
+
+def test_the_budget_search_measures_a_logarithmic_number_of_heads():
+    from mmcompile.quantize.accuracy import keep_in_float
+    layers = [f"l{i}" for i in range(40)]
+    asked = []
+
+    def evaluate(kept):  # the budget holds once the 11 most sensitive are float
+        asked.append(len(kept))
+        return 0.0 if len(kept) >= 11 else 0.05
+
+    kept, final = keep_in_float(layers, evaluate, 0.01, lambda message: None)
+    assert kept == layers[:11] and final == 0.0
+    assert len(asked) <= 2 * 6 and sorted(set(asked)) == sorted(asked)  # 40 one at a time
+    kept, final = keep_in_float(layers[:1], evaluate, 0.01, lambda message: None)
+    assert kept == ["l0"] and final == 0.0  # every layer float: the float model, not run
+
+
 def test_without_a_budget_everything_is_int8_and_reported():
     q = quantize(sensitive_model(), {"sensor": samples(1, 10)["sensor"]}, max_drop=None)
     assert not q.float_layers and len(q.layers) == 3

@@ -10,8 +10,9 @@ What is onnxruntime's and what is ours:
 - Ours: calibration per modality branch (:mod:`.ranges`: a modality may have fewer samples;
   each tensor is calibrated on the samples that reach it, and the ranges handed to the
   quantizer as its calibration cache), checked calibration data (:mod:`.calibration`), the
-  accuracy budget (:mod:`.accuracy`: per-layer sensitivity on held-back samples, the most
-  sensitive layers kept in float until ``max_drop`` holds), and the report.
+  accuracy budget (:mod:`.sensitivity`: the drop with each layer alone int8, on held-back
+  samples; :mod:`.accuracy`: the most sensitive layers kept in float until ``max_drop``
+  holds, how many found by doubling and bisection), and the report.
 
 The quantized graph is a plain ONNX graph: ``compile`` places and lowers it like any other.
 """
@@ -45,6 +46,7 @@ from mmcompile.quantize.accuracy import (
 )
 from mmcompile.quantize.calibration import CalibrationSet, load_calibration
 from mmcompile.quantize.ranges import METHODS, branch_ranges, ort_method
+from mmcompile.quantize.sensitivity import sensitivities
 from mmcompile.reference import run_onnxruntime_many
 
 SCHEMES = ("int8",)
@@ -196,7 +198,7 @@ class _Quantizer:
         self.cache = workdir / "ranges.json"
         save_tensors_data(ranges, self.cache)
 
-    def build(self, only: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> Graph:
+    def build(self, exclude: Sequence[str] = ()) -> Graph:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
         out = self.workdir / "quantized.onnx"
         act = QuantType.QUInt8 if self.activations == "uint8" else QuantType.QInt8
@@ -205,7 +207,6 @@ class _Quantizer:
                 quantize_static(self.model, out, None, quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=list(OP_TYPES), per_channel=True,
                                 activation_type=act, weight_type=QuantType.QInt8,
-                                nodes_to_quantize=list(only) if only is not None else None,
                                 nodes_to_exclude=list(exclude),
                                 calibrate_method=ort_method(self.method),
                                 calibration_cache_path=self.cache,
@@ -284,8 +285,8 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
             proto = quantized.to_onnx()
             return compare(reference, run_onnxruntime_many(proto, feeds), metrics)
 
-        def evaluate(only: Sequence[str]) -> float:
-            return drop(measure(quantizer.build(only=list(only))))
+        def evaluate(kept: Sequence[str]) -> float:
+            return drop(measure(quantizer.build(exclude=[*forced, *kept])))
 
         say(f"quantizing {len(candidates)} layer(s)")
         result = quantizer.build(exclude=list(forced))
@@ -299,7 +300,12 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         if max_drop is not None and drop(all_int8) > max_drop and candidates:
             say(f"drop {drop(all_int8):.4f} over the budget {max_drop}: measuring each "
                 f"layer's sensitivity")
-            kept, sensitivity, _ = keep_in_float(candidates, evaluate, max_drop, say)
+            sensitivity = sensitivities(float_model, result.to_onnx(), candidates, feeds,
+                                        lambda outputs: drop(compare(reference, outputs,
+                                                                     metrics)))
+            say(f"sensitivity: {len(sensitivity)} layers measured")
+            order = sorted(sensitivity, key=lambda name: -sensitivity[name])
+            kept, _ = keep_in_float(order, evaluate, max_drop, say)
             for name in kept:
                 float_layers[name] = (f"accuracy budget: alone it costs {sensitivity[name]:.4f} "
                                       f"of the {max_drop} budget")

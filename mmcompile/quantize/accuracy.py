@@ -4,8 +4,8 @@ Without labels, accuracy is agreement with the float model on held-back samples:
 the mean cosine similarity of each sample's values, the largest error relative to
 ``max(1, max|float|)`` (as ``verify`` measures), and for outputs with classes on the last
 axis the top-1 agreement. An output is judged by its *score*: cosine, and for a
-classifier's output the lower of cosine and top-1 agreement. The *drop* of a model is ``1 - score`` of its worst
-output.
+classifier's output the lower of cosine and top-1 agreement. The *drop* of a model is
+``1 - score`` of its worst output.
 
 Which outputs are a classifier's (:func:`default_metrics`) is read from the graph: a class
 axis (the last, of two or more entries) written by a linear layer or a (log-)softmax, through
@@ -139,36 +139,40 @@ def drop(accuracy: Sequence[OutputAccuracy]) -> float:
     return max((1.0 - a.score for a in accuracy), default=0.0)
 
 
-def keep_in_float(layers: Sequence[str], evaluate: Callable[[Sequence[str]], float],
-                  max_drop: float, say: Callable[[str], None]
-                  ) -> tuple[list[str], dict[str, float], float]:
-    """The layers to keep in float so that the drop is at most ``max_drop``.
+def keep_in_float(order: Sequence[str], evaluate: Callable[[Sequence[str]], float],
+                  max_drop: float, say: Callable[[str], None]) -> tuple[list[str], float]:
+    """The shortest head of ``order`` to keep in float for the drop to be at most
+    ``max_drop``.
 
-    Each layer's sensitivity is the drop of the model with that layer alone quantized;
-    the most sensitive are then kept in float one at a time, the whole model re-measured
-    after each, until the budget holds (or every layer is float).
+    ``order`` is the quantizable layers, most sensitive first. Heads of 1, 2, 4, ... layers
+    are measured until one holds the budget, then the gap to the last that did not is
+    bisected: about 2 log2(n) measurements instead of n (keeping more layers in float is
+    taken not to raise the drop; only a head that was measured to hold is returned).
 
     Args:
-        layers: the quantizable layers (node names).
-        evaluate: ``evaluate(quantized_layers)`` -> the drop with only those quantized.
+        order: the quantizable layers (node names), most sensitive first.
+        evaluate: ``evaluate(kept)`` -> the drop with the layers ``kept`` in float.
         max_drop: the budget.
 
     Returns:
-        ``(kept_in_float, sensitivity, final_drop)``.
+        ``(kept_in_float, final_drop)``.
     """
-    sensitivity = {}
-    for i, layer in enumerate(layers):
-        sensitivity[layer] = evaluate([layer])
-        if (i + 1) % 10 == 0 or i + 1 == len(layers):
-            say(f"sensitivity: {i + 1}/{len(layers)} layers measured")
-    order = sorted(layers, key=lambda name: -sensitivity[name])
-    kept: list[str] = []
-    current = float("inf")
-    for layer in order:
-        kept.append(layer)
-        current = evaluate([name for name in layers if name not in kept])
-        say(f"keeping {layer} in float (alone it costs {sensitivity[layer]:.4f}): drop "
-            f"{current:.4f}")
-        if current <= max_drop:
-            break
-    return kept, sensitivity, current
+    measured: dict[int, float] = {len(order): 0.0}  # every layer float: the float model
+
+    def drop_with(kept: int) -> float:
+        if kept not in measured:
+            measured[kept] = evaluate(order[:kept])
+            say(f"keeping the {kept} most sensitive layer(s) in float: drop "
+                f"{measured[kept]:.4f}")
+        return measured[kept]
+
+    failed, held = 0, 1
+    while held < len(order) and drop_with(held) > max_drop:
+        failed, held = held, min(2 * held, len(order))
+    while held - failed > 1:
+        middle = (failed + held) // 2
+        if drop_with(middle) <= max_drop:
+            held = middle
+        else:
+            failed = middle
+    return list(order[:held]), measured[held]
