@@ -89,6 +89,8 @@ def import_relax(graph: Graph, target_name: str, converters=None):
 class _TVMTarget(Target):
     device = "cpu"
     pipeline = "legalize-for-tvm"
+    # How the Relax VM runs ``main``: "bytecode" (interpreted) or "compiled" (to native code)
+    exec_mode = "bytecode"
     native: ClassVar[dict[str, Callable]] = {}  # op -> refusal(node, graph): ops lowered here
 
     def supports(self, node, graph: Graph) -> Support:
@@ -127,7 +129,7 @@ class _TVMTarget(Target):
         return self._schedule(legalize_and_fuse(mod, target), target), {}
 
     def compile(self, graph: Graph, options: CompileOptions) -> Executable:
-        import tvm
+        from tvm import relax
         configure_threads(options.threads)
         target = self._tvm_target(options)
         unknown = [t.name for t in graph.gs.inputs if t.shape is None]
@@ -152,7 +154,7 @@ class _TVMTarget(Target):
         try:
             # In the target's scope: TVM's CUDA compile callback reads the arch from it.
             with target, native_log_to([]):
-                executable = tvm.compile(mod, target=target)
+                executable = relax.build(mod, target, exec_mode=self.exec_mode)
         except Exception as exc:
             raise TargetError(f"{self.name}: code generation failed for {graph.name}: "
                               f"{_first_line(exc)}") from exc
@@ -232,6 +234,11 @@ class TVMCpuTarget(_TVMTarget):
 
     name = "cpu"
     description = "CPU via TVM + LLVM (host CPU detected, parallel + vectorized schedules)"
+    # ``main`` compiled to native code rather than interpreted: its ~250 VM instructions per
+    # call at batch 1 (kernel calls, tensor allocations, kills) run without dispatch.
+    # Same-process A/B of saved artifacts, batch 1, outputs identical: MOSEI-TFN 0.960x,
+    # CLIP 0.982x, MobileNet-text 0.980x.
+    exec_mode = "compiled"
     native = {"LSTM": _recurrent_refusal, "GRU": _recurrent_refusal, "RNN": _recurrent_refusal,
               "If": _if_refusal, "Loop": _loop_refusal, "Scan": _loop_refusal}
     options = (
