@@ -218,16 +218,20 @@ def residual_model() -> mmcompile.Graph:
                        "b2": rng.standard_normal([16]).astype(np.float32)})
 
 
-@pytest.mark.parametrize("model, layer", [(residual_model, "second"),
-                                          (residual_model, "first"),
-                                          (two_branch_model, "img_conv"),
-                                          (two_branch_model, "fuse_gemm")])
-def test_a_layer_alone_is_cut_as_the_quantizer_writes_it(tmp_path, model, layer):
-    # the sensitivity models are cut from the all-int8 model, not asked of onnxruntime's
-    # quantizer one layer at a time: they must be the same models (a residual reader of a
-    # quantized activation, a conv bias, a layer writing a graph output)
+@pytest.mark.parametrize("model, layers", [(residual_model, ["second"]),
+                                           (residual_model, ["first"]),
+                                           (residual_model, ["first", "second"]),
+                                           (two_branch_model, ["img_conv"]),
+                                           (two_branch_model, ["fuse_gemm"]),
+                                           (two_branch_model, ["img_conv", "fuse_gemm"]),
+                                           (two_branch_model, ["sensor_matmul", "fuse_gemm"])])
+def test_quantized_layers_are_cut_as_the_quantizer_writes_them(tmp_path, model, layers):
+    # the budget's models are cut from the all-int8 model, not asked of onnxruntime's
+    # quantizer one at a time: they must be the same models (a residual reader of a
+    # quantized activation, a conv bias, a layer writing a graph output, a quantized layer
+    # reading another's quantized output)
     from mmcompile.quantize import OP_TYPES, _qdq_opset, _Quantizer
-    from mmcompile.quantize.sensitivity import alone
+    from mmcompile.quantize.sensitivity import cut
     from mmcompile.reference import run_onnxruntime_many
     graph = model()
     data = samples(6, 6, seed=2)
@@ -239,16 +243,15 @@ def test_a_layer_alone_is_cut_as_the_quantizer_writes_it(tmp_path, model, layer)
                               OP_TYPES)
     quantizer = _Quantizer(graph, float_model, ranges, "minmax", "uint8", tmp_path)
     everything = quantizer.build().to_onnx()
-    layers = [n.name for n in graph.gs.nodes if n.op in OP_TYPES]
-    expected = quantizer.build(exclude=[n for n in layers if n != layer]).to_onnx()
-    cut = alone(float_model, everything, layer)
-    onnx.checker.check_model(cut, full_check=True)
-    got, want = run_onnxruntime_many(cut, feeds), run_onnxruntime_many(expected, feeds)
+    every = [n.name for n in graph.gs.nodes if n.op in OP_TYPES]
+    expected = quantizer.build(exclude=[n for n in every if n not in layers]).to_onnx()
+    model = cut(float_model, everything, layers)
+    onnx.checker.check_model(model, full_check=True)
+    got, want = run_onnxruntime_many(model, feeds), run_onnxruntime_many(expected, feeds)
     for g, w in zip(got, want):
         for name in w:
             np.testing.assert_array_equal(g[name], w[name])  # the same model: bit-exact
-    quantized = {n.op_type for n in cut.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= quantized
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
 
 
 def test_the_budget_search_measures_a_logarithmic_number_of_heads():

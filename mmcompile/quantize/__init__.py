@@ -12,7 +12,8 @@ What is onnxruntime's and what is ours:
   quantizer as its calibration cache), checked calibration data (:mod:`.calibration`), the
   accuracy budget (:mod:`.sensitivity`: the drop with each layer alone int8, on held-back
   samples; :mod:`.accuracy`: the most sensitive layers kept in float until ``max_drop``
-  holds, how many found by doubling and bisection), and the report.
+  holds, how many found by doubling and bisection; the models measured on the way are cut
+  from the all-int8 one, only the final one is asked of the quantizer), and the report.
 
 The quantized graph is a plain ONNX graph: ``compile`` places and lowers it like any other.
 """
@@ -46,7 +47,7 @@ from mmcompile.quantize.accuracy import (
 )
 from mmcompile.quantize.calibration import CalibrationSet, load_calibration
 from mmcompile.quantize.ranges import METHODS, branch_ranges, ort_method
-from mmcompile.quantize.sensitivity import sensitivities
+from mmcompile.quantize.sensitivity import cut, sensitivities
 from mmcompile.reference import run_onnxruntime_many
 
 SCHEMES = ("int8",)
@@ -285,12 +286,17 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
             proto = quantized.to_onnx()
             return compare(reference, run_onnxruntime_many(proto, feeds), metrics)
 
-        def evaluate(kept: Sequence[str]) -> float:
-            return drop(measure(quantizer.build(exclude=[*forced, *kept])))
-
         say(f"quantizing {len(candidates)} layer(s)")
         result = quantizer.build(exclude=list(forced))
         all_int8 = measure(result)
+        everything = result.to_onnx()
+
+        def score(outputs: list[dict[str, np.ndarray]]) -> float:
+            return drop(compare(reference, outputs, metrics))
+
+        def evaluate(kept: Sequence[str]) -> float:  # cut from the all-int8 model
+            model = cut(float_model, everything, [n for n in candidates if n not in kept])
+            return 0.0 if model is None else score(run_onnxruntime_many(model, feeds))
         blind = unresolved(all_int8, max_drop) if max_drop else []
         if blind:
             say(f"warning: top-1 of {', '.join(blind)} is measured on too few held-back rows "
@@ -300,9 +306,7 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         if max_drop is not None and drop(all_int8) > max_drop and candidates:
             say(f"drop {drop(all_int8):.4f} over the budget {max_drop}: measuring each "
                 f"layer's sensitivity")
-            sensitivity = sensitivities(float_model, result.to_onnx(), candidates, feeds,
-                                        lambda outputs: drop(compare(reference, outputs,
-                                                                     metrics)))
+            sensitivity = sensitivities(float_model, everything, candidates, feeds, score)
             say(f"sensitivity: {len(sensitivity)} layers measured")
             order = sorted(sensitivity, key=lambda name: -sensitivity[name])
             kept, _ = keep_in_float(order, evaluate, max_drop, say)
