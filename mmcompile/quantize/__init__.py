@@ -282,21 +282,20 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         quantizer = _Quantizer(graph, float_model, ranges, method, activations, Path(tmp))
         candidates = [name for name in layers if name not in forced]
 
-        def measure(quantized: Graph) -> list[OutputAccuracy]:
-            proto = quantized.to_onnx()
-            return compare(reference, run_onnxruntime_many(proto, feeds), metrics)
-
-        say(f"quantizing {len(candidates)} layer(s)")
-        result = quantizer.build(exclude=list(forced))
-        all_int8 = measure(result)
-        everything = result.to_onnx()
+        def measure(model: onnx.ModelProto) -> list[OutputAccuracy]:
+            return compare(reference, run_onnxruntime_many(model, feeds), metrics)
 
         def score(outputs: list[dict[str, np.ndarray]]) -> float:
             return drop(compare(reference, outputs, metrics))
 
         def evaluate(kept: Sequence[str]) -> float:  # cut from the all-int8 model
             model = cut(float_model, everything, [n for n in candidates if n not in kept])
-            return 0.0 if model is None else score(run_onnxruntime_many(model, feeds))
+            return 0.0 if model is None else drop(measure(model))
+
+        say(f"quantizing {len(candidates)} layer(s)")
+        result = quantizer.build(exclude=list(forced))
+        everything = result.to_onnx()
+        all_int8 = measure(everything)
         blind = unresolved(all_int8, max_drop) if max_drop else []
         if blind:
             say(f"warning: top-1 of {', '.join(blind)} is measured on too few held-back rows "
@@ -314,7 +313,7 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
                 float_layers[name] = (f"accuracy budget: alone it costs {sensitivity[name]:.4f} "
                                       f"of the {max_drop} budget")
             result = quantizer.build(exclude=list(float_layers))
-            accuracy = measure(result)
+            accuracy = measure(result.to_onnx())
     ops = Counter(n.op for n in graph.gs.nodes if n.op in _NOTABLE_FLOAT)
     return QuantizedModel(
         graph=result, float_graph=graph, method=method, activations=activations,

@@ -18,7 +18,6 @@ Tried and dropped: ranking the layers by their own output's error alone (what on
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +25,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from mmcompile.errors import MMCompileError
 from mmcompile.reference import run_onnxruntime_many
+from mmcompile.schedule import available_cores
 
 _PREFIX = "mmc_cut"
 
@@ -42,6 +43,8 @@ def cut(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
     Where one quantized layer reads another's output, that output passes through both pairs:
     the second gives back the same values (a dequantized value is on its own grid)."""
     producer = {out: n for n in quantized.graph.node for out in n.output}
+    pair = {n.input[0]: n for n in quantized.graph.node  # a tensor -> its Q, a Q -> its DQ
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
     by_name = {n.name: n for n in quantized.graph.node if n.name}
     constants = {i.name: i for i in quantized.graph.initializer}
     model = onnx.ModelProto()
@@ -101,11 +104,9 @@ def cut(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
         # An output the quantizer quantizes too: the layer writes it under a new name and its
         # Q -> DQ pair writes the old one, which readers and graph outputs read as before.
         for i, output in enumerate(node.output[:len(layer_node.output)]):
-            q = next((n for n in quantized.graph.node
-                      if n.op_type == "QuantizeLinear" and n.input[0] == output), None)
-            dq = q and next((n for n in quantized.graph.node if n.op_type == "DequantizeLinear"
-                             and n.input[0] == q.output[0]), None)
-            if dq is None:
+            q = pair.get(output)
+            dq = pair.get(q.output[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             stem = f"{_PREFIX}/{layer}/out{i}"
             final = layer_node.output[i]
@@ -136,8 +137,9 @@ def cut(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
         for i, tensor in enumerate(kept.input):
             kept.input[i] = readers.get(tensor, tensor)
         emit(kept)
-    if after:  # a quantized tensor nothing in the float model writes
-        return None
+    if after:  # a bug, not a property of the model: never measure such a cut
+        raise MMCompileError(f"internal error: cutting {', '.join(layers)} from the quantized "
+                             f"model left tensors nothing writes: {', '.join(map(str, after))}")
     del graph.node[:]
     graph.node.extend(nodes)
     return model
@@ -150,7 +152,7 @@ def sensitivities(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
     """Layer -> ``score`` of the model's outputs on ``feeds`` with that layer alone int8
     (layers the quantizer left float are left out). ``threads``: models run at once (default:
     the cores this process may use, at most 4), each on one onnxruntime thread."""
-    workers = threads or min(4, len(os.sched_getaffinity(0)))
+    workers = threads or min(4, available_cores())
 
     def measure(layer: str) -> float | None:
         model = cut(float_model, quantized, [layer])
