@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -93,6 +94,15 @@ def run_onnxruntime_many(model: Graph | onnx.ModelProto,
     """:func:`run_onnxruntime` on each of ``inputs``, with one session (creating one costs
     more than a small model's run: the quantizer's accuracy budget ran 720 of them, 11 of the
     18 s MM-IMDb's quantization took)."""
+    session = onnxruntime_session(model, optimize, threads)
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, dict(feeds)))) for feeds in inputs]
+
+
+def onnxruntime_session(model: Graph | onnx.ModelProto, optimize: bool = False,
+                        threads: int = 0) -> Any:
+    """An onnxruntime CPU session over ``model`` (see :func:`run_onnxruntime`); ``threads``:
+    its intra-op threads (0: onnxruntime's default)."""
     import onnxruntime as ort
     proto = model.to_onnx() if isinstance(model, Graph) else model
     opts = ort.SessionOptions()
@@ -101,10 +111,8 @@ def run_onnxruntime_many(model: Graph | onnx.ModelProto,
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(names, dict(feeds)))) for feeds in inputs]
+    return ort.InferenceSession(proto.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
 
 
 @dataclass

@@ -254,6 +254,41 @@ def test_quantized_layers_are_cut_as_the_quantizer_writes_them(tmp_path, model, 
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
 
 
+@pytest.mark.parametrize("model", [residual_model, two_branch_model])
+def test_sensitivities_run_only_what_a_layer_changes_and_measure_the_same(tmp_path, model):
+    # each one-layer model runs only the nodes downstream of its layer, on the float
+    # model's values: the same scores as the whole cut model
+    from mmcompile.quantize import OP_TYPES, _qdq_opset, _Quantizer
+    from mmcompile.quantize.accuracy import compare, drop
+    from mmcompile.quantize.sensitivity import changed_part, cut, sensitivities
+    from mmcompile.reference import run_onnxruntime_many
+    graph = model()
+    data = samples(7, 7, seed=3)
+    names = {t.name for t in graph.gs.inputs}
+    feeds = [{k: v for k, v in zip(data, values) if k in names} for values in zip(*data.values())]
+    float_model = _qdq_opset(graph.to_onnx(), graph.name)
+    ranges, _ = branch_ranges(graph, float_model, load_calibration(feeds, graph), "minmax",
+                              OP_TYPES)
+    everything = _Quantizer(graph, float_model, ranges, "minmax", "uint8", tmp_path
+                            ).build().to_onnx()
+    layers = [n.name for n in graph.gs.nodes if n.op in OP_TYPES]
+    reference = run_onnxruntime_many(float_model, feeds)
+
+    def score(outputs):
+        return drop(compare(reference, outputs, {}))
+
+    got = sensitivities(float_model, everything, layers, feeds, score)
+    want = {layer: score(run_onnxruntime_many(cut(float_model, everything, [layer]), feeds))
+            for layer in layers}
+    assert got == want and max(want.values()) > 0
+    if model is two_branch_model:  # the image conv's part never runs the sensor branch
+        part = changed_part(cut(float_model, everything, ["img_conv"]))
+        ran = {n.name for n in part.graph.node}
+        assert "img_conv" in ran and "fuse_gemm" in ran
+        assert not ran & {"sensor_matmul", "sensor_relu"}
+        assert {i.name for i in part.graph.input} == {"pixel_values", "sensor_feat"}
+
+
 def test_the_budget_search_measures_a_logarithmic_number_of_heads():
     from mmcompile.quantize.accuracy import keep_in_float
     layers = [f"l{i}" for i in range(40)]
