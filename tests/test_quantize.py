@@ -305,6 +305,24 @@ def test_the_budget_search_measures_a_logarithmic_number_of_heads():
     assert kept == ["l0"] and final == 0.0  # every layer float: the float model, not run
 
 
+def test_a_failing_head_may_stop_early_on_a_lower_bound_of_its_drop():
+    # the budget's search stops measuring a model once the samples seen put its drop over
+    # the budget: the bound must never exceed the drop over all samples
+    from mmcompile.quantize.accuracy import compare, drop, drop_at_least
+    rng = np.random.default_rng(7)
+    reference = [{"scores": rng.standard_normal([8, 5]), "embedding": rng.standard_normal([8, 16])}
+                 for _ in range(12)]
+    noisy = [{k: v + rng.standard_normal(v.shape) * 0.4 for k, v in r.items()}
+             for r in reference]
+    metrics = {"scores": "top1", "embedding": "cosine"}
+    final = drop(compare(reference, noisy, metrics))
+    bounds = [drop_at_least(reference, noisy[:seen], metrics) for seen in range(1, 13)]
+    assert all(0 < b <= final + 1e-12 for b in bounds) and bounds[-1] == pytest.approx(final)
+    assert all(b <= later + 1e-12 for b, later in zip(bounds, bounds[1:]))  # never looser
+    one_value = [{"logit": np.array([[v]])} for v in rng.standard_normal(4)]
+    assert drop_at_least(one_value, [{"logit": -r["logit"]} for r in one_value[:2]]) == 0.0
+
+
 def test_without_a_budget_everything_is_int8_and_reported():
     q = quantize(sensitive_model(), {"sensor": samples(1, 10)["sensor"]}, max_drop=None)
     assert not q.float_layers and len(q.layers) == 3

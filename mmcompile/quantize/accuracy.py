@@ -128,6 +128,20 @@ def default_metrics(graph: Any) -> dict[str, str]:
     return metrics
 
 
+def drop_at_least(reference: Sequence[Mapping[str, np.ndarray]],
+                  quantized: Sequence[Mapping[str, np.ndarray]],
+                  metrics: Mapping[str, str] | None = None) -> float:
+    """A lower bound of the drop over all ``reference`` samples, from the outputs of the first
+    ``len(quantized)``: each output's ``1 - cosine`` and ``1 - top1`` are means over samples of
+    terms that are never negative, so the seen samples' share of them cannot shrink. 0 when an
+    output's cosine is not such a mean (one value per sample)."""
+    seen = len(quantized)
+    if any(np.asarray(value).size <= 1 and np.issubdtype(np.asarray(value).dtype, np.floating)
+           for value in reference[0].values()):
+        return 0.0
+    return drop(compare(reference[:seen], quantized, metrics)) * seen / len(reference)
+
+
 def unresolved(accuracy: Sequence[OutputAccuracy], max_drop: float) -> list[str]:
     """The outputs judged by top-1 compared on too few rows to show a drop of ``max_drop``
     (fewer than ``1 / max_drop``)."""
@@ -151,7 +165,8 @@ def keep_in_float(order: Sequence[str], evaluate: Callable[[Sequence[str]], floa
 
     Args:
         order: the quantizable layers (node names), most sensitive first.
-        evaluate: ``evaluate(kept)`` -> the drop with the layers ``kept`` in float.
+        evaluate: ``evaluate(kept)`` -> the drop with the layers ``kept`` in float (where it
+            is over ``max_drop``, a lower bound above it will do).
         max_drop: the budget.
 
     Returns:
@@ -163,7 +178,8 @@ def keep_in_float(order: Sequence[str], evaluate: Callable[[Sequence[str]], floa
         if kept not in measured:
             measured[kept] = evaluate(order[:kept])
             say(f"keeping the {kept} most sensitive layer(s) in float: drop "
-                f"{measured[kept]:.4f}")
+                + (f"{measured[kept]:.4f}" if measured[kept] <= max_drop else
+                   f"at least {measured[kept]:.4f}, over the budget"))
         return measured[kept]
 
     failed, held = 0, 1
