@@ -199,8 +199,7 @@ def changed_part(model: onnx.ModelProto) -> onnx.ModelProto | None:
         [onnx.ValueInfoProto(name=t) for t in read if t not in changed and t not in constants],
         [o for o in model.graph.output if o.name in changed],
         [constants[t] for t in read if t in constants])
-    result = helper.make_model(part, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return result
+    return helper.make_model(part, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _measure_parts(float_model: onnx.ModelProto, parts: Mapping[str, onnx.ModelProto],
@@ -223,8 +222,9 @@ def _measure_parts(float_model: onnx.ModelProto, parts: Mapping[str, onnx.ModelP
         return {**feed, **dict(zip(fetched, float_run.run(fetched, dict(feed))))}
 
     first = float_values(feeds[0])
-    sessions = dict(zip(parts, pool.map(lambda part: session(_typed(part, first), threads=1),
-                                        parts.values())))
+    sessions = dict(zip(parts, pool.map(
+        lambda part: session(_typed(part, first), threads=1) if part.graph.output else None,
+        parts.values())))  # a layer no output reads changes nothing
     at_once = max(1, HELD_BYTES // max(1, sum(v.nbytes for v in first.values())))
     results: dict[str, list[dict[str, np.ndarray]]] = {layer: [] for layer in parts}
     for start in range(0, len(feeds), at_once):
@@ -233,6 +233,8 @@ def _measure_parts(float_model: onnx.ModelProto, parts: Mapping[str, onnx.ModelP
 
         def run(layer: str) -> list[dict[str, np.ndarray]]:
             part = sessions[layer]
+            if part is None:
+                return [{name: values[name] for name in outputs} for values in held]
             names = [o.name for o in part.get_outputs()]
             return [{**{name: values[name] for name in outputs},
                      **dict(zip(names, part.run(names, {i.name: values[i.name]
