@@ -98,6 +98,11 @@ def _patterns() -> list[Pattern]:
 
 
 PATTERNS = _patterns()
+# The patterns by what produces the probabilities the root MatMul reads (Softmax, or the Where
+# of a guarded one): most MatMuls (projections, MLPs) are produced by neither and try none of
+# the 540 patterns (CLIP b8: 17,792 tries, 0.4 s of its compile).
+_BY_PROBS = {kind: [p for p in PATTERNS if p.inputs[0].op_type == kind]
+             for kind in {p.inputs[0].op_type for p in PATTERNS}}
 
 
 def _scale(m: Match) -> float | None:
@@ -154,7 +159,8 @@ def find_attention_units(graph: Graph) -> list[dict]:
     for node in graph.gs.nodes:
         if node.op != "MatMul" or node.domain not in (None, "", "ai.onnx"):
             continue
-        for pattern in PATTERNS:
+        producers = node.inputs[0].inputs if node.inputs else []
+        for pattern in _BY_PROBS.get(producers[0].op, []) if producers else []:
             m = match(pattern, node, graph)
             unit = _unit(m, position, graph.opset) if m is not None else None
             if unit is not None:
