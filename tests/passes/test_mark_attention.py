@@ -77,6 +77,21 @@ def test_k_given_transposed_and_no_scale():
         k="kt", k_transposed=True, scale=1.0, num_heads=None))
 
 
+def test_masked_softmax_guarded_against_fully_masked_rows():
+    # SDPA with a mask exports Where(IsNaN(p), 0, p) between the softmax and the second MatMul
+    nodes = [_k_transpose(), helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+             helper.make_node("Div", ["qk", "sqrt_d"], ["sd"]),
+             helper.make_node("Add", ["sd", "mask"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("IsNaN", ["p"], ["nan"]),
+             helper.make_node("Where", ["nan", "zero", "p"], ["pg"]),
+             helper.make_node("MatMul", ["pg", "v"], ["y"])]
+    g = make_graph(nodes, QKV + [("mask", FLOAT, [B, 1, S, S])], OUT,
+                   {**CONSTS, "zero": np.array(0.0, np.float32)})
+    check_pass(g, "mark-attention", expect_changed=True, structure=_one_unit(
+        q="q", k="k", scale=1 / math.sqrt(D), mask="mask", num_heads=H))
+
+
 def test_softmax_over_another_axis_is_not_attention():
     g = _attention([_k_transpose(), helper.make_node("MatMul", ["q", "kt"], ["s"])],
                    softmax_axis=2)
