@@ -32,7 +32,7 @@ import numpy as np
 
 from mmcompile.errors import InputError
 from mmcompile.report import format_table
-from mmcompile.runtime import ModelCalls, host_array, wants_torch
+from mmcompile.runtime import ModelCalls, host_array, host_views, wants_torch
 from mmcompile.signature import Signature, TensorSpec
 
 MODES = ("split", "pad", "exact")
@@ -258,7 +258,7 @@ class ProfiledModel(ModelCalls):
                 its table, or a dim outside its declared range (named, with the range).
         """
         torch_out = wants_torch(feeds)
-        ready = self.signature.validate(feeds)
+        ready = self.signature.validate(host_views(feeds) if torch_out else feeds)
         sizes = self.signature.sizes(ready)
         key = tuple(sizes.values())
         if key not in self._dispatch:

@@ -72,6 +72,28 @@ def wants_torch(feeds: Mapping[str, Any]) -> bool:
     return any(type(v).__module__.startswith("torch") for v in feeds.values())
 
 
+# torch dtypes Tensor.numpy() can view (by name: torch is imported only by its callers)
+_NUMPY_DTYPE_NAMES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32",
+                                "int64", "uint8", "bool", "complex64", "complex128"})
+
+
+def host_views(feeds: Mapping[str, Any]) -> dict[str, Any]:
+    """``feeds`` with each torch tensor in host memory of a dtype numpy has as a numpy view of
+    it (any other value as it is): the call then takes the numpy path. The torch path (DLPack
+    device queries, per-stage closures), run right after the kernels with cold caches, cost
+    0.1-0.2 ms more per call at batch 1 (AV-MNIST through torch.compile: 0.88 -> 0.75 ms).
+    The caller still gets torch tensors back (:func:`wants_torch` on the original feeds)."""
+    return {name: _host_view(value) if type(value).__module__.startswith("torch") else value
+            for name, value in feeds.items()}
+
+
+def _host_view(value: Any) -> Any:
+    if (value.device.type != "cpu" or value.is_conj() or value.is_neg()
+            or str(value.dtype).removeprefix("torch.") not in _NUMPY_DTYPE_NAMES):
+        return value
+    return value.detach().numpy()
+
+
 def host_array(value: Any) -> np.ndarray:
     """``value`` (numpy, torch, or anything with DLPack on the host) as a numpy array."""
     if isinstance(value, np.ndarray):
@@ -202,7 +224,10 @@ class CompiledModel(ModelCalls):
             InputError: a missing/unknown input, wrong rank, shape or dtype, or an index
                 outside the table it indexes.
         """
-        return self._run_ready(self.signature.validate(feeds), wants_torch(feeds))
+        torch_out = wants_torch(feeds)
+        if torch_out:
+            feeds = host_views(feeds)
+        return self._run_ready(self.signature.validate(feeds), torch_out)
 
     def _run_ready(self, ready: Mapping[str, Any], torch_out: bool) -> dict[str, Any]:
         """:meth:`run` on inputs already validated (a dispatcher over builds validates once)."""

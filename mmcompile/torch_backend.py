@@ -49,9 +49,6 @@ from typing import Any
 from mmcompile.errors import MMCompileError
 
 log = logging.getLogger(__name__)
-# torch dtypes Tensor.numpy() can view (by name: torch is imported only when a graph arrives)
-_NUMPY_DTYPE_NAMES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
-                      "uint8", "bool", "complex64", "complex128")
 
 
 def _capture_recurrent_layers() -> None:
@@ -360,11 +357,6 @@ class _Entry:
         self.feeds = list(zip(graph.names, graph.user))
         self.outputs = list(compiled.output_names)
         self.as_list = graph.as_list
-        # Host tensors numpy can view go in as numpy views and come back through
-        # torch.from_numpy: mmcompile's numpy call path, not its torch one (DLPack device
-        # queries, per-stage closures: 0.1-0.2 ms more per call at batch 1, run right after the
-        # kernels, cold; AV-MNIST 0.88 -> 0.75 ms, CLIP 1.4 -> 1.3 ms through torch.compile).
-        self.host = all(_numpy_viewable(args[index]) for _, index in self.feeds)
         # Checked on every call, so kept to two C-level maps over the parameters.
         self._params = operator.itemgetter(*graph.static) if graph.static else (lambda a: ())
         params = self._tuple(args)
@@ -387,30 +379,9 @@ class _Entry:
                 and tuple(map(_VERSION, params)) == self._versions)
 
     def __call__(self, args: Sequence[Any]) -> Any:
-        if self.host:
-            out = self.run({name: args[index].detach().numpy() for name, index in self.feeds})
-            result = [_from_host(out[name]) for name in self.outputs]
-        else:
-            out = self.run({name: args[index] for name, index in self.feeds})
-            result = [out[name] for name in self.outputs]
+        out = self.run({name: args[index] for name, index in self.feeds})
+        result = [out[name] for name in self.outputs]
         return result if self.as_list else tuple(result)
-
-
-def _numpy_viewable(value: Any) -> bool:
-    """Whether ``value`` is a host tensor ``Tensor.numpy`` views (a dtype numpy has)."""
-    import torch
-    return (isinstance(value, torch.Tensor) and value.device.type == "cpu"
-            and str(value.dtype).removeprefix("torch.") in _NUMPY_DTYPE_NAMES
-            and not value.is_conj() and not value.is_neg())
-
-
-def _from_host(value: Any) -> Any:
-    """An output of the numpy call path as a torch tensor (zero-copy where writable)."""
-    import numpy as np
-    import torch
-    if not isinstance(value, np.ndarray):  # a device stage's output: DLPack
-        return torch.from_dlpack(value)
-    return torch.from_numpy(value if value.flags.writeable else value.copy())
 
 
 class CompiledGraph:

@@ -218,6 +218,26 @@ def residual_model() -> mmcompile.Graph:
                        "b2": rng.standard_normal([16]).astype(np.float32)})
 
 
+class AllInt8:
+    """A test model, samples fed to it, its float ONNX model and the quantizer's model with
+    every layer int8 (what the accuracy budget's models are cut from)."""
+
+    def __init__(self, model, tmp_path, seed: int, n: int):
+        from mmcompile.quantize import OP_TYPES, _qdq_opset, _Quantizer
+        self.graph = graph = model()
+        data = samples(n, n, seed=seed)
+        names = {t.name for t in graph.gs.inputs}
+        self.feeds = [{k: v for k, v in zip(data, values) if k in names}
+                      for values in zip(*data.values())]
+        self.float_model = _qdq_opset(graph.to_onnx(), graph.name)
+        ranges, _ = branch_ranges(graph, self.float_model,
+                                  load_calibration(self.feeds, graph), "minmax", OP_TYPES)
+        self.quantizer = _Quantizer(graph, self.float_model, ranges, "minmax", "uint8",
+                                    tmp_path)
+        self.everything = self.quantizer.build().to_onnx()
+        self.layers = [n.name for n in graph.gs.nodes if n.op in OP_TYPES]
+
+
 @pytest.mark.parametrize("model, layers", [(residual_model, ["second"]),
                                            (residual_model, ["first"]),
                                            (residual_model, ["first", "second"]),
@@ -230,22 +250,12 @@ def test_quantized_layers_are_cut_as_the_quantizer_writes_them(tmp_path, model, 
     # quantizer one at a time: they must be the same models (a residual reader of a
     # quantized activation, a conv bias, a layer writing a graph output, a quantized layer
     # reading another's quantized output)
-    from mmcompile.quantize import OP_TYPES, _qdq_opset, _Quantizer
     from mmcompile.quantize.sensitivity import cut
     from mmcompile.reference import run_onnxruntime_many
-    graph = model()
-    data = samples(6, 6, seed=2)
-    feeds = [dict(zip(data, values)) for values in zip(*data.values())]
-    feeds = [{k: v for k, v in f.items() if k in {t.name for t in graph.gs.inputs}}
-             for f in feeds]
-    float_model = _qdq_opset(graph.to_onnx(), graph.name)
-    ranges, _ = branch_ranges(graph, float_model, load_calibration(feeds, graph), "minmax",
-                              OP_TYPES)
-    quantizer = _Quantizer(graph, float_model, ranges, "minmax", "uint8", tmp_path)
-    everything = quantizer.build().to_onnx()
-    every = [n.name for n in graph.gs.nodes if n.op in OP_TYPES]
-    expected = quantizer.build(exclude=[n for n in every if n not in layers]).to_onnx()
-    model = cut(float_model, everything, layers)
+    q = AllInt8(model, tmp_path, seed=2, n=6)
+    feeds = q.feeds
+    expected = q.quantizer.build(exclude=[n for n in q.layers if n not in layers]).to_onnx()
+    model = cut(q.float_model, q.everything, layers)
     onnx.checker.check_model(model, full_check=True)
     got, want = run_onnxruntime_many(model, feeds), run_onnxruntime_many(expected, feeds)
     for g, w in zip(got, want):
@@ -258,20 +268,11 @@ def test_quantized_layers_are_cut_as_the_quantizer_writes_them(tmp_path, model, 
 def test_sensitivities_run_only_what_a_layer_changes_and_measure_the_same(tmp_path, model):
     # each one-layer model runs only the nodes downstream of its layer, on the float
     # model's values: the same scores as the whole cut model
-    from mmcompile.quantize import OP_TYPES, _qdq_opset, _Quantizer
     from mmcompile.quantize.accuracy import compare, drop
     from mmcompile.quantize.sensitivity import changed_part, cut, sensitivities
     from mmcompile.reference import run_onnxruntime_many
-    graph = model()
-    data = samples(7, 7, seed=3)
-    names = {t.name for t in graph.gs.inputs}
-    feeds = [{k: v for k, v in zip(data, values) if k in names} for values in zip(*data.values())]
-    float_model = _qdq_opset(graph.to_onnx(), graph.name)
-    ranges, _ = branch_ranges(graph, float_model, load_calibration(feeds, graph), "minmax",
-                              OP_TYPES)
-    everything = _Quantizer(graph, float_model, ranges, "minmax", "uint8", tmp_path
-                            ).build().to_onnx()
-    layers = [n.name for n in graph.gs.nodes if n.op in OP_TYPES]
+    q = AllInt8(model, tmp_path, seed=3, n=7)
+    float_model, everything, feeds, layers = q.float_model, q.everything, q.feeds, q.layers
     reference = run_onnxruntime_many(float_model, feeds)
 
     def score(outputs):

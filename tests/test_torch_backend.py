@@ -160,35 +160,39 @@ def test_dynamic_graph_compiles_per_shape(caplog):
     assert len(compiled_shapes(caplog)) == 2  # 2 and 5; the second batch 2 is cached
 
 
+def small_compiled() -> tuple[torch.nn.Module, object, torch.Tensor]:
+    """A seeded :class:`Small`, its ``torch.compile(backend="mmcompile")`` and an input."""
+    torch.manual_seed(0)
+    module = Small().eval()
+    return module, torch.compile(module, backend="mmcompile"), torch.randn(2, 8)
+
+
 def test_host_tensors_take_the_numpy_call_path_and_come_back_as_torch(monkeypatch):
     # host inputs go in as numpy views (mmcompile's faster call path), outputs come back as
     # torch tensors; a dtype numpy has no view of (bfloat16) keeps the torch path
+    import numpy as np
+
     from mmcompile.runtime import CompiledModel
+    from mmcompile.runtime import host_views
     kinds = []
-    real = CompiledModel.run
-    monkeypatch.setattr(CompiledModel, "run", lambda self, feeds: (
-        kinds.append({type(v).__module__.split(".")[0] for v in feeds.values()}),
-        real(self, feeds))[1])
-    torch.manual_seed(0)
-    module = Small().eval()
-    compiled = torch.compile(module, backend="mmcompile")
-    x = torch.randn(2, 8)
+    real = CompiledModel._run_ready
+    monkeypatch.setattr(CompiledModel, "_run_ready", lambda self, ready, torch_out: (
+        kinds.append({type(v).__module__.split(".")[0] for v in ready.values()}),
+        real(self, ready, torch_out))[1])
+    module, compiled, x = small_compiled()
     with torch.no_grad():
         got = compiled(x)
         assert_close(got, module(x))
         assert kinds and kinds[-1] == {"numpy"}
         got.add_(1.0)  # the caller owns the tensor it gets
         assert_close(compiled(x), module(x))
-    from mmcompile.torch_backend import _numpy_viewable
-    assert _numpy_viewable(x) and not _numpy_viewable(x.to(torch.bfloat16))
+    views = host_views({"x": x, "bf16": x.to(torch.bfloat16)})
+    assert isinstance(views["x"], np.ndarray) and isinstance(views["bf16"], torch.Tensor)
 
 
 def test_changed_parameters_are_compiled_again():
     # Dynamo does not guard on parameter values; the backend baked them in, so it must notice.
-    torch.manual_seed(0)
-    module = Small().eval()
-    compiled = torch.compile(module, backend="mmcompile")
-    x = torch.randn(2, 8)
+    module, compiled, x = small_compiled()
     with torch.no_grad():
         before = compiled(x)
         module.lin.weight.mul_(-2.0)

@@ -166,28 +166,33 @@ def sensitivities(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
     each one-layer model computes what the float model computes, and is read from one run
     of the float model per sample (a layer of one modality branch never runs the others)."""
     workers = threads or min(4, available_cores())
-    cuts = {layer: cut(float_model, quantized, [layer]) for layer in layers}
-    cuts = {layer: model for layer, model in cuts.items() if model is not None}
-    parts = {layer: changed_part(model) for layer, model in cuts.items()}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        if any(part is None for part in parts.values()):  # a node holds a subgraph
-            def measure(layer: str) -> float:
-                return score(run_onnxruntime_many(cuts[layer], feeds, threads=1))
-            return dict(zip(cuts, pool.map(measure, cuts)))
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in float_model.graph.node for a in n.attribute):
+            # a node holding a subgraph reads tensors its inputs do not list: whole models,
+            # each cut when it runs (a cut copies the float model, weights and all)
+            def measure(layer: str) -> float | None:
+                model = cut(float_model, quantized, [layer])
+                return None if model is None else score(run_onnxruntime_many(model, feeds,
+                                                                             threads=1))
+            found = dict(zip(layers, pool.map(measure, layers)))
+            return {layer: value for layer, value in found.items() if value is not None}
+        parts = {}  # one cut at a time: only its changed part is kept
+        for layer in layers:
+            model = cut(float_model, quantized, [layer])
+            if model is not None:
+                parts[layer] = changed_part(model)
         return _measure_parts(float_model, parts, feeds, score, pool)
 
 
-def changed_part(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """The nodes of a model :func:`cut` from the float model whose results differ from the
-    float model's (the cut's own nodes and everything downstream of them), as a model whose
-    inputs are what they read of the rest (float values) and whose outputs are the model
-    outputs among them. None when a node holds a subgraph (what it reads is not listed)."""
+def changed_part(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The nodes of a model :func:`cut` from the float model (one without subgraphs) whose
+    results differ from the float model's (the cut's own nodes and everything downstream of
+    them), as a model whose inputs are what they read of the rest (float values) and whose
+    outputs are the model outputs among them."""
     changed: set[str] = set()
     nodes = []
     for node in model.graph.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for a in node.attribute):
-            return None
         if node.name.startswith(f"{_PREFIX}/") or any(t in changed for t in node.input):
             nodes.append(node)
             changed.update(t for t in node.output if t)
