@@ -476,6 +476,25 @@ def test_class_scores_are_judged_by_top1_and_embeddings_by_cosine():
                                       "score": "cosine"}
 
 
+def test_similarity_logits_scaled_by_a_positive_constant_are_class_scores():
+    # CLIP: logits per image = MatMul * exp(logit_scale) (a folded constant), logits per text
+    # its transpose; a negative scale reverses the argmax, so it does not count
+    from mmcompile.quantize.accuracy import default_metrics
+    nodes = [helper.make_node("MatMul", ["sensor", "w"], ["sim"], name="sim"),
+             helper.make_node("Mul", ["scale", "sim"], ["per_image"], name="temperature"),
+             helper.make_node("Transpose", ["per_image"], ["per_text"], name="t", perm=[1, 0]),
+             helper.make_node("Mul", ["sim", "minus"], ["flipped"], name="flip"),
+             helper.make_node("Div", ["sim", "scale"], ["divided"], name="div")]
+    graph = make_graph(nodes, [("sensor", FLOAT, [4, 16])],
+                       [("per_image", FLOAT, [4, 4]), ("per_text", FLOAT, [4, 4]),
+                        ("flipped", FLOAT, [4, 4]), ("divided", FLOAT, [4, 4])],
+                       {"w": np.ones([16, 4], np.float32),
+                        "scale": np.array(14.3, np.float32),
+                        "minus": np.array(-1.0, np.float32)}, opset=13)
+    assert default_metrics(graph) == {"per_image": "top1", "per_text": "top1",
+                                      "flipped": "cosine", "divided": "top1"}
+
+
 def test_a_top1_budget_on_too_few_rows_is_reported_blind():
     from mmcompile.quantize.accuracy import compare, unresolved
     rng = np.random.default_rng(0)

@@ -7,12 +7,13 @@ axis the top-1 agreement. An output is judged by its *score*: cosine, and for a
 classifier's output the lower of cosine and top-1 agreement. The *drop* of a model is
 ``1 - score`` of its worst output.
 
-Which outputs are a classifier's (:func:`default_metrics`) is read from the graph: a class
-axis (the last, of two or more entries) written by a linear layer or a (log-)softmax, through
-shape-only ops. A 1% top-1 loss is invisible to cosine (a random-weight classifier lost 7% of
-its top-1 at cosine 0.99998), and embeddings (CLIP's, written by a normalization) have no
-classes, hence the two metrics. A top-1 budget needs rows to resolve it: ``max_drop`` 0.01
-means one disagreement in 100 rows (:func:`unresolved`).
+Which outputs are a classifier's (:func:`default_metrics`) is read from the graph: a class axis
+(the last, of two or more entries) written by a linear layer or a (log-)softmax, through
+shape-only ops and scalings by a positive constant (CLIP's similarity logits: a MatMul times
+its learned temperature, and that matrix transposed). A 1% top-1 loss is invisible to cosine (a
+random-weight classifier lost 7% of its top-1 at cosine 0.99998), and embeddings (CLIP's,
+written by a normalization) have no classes, hence the two metrics. A top-1 budget needs rows
+to resolve it: ``max_drop`` 0.01 means one disagreement in 100 rows (:func:`unresolved`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ METRICS = ("cosine", "top1")
 # Ops that write class scores, and the shape-only or (de)quantizing ops between one and an
 # output.
 _CLASS_SCORES = frozenset({"Gemm", "MatMul", "Softmax", "LogSoftmax"})
+# A Transpose keeps them scores: CLIP's logits per text are its logits per image transposed.
 _PASS_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast",
-                           "QuantizeLinear", "DequantizeLinear"})
+                           "Transpose", "QuantizeLinear", "DequantizeLinear"})
 
 
 @dataclass
@@ -105,9 +107,28 @@ def compare(reference: Sequence[Mapping[str, np.ndarray]],
     return result
 
 
+def _scaled_operand(node: Any) -> Any:
+    """The other operand of a ``Mul`` / ``Div`` by one positive constant (CLIP's learned
+    temperature, ``logit_scale.exp()``), which changes no argmax; else None."""
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    for at, other in ((1, 0), (0, 1)) if node.op == "Mul" else ((1, 0),):
+        values = getattr(node.inputs[at], "values", None)
+        if values is not None and np.size(values) == 1 and float(np.ravel(values)[0]) > 0:
+            return node.inputs[other]
+    return None
+
+
 def _writes_class_scores(tensor: Any) -> bool:
-    while tensor.inputs and tensor.inputs[0].op in _PASS_THROUGH:
-        tensor = tensor.inputs[0].inputs[0]
+    while tensor.inputs:
+        node = tensor.inputs[0]
+        scaled = _scaled_operand(node)
+        if scaled is not None:
+            tensor = scaled
+        elif node.op in _PASS_THROUGH:
+            tensor = node.inputs[0]
+        else:
+            break
     if not tensor.inputs:
         return False
     node = tensor.inputs[0]
