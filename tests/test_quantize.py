@@ -290,6 +290,35 @@ def test_sensitivities_run_only_what_a_layer_changes_and_measure_the_same(tmp_pa
         assert {i.name for i in part.graph.input} == {"pixel_values", "sensor_feat"}
 
 
+def test_layers_are_ranked_on_half_the_held_back_samples_and_checked_on_the_other(
+        monkeypatch):
+    # ranked and checked on the same rows, the search fits the layers to those rows' near-tied
+    # argmaxes and the budget holds there but not on new inputs (module docstring)
+    import importlib
+    q_module = importlib.import_module("mmcompile.quantize")  # the package, not the function
+    seen = {"rank": [], "check": []}
+    real_sensitivities, real_drop_or_over = q_module.sensitivities, q_module._drop_or_over
+
+    def ranking(float_model, quantized, layers, feeds, score, **kw):
+        seen["rank"] += [f["sensor"].tobytes() for f in feeds]
+        return real_sensitivities(float_model, quantized, layers, feeds, score, **kw)
+
+    def checking(model, feeds, reference, metrics, budget):
+        seen["check"].append({f["sensor"].tobytes() for f in feeds})
+        return real_drop_or_over(model, feeds, reference, metrics, budget)
+
+    monkeypatch.setattr(q_module, "sensitivities", ranking)
+    monkeypatch.setattr(q_module, "_drop_or_over", checking)
+    data = {"sensor": samples(1, 40)["sensor"]}
+    q = quantize(sensitive_model(), data, max_drop=0.01)  # 8 of 40 held back
+    assert "narrow" in q.float_layers
+    assert len(seen["rank"]) == 4 and seen["check"]
+    # each head is checked on the other half first, and must hold on both
+    assert len(seen["check"][0]) == 4 and not set(seen["rank"]) & seen["check"][0]
+    assert all(half in (seen["check"][0], set(seen["rank"])) for half in seen["check"])
+    assert q.accuracy[0].samples == 8  # the report counts every held-back sample
+
+
 def test_the_budget_search_measures_a_logarithmic_number_of_heads():
     from mmcompile.quantize.accuracy import keep_in_float
     layers = [f"l{i}" for i in range(40)]

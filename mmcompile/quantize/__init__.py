@@ -15,6 +15,15 @@ What is onnxruntime's and what is ours:
   holds, how many found by doubling and bisection; the models measured on the way are cut
   from the all-int8 one, only the final one is asked of the quantizer), and the report.
 
+The layers are ranked on every other held-back sample, and a head of them holds the budget when
+it holds on the other samples and on the ranking ones too. Ranked and checked on the same rows,
+the search kept the layers whose quantization flipped those rows' near-tied argmaxes, and the
+budget held there but not on new inputs: MM-IMDb at batch 1 (400 held-back rows), 8 layers
+kept, top-1 agreement 99.5% on those rows and 97.5% on 400 new ones, hardly better than all
+int8 (97.3%); ranked and checked apart, 15 layers kept, 100% on the new ones. Checked on the
+other half alone (320 rows), g2p-id's BERT stopped at 2 layers by luck (98.3% on new words);
+on both halves it keeps 8 (99.5%).
+
 The quantized graph is a plain ONNX graph: ``compile`` places and lowers it like any other.
 """
 
@@ -90,7 +99,8 @@ class QuantizedModel:
         sensitivity: layer -> the drop with that layer alone quantized (when measured).
         layers: the quantized layers.
         unresolved: outputs judged by top-1 on too few held-back rows to show a
-            ``max_drop`` (see :func:`.accuracy.unresolved`).
+            ``max_drop`` on the half that checks the budget (see
+            :func:`.accuracy.unresolved`).
     """
 
     graph: Graph
@@ -287,28 +297,42 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         def measure(model: onnx.ModelProto) -> list[OutputAccuracy]:
             return compare(reference, run_onnxruntime_many(model, feeds), metrics)
 
+        # ranked on one half of the held-back samples, checked on both (docstring)
+        rank, check = _halves(feeds), _halves(feeds, second=True)
+
         def score(outputs: list[dict[str, np.ndarray]]) -> float:
-            return drop(compare(reference, outputs, metrics))
+            return drop(compare(_halves(reference), outputs, metrics))
 
         def evaluate(kept: Sequence[str]) -> float:  # cut from the all-int8 model
             model = cut(float_model, everything, [n for n in candidates if n not in kept])
-            return 0.0 if model is None else _drop_or_over(model, feeds, reference, metrics,
-                                                          max_drop)
+            if model is None:
+                return 0.0
+            worst = 0.0
+            for half, second in ((check, True), (rank, False)):  # held on both halves
+                worst = max(worst, _drop_or_over(model, half, _halves(reference, second),
+                                                 metrics, max_drop))
+                if worst > max_drop:
+                    break
+            return worst
 
         say(f"quantizing {len(candidates)} layer(s)")
         result = quantizer.build(exclude=list(forced))
         everything = result.to_onnx()
-        all_int8 = measure(everything)
-        blind = unresolved(all_int8, max_drop) if max_drop else []
+        outputs = run_onnxruntime_many(everything, feeds)
+        all_int8 = compare(reference, outputs, metrics)
+        checked = compare(_halves(reference, second=True), _halves(outputs, second=True),
+                          metrics)
+        blind = unresolved(checked, max_drop) if max_drop else []
         if blind:
-            say(f"warning: top-1 of {', '.join(blind)} is measured on too few held-back rows "
-                f"to show a {max_drop} drop; give at least {math.ceil(1 / max_drop)} rows "
-                f"(more calibration samples, or a larger holdout)")
+            say(f"warning: top-1 of {', '.join(blind)} is checked on too few held-back rows "
+                f"to show a {max_drop} drop; give at least {math.ceil(2 / max_drop)} rows, "
+                f"half of which check the budget (more calibration samples, or a larger "
+                f"holdout)")
         accuracy, float_layers, sensitivity = all_int8, dict(forced), {}
         if max_drop is not None and drop(all_int8) > max_drop and candidates:
             say(f"drop {drop(all_int8):.4f} over the budget {max_drop}: measuring each "
                 f"layer's sensitivity")
-            sensitivity = sensitivities(float_model, everything, candidates, feeds, score)
+            sensitivity = sensitivities(float_model, everything, candidates, rank, score)
             say(f"sensitivity: {len(sensitivity)} layers measured")
             order = sorted(sensitivity, key=lambda name: -sensitivity[name])
             kept, _ = keep_in_float(order, evaluate, max_drop, say)
@@ -325,6 +349,13 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         max_drop=max_drop, float_layers=float_layers, float_ops=dict(ops.most_common()),
         sensitivity=sensitivity, layers=[n for n in layers if n not in float_layers],
         unresolved=blind)
+
+
+def _halves(samples: Sequence, second: bool = False) -> list:
+    """Every other sample (``second``: the others); all of them when there is only one."""
+    if len(samples) < 2:
+        return list(samples)
+    return list(samples[1::2] if second else samples[::2])
 
 
 def _drop_or_over(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
