@@ -180,6 +180,12 @@ def configure_threads(threads: int) -> None:
     # workers existed or had just closed. 10000 (~10 ms) still covers the microsecond gaps
     # between kernels of one run (no change alone: 0.542 vs 0.545 ms).
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "10000")
+    # TVM pins each pool thread to a core; onnxruntime's and the OS's threads are not pinned.
+    # With other processes on the machine a pinned thread waits for its core instead of
+    # moving: the suite at batch 1 (`mmcompile bench --batch 1 --engines
+    # onnxruntime,mmcompile`, 2 cores, two runs each way, alternating) measured 0.926 / 1.002
+    # of onnxruntime's time pinned and 0.815 / 0.828 unpinned (MOSEI-LSTM 1.17 -> 0.71).
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def configure_worker_thread(threads: int) -> None:
