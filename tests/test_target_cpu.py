@@ -1426,11 +1426,20 @@ def _pointwise_module(channels: int, size: int, kernel: int = 1, stride: int = 1
     return bb.get()
 
 
+def _run_relax(mod, feeds):
+    """``mod``'s main on ``feeds`` (numpy), built for the host with the zero pipeline."""
+    import tvm
+    from tvm import relax
+    vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(mod),
+                                          target=tvm.target.Target({"kind": "llvm"})),
+                              tvm.cpu())
+    return vm["main"](*(tvm.runtime.tensor(f) for f in feeds)).numpy()
+
+
 def test_shallow_1x1_convolutions_become_1d_convolutions_over_their_pixels():
     # 16 -> 72 channels on 40x40 maps (MobileNetV3's expansion): a 40-pixel row is 5 AVX2
     # vectors, tiles one vector wide; over the 1600 pixels of a map tiles are two wide. The
     # bias, HardSwish and a per-channel gate stay in the convolution's kernel.
-    import tvm
     from tvm import relax
 
     from mmcompile.targets.tvm.pointwise_conv import FlatPointwiseConvs
@@ -1443,12 +1452,7 @@ def test_shallow_1x1_convolutions_become_1d_convolutions_over_their_pixels():
     rng = np.random.default_rng(7)
     feeds = [rng.standard_normal((2, 16, 40, 40)).astype("float32"),
              rng.standard_normal((2, 24, 1, 1)).astype("float32")]
-    results = []
-    for m in (mod, rewritten):
-        vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(m),
-                                              target=tvm.target.Target({"kind": "llvm"})),
-                                  tvm.cpu())
-        results.append(vm["main"](*(tvm.runtime.tensor(f) for f in feeds)).numpy())
+    results = [_run_relax(m, feeds) for m in (mod, rewritten)]
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)  # 16-term sums
     for case in (dict(channels=64, size=40),           # deep: vectorized along the channels
                  dict(channels=16, size=32),           # 32-pixel rows: whole two-vector tiles
@@ -1462,9 +1466,6 @@ def test_deep_1x1_convolutions_whose_channels_fill_no_vector_are_flattened_too()
     # mobilenet_text's 88 -> 24 on 20x20 (AVX-512): 24 channels are no whole vector, so the
     # vectors ran along the rows, each padded from 20 to 32 pixels (its input copied padded):
     # 41 us on 1 or 2 threads; over the map's 400 pixels (25 vectors) 22 / 13 us
-    import tvm
-    from tvm import relax
-
     from mmcompile.targets.tvm.pointwise_conv import FlatPointwiseConvs
     mod = _pointwise_module(88, 20)
     rewritten = FlatPointwiseConvs(16)(mod)
@@ -1474,12 +1475,7 @@ def test_deep_1x1_convolutions_whose_channels_fill_no_vector_are_flattened_too()
     rng = np.random.default_rng(8)
     feeds = [rng.standard_normal((2, 88, 20, 20)).astype("float32"),
              rng.standard_normal((2, 24, 1, 1)).astype("float32")]
-    results = []
-    for m in (mod, rewritten):
-        vm = relax.VirtualMachine(tvm.compile(relax.get_pipeline("zero")(m),
-                                              target=tvm.target.Target({"kind": "llvm"})),
-                                  tvm.cpu())
-        results.append(vm["main"](*(tvm.runtime.tensor(f) for f in feeds)).numpy())
+    results = [_run_relax(m, feeds) for m in (mod, rewritten)]
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)  # 88-term sums
 
 

@@ -299,18 +299,18 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
 
         # ranked on one half of the held-back samples, checked on both (docstring)
         rank, check = _halves(feeds), _halves(feeds, second=True)
+        rank_ref, check_ref = _halves(reference), _halves(reference, second=True)
 
         def score(outputs: list[dict[str, np.ndarray]]) -> float:
-            return drop(compare(_halves(reference), outputs, metrics))
+            return drop(compare(rank_ref, outputs, metrics))
 
         def evaluate(kept: Sequence[str]) -> float:  # cut from the all-int8 model
             model = cut(float_model, everything, [n for n in candidates if n not in kept])
             if model is None:
                 return 0.0
             worst = 0.0
-            for half, second in ((check, True), (rank, False)):  # held on both halves
-                worst = max(worst, _drop_or_over(model, half, _halves(reference, second),
-                                                 metrics, max_drop))
+            for half, ref in ((check, check_ref), (rank, rank_ref)):  # held on both halves
+                worst = max(worst, _drop_or_over(model, half, ref, metrics, max_drop))
                 if worst > max_drop:
                     break
             return worst
@@ -320,8 +320,7 @@ def quantize(model: Any, calibration: Any, *, scheme: str = "int8", method: str 
         everything = result.to_onnx()
         outputs = run_onnxruntime_many(everything, feeds)
         all_int8 = compare(reference, outputs, metrics)
-        checked = compare(_halves(reference, second=True), _halves(outputs, second=True),
-                          metrics)
+        checked = compare(check_ref, _halves(outputs, second=True), metrics)
         blind = unresolved(checked, max_drop) if max_drop else []
         if blind:
             say(f"warning: top-1 of {', '.join(blind)} is checked on too few held-back rows "
