@@ -1426,7 +1426,7 @@ def _pointwise_module(channels: int, size: int, kernel: int = 1, stride: int = 1
     return bb.get()
 
 
-def _run_relax(mod, feeds):
+def _run_zero_pipeline(mod, feeds):
     """``mod``'s main on ``feeds`` (numpy), built for the host with the zero pipeline."""
     import tvm
     from tvm import relax
@@ -1452,7 +1452,7 @@ def test_shallow_1x1_convolutions_become_1d_convolutions_over_their_pixels():
     rng = np.random.default_rng(7)
     feeds = [rng.standard_normal((2, 16, 40, 40)).astype("float32"),
              rng.standard_normal((2, 24, 1, 1)).astype("float32")]
-    results = [_run_relax(m, feeds) for m in (mod, rewritten)]
+    results = [_run_zero_pipeline(m, feeds) for m in (mod, rewritten)]
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)  # 16-term sums
     for case in (dict(channels=64, size=40),           # deep: vectorized along the channels
                  dict(channels=16, size=32),           # 32-pixel rows: whole two-vector tiles
@@ -1475,7 +1475,7 @@ def test_deep_1x1_convolutions_whose_channels_fill_no_vector_are_flattened_too()
     rng = np.random.default_rng(8)
     feeds = [rng.standard_normal((2, 88, 20, 20)).astype("float32"),
              rng.standard_normal((2, 24, 1, 1)).astype("float32")]
-    results = [_run_relax(m, feeds) for m in (mod, rewritten)]
+    results = [_run_zero_pipeline(m, feeds) for m in (mod, rewritten)]
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)  # 88-term sums
 
 
