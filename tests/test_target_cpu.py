@@ -1735,7 +1735,7 @@ def _silu_reference(pre):
     return pre / (1 + np.exp(-pre))
 
 
-@pytest.mark.parametrize("stride, size", [(2, 16), (1, 10)])
+@pytest.mark.parametrize("stride, size", [(2, 16), (1, 10), (1, 20)])
 def test_blocked_conv2d_takes_a_silu_chain_as_one_vectorized_pass(stride, size):
     # The chain reads the biased output twice, so it does not fold into the write-back; the
     # rule used to decline such convolutions (YOLO-style Conv + SiLU went to BlockedMatmul).
@@ -1754,8 +1754,11 @@ def test_blocked_conv2d_takes_a_silu_chain_as_one_vectorized_pass(stride, size):
     assert "T_divide" in last.name_hint and len(last.reads) >= 1
     loops = [sch.get(loop) for loop in sch.get_loops(root[-1])]
     assert loops[0].kind == tirx.ForKind.PARALLEL  # its own parallel pass after the tiles
-    if size // stride % 8 == 0:  # rows of 10 are left to LLVM's loop vectorizer
+    side = size // stride
+    if side % 8 == 0 or side * side % 8 == 0:  # rows of 20: vectors across rows
         assert loops[-1].kind == tirx.ForKind.VECTORIZED
+    else:  # 10 x 10 (100 elements) is left to LLVM's loop vectorizer
+        assert loops[-1].kind != tirx.ForKind.VECTORIZED
     assert "T_fast_exp" not in sch.mod["main"].script()  # inlined: no temporaries
     rng = np.random.default_rng(5)
     arrays = [rng.standard_normal([int(d) for d in t.shape]).astype("float32")
@@ -1765,6 +1768,40 @@ def test_blocked_conv2d_takes_a_silu_chain_as_one_vectorized_pass(stride, size):
                          arrays[:3] + [arrays[3].copy()])
     np.testing.assert_allclose(_run_prim_func(sch.mod["main"], arrays), _silu_reference(pre),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_contiguous_rows_vectorizes_across_rows_only_where_every_buffer_is_contiguous():
+    # An elementwise pass over 20 x 20 maps: rows are not whole vectors, the plane is. A
+    # per-channel operand (not indexed by the fused axes) keeps it; an operand indexed by the
+    # rows only (a broadcast along the columns) or read transposed would need a division per
+    # lane, and is refused.
+    from tvm import s_tir, te, tirx
+
+    from mmcompile.targets.tvm.schedule_util import contiguous_rows
+    x = te.placeholder((8, 20, 20), name="x")
+    per_channel = te.placeholder((8,), name="c")
+    per_row = te.placeholder((8, 20), name="r")
+    cases = {
+        "channel": (te.compute(x.shape, lambda c, h, w: x[c, h, w] * per_channel[c], "y"),
+                    [x, per_channel], True),
+        "row": (te.compute(x.shape, lambda c, h, w: x[c, h, w] + per_row[c, h], "y"),
+                [x, per_row], False),
+        "transposed": (te.compute(x.shape, lambda c, h, w: x[c, w, h], "y"), [x], False),
+    }
+    rng = np.random.default_rng(3)
+    for name, (out, ins, applies) in cases.items():
+        sch = s_tir.Schedule(te.create_prim_func([*ins, out]))
+        assert contiguous_rows(sch, sch.get_sblock("y"), 16) is applies, name
+        if not applies:
+            continue
+        loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("y"))]
+        assert loops[-1].kind == tirx.ForKind.VECTORIZED and int(loops[-1].extent) == 16
+        assert loops[0].kind == tirx.ForKind.PARALLEL
+        arrays = [rng.standard_normal([int(d) for d in t.shape]).astype("float32")
+                  for t in ins]
+        got = _run_prim_func(sch.mod["main"], arrays + [np.full((8, 20, 20), np.nan,
+                                                                "float32")])
+        np.testing.assert_array_equal(got, arrays[0] * arrays[1][:, None, None])
 
 
 def test_blocked_matmul_moves_a_long_chain_out_of_tiles_it_cannot_vectorize():

@@ -221,9 +221,51 @@ def parallel_pass(sch, block_rv, lanes: int) -> None:
     for rv in fill_and_copy(sch, block_rv):
         inner = extent(sch, sch.get_loops(rv)[-1])
         if inner is not None and inner % lanes:
-            parallel_rows(sch, rv, lanes)
+            if not contiguous_rows(sch, rv, lanes):
+                parallel_rows(sch, rv, lanes)
         else:
             parallel_spatial(sch, rv, lanes)
+
+
+def contiguous_rows(sch, block_rv, lanes: int) -> bool:
+    """A spatial block whose rows are not whole vectors (an NCHW map of 20 x 20, 10 x 10)
+    vectorized across rows where that stays contiguous: the fewest innermost axes whose
+    product ``lanes`` divides are fused and vectorized, when every buffer the block touches is
+    either read along them in the output's own row-major order or not indexed by them at all
+    (a per-channel bias). Then each vector is one contiguous load or store per buffer and no
+    lane divides an index (the concern of :func:`parallel_rows`). Returns whether it applied.
+
+    Per row instead, LLVM vectorized 20 elements as a vector and a scalar tail of 4, and the
+    fast sigmoid of SiLU ran mostly scalar: YOLO-audio's 1x1 convolutions with SiLU on 20 x 20
+    maps cost 2-3x those without it (40 vs 14 us, kernel alone, 2 threads).
+    """
+    block = sch.get(block_rv)
+    loops = sch.get_loops(block_rv)
+    sizes = [extent(sch, loop) for loop in loops]
+    ivars = [iv.var for iv in block.iter_vars]
+    if len(ivars) != len(loops) or None in sizes or len(block.writes) != 1:
+        return False
+    tail = next((k for k in range(2, len(loops) + 1) if np.prod(sizes[-k:]) % lanes == 0), None)
+    if tail is None:
+        return False
+    fused_vars = ivars[-tail:]
+    row_major = [int(np.prod(sizes[len(sizes) - tail + i + 1:])) for i in range(tail)]
+
+    def order(region):
+        strides = [_read_stride(region, v) for v in fused_vars]
+        return "none" if strides == [0] * tail else (
+            "rows" if strides == row_major else "other")
+
+    if order(block.writes[0]) != "rows" \
+            or any(order(r) == "other" for r in block.reads):
+        return False
+    outer = list(loops[:-tail])
+    steps, lane = sch.split(sch.fuse(*loops[-tail:]), [None, lanes])
+    sch.vectorize(lane)
+    if np.prod(sizes[:-tail]) < 4:  # too few rows to share: share the vectors
+        outer.append(steps)
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    return True
 
 
 def injective_tail(sch):
