@@ -395,13 +395,56 @@ def test_a_failing_single_stage_is_reported_like_any_stage(monkeypatch):
     np.testing.assert_array_equal(compiled.run(feeds)["y"], expected)
 
 
-def test_tvm_pool_threads_are_not_pinned_unless_the_user_says(monkeypatch):
-    # pinned pool threads wait for their core when other processes run (bench: suite at
-    # batch 1, 0.93-1.00x of onnxruntime pinned, 0.82-0.83x unpinned)
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two allowed cores")
+def test_a_call_moves_its_thread_off_a_core_a_pool_thread_is_pinned_to():
+    # TVM pins its pool threads, not the caller; after idle spells Linux woke the caller on
+    # the pool thread's core and left both there (every parallel kernel ran its halves in
+    # turn). A pinned thread stands in for TVM's pool thread; the caller is put on its core.
+    from mmcompile.targets.tvm import executable
+    if executable._sched_getcpu() is None:
+        pytest.skip("no sched_getcpu in this libc")
+    allowed = os.sched_getaffinity(0)
+    core = max(allowed)
+    ready, done = threading.Event(), threading.Event()
+
+    def pool_thread():
+        os.sched_setaffinity(0, {core})
+        ready.set()
+        done.wait(30)
+
+    found = {}
+
+    def caller():  # a fresh thread: its own placement state
+        ready.wait(30)
+        executable.keep_off_pinned_cores()  # first call: the pool starts, nothing checked
+        found["pinned"] = executable.pinned_threads_cpus()
+        os.sched_setaffinity(0, {core})  # on the pinned core, as Linux left it
+        os.sched_setaffinity(0, allowed)
+        found["before"] = executable._sched_getcpu()()
+        executable.keep_off_pinned_cores()
+        found["after"] = executable._sched_getcpu()()
+        found["affinity"] = os.sched_getaffinity(0)
+
+    helper = threading.Thread(target=pool_thread)
+    helper.start()
+    try:
+        worker = threading.Thread(target=caller)
+        worker.start()
+        worker.join(30)
+    finally:
+        done.set()
+        helper.join(30)
+    assert core in found["pinned"]
+    assert found["before"] == core
+    assert found["after"] != core and found["after"] in allowed
+    assert found["affinity"] == allowed  # moved, and its own affinity given back
+
+
+def test_configure_threads_leaves_the_users_thread_settings(monkeypatch):
     from mmcompile.targets.tvm.executable import configure_threads
-    monkeypatch.delenv("TVM_BIND_THREADS", raising=False)
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "5")
     configure_threads(2)
-    assert os.environ["TVM_BIND_THREADS"] == "0"
-    monkeypatch.setenv("TVM_BIND_THREADS", "1")
-    configure_threads(2)
-    assert os.environ["TVM_BIND_THREADS"] == "1"
+    assert os.environ["TVM_NUM_THREADS"] == "1"
+    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "5"

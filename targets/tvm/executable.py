@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -180,12 +181,6 @@ def configure_threads(threads: int) -> None:
     # workers existed or had just closed. 10000 (~10 ms) still covers the microsecond gaps
     # between kernels of one run (no change alone: 0.542 vs 0.545 ms).
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "10000")
-    # TVM pins each pool thread to a core; onnxruntime's and the OS's threads are not pinned.
-    # With other processes on the machine a pinned thread waits for its core instead of
-    # moving: the suite at batch 1 (`mmcompile bench --batch 1 --engines
-    # onnxruntime,mmcompile`, 2 cores, two runs each way, alternating) measured 0.926 / 1.002
-    # of onnxruntime's time pinned and 0.815 / 0.828 unpinned (MOSEI-LSTM 1.17 -> 0.71).
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def configure_worker_thread(threads: int) -> None:
@@ -193,8 +188,92 @@ def configure_worker_thread(threads: int) -> None:
     listed cores") keeps the thread free to run on every core: the default mode pins a
     non-main thread that configures its pool to CPU 0."""
     import tvm_ffi
+    _PLACEMENT.pinned = frozenset()  # its pool's threads share the cores: nothing to avoid
     cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
     tvm_ffi.get_global_func("runtime.config_threadpool")(-3, max(1, threads), cpus)
+
+
+class _Placement(threading.local):
+    """Per calling thread: the cores TVM pinned pool threads to (None until the thread's
+    second run: its pool starts during the first) and the thread's own allowed cores."""
+
+    pinned: frozenset[int] | None = None
+    runs = 0
+
+
+_PLACEMENT = _Placement()
+
+
+@functools.cache
+def _sched_getcpu():
+    """libc's ``sched_getcpu`` (a vDSO read, ~0.2 us through ctypes); None off glibc."""
+    import ctypes
+    try:
+        getcpu = ctypes.CDLL(None).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    getcpu.restype, getcpu.argtypes = ctypes.c_int, []
+    return getcpu
+
+
+def _cpu_list(text: str) -> set[int]:
+    """``/proc``'s ``Cpus_allowed_list`` (``0-3,6``) as a set."""
+    cpus = set()
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        if low:
+            cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def pinned_threads_cpus() -> frozenset[int]:
+    """The cores that threads of this process other than the caller are pinned to (an
+    affinity of one core: TVM's pool threads, ``TVM_BIND_THREADS=1``); empty off Linux."""
+    me, cpus = threading.get_native_id(), set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return frozenset()
+    for task in tasks:
+        if task == str(me):
+            continue
+        try:
+            with open(f"/proc/self/task/{task}/status") as f:
+                line = next((ln for ln in f if ln.startswith("Cpus_allowed_list:")), "")
+        except OSError:  # the thread ended meanwhile
+            continue
+        allowed = _cpu_list(line.partition(":")[2])
+        if len(allowed) == 1:
+            cpus |= allowed
+    return frozenset(cpus)
+
+
+def keep_off_pinned_cores() -> None:
+    """Move the calling thread off a core that one of TVM's pinned pool threads owns.
+
+    TVM pins its pool threads (the second of two on core 1), not the thread that calls a
+    kernel, which does the first share of every parallel loop. After an idle spell, Linux
+    can wake that thread on the pool thread's core (an idle virtual CPU looks preempted to
+    the guest's scheduler, so it is not picked) and leave both there: every kernel then ran
+    its two halves one after the other. Measured (2 cores, MOSEI-TFN at batch 1, 50 ms
+    sleeps between groups of 12 calls): unpinned pool threads, 0.58 ms a call where a busy
+    loop measured 0.33; in the bench (lock-step slices 200 ms apart), pinned pool threads
+    gave whole processes of 0.69 ms calls (p10) with the caller found on the pool thread's
+    core. A call now checks the core it runs on (~0.2 us) and, when it is a pinned one,
+    narrows its own affinity to the other allowed cores and restores it (the thread stays
+    where it was moved)."""
+    state = _PLACEMENT
+    if state.pinned is None:
+        state.runs += 1
+        if state.runs < 2:
+            return
+        state.pinned = pinned_threads_cpus() if _sched_getcpu() is not None else frozenset()
+    if state.pinned and _sched_getcpu()() in state.pinned:
+        allowed = os.sched_getaffinity(0)
+        away = allowed - state.pinned
+        if away:
+            os.sched_setaffinity(0, away)
+            os.sched_setaffinity(0, allowed)
 
 
 @contextlib.contextmanager
@@ -290,6 +369,8 @@ class TVMExecutable(Executable):
         self._from_dlpack = tvm_ffi.from_dlpack
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        if self.device == "cpu":
+            keep_off_pinned_cores()
         staged: list[tuple[int, int]] = []  # the staging buffers this call uses: (start, end)
         result = self._main(*(self._argument(i, inputs[name], staged)
                               for i, name in enumerate(self.inputs)))
