@@ -731,6 +731,53 @@ def test_row_reductions_rewrite_softmax_and_layer_norm_over_the_last_axis_only()
     assert not rewritten(module((2, 5, 4), lambda x: relax.op.nn.softmax(x, -1)))  # < 8 lanes
 
 
+@pytest.mark.parametrize("shape, axes, keepdims", [((1, 240, 10, 10), (2, 3), True),
+                                                   ((8, 120, 5, 5), (2, 3), True),
+                                                   ((2, 16, 40, 40), (-2, -1), False),
+                                                   ((3, 8, 50), (2,), True)])
+def test_row_mean_reads_each_rows_contiguous_elements_in_vectors(shape, axes, keepdims):
+    # A global average pool over NCHW maps: TVM's kernel vectorized the channels, each
+    # vector a gather of 16 elements a plane apart, serially (MobileNetV3's SE pools).
+    import tvm
+    from tvm import relax
+
+    from mmcompile.targets.tvm.rows import RowReduction, RowReductions
+    mod = RowReductions(lanes=16)(_one_op_module(
+        shape, lambda x: relax.op.mean(x, list(axes), keepdims)))
+    func = next(f for gv, f in mod.functions_items() if gv.name_hint.startswith("row_mean"))
+    sch = RowReduction._schedule(func, lanes=16)
+    assert sch is not None
+    lane = sch.get(sch.get_loops(sch.get_sblock("lane_sum_update"))[-1])
+    assert lane.kind == tvm.tirx.ForKind.VECTORIZED and int(lane.extent) == 16
+    rows = sch.get(sch.get_loops(sch.get_sblock("row_mean"))[0])
+    assert rows.kind == tvm.tirx.ForKind.PARALLEL
+    # the reads of a vector are consecutive elements of the input: no division left per lane
+    lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"),
+                      target=tvm.target.Target({"kind": "llvm"}))
+    data = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    expected = data.mean(axis=axes, keepdims=keepdims)
+    out = tvm.runtime.tensor(np.full(expected.shape, np.nan, "float32"))
+    lib["main"](tvm.runtime.tensor(data), out)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)  # 25-1600 terms
+
+
+def test_row_reductions_take_a_mean_over_trailing_axes_only():
+    from tvm import relax
+
+    from mmcompile.targets.tvm.rows import RowReductions
+
+    def rewritten(shape, axes):
+        mod = _one_op_module(shape, lambda x: relax.op.mean(x, list(axes), True))
+        text = RowReductions(lanes=16)(mod).script()
+        return "R.mean" not in text
+    assert rewritten((1, 240, 10, 10), (2, 3))
+    assert rewritten((1, 16, 128), (2,))
+    assert not rewritten((1, 16, 128), (1,))  # a pooled sequence: rows are not contiguous
+    assert not rewritten((1, 16, 10, 10), (1, 3))
+    assert not rewritten((4, 10), (0, 1))  # everything: no row to run in parallel
+    assert not rewritten((1, 64, 3, 3), (2, 3))  # 9 elements: fewer than the lanes
+
+
 @pytest.mark.parametrize("rows, padded", [(59, True), (197, True), (64, False), (65, False),
                                           (9, False)])
 def test_blocked_matmul_pads_rows_without_a_register_tile_divisor(rows, padded):
