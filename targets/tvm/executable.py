@@ -253,9 +253,10 @@ def keep_off_pinned_cores() -> None:
 
     TVM pins its pool threads (the second of two on core 1), not the thread that calls a
     kernel, which does the first share of every parallel loop. After an idle spell, Linux
-    can wake that thread on the pool thread's core (an idle virtual CPU looks preempted to
-    the guest's scheduler, so it is not picked) and leave both there: every kernel then ran
-    its two halves one after the other. Measured (2 cores, MOSEI-TFN at batch 1, 50 ms
+    left that thread on the pool thread's core (seen in /proc during the bench; the likely
+    cause, not verified: in a VM an idle virtual CPU can read as preempted, and the wake-up
+    path then avoids it), and every kernel ran its two halves one after the other.
+    Measured (2 cores, MOSEI-TFN at batch 1, 50 ms
     sleeps between groups of 12 calls): unpinned pool threads, 0.58 ms a call where a busy
     loop measured 0.33; in the bench (lock-step slices 200 ms apart), pinned pool threads
     gave whole processes of 0.69 ms calls (p10) with the caller found on the pool thread's
