@@ -441,6 +441,31 @@ def test_a_call_moves_its_thread_off_a_core_a_pool_thread_is_pinned_to():
     assert found["affinity"] == allowed  # moved, and its own affinity given back
 
 
+def test_the_placement_check_gives_up_quietly_where_the_os_refuses(monkeypatch):
+    # a container may forbid changing affinity: the call runs where it is, once warned by
+    # the refusal it stops trying
+    from mmcompile.targets.tvm import executable
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and two allowed cores")
+    core = min(os.sched_getaffinity(0))
+
+    def refuse(*_args):
+        raise PermissionError("not permitted")
+    found = {}
+
+    def caller():
+        executable._PLACEMENT.pinned = frozenset({core})  # on a pinned core, as it reads
+        executable._PLACEMENT.runs = 2
+        executable.keep_off_pinned_cores()
+        found["pinned"] = executable._PLACEMENT.pinned
+    monkeypatch.setattr(executable, "_sched_getcpu", lambda: (lambda: core))
+    monkeypatch.setattr(executable.os, "sched_setaffinity", refuse)
+    worker = threading.Thread(target=caller)
+    worker.start()
+    worker.join(30)
+    assert found["pinned"] == frozenset()
+
+
 def test_configure_threads_leaves_the_users_thread_settings(monkeypatch):
     from mmcompile.targets.tvm.executable import configure_threads
     monkeypatch.setenv("TVM_NUM_THREADS", "1")

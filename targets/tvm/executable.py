@@ -194,8 +194,8 @@ def configure_worker_thread(threads: int) -> None:
 
 
 class _Placement(threading.local):
-    """Per calling thread: the cores TVM pinned pool threads to (None until the thread's
-    second run: its pool starts during the first) and the thread's own allowed cores."""
+    """Per calling thread: the cores other threads are pinned to (None until the thread's
+    second run: its pool starts during the first), and how many runs it has made."""
 
     pinned: frozenset[int] | None = None
     runs = 0
@@ -256,13 +256,13 @@ def keep_off_pinned_cores() -> None:
     left that thread on the pool thread's core (seen in /proc during the bench; the likely
     cause, not verified: in a VM an idle virtual CPU can read as preempted, and the wake-up
     path then avoids it), and every kernel ran its two halves one after the other.
-    Measured (2 cores, MOSEI-TFN at batch 1, 50 ms
-    sleeps between groups of 12 calls): unpinned pool threads, 0.58 ms a call where a busy
-    loop measured 0.33; in the bench (lock-step slices 200 ms apart), pinned pool threads
-    gave whole processes of 0.69 ms calls (p10) with the caller found on the pool thread's
-    core. A call now checks the core it runs on (~0.2 us) and, when it is a pinned one,
-    narrows its own affinity to the other allowed cores and restores it (the thread stays
-    where it was moved)."""
+    Measured (2 cores, MOSEI-TFN at batch 1, 50 ms sleeps between groups of 12 calls):
+    unpinned pool threads, 0.58 ms a call where a busy loop measured 0.33; in the bench
+    (lock-step slices 200 ms apart), pinned pool threads gave whole processes of 0.69 ms
+    calls (p10) with the caller found on the pool thread's core. A call now checks the core
+    it runs on (~0.2 us) and, when it is a pinned one, narrows its own affinity to the other
+    allowed cores and restores it (the thread stays where it was moved). Where the OS
+    refuses the change (a container's policy), the call runs where it is."""
     state = _PLACEMENT
     if state.pinned is None:
         state.runs += 1
@@ -273,8 +273,13 @@ def keep_off_pinned_cores() -> None:
         allowed = os.sched_getaffinity(0)
         away = allowed - state.pinned
         if away:
-            os.sched_setaffinity(0, away)
-            os.sched_setaffinity(0, allowed)
+            try:
+                os.sched_setaffinity(0, away)
+                os.sched_setaffinity(0, allowed)
+            except OSError:  # not allowed here: stop trying
+                state.pinned = frozenset()
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, allowed)
 
 
 @contextlib.contextmanager
