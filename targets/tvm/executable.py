@@ -373,9 +373,10 @@ class TVMExecutable(Executable):
         self._staging: list[tuple[np.ndarray, Any, int] | None] = [None] * len(self.inputs)
         import tvm_ffi  # loaded by now (host_runtime / runtime_tvm)
         self._from_dlpack = tvm_ffi.from_dlpack
+        self._on_host = device == "cpu"  # a host call keeps off pinned pool threads' cores
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        if self.device == "cpu":
+        if self._on_host:
             keep_off_pinned_cores()
         staged: list[tuple[int, int]] = []  # the staging buffers this call uses: (start, end)
         result = self._main(*(self._argument(i, inputs[name], staged)

@@ -224,12 +224,11 @@ class RowReduction(VectorRule):
             return None
         last = infos[-1].block_rv
         loops = sch.get_loops(last)
-        if names[-1] == MEAN:  # one value per row: every loop is a row loop
-            rows = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-            sch.parallel(rows)
-        else:
-            rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-            sch.parallel(rows)
+        mean = names[-1] == MEAN  # one value per row: every loop is a row loop
+        row_loops = (loops if mean else loops[:-1]) or loops[:1]
+        rows = sch.fuse(*row_loops) if len(row_loops) > 1 else row_loops[0]
+        sch.parallel(rows)
+        if not mean:
             _vectorize(sch, last, lanes)
         for info in reversed(infos[:-1]):
             sch.compute_at(info.block_rv, rows, preserve_unit_loops=True)

@@ -120,8 +120,15 @@ def vectorized_copy(sch, block_rv, lanes: int) -> None:
         return
     if width is None and len(loops) > 1 and (sizes[-1] * sizes[-2]) % lanes == 0:
         inner, width = 2, lanes
+    _vectors_over_tail(sch, loops, sizes, inner, width)
+
+
+def _vectors_over_tail(sch, loops, sizes, inner: int, width: int | None) -> None:
+    """The ``inner`` innermost of ``loops`` fused and split into vectors of ``width`` (None:
+    the row stays whole, for LLVM's loop vectorizer), the outer loops fused and parallel; with
+    fewer than 4 outer iterations the vector steps join the parallel loop."""
     steps = sch.fuse(*loops[-inner:]) if inner > 1 else loops[-1]
-    if width is not None:  # else the row stays whole: LLVM's loop vectorizer takes it
+    if width is not None:
         steps, lane = sch.split(steps, [None, width])
         sch.vectorize(lane)
     outer = list(loops[:-inner])
@@ -248,23 +255,15 @@ def contiguous_rows(sch, block_rv, lanes: int) -> bool:
     tail = next((k for k in range(2, len(loops) + 1) if np.prod(sizes[-k:]) % lanes == 0), None)
     if tail is None:
         return False
-    fused_vars = ivars[-tail:]
     row_major = [int(np.prod(sizes[len(sizes) - tail + i + 1:])) for i in range(tail)]
 
-    def order(region):
-        strides = [_read_stride(region, v) for v in fused_vars]
-        return "none" if strides == [0] * tail else (
-            "rows" if strides == row_major else "other")
+    def strides(region):
+        return [_read_stride(region, v) for v in ivars[-tail:]]
 
-    if order(block.writes[0]) != "rows" \
-            or any(order(r) == "other" for r in block.reads):
+    if strides(block.writes[0]) != row_major \
+            or any(strides(r) not in (row_major, [0] * tail) for r in block.reads):
         return False
-    outer = list(loops[:-tail])
-    steps, lane = sch.split(sch.fuse(*loops[-tail:]), [None, lanes])
-    sch.vectorize(lane)
-    if np.prod(sizes[:-tail]) < 4:  # too few rows to share: share the vectors
-        outer.append(steps)
-    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    _vectors_over_tail(sch, loops, sizes, tail, lanes)
     return True
 
 
