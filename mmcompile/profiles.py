@@ -36,6 +36,7 @@ from mmcompile.runtime import ModelCalls, host_array, host_views, wants_torch
 from mmcompile.signature import Signature, TensorSpec
 
 MODES = ("split", "pad", "exact")
+_MAX_SHAPE_KEYS = 64  # bounds ProfiledModel._by_shapes (one key per input order and build)
 PROFILES_FORMAT_VERSION = 2  # an artifact with profiles: older readers must refuse it
 
 
@@ -189,6 +190,9 @@ class ProfiledModel(ModelCalls):
         self._chunk_plans: dict[tuple, list[tuple[int, int]]] = {}  # per instance, bounded
         # sizes -> (calls, whether one call at exactly a build's sizes): dispatch is a lookup
         self._dispatch: dict[tuple, tuple[list[tuple[Profile, int, int]], bool]] = {}
+        # (name, shape) of each input -> the build whose sizes those shapes are exactly: such a
+        # call of numpy arrays goes straight to the build (see run)
+        self._by_shapes: dict[tuple, Any] = {}
 
     @property
     def stages(self) -> list:
@@ -257,6 +261,13 @@ class ProfiledModel(ModelCalls):
             InputError: a missing/unknown input, wrong rank, shape or dtype, an index outside
                 its table, or a dim outside its declared range (named, with the range).
         """
+        shapes = _numpy_shapes(feeds)
+        build = self._by_shapes.get(shapes)
+        if build is not None:
+            # Arrays of the shapes a call already dispatched to one build whole: that build's
+            # own signature checks them (dtypes, ids; ~1 us with its static shapes, where the
+            # ranged one takes ~7: 5% of a 0.13 ms model).
+            return build.run(feeds)
         torch_out = wants_torch(feeds)
         ready = self.signature.validate(host_views(feeds) if torch_out else feeds)
         sizes = self.signature.sizes(ready)
@@ -268,6 +279,8 @@ class ProfiledModel(ModelCalls):
             self._dispatch[key] = calls, exact
         calls, exact = self._dispatch[key]
         if exact:  # exactly a build's sizes: no copies
+            if shapes is not None and len(self._by_shapes) < _MAX_SHAPE_KEYS:
+                self._by_shapes[shapes] = calls[0][0].model
             return calls[0][0].model._run_ready(ready, torch_out)
         split = self._split
         host = {k: host_array(v) for k, v in ready.items()}
@@ -399,3 +412,14 @@ def load_profiled(path: Path, manifest: Mapping[str, Any], threads: int = 0,
         profiles.append(Profile(dict(entry["sizes"]), model, entry.get("cost_ms")))
     metadata = {**manifest.get("metadata", {}), "versions": manifest["versions"]}
     return ProfiledModel(signature, dims, profiles, manifest["target"], metadata)
+
+
+def _numpy_shapes(feeds: Mapping[str, Any]) -> tuple | None:
+    """``((name, shape), ...)`` in the caller's order when every input is a numpy array, else
+    None."""
+    key = []
+    for name, value in feeds.items():
+        if type(value) is not np.ndarray:
+            return None
+        key.append((name, value.shape))
+    return tuple(key)

@@ -140,6 +140,26 @@ def test_batch_range_matches_onnxruntime_at_every_size(av_mnist):
     assert "batch 1..3: builds at 1, 3" in report and "batch=3" in report
 
 
+def test_repeated_shapes_go_straight_to_their_build(av_mnist, monkeypatch):
+    graph, feeds, compiled = av_mnist
+    inputs = rows(feeds, 3, {"image": 0, "audio": 0})
+    build = next(p.model for p in compiled.profiles if p.sizes == {"batch": 3})
+    direct = []
+    run = build.run
+    monkeypatch.setattr(build, "run", lambda f: direct.append(1) or run(f))
+    compiled.run(inputs)  # (the first call of these shapes goes through the ranged signature)
+    before = len(direct)
+    got = compiled.run(inputs)
+    assert len(direct) == before + 1
+    assert_matches(got, run_onnxruntime(graph, inputs))
+    # the build's own signature still checks what the shapes do not say
+    with pytest.raises(mmcompile.InputError, match="'image'"):
+        compiled.run({**inputs, "image": inputs["image"].astype(np.int32)})
+    assert len(direct) == before + 2
+    compiled.run(rows(feeds, 2, {"image": 0, "audio": 0}))  # split: not a build's shapes
+    assert len(direct) == before + 2
+
+
 def test_torch_tensors_in_torch_tensors_out(av_mnist):
     import torch
     graph, feeds, compiled = av_mnist
