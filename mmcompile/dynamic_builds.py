@@ -70,20 +70,32 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def pin(model: onnx.ModelProto, sizes: Mapping[str, Mapping[int, int]]) -> onnx.ModelProto:
     """A copy of ``model`` with input dims fixed: input -> {axis: size}; others left as they are.
-    Output and intermediate shapes are dropped (shape inference derives them again)."""
+
+    A symbol named at a pinned input axis takes its size in every intermediate and output shape;
+    the rest of those shapes is kept, symbols and all, as the exporter wrote them. Shape
+    inference alone would not give them back: a dim that passes through a computed ``Reshape``
+    comes out as a fresh ``unk__N``, and rewrites that need two dims to be the same (the
+    legalizer's row gather, CLIP's pooling) could no longer tell (a build with the batch left
+    symbolic failed in TVM's importer that way).
+    """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    named: dict[str, int] = {}
     for info in graph_inputs(copy):
         for axis, size in sizes.get(info.name, {}).items():
             dim = info.type.tensor_type.shape.dim[axis]
+            if dim.dim_param:
+                named[dim.dim_param] = int(size)
             dim.Clear()
             dim.dim_value = int(size)
-    # Stale symbolic value_info would contradict the pinned dims under the strict checker.
-    del copy.graph.value_info[:]
-    for out in copy.graph.output:
-        for dim in out.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value") or dim.dim_value < 0:
+    for info in [*copy.graph.value_info, *copy.graph.output]:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
                 dim.Clear()
+            elif dim.dim_param in named:
+                size = named[dim.dim_param]
+                dim.Clear()
+                dim.dim_value = size
     return copy
 
 

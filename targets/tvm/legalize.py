@@ -20,6 +20,11 @@ Measured on TVM 0.27 (transformers CLIP/BLIP/Whisper exports):
   value, ONNX -inf / +inf; the (constant) result is written out.
 - ``Constant`` nodes holding ``value_int(s)``/``value_float(s)``: TVM reads only ``value``
   ("no value in Constant"); rewritten to ``value``.
+- ``GatherND`` of one element per row, its indices built as ``[arange(n), idx]`` (torch's
+  ``x[torch.arange(n), idx]``, CLIP's end-of-text pooling): with ``n`` symbolic TVM's ``Range``
+  has no output shape and the converter fails (``'NoneType' object is not subscriptable``;
+  CLIP compiled with ``dynamic={"batch": ...}``). Rewritten to ``GatherND(x, idx[:, None],
+  batch_dims=1)``, the same elements.
 
 No library does these rewrites (onnxruntime's optimizer targets its own kernels), hence this file.
 """
@@ -35,8 +40,8 @@ from mmcompile.transform import Pass, PassContext, PassResult, register_pass
 from mmcompile.targets.tvm import attention, float16, resize
 from mmcompile.targets.tvm.unroll import unroll_loop, unroll_scan
 from mmcompile.transform.rewrite import (Match, NodeBuilder, RewriteRule, apply_rules,
-                                         fresh_name, has_input, has_static_shape, is_read,
-                                         make_constant, op, var)
+                                         const, constant_value, fresh_name, has_input,
+                                         has_static_shape, is_read, make_constant, op, var)
 
 
 def layernorm_refusal(node: gs.Node, graph: Graph) -> str | None:
@@ -144,6 +149,41 @@ def _constant_to_value(m: Match, graph: Graph) -> list[gs.Node] | None:
                     attrs={"value": make_constant("value", value)})]
 
 
+def _unsqueeze_axes(node: gs.Node) -> list[int] | None:
+    if has_input(node, 1):
+        value = constant_value(node.inputs[1])
+        return None if value is None else [int(a) for a in value.ravel()]
+    return list(node.attrs.get("axes", [])) or None
+
+
+def _row_gather(m: Match, graph: Graph) -> list[gs.Node] | None:
+    """``GatherND(x, Concat([Unsqueeze(Range(0, n, 1)), Unsqueeze(idx)], -1))`` with ``n`` the
+    first dim of ``x`` -> ``GatherND(x, Unsqueeze(idx), batch_dims=1)``."""
+    x, idx = m["x"], m["idx"]
+    if (m.root.attrs.get("batch_dims", 0) != 0 or m.nodes["concat"].attrs.get("axis") not in (-1, 1)
+            or m.values["start"].size != 1 or int(m.values["start"].ravel()[0]) != 0
+            or m.values["delta"].size != 1 or int(m.values["delta"].ravel()[0]) != 1):
+        return None
+    if any(_unsqueeze_axes(m.nodes[k]) not in ([-1], [1]) for k in ("rows", "cols")):
+        return None
+    # one index per row of x: Concat makes n the length of idx, which must be x's first dim
+    # (equal symbols are equal sizes, as ONNX's shape inference has it)
+    if (x.shape is None or not x.shape or idx.shape is None or len(idx.shape) != 1
+            or idx.shape[0] in (None, "") or idx.shape[0] != x.shape[0]):
+        return None
+    b = NodeBuilder(m.root.name, np.dtype(idx.dtype) if idx.dtype is not None else None)
+    column = b("Unsqueeze", [idx, b.const("axes", np.array([-1], np.int64))])
+    b("GatherND", [x, column], {"batch_dims": 1}, out=m.outputs[0])
+    return b.nodes
+
+
+_ROW_GATHER = op("GatherND", var("x"), op(
+    "Concat",
+    op("Unsqueeze", op("Range", const("start"), var(), const("delta"), name="range"),
+       allow_extra_inputs=True, name="rows"),
+    op("Unsqueeze", var("idx"), allow_extra_inputs=True, name="cols"), name="concat"))
+
+
 _RULES = (
     RewriteRule("attention", op("Attention", var("q"), var("k"), var("v"),
                                 allow_extra_inputs=True), attention.decompose),
@@ -155,6 +195,7 @@ _RULES = (
     RewriteRule("resize", op("Resize", allow_extra_inputs=True), resize.legalize),
     RewriteRule("loop", op("Loop", allow_extra_inputs=True), unroll_loop),
     RewriteRule("scan", op("Scan", allow_extra_inputs=True), unroll_scan),
+    RewriteRule("row_gather", _ROW_GATHER, _row_gather),
 )
 
 
@@ -175,5 +216,6 @@ class LegalizeForTVM(Pass):
                                      resizes_legalized=counts["resize"],
                                      empty_reductions=counts["empty_max"] + counts["empty_min"],
                                      loops_unrolled=counts["loop"] + counts["scan"],
+                                     row_gathers=counts["row_gather"],
                                      float16_widened=sum(n for rule, n in counts.items()
                                                          if rule.startswith("float16_")))

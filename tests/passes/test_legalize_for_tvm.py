@@ -253,3 +253,39 @@ def test_graph_tvm_already_accepts_is_left_alone():
     init = {"w": np.ones(8, np.float32), "b": np.zeros(8, np.float32)}
     g = make_graph(nodes, [("x", FLOAT, [2, 8])], [("z", FLOAT, [2, 8])], init)
     check_pass(g, "legalize-for-tvm", expect_changed=False)
+
+
+def _row_gather_graph(batch, swapped=False):
+    """``x[arange(n), argmax(ids)]`` as torch exports it (CLIP's end-of-text pooling);
+    ``swapped``: ``x[argmax(ids), arange(n)]``."""
+    nodes = [helper.make_node("Shape", ["ids"], ["shape"], start=0, end=1),
+             helper.make_node("Squeeze", ["shape"], ["n"]),
+             helper.make_node("Range", ["start", "n", "one"], ["rows"]),
+             helper.make_node("Unsqueeze", ["rows", "last"], ["rows_col"]),
+             helper.make_node("ArgMax", ["ids"], ["idx"], axis=-1, keepdims=0),
+             helper.make_node("Unsqueeze", ["idx", "last"], ["idx_col"]),
+             helper.make_node("Concat", ["idx_col", "rows_col"] if swapped
+                              else ["rows_col", "idx_col"], ["pairs"], axis=-1),
+             helper.make_node("GatherND", ["x", "pairs"], ["y"])]
+    init = {"start": np.array(0, np.int64), "one": np.array(1, np.int64),
+            "last": np.array([-1], np.int64)}
+    return make_graph(nodes, [("x", FLOAT, [batch, 6, 4]), ("ids", INT64, [batch, 3])],
+                      [("y", FLOAT, [batch, 4])], init)
+
+
+def test_row_gather_over_a_symbolic_batch_takes_one_element_per_row():
+    g = _row_gather_graph("batch")
+    assert not tvm_imports(g)
+
+    def structure(g):
+        (gather,) = [n for n in g.gs.nodes if n.op == "GatherND"]
+        assert gather.attrs["batch_dims"] == 1
+        assert "Range" not in g.op_counts() and "Concat" not in g.op_counts()
+
+    result = check_pass(g, "legalize-for-tvm", expect_changed=True, structure=structure)
+    assert result.records[0].stats["row_gathers"] == 1
+    assert tvm_imports(result.graph)
+
+
+def test_gather_of_row_index_pairs_in_another_order_is_left_alone():
+    check_pass(_row_gather_graph(3, swapped=True), "legalize-for-tvm", expect_changed=False)
