@@ -22,6 +22,7 @@ from mmcompile.dynamic import (
     parse_dynamic,
     parse_dynamic_flags,
 )
+from mmcompile.dynamic_builds import pin
 from mmcompile.profiles import plan_chunks
 from mmcompile.reference import run_onnxruntime
 
@@ -218,15 +219,58 @@ def test_dim_mixed_by_a_mean_gets_exact_builds_and_a_symbolic_one():
     compiled = compile_dynamic(graph, feeds, {"tokens": (2, 4, 6)}, options=options, workers=1)
     assert compiled.metadata["workers"] == 1
     (dim,) = compiled.dims
-    assert (dim.mode, dim.points, dim.symbolic) == ("exact", (4,), True)
+    assert (dim.mode, dim.points, dim.symbolic) == ("exact", (2, 4, 6), True)
     assert "no axis that follows the dim" in dim.reason  # logits [batch, 5] has no tokens
-    assert [p.label for p in compiled.profiles] == ["tokens=4", "tokens=*"]
-    for size, build in ((2, "tokens=*"), (4, "tokens=4"), (6, "tokens=*")):
+    assert [p.label for p in compiled.profiles] == ["tokens=2", "tokens=4", "tokens=6",
+                                                    "tokens=*"]
+    for size, build in ((2, "tokens=2"), (3, "tokens=*"), (4, "tokens=4"), (5, "tokens=*"),
+                        (6, "tokens=6")):
         inputs = rows(feeds, size, {"input_ids": 1})
         assert compiled.plan(inputs) == [(build, 0)]
         assert_matches(compiled.run(inputs), run_onnxruntime(graph, inputs))
     with pytest.raises(mmcompile.InputError, match="tokens = 7"):
         compiled.run(rows(feeds, 7, {"input_ids": 1}))
+
+
+def test_pinning_keeps_the_exporters_symbols_and_sizes_the_pinned_ones():
+    # a Reshape to a computed shape: shape inference alone names its dims afresh (unk__N)
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Reshape", ["x", "shape"], ["y"]),
+             helper.make_node("ReduceSum", ["y", "axes"], ["z"], keepdims=0)]
+    g = make_graph(nodes, [("x", FLOAT, ["batch", "tokens"])], [("z", FLOAT, ["batch"])],
+                   {"axes": np.array([1], np.int64)})
+    model = g.to_onnx()
+    model.graph.value_info.append(helper.make_tensor_value_info("y", FLOAT,
+                                                                ["batch", "tokens"]))
+
+    def dims(m, name):
+        info = next(v for v in [*m.graph.value_info, *m.graph.output] if v.name == name)
+        return [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
+
+    assert dims(pin(model, {}), "y") == ["batch", "tokens"]
+    pinned = pin(model, {"x": {1: 5}})
+    assert dims(pinned, "y") == ["batch", 5] and dims(pinned, "z") == ["batch"]
+    assert dims(pin(model, {"x": {0: 3}}), "z") == [3]
+
+
+def test_clip_over_a_batch_range_builds_the_ends_and_a_symbolic_rest():
+    # CLIP's logits compare every image with every text: rows are not independent. Its
+    # end-of-text pooling (x[arange(n), argmax(ids)]) once failed TVM's importer in the
+    # symbolic build.
+    from mmcompile.bench import suite
+    module, inputs = suite.build("clip", 1)
+    graph = mmcompile.trace(module, inputs, suite.get("clip").modalities, dynamic_batch=True,
+                            name="clip")
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    compiled = mmcompile.compile(graph, feeds, dynamic={"batch": (1, 3)}, schedule="sequential")
+    (dim,) = compiled.dims
+    assert (dim.mode, dim.points) == ("exact", (1, 3))
+    assert [p.label for p in compiled.profiles] == ["batch=1", "batch=3", "batch=*"]
+    axes = {name: 0 for name in feeds}
+    for size, build in ((1, "batch=1"), (2, "batch=*"), (3, "batch=3")):
+        sized = rows(feeds, size, axes)
+        assert compiled.plan(sized) == [(build, 0)]
+        assert_matches(compiled.run(sized), run_onnxruntime(graph, sized))
 
 
 def test_unknown_dim_and_example_outside_range():
