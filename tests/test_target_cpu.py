@@ -1866,3 +1866,32 @@ def test_blocked_matmul_moves_a_long_chain_out_of_tiles_it_cannot_vectorize():
                                            np.full((2, 48, 6, 6), np.nan, "float32")])
     pre = np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], data) + bias
     np.testing.assert_allclose(got, _silu_reference(pre), rtol=1e-4, atol=1e-4)
+
+
+def test_a_row_mean_with_elementwise_ops_after_it_compiles_and_matches():
+    # The expanded layer norm (onnx's test_layer_normalization_*_expanded): var = mean(x * x)
+    # - mean(x)^2 and its sqrt fused after the mean. Its row loop was vectorized as if it were
+    # an element loop, with the lane partials inside (code generation failed).
+    from helpers import FLOAT, make_graph
+    from onnx import helper
+
+    from mmcompile.reference import run_onnxruntime
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"]),
+             helper.make_node("Mul", ["x", "x"], ["xx"]),
+             helper.make_node("ReduceMean", ["xx", "axes"], ["mm"]),
+             helper.make_node("Mul", ["m", "m"], ["m2"]),
+             helper.make_node("Sub", ["mm", "m2"], ["var"]),
+             helper.make_node("Add", ["var", "eps"], ["var_eps"]),
+             helper.make_node("Sqrt", ["var_eps"], ["std"]),
+             helper.make_node("Sub", ["x", "m"], ["centered"]),
+             helper.make_node("Div", ["centered", "std"], ["y"])]
+    # std read twice (as the expanded op's InvStdDev output does): FuseOps ends the mean's
+    # function at the sqrt, whose loops are all row loops
+    graph = make_graph(nodes, [("x", FLOAT, [6, 20])],
+                       [("y", FLOAT, [6, 20]), ("std", FLOAT, [6, 1])],
+                       {"axes": np.array([1], np.int64), "eps": np.array(1e-5, np.float32)})
+    x = np.random.default_rng(0).standard_normal((6, 20)).astype(np.float32)
+    got = mmcompile.compile(graph, {"x": x}, target="cpu").run({"x": x})
+    expected = run_onnxruntime(graph, {"x": x})
+    for name in ("y", "std"):  # var by cancellation: float32 rounding of ~1e-6 relative
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-4)

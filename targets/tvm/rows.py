@@ -224,11 +224,15 @@ class RowReduction(VectorRule):
             return None
         last = infos[-1].block_rv
         loops = sch.get_loops(last)
-        mean = names[-1] == MEAN  # one value per row: every loop is a row loop
+        # One value per row (a mean, and whatever elementwise ops FuseOps put after it: the
+        # expanded layer norm's var = mean(x * x) - mean(x)^2, sqrt): every loop is a row loop.
+        # Taken for an element loop, the row loop was vectorized with the lane partials'
+        # buffers inside it (code generation failed: "VectorizeLoop before LiftStorageAlloc").
+        mean = MEAN in names
         row_loops = (loops if mean else loops[:-1]) or loops[:1]
         rows = sch.fuse(*row_loops) if len(row_loops) > 1 else row_loops[0]
         sch.parallel(rows)
-        if not mean:
+        if not mean and len(loops) > 1:
             _vectorize(sch, last, lanes)
         for info in reversed(infos[:-1]):
             sch.compute_at(info.block_rv, rows, preserve_unit_loops=True)
