@@ -48,6 +48,8 @@ CONFORMANCE_TESTS = (
     "test_layer_normalization_4d_axis_negative_1_expanded",
     "test_layer_normalization_3d_axis1_epsilon_expanded_ver18",
     "test_layer_normalization_default_axis_expanded",
+    # a mean over two axes with the variance's sqrt fused after it (row_mean; failed to compile)
+    "test_layer_normalization_4d_axis2_expanded",
     "test_attention_3d", "test_attention_4d", "test_attention_4d_attn_mask_bool",
     "test_attention_4d_gqa", "test_attention_4d_softcap", "test_attention_3d_gqa_scaled",
     "test_attention_4d_diff_heads_sizes_scaled", "test_attention_3d_diff_heads_sizes_attn_mask",
