@@ -141,3 +141,72 @@ def test_the_lookup_kernel_gives_each_byte_its_entry(permuted, size, in_dtype, o
     y = tvm.runtime.tensor(np.zeros(size, out_dtype))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(table), y)
     assert np.array_equal(y.numpy(), table[x.view(np.uint8)].view(out_dtype))
+
+
+# -- Q -> DQ pairs left in float regions ----------------------------------------------------------
+
+def _fake_quant_model(signed: bool):
+    """x -> Mul -> Q -> DQ (a float op with its output's QDQ pair, as a QDQ graph's softmax or
+    attention product has)."""
+    qtype = np.int8 if signed else np.uint8
+    inits = [numpy_helper.from_array(np.array(np.float32(0.05)), "s"),
+             numpy_helper.from_array(np.array(-3 if signed else 121, qtype), "z"),
+             numpy_helper.from_array(np.array(np.float32(1.0)), "one")]
+    nodes = [helper.make_node("Mul", ["x", "one"], ["sq"]),
+             helper.make_node("QuantizeLinear", ["sq", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "pair", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [4, 250])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [4, 250])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _compile_relax(model, fake_quant: bool):
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from mmcompile.targets.tvm.host import llvm_target
+    from mmcompile.targets.tvm.int8_tables import FakeQuantPairs
+    from mmcompile.targets.tvm.lowering import legalize_and_fuse
+    from mmcompile.targets.tvm.schedules import schedule_cpu
+    target = llvm_target()
+    mod = relax.transform.DecomposeOpsForInference()(from_onnx(model, keep_params_in_input=False))
+    rewrite = FakeQuantPairs()
+    if fake_quant:
+        mod = rewrite(mod)
+    mod = schedule_cpu(legalize_and_fuse(mod, target), target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    return rewrite.count, mod, lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_a_quantize_dequantize_pair_in_float_is_one_op_with_the_same_numbers(signed):
+    # half steps (ties, or next to them after float32 rounding), values past both clamps,
+    # and plain random ones
+    model = _fake_quant_model(signed)
+    rng = np.random.default_rng(0)
+    steps = np.concatenate([np.arange(-300, 300) + 0.5, rng.uniform(-400, 400, 400)])
+    x = (steps * 0.05).astype(np.float32).reshape(4, 250)
+    count, mod, run = _compile_relax(model, fake_quant=True)
+    assert count == 1
+    assert "fake_quant" in mod.script() and "R.quantize" not in mod.script()
+    _, _, reference = _compile_relax(model, fake_quant=False)  # TVM's own two ops
+    got, expected = run(x), reference(x)
+    assert np.array_equal(got, expected)  # bit for bit, ties and clamps included
+    info = np.iinfo(np.int8 if signed else np.uint8)
+    zero = -3 if signed else 121
+    codes = np.rint(expected / np.float32(0.05)) + zero
+    assert codes.min() == info.min and codes.max() == info.max  # both clamps reached
+    assert len(np.unique(codes)) > 150  # and most codes between
+
+
+def test_a_pair_with_different_scales_is_left_to_the_two_ops():
+    model = _fake_quant_model(signed=False)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(np.float32(0.1)), "s2"))
+    model.graph.node[2].input[1] = "s2"
+    count, mod, _ = _compile_relax(model, fake_quant=True)
+    assert count == 0

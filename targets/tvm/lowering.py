@@ -44,7 +44,7 @@ from mmcompile.targets.tvm.im2col_conv import Im2colConvs
 from mmcompile.targets.tvm.spanning_conv import SpanningConvs
 from mmcompile.targets.tvm.transposed_conv import ShuffleTransposedConvs
 from mmcompile.targets.tvm.int8 import QuantizedContractions, int8_instructions
-from mmcompile.targets.tvm.int8_tables import QuantizedTables
+from mmcompile.targets.tvm.int8_tables import FakeQuantPairs, QuantizedTables
 from mmcompile.targets.tvm.layout import PackConvWeights, PackMatmulWeights
 from mmcompile.targets.tvm.one_hot import OneHotMatmuls
 from mmcompile.targets.tvm.pointwise_conv import FlatPointwiseConvs
@@ -71,6 +71,7 @@ def fuse_cpu(mod, target, *, fast_math: bool = True, winograd: bool = True, fact
     mod = quantized(mod)  # QDQ matmul / conv -> int8 kernels; before anything takes them
     tables = QuantizedTables(target)
     mod = tables(mod)  # DQ -> elementwise -> Q: byte lookup tables
+    mod = FakeQuantPairs()(mod)  # Q -> DQ left in float regions: one elementwise op
     if quantized.count and facts is not None:
         facts["int8"] = {"kernels": quantized.count, "requantized": quantized.requantized,
                          "tables": tables.count,
