@@ -32,8 +32,8 @@ import onnx_graphsurgeon as gs
 
 from mmcompile.ir import Graph
 from mmcompile.transform import Pass, PassContext, PassResult, register_pass
-from mmcompile.transform.rewrite import (Match, Pattern, RewriteRule, apply_rules, const,
-                                         constant_value, op, var)
+from mmcompile.transform.rewrite import (Match, Pattern, RewriteRule, apply_rules, axes_of,
+                                         const, constant_value, op, var)
 
 # Slice ends at least this large mean "to the end" (exporters write INT64_MAX or INT32_MAX).
 _TO_THE_END = 2**31 - 1
@@ -136,17 +136,10 @@ def _expand_noop(m: Match, g: Graph) -> bool:
     return _keeps_shape(m["x"].shape, [int(t) for t in m.values["shape"].reshape(-1)])
 
 
-def _axes(node: gs.Node) -> np.ndarray | None:
-    """The axes (input 1 from opset 13, an attribute before); None if absent or not constant."""
-    if "axes" in node.attrs:
-        return np.asarray(node.attrs["axes"])
-    return _const_input(node, 1)
-
-
 def _squeeze_noop(m: Match, g: Graph) -> bool:
     # No axes (or empty ones) squeezes every dim of size 1: a no-op only if there is none.
     node = m.root
-    axes = _axes(node)
+    axes = axes_of(node)
     if axes is None and _input(node, 1) is not None:
         return False
     shape = m["x"].shape
@@ -154,7 +147,7 @@ def _squeeze_noop(m: Match, g: Graph) -> bool:
 
 
 def _unsqueeze_noop(m: Match, g: Graph) -> bool:
-    axes = _axes(m.root)
+    axes = axes_of(m.root)
     return axes is not None and axes.size == 0
 
 

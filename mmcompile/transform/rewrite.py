@@ -109,6 +109,14 @@ def has_input(node: gs.Node, index: int) -> bool:
     return len(node.inputs) > index and bool(node.inputs[index].name)
 
 
+def axes_of(node: gs.Node) -> np.ndarray | None:
+    """The ``axes`` of a Squeeze / Unsqueeze / Reduce* node: an attribute in older opsets,
+    input 1 from opset 13 (18 for the reductions); None if absent or not constant."""
+    if "axes" in node.attrs:
+        return np.asarray(node.attrs["axes"])
+    return constant_value(node.inputs[1]) if has_input(node, 1) else None
+
+
 def has_static_shape(tensor: gs.Tensor) -> bool:
     """Whether every dim of ``tensor`` is a known non-negative integer."""
     return tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape)

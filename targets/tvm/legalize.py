@@ -40,7 +40,7 @@ from mmcompile.transform import Pass, PassContext, PassResult, register_pass
 from mmcompile.targets.tvm import attention, float16, resize
 from mmcompile.targets.tvm.unroll import unroll_loop, unroll_scan
 from mmcompile.transform.rewrite import (Match, NodeBuilder, RewriteRule, apply_rules,
-                                         const, constant_value, fresh_name, has_input,
+                                         axes_of, const, fresh_name, has_input,
                                          has_static_shape, is_read, make_constant, op, var)
 
 
@@ -149,13 +149,6 @@ def _constant_to_value(m: Match, graph: Graph) -> list[gs.Node] | None:
                     attrs={"value": make_constant("value", value)})]
 
 
-def _unsqueeze_axes(node: gs.Node) -> list[int] | None:
-    if has_input(node, 1):
-        value = constant_value(node.inputs[1])
-        return None if value is None else [int(a) for a in value.ravel()]
-    return list(node.attrs.get("axes", [])) or None
-
-
 def _row_gather(m: Match, graph: Graph) -> list[gs.Node] | None:
     """``GatherND(x, Concat([Unsqueeze(Range(0, n, 1)), Unsqueeze(idx)], -1))`` with ``n`` the
     first dim of ``x`` -> ``GatherND(x, Unsqueeze(idx), batch_dims=1)``."""
@@ -164,8 +157,10 @@ def _row_gather(m: Match, graph: Graph) -> list[gs.Node] | None:
             or m.values["start"].size != 1 or int(m.values["start"].ravel()[0]) != 0
             or m.values["delta"].size != 1 or int(m.values["delta"].ravel()[0]) != 1):
         return None
-    if any(_unsqueeze_axes(m.nodes[k]) not in ([-1], [1]) for k in ("rows", "cols")):
-        return None
+    for key in ("rows", "cols"):  # each a column [n, 1]
+        axes = axes_of(m.nodes[key])
+        if axes is None or axes.ravel().tolist() not in ([-1], [1]):
+            return None
     # one index per row of x: Concat makes n the length of idx, which must be x's first dim
     # (equal symbols are equal sizes, as ONNX's shape inference has it)
     if (x.shape is None or not x.shape or idx.shape is None or len(idx.shape) != 1
